@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmarks: machine description, timing, JSON + table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU, cores, memory, GPU (if any) and package versions."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("numpy", "numba", "rocksdict", "hps-core", "cupy-cuda12x", "onnxruntime"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def rate(
+    fn: Callable[[], object], items: int, min_seconds: float = 0.3, max_reps: int = 200
+) -> float:
+    """Items per second of fn(): best of repeated timed runs after one warm-up call."""
+    fn()
+    best = float("inf")
+    spent, reps = 0.0, 0
+    while (spent < min_seconds or reps < 3) and reps < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = min(best, dt)
+        spent += dt
+        reps += 1
+    return items / best
+
+
+def save(name: str, payload: dict) -> Path:
+    """Write results/<name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path

@@ -1,0 +1,209 @@
+"""The ``hps`` command: load, lookup, inspect, estimate, synth, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HPSError
+
+console = Console()
+
+
+def _server(args: argparse.Namespace, progress: bool = True):
+    from .server import ParameterServer
+
+    return ParameterServer(args.config, progress=progress)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Build the VDB/PDB from the sparse files named by the config, with progress bars."""
+    with _server(args) as ps:
+        _print_tables(ps.inspect())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Load the config and show each table's rows, dim and bytes per level."""
+    with _server(args, progress=not args.quiet) as ps:
+        infos = ps.inspect()
+        if args.json:
+            print(json.dumps([i.__dict__ for i in infos], indent=2))
+        else:
+            _print_tables(infos)
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """Look up keys of one table and print the vectors."""
+    keys = [int(k) for k in args.keys]
+    if args.keys_file:
+        keys += np.loadtxt(args.keys_file, dtype=np.int64, ndmin=1).tolist()
+    table: int | str = int(args.table) if args.table.lstrip("-").isdigit() else args.table
+    with _server(args, progress=False) as ps:
+        vec, st = ps.session(args.model).lookup_with_stats(np.asarray(keys, dtype=np.int64), table)
+    if args.json:
+        print(json.dumps({"keys": keys, "vectors": vec.tolist(), "hits": st.hits}))
+        return 0
+    np.set_printoptions(precision=5, suppress=True, linewidth=120)
+    for k, v in zip(keys, vec, strict=True):
+        print(k, v)
+    console.print(f"[dim]levels: {st.hits}[/dim]")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Host and GPU bytes the config will need, from file sizes only (nothing is loaded)."""
+    from .config import load_config
+    from .estimate import estimate_config
+
+    rows = estimate_config(load_config(args.config))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    t = Table(title="memory estimate (nothing loaded)")
+    for c in ("model", "table", "rows", "dim", "VDB host", "L1 (GPU or host)", "PDB disk"):
+        t.add_column(c, justify="right" if c not in ("model", "table") else "left")
+    for r in rows:
+        t.add_row(
+            r.model,
+            r.table,
+            f"{r.rows:,}",
+            str(r.dim),
+            _mb(r.vdb_bytes),
+            _mb(r.l1_bytes),
+            _mb(r.pdb_bytes),
+        )
+    tot = [sum(getattr(r, a) for r in rows) for a in ("vdb_bytes", "l1_bytes", "pdb_bytes")]
+    t.add_row("total", "", f"{sum(r.rows for r in rows):,}", "", *map(_mb, tot))
+    console.print(t)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic Criteo-like model (HugeCTR sparse files + hps.json)."""
+    from .synth import criteo_vocab_sizes, make_model
+
+    sizes = criteo_vocab_sizes(args.rows)[: args.tables]
+    m = make_model(args.out, sizes, [args.dim] * len(sizes), seed=args.seed, name=args.name)
+    console.print(
+        f"wrote {len(sizes)} tables, {sum(sizes):,} rows, dim {args.dim}; config: {m.config_path}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a model, serve it in process on the embedded default tiers, and show lookups."""
+    from .demo import run_demo
+
+    return run_demo(
+        args.dir, rows=args.rows, dim=args.dim, batches=args.batches, batch_size=args.batch_size
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_tables(infos: list) -> None:
+    t = Table(title="tables")
+    for c in (
+        "model",
+        "table",
+        "dim",
+        "rows",
+        "VDB rows",
+        "PDB rows",
+        "L1 rows/cap",
+        "VDB bytes",
+        "L1 bytes",
+        "file bytes",
+    ):
+        t.add_column(c)
+    for i in infos:
+        t.add_row(
+            i.model,
+            i.table,
+            str(i.dim),
+            f"{i.rows:,}",
+            f"{i.vdb_rows:,}",
+            f"{i.pdb_rows:,}",
+            f"{i.l1_rows:,}/{i.l1_capacity:,}",
+            _mb(i.vdb_bytes),
+            _mb(i.l1_bytes),
+            _mb(i.file_bytes),
+        )
+    console.print(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hps``."""
+    p = argparse.ArgumentParser(prog="hps", description="Hierarchical embedding parameter server")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("load", help="load sparse files into the VDB/PDB (progress bars)")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_load)
+
+    s = sub.add_parser("inspect", help="tables, rows, dims and bytes per level")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("lookup", help="look up keys of one table")
+    s.add_argument("config")
+    s.add_argument("--model", required=True)
+    s.add_argument("--table", default="0", help="table index or name")
+    s.add_argument("--keys-file", help="file with one key per line")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("keys", nargs="*", help="int64 keys")
+    s.set_defaults(func=cmd_lookup)
+
+    s = sub.add_parser("estimate", help="host and GPU bytes a config will need, before loading")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("synth", help="write a synthetic Criteo-like model")
+    s.add_argument("out")
+    s.add_argument("--rows", type=int, default=1_000_000, help="total rows over all tables")
+    s.add_argument("--tables", type=int, default=26)
+    s.add_argument("--dim", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default="synthetic")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("demo", help="generate a model, serve it in process, show lookups")
+    s.add_argument("--dir", default="demo_data")
+    s.add_argument("--rows", type=int, default=1_000_000)
+    s.add_argument("--dim", type=int, default=16)
+    s.add_argument("--batches", type=int, default=50)
+    s.add_argument("--batch-size", type=int, default=1024)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hps`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except HPSError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

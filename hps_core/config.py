@@ -1,0 +1,389 @@
+"""Typed configuration. Loads HugeCTR's ``hps.json`` unchanged, and the same schema as YAML.
+
+Our own format *is* the HPS schema (same section and field names, same defaults) plus a few
+documented extensions, so a HugeCTR user's file needs no conversion and every field means what
+it meant there. Validation happens once, here; errors name the field, the value and what was
+expected. Unknown keys log a warning; HPS fields that have no effect here say so once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+VDB_TYPES = ("hash_map", "parallel_hash_map", "multi_process_hash_map", "redis_cluster", "disabled")
+PDB_TYPES = ("rocks_db", "disabled")
+UPDATE_SOURCE_TYPES = ("null", "kafka_message_queue", "redis_stream")
+OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
+STORAGE_DTYPES = ("float32", "float16")
+CACHE_POLICIES = ("lru", "lfu")
+MAX_SIZE_T = 2**63 - 1  # HPS used SIZE_MAX for "no limit"; int64 max keeps numpy happy
+
+
+@dataclass
+class VolatileDBConfig:
+    """``volatile_db``: the L2 tier in CPU memory (in-process hash map) or Redis."""
+
+    type: str = "parallel_hash_map"
+    # Redis (redis_cluster): comma-separated "host:port" list or a JSON list.
+    address: str = "127.0.0.1:7000"
+    user_name: str = "default"
+    password: str = ""
+    num_node_connections: int = 5
+    enable_tls: bool = False
+    tls_ca_certificate: str = ""
+    tls_client_certificate: str = ""
+    tls_client_key: str = ""
+    tls_server_name_identification: str = "redis.localhost"
+    # Partitioning and bounds (per partition, as HPS).
+    num_partitions: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+    allocation_rate: int = 256 * 1024 * 1024
+    shared_memory_size: int = 16 * 1024**3
+    shared_memory_name: str = "hctr_mp_hash_map_database"
+    max_batch_size: int = 64 * 1024
+    overflow_margin: int = MAX_SIZE_T
+    overflow_policy: str = "evict_random"
+    overflow_resolution_target: float = 0.8
+    # Fraction of each table copied into the VDB at start-up.
+    initial_cache_rate: float = 1.0
+    initialize_after_startup: bool = True
+    refresh_time_after_fetch: bool = False
+    # Promote rows found only in the PDB into the VDB (in the background).
+    cache_missed_embeddings: bool = False
+    update_filters: list[str] = field(default_factory=lambda: ["^hps_.+$"])
+    # Extension: storage dtype of VDB rows ("float32" or "float16"); lookups return float32.
+    storage_dtype: str = "float32"
+
+    def validate(self, src: str | None) -> None:
+        _choice("volatile_db.type", self.type, VDB_TYPES, src)
+        _choice("volatile_db.overflow_policy", self.overflow_policy, OVERFLOW_POLICIES, src)
+        _choice("volatile_db.storage_dtype", self.storage_dtype, STORAGE_DTYPES, src)
+        _at_least("volatile_db.num_partitions", self.num_partitions, 1, src)
+        _at_least("volatile_db.max_batch_size", self.max_batch_size, 1, src)
+        _at_least("volatile_db.overflow_margin", self.overflow_margin, 1, src)
+        _fraction("volatile_db.overflow_resolution_target", self.overflow_resolution_target, src)
+        _fraction("volatile_db.initial_cache_rate", self.initial_cache_rate, src)
+
+    def addresses(self) -> list[str]:
+        """Redis endpoints as a list of "host:port"."""
+        return [a.strip() for a in self.address.split(",") if a.strip()]
+
+
+@dataclass
+class PersistentDBConfig:
+    """``persistent_db``: the L3 tier, RocksDB on local disk."""
+
+    type: str = "disabled"
+    path: str = "/tmp/rocksdb"
+    num_threads: int = 16
+    read_only: bool = False
+    max_batch_size: int = 64 * 1024
+    update_filters: list[str] = field(default_factory=lambda: ["^hps_.+$"])
+
+    def validate(self, src: str | None) -> None:
+        _choice("persistent_db.type", self.type, PDB_TYPES, src)
+        _at_least("persistent_db.num_threads", self.num_threads, 1, src)
+        _at_least("persistent_db.max_batch_size", self.max_batch_size, 1, src)
+        if self.type == "rocks_db" and not self.path:
+            raise ConfigError("persistent_db.path", self.path, "a directory path", src)
+
+
+@dataclass
+class UpdateSourceConfig:
+    """``update_source``: where online row updates come from."""
+
+    type: str = "null"
+    brokers: str = "127.0.0.1:9092"
+    metadata_refresh_interval_ms: int = 30_000
+    receive_buffer_size: int = 256 * 1024
+    poll_timeout_ms: int = 500
+    max_batch_size: int = 8 * 1024
+    failure_backoff_ms: int = 50
+    max_commit_interval: int = 32
+
+    def validate(self, src: str | None) -> None:
+        _choice("update_source.type", self.type, UPDATE_SOURCE_TYPES, src)
+
+
+@dataclass
+class ModelConfig:
+    """One entry of ``models``: a model's embedding tables and its cache settings."""
+
+    model: str
+    sparse_files: list[str]
+    embedding_vecsize_per_table: list[int]
+    maxnum_catfeature_query_per_table_per_sample: list[int]
+    embedding_table_names: list[str] = field(default_factory=list)
+    default_value_for_each_table: list[float] = field(default_factory=list)
+    deployed_device_list: list[int] = field(default_factory=lambda: [0])
+    max_batch_size: int = 64
+    gpucache: bool = True
+    gpucacheper: float = 0.5
+    hit_rate_threshold: float = 0.9
+    cache_refresh_percentage_per_iteration: float = 0.0
+    use_static_table: bool = False
+    # Accepted for compatibility; the dense network is an ONNX model served beside us.
+    dense_file: str = ""
+    network_file: str = ""
+    maxnum_des_feature_per_sample: int = 26
+    label_dim: int = 1
+    slot_num: int = 10
+    num_of_worker_buffer_in_pool: int = 1
+    num_of_refresher_buffer_in_pool: int = 1
+    refresh_delay: float = 0.0
+    refresh_interval: float = 0.0
+    thread_pool_size: int = 16
+    use_mixed_precision: bool = False
+    scaler: float = 1.0
+    use_algorithm_search: bool = True
+    use_cuda_graph: bool = True
+    use_context_stream: bool = True
+    fuse_embedding_table: bool = False
+    embedding_cache_type: str = "dynamic"
+    # Extensions: L1 replacement policy and associativity, storage dtype of L1 rows.
+    cache_policy: str = "lru"
+    cache_ways: int = 8
+    cache_storage_dtype: str = "float32"
+
+    def validate(self, src: str | None, i: int) -> None:
+        p = f"models[{i}]"
+        if not self.model:
+            raise ConfigError(f"{p}.model", self.model, "a non-empty model name", src)
+        n = len(self.sparse_files)
+        if n == 0:
+            raise ConfigError(f"{p}.sparse_files", self.sparse_files, "at least one table", src)
+        if not self.embedding_table_names:
+            self.embedding_table_names = [f"sparse_embedding{t}" for t in range(n)]
+        if not self.default_value_for_each_table:
+            self.default_value_for_each_table = [0.0] * n
+        elif len(self.default_value_for_each_table) == 1 and n > 1:
+            self.default_value_for_each_table = self.default_value_for_each_table * n
+        for name in (
+            "embedding_table_names",
+            "embedding_vecsize_per_table",
+            "maxnum_catfeature_query_per_table_per_sample",
+            "default_value_for_each_table",
+        ):
+            got = getattr(self, name)
+            if len(got) != n:
+                raise ConfigError(
+                    f"{p}.{name}", got, f"one entry per sparse file ({n} entries)", src
+                )
+        if len(set(self.embedding_table_names)) != n:
+            raise ConfigError(
+                f"{p}.embedding_table_names", self.embedding_table_names, "unique names", src
+            )
+        for t, d in enumerate(self.embedding_vecsize_per_table):
+            _at_least(f"{p}.embedding_vecsize_per_table[{t}]", d, 1, src)
+        for t, q in enumerate(self.maxnum_catfeature_query_per_table_per_sample):
+            _at_least(f"{p}.maxnum_catfeature_query_per_table_per_sample[{t}]", q, 1, src)
+        _at_least(f"{p}.max_batch_size", self.max_batch_size, 1, src)
+        _fraction(f"{p}.gpucacheper", self.gpucacheper, src)
+        _fraction(f"{p}.hit_rate_threshold", self.hit_rate_threshold, src)
+        _fraction(
+            f"{p}.cache_refresh_percentage_per_iteration",
+            self.cache_refresh_percentage_per_iteration,
+            src,
+        )
+        _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
+        _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, STORAGE_DTYPES, src)
+        _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
+        for d in self.deployed_device_list:
+            _at_least(f"{p}.deployed_device_list", d, 0, src)
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.sparse_files)
+
+    def max_keys_per_request(self) -> int:
+        """Upper bound on keys in one request: max_batch_size x sum of per-table queries."""
+        return self.max_batch_size * sum(self.maxnum_catfeature_query_per_table_per_sample)
+
+
+@dataclass
+class HPSConfig:
+    """The whole parameter-server configuration."""
+
+    models: list[ModelConfig]
+    supportlonglong: bool = True
+    volatile_db: VolatileDBConfig = field(default_factory=VolatileDBConfig)
+    persistent_db: PersistentDBConfig = field(default_factory=PersistentDBConfig)
+    update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
+    source: str | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        """The model entry called ``name``."""
+        for m in self.models:
+            if m.model == name:
+                return m
+        from .errors import UnknownModelError
+
+        raise UnknownModelError(name, [m.model for m in self.models])
+
+
+# Fields HPS defined that change nothing here; mentioned once per load so nobody is surprised.
+_NO_EFFECT = {
+    "dense_file": "the dense network runs as an ONNX model in its own Triton model",
+    "network_file": "the dense network runs as an ONNX model in its own Triton model",
+    "num_of_worker_buffer_in_pool": "lookups allocate per request",
+    "num_of_refresher_buffer_in_pool": "lookups allocate per request",
+    "use_cuda_graph": "no CUDA graphs are used",
+    "use_algorithm_search": "no dense-layer algorithm search here",
+    "allocation_rate": "hash-map rows are sized from the table, not a fixed allocation rate",
+}
+_UNSUPPORTED = {
+    ("update_source.type", "kafka_message_queue"): (
+        "Kafka is not supported in this version: online updates are ignored; use "
+        "'redis_stream' when it is available"
+    ),
+}
+
+
+def load_config(source: str | os.PathLike | dict) -> HPSConfig:
+    """Load and validate a config from a path (.json, .yaml/.yml) or an already-parsed dict."""
+    if isinstance(source, dict):
+        raw, src, base = source, None, Path.cwd()
+    else:
+        path = Path(source)
+        src = str(path)
+        if not path.is_file():
+            raise ConfigError("<file>", src, "an existing config file (hps.json or .yaml)", None)
+        text = path.read_text()
+        raw = _parse_text(text, path)
+        base = path.resolve().parent
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", type(raw).__name__, "a JSON/YAML object", src)
+    cfg = _build(HPSConfig, raw, "", src)
+    cfg.source = src
+    if not isinstance(cfg.models, list) or not cfg.models:
+        raise ConfigError("models", raw.get("models"), "a non-empty list of models", src)
+    if not cfg.supportlonglong:
+        log.warning("%s: supportlonglong=false: 32-bit keys are widened to int64", src or "config")
+    cfg.volatile_db.validate(src)
+    cfg.persistent_db.validate(src)
+    cfg.update_source.validate(src)
+    names = set()
+    for i, m in enumerate(cfg.models):
+        m.validate(src, i)
+        if m.model in names:
+            raise ConfigError(
+                f"models[{i}].model", m.model, "a name not used by another model", src
+            )
+        names.add(m.model)
+        m.sparse_files = [_resolve(base, p) for p in m.sparse_files]
+    if cfg.persistent_db.type != "disabled":
+        cfg.persistent_db.path = _resolve(base, cfg.persistent_db.path)
+    for (name, value), why in _UNSUPPORTED.items():
+        section, attr = name.split(".")
+        if getattr(getattr(cfg, section), attr) == value:
+            log.warning("%s: %s = %r: %s", src or "config", name, value, why)
+    return cfg
+
+
+def _parse_text(text: str, path: Path) -> Any:
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", str(path), f"valid YAML ({e})", str(path)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            "<file>",
+            str(path),
+            f"valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
+            str(path),
+        ) from None
+
+
+def _resolve(base: Path, p: str) -> str:
+    """Relative paths are taken relative to the config file's directory."""
+    q = Path(os.path.expanduser(p))
+    return str(q if q.is_absolute() else (base / q))
+
+
+def _build(cls: type, raw: Any, prefix: str, src: str | None) -> Any:
+    """Build dataclass ``cls`` from a dict, checking each field's type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", raw, "an object", src)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    kwargs = {}
+    aliases = {"max_get_batch_size": "max_batch_size", "max_set_batch_size": "max_batch_size"}
+    for key, value in raw.items():
+        name = aliases.get(key, key) if key not in known else key
+        if name not in known:
+            log.warning("%s: unknown config key '%s%s' ignored", src or "config", prefix, key)
+            continue
+        if name in _NO_EFFECT and value not in (None, "", known[name].default):
+            log.info("config key '%s%s' has no effect: %s", prefix, key, _NO_EFFECT[name])
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{key}", src)
+    for f in known.values():
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}", None, "a value (the field is required)", src)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str, src: str | None) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, name, src)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(name, value, f"a list of {item.__name__}", src)
+        return [_coerce(item, v, f"{name}[{i}]", src) for i, v in enumerate(value)]
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        if tp is ModelConfig and isinstance(value, list):
+            raise ConfigError(name, value, "an object", src)
+        return _build(tp, value, f"{name}.", src)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, value, "true or false", src)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(name, value, "an integer", src)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, value, "a number", src)
+        return float(value)
+    if tp is str:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # e.g. a JSON list of Redis addresses
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "a string", src)
+        return value
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple, src: str | None) -> None:
+    if value not in allowed:
+        raise ConfigError(name, value, "one of " + ", ".join(repr(a) for a in allowed), src)
+
+
+def _at_least(name: str, value: float, low: float, src: str | None) -> None:
+    if value < low:
+        raise ConfigError(name, value, f">= {low}", src)
+
+
+def _fraction(name: str, value: float, src: str | None) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(name, value, "a number between 0 and 1", src)

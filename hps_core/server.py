@@ -1,0 +1,318 @@
+"""The parameter server: builds the storage tiers from a config and serves many models' tables."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache.base import EmbeddingCache
+from .config import HPSConfig, ModelConfig, load_config
+from .errors import ConfigError, UnknownModelError
+from .model_io import SparseTable
+from .pdb.base import PersistentDB
+from .session import LookupSession, TableRuntime, store_table_name
+from .vdb.base import VolatileDB
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TableInfo:
+    """What ``inspect`` reports for one table."""
+
+    model: str
+    table: str
+    dim: int
+    rows: int
+    vdb_rows: int
+    pdb_rows: int
+    l1_rows: int
+    l1_capacity: int
+    vdb_bytes: int
+    l1_bytes: int
+    file_bytes: int
+
+
+def build_vdb(cfg: HPSConfig) -> VolatileDB | None:
+    """The volatile tier the config asks for (None when disabled)."""
+    v = cfg.volatile_db
+    if v.type == "disabled":
+        return None
+    if v.type == "redis_cluster":
+        raise ConfigError(
+            "volatile_db.type",
+            v.type,
+            "hash_map, parallel_hash_map, multi_process_hash_map or "
+            "disabled: Redis is not supported by this version",
+            cfg.source,
+        )
+    from .vdb.hashmap import HashMapVDB
+
+    return HashMapVDB(
+        num_partitions=1 if v.type == "hash_map" else v.num_partitions,
+        overflow_margin=v.overflow_margin,
+        overflow_policy=v.overflow_policy,
+        overflow_resolution_target=v.overflow_resolution_target,
+        refresh_time_after_fetch=v.refresh_time_after_fetch,
+        shared_memory_name=v.shared_memory_name if v.type == "multi_process_hash_map" else None,
+    )
+
+
+def build_pdb(cfg: HPSConfig) -> PersistentDB | None:
+    """The persistent tier the config asks for (None when disabled)."""
+    p = cfg.persistent_db
+    if p.type == "disabled":
+        return None
+    from .pdb.rocksdb import RocksDBPDB
+
+    return RocksDBPDB(
+        p.path, num_threads=p.num_threads, read_only=p.read_only, max_batch_size=p.max_batch_size
+    )
+
+
+def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
+    """The L1 cache of table ``t`` of model ``m`` (host memory until a GPU cache is configured)."""
+    if not m.gpucache:
+        return None
+    capacity = max(1, math.ceil(m.gpucacheper * rows)) if m.gpucacheper > 0 else 0
+    if capacity == 0:
+        return None
+    from .cache.reference import ReferenceCache
+
+    return ReferenceCache(
+        capacity,
+        m.embedding_vecsize_per_table[t],
+        ways=m.cache_ways,
+        policy=m.cache_policy,
+        dtype=m.cache_storage_dtype,
+    )
+
+
+class ParameterServer:
+    """Owns one VDB and one PDB shared by all models, and one lookup session per model."""
+
+    def __init__(self, config: HPSConfig | str | os.PathLike | dict, *, progress: bool = False):
+        self.config = config if isinstance(config, HPSConfig) else load_config(config)
+        self.progress = progress
+        self.vdb = build_vdb(self.config)
+        self.pdb = build_pdb(self.config)
+        if self.vdb is None and self.pdb is None:
+            raise ConfigError(
+                "volatile_db.type / persistent_db.type",
+                "disabled / disabled",
+                "at least one storage tier enabled",
+                self.config.source,
+            )
+        self.promoter = None
+        if (
+            self.config.volatile_db.cache_missed_embeddings
+            and self.vdb is not None
+            and self.pdb is not None
+        ):
+            from .pdb.promote import Promoter
+
+            self.promoter = Promoter(self.vdb)
+        self.sessions: dict[str, LookupSession] = {}
+        self._files: dict[str, list[SparseTable]] = {}
+        self._lock = threading.Lock()
+        try:
+            for m in self.config.models:
+                self.add_model(m)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- models -------------------------------------------------------------------------------
+    def add_model(self, m: ModelConfig) -> LookupSession:
+        """Load a model's tables into the tiers and start serving it (replaces a same-named one)."""
+        tables, files = [], []
+        try:
+            for t, path in enumerate(m.sparse_files):
+                dim = m.embedding_vecsize_per_table[t]
+                f = SparseTable.open(path, dim)
+                files.append(f)
+                name = m.embedding_table_names[t]
+                rt = TableRuntime(
+                    name=name,
+                    store_name=store_table_name(m.model, name),
+                    dim=dim,
+                    default_value=m.default_value_for_each_table[t],
+                    cache=build_cache(m, t, f.rows),
+                )
+                self._load_table(m, rt, f)
+                tables.append(rt)
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        session = LookupSession(
+            m.model,
+            tables,
+            self.vdb,
+            self.pdb,
+            hit_rate_threshold=m.hit_rate_threshold,
+            promoter=self.promoter,
+        )
+        with self._lock:
+            old = self.sessions.pop(m.model, None)
+            self.sessions[m.model] = session
+            for f in self._files.pop(m.model, []):
+                f.close()
+            self._files[m.model] = files
+            if all(x.model != m.model for x in self.config.models):
+                self.config.models.append(m)
+        if old is not None:
+            old.close()
+        return session
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving a model and free its VDB rows (the PDB keeps them for a later reload)."""
+        with self._lock:
+            session = self.sessions.pop(name, None)
+            if session is None:
+                raise UnknownModelError(name, list(self.sessions))
+            for f in self._files.pop(name, []):
+                f.close()
+            self.config.models = [x for x in self.config.models if x.model != name]
+        session.close()
+        if self.vdb is not None:
+            for t in session.tables:
+                if t.store_name in self.vdb.tables():
+                    self.vdb.drop_table(t.store_name)
+
+    def session(self, name: str) -> LookupSession:
+        """The lookup session of a deployed model."""
+        try:
+            return self.sessions[name]
+        except KeyError:
+            raise UnknownModelError(name, list(self.sessions)) from None
+
+    def lookup(self, keys: object, model: str, table: int | str = 0) -> np.ndarray:
+        """Vectors float32 [n, dim] for ``keys`` of one table of one model."""
+        return self.session(model).lookup(keys, table)
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load_table(self, m: ModelConfig, t: TableRuntime, f: SparseTable) -> None:
+        v = self.config.volatile_db
+        fingerprint = _fingerprint(f)
+        if self.pdb is not None:
+            if self.config.persistent_db.read_only:
+                if t.store_name not in self.pdb.tables():
+                    log.warning("read-only PDB has no table %s; lookups fall through", t.store_name)
+            else:
+                self.pdb.create_table(t.store_name, t.dim)
+                key = f"loaded:{t.store_name}"
+                if self.pdb.get_meta(key) != fingerprint:
+                    self._copy_rows(
+                        f, f.rows, f"{m.model}/{t.name} -> RocksDB", self.pdb, t.store_name
+                    )
+                    self.pdb.set_meta(key, fingerprint)
+        if self.vdb is not None:
+            rows = int(f.rows * v.initial_cache_rate) if v.initialize_after_startup else 0
+            self.vdb.create_table(
+                t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
+            )
+            if rows:
+                self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name)
+
+    def _copy_rows(self, f: SparseTable, rows: int, what: str, tier: object, table: str) -> None:
+        done = 0
+        with _progress(self.progress, what, rows) as advance:
+            for keys, vecs in f.iter_chunks():
+                take = min(len(keys), rows - done)
+                if take <= 0:
+                    break
+                tier.upsert(table, keys[:take], vecs[:take])
+                done += take
+                advance(take)
+        log.info("%s: %d rows", what, done)
+
+    # -- inspection ---------------------------------------------------------------------------
+    def inspect(self) -> list[TableInfo]:
+        """Rows, dims and bytes of every table on every level."""
+        out = []
+        for name, s in self.sessions.items():
+            for t, f in zip(s.tables, self._files[name], strict=True):
+                has_vdb = self.vdb is not None and t.store_name in self.vdb.tables()
+                has_pdb = self.pdb is not None and t.store_name in self.pdb.tables()
+                out.append(
+                    TableInfo(
+                        model=name,
+                        table=t.name,
+                        dim=t.dim,
+                        rows=f.rows,
+                        vdb_rows=self.vdb.size(t.store_name) if has_vdb else 0,
+                        pdb_rows=self.pdb.size(t.store_name) if has_pdb else 0,
+                        l1_rows=t.cache.size() if t.cache is not None else 0,
+                        l1_capacity=t.cache.capacity if t.cache is not None else 0,
+                        vdb_bytes=self.vdb.memory_bytes(t.store_name) if has_vdb else 0,
+                        l1_bytes=t.cache.memory_bytes() if t.cache is not None else 0,
+                        file_bytes=f.nbytes,
+                    )
+                )
+        return out
+
+    def flush(self) -> None:
+        """Wait for background work (cache fills, VDB promotion)."""
+        for s in self.sessions.values():
+            s.flush()
+        if self.promoter is not None:
+            self.promoter.flush(timeout=60)
+
+    def close(self) -> None:
+        """Stop background work and close the tiers."""
+        for s in list(self.sessions.values()):
+            s.close()
+        self.sessions.clear()
+        for files in self._files.values():
+            for f in files:
+                f.close()
+        self._files.clear()
+        if self.promoter is not None:
+            self.promoter.close()
+        if self.vdb is not None:
+            self.vdb.close()
+        if self.pdb is not None:
+            self.pdb.close()
+
+    def __enter__(self) -> ParameterServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fingerprint(f: SparseTable) -> str:
+    st = [os.stat(os.path.join(f.path, n)) for n in ("key", "emb_vector")]
+    return "|".join(
+        [str(f.path), str(f.rows), str(f.dim)] + [f"{s.st_size}:{s.st_mtime_ns}" for s in st]
+    )
+
+
+def _progress(enabled: bool, what: str, total: int):
+    """A context manager yielding advance(n); a rich progress bar when enabled."""
+    if not enabled:
+        return nullcontext(lambda n: None)
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextmanager
+    def bar():
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as p:
+            task = p.add_task(what, total=total)
+            yield lambda n: p.advance(task, n)
+
+    return bar()

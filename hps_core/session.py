@@ -1,0 +1,241 @@
+"""The lookup pipeline of one model: dedupe -> L1 cache -> VDB -> PDB -> default -> fill L1 -> expand."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cache.base import EmbeddingCache
+from .errors import InvalidInputError, UnknownTableError
+from .pdb.base import PersistentDB
+from .vdb.base import VolatileDB
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("l1", "vdb", "pdb", "default")
+
+
+@dataclass
+class LookupStats:
+    """What one lookup (or a sum of lookups) did: keys served per level and seconds per stage."""
+
+    requests: int = 0
+    keys: int = 0
+    unique_keys: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("dedupe", *LEVELS, "insert", "expand", "total"), 0.0)
+    )
+
+    def hit_rate(self, level: str) -> float:
+        """Fraction of unique keys answered by ``level`` (l1, vdb, pdb or default)."""
+        return self.hits[level] / self.unique_keys if self.unique_keys else 0.0
+
+    def add(self, other: LookupStats) -> None:
+        """Accumulate another lookup's statistics into this one."""
+        self.requests += other.requests
+        self.keys += other.keys
+        self.unique_keys += other.unique_keys
+        for k, v in other.hits.items():
+            self.hits[k] += v
+        for k, v in other.seconds.items():
+            self.seconds[k] += v
+
+
+@dataclass
+class TableRuntime:
+    """One embedding table as the session serves it."""
+
+    name: str
+    store_name: str  # the table's name in the VDB/PDB: hps_et.<model>.<table>
+    dim: int
+    default_value: float
+    cache: EmbeddingCache | None = None
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: LookupStats = field(default_factory=LookupStats)
+
+
+def store_table_name(model: str, table: str) -> str:
+    """HPS's storage naming of a model's table in the VDB and PDB."""
+    return f"hps_et.{model}.{table}"
+
+
+def as_keys(keys: object, name: str = "keys") -> np.ndarray:
+    """Validate request keys: a 1-D integer array; 32-bit keys widen to int64, uint64 reinterprets."""
+    arr = np.asarray(keys)
+    if arr.dtype == object or arr.dtype.kind not in "iu":
+        if arr.size == 0 and arr.dtype.kind == "f":
+            arr = arr.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine
+        else:
+            raise InvalidInputError(
+                name, f"dtype {arr.dtype}", "integer keys (int64; int32/uint32 are widened)"
+            )
+    if arr.ndim != 1:
+        raise InvalidInputError(name, f"shape {arr.shape}", "a 1-D array of keys")
+    if arr.dtype == np.uint64:
+        return arr.view(np.int64)
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class LookupSession:
+    """Serves lookups for the tables of one model across the three storage levels."""
+
+    def __init__(
+        self,
+        model: str,
+        tables: list[TableRuntime],
+        vdb: VolatileDB | None,
+        pdb: PersistentDB | None,
+        *,
+        hit_rate_threshold: float = 0.9,
+        promoter: object | None = None,
+    ):
+        self.model = model
+        self.tables = tables
+        self.vdb = vdb
+        self.pdb = pdb
+        self.hit_rate_threshold = hit_rate_threshold
+        self.promoter = promoter
+        self._by_name = {t.name: i for i, t in enumerate(tables)}
+        self._inserter = ThreadPoolExecutor(1, thread_name_prefix=f"hps-l1-fill-{model}")
+        self._pending: list[Future] = []
+
+    def table(self, table: int | str) -> TableRuntime:
+        """A table by index or name."""
+        if isinstance(table, (int, np.integer)) and not isinstance(table, bool):
+            if 0 <= table < len(self.tables):
+                return self.tables[int(table)]
+        elif isinstance(table, str) and table in self._by_name:
+            return self.tables[self._by_name[table]]
+        raise UnknownTableError(self.model, table, [t.name for t in self.tables])
+
+    def lookup(self, keys: object, table: int | str = 0) -> np.ndarray:
+        """Vectors float32 [len(keys), dim] for the keys of one table, in request order."""
+        return self.lookup_with_stats(keys, table)[0]
+
+    def lookup_with_stats(
+        self, keys: object, table: int | str = 0
+    ) -> tuple[np.ndarray, LookupStats]:
+        """Like lookup, and also what each level contributed and how long each stage took."""
+        t = self.table(table)
+        k = as_keys(keys)
+        st = LookupStats(requests=1, keys=len(k))
+        t0 = time.perf_counter()
+        uniq, inverse = np.unique(k, return_inverse=True)
+        st.unique_keys = len(uniq)
+        vec = np.empty((len(uniq), t.dim), dtype=np.float32)
+        t1 = time.perf_counter()
+        st.seconds["dedupe"] = t1 - t0
+
+        missing = np.ones(len(uniq), dtype=bool)
+        if t.cache is not None and len(uniq):
+            with t.cache_lock:
+                _, hit = t.cache.find(uniq, out=vec)
+            missing = ~hit
+            st.hits["l1"] = int(hit.sum())
+        t2 = time.perf_counter()
+        st.seconds["l1"] = t2 - t1
+
+        fill_idx = np.flatnonzero(missing)  # rows to insert into L1 once found below
+        for level, tier in (("vdb", self.vdb), ("pdb", self.pdb)):
+            ts = time.perf_counter()
+            idx = np.flatnonzero(missing)
+            if tier is not None and len(idx):
+                rows, found = tier.fetch(t.store_name, uniq[idx])
+                got = idx[found]
+                vec[got] = rows[found]
+                missing[got] = False
+                st.hits[level] = len(got)
+                if (
+                    level == "pdb"
+                    and self.promoter is not None
+                    and self.vdb is not None
+                    and len(got)
+                ):
+                    self.promoter.submit(t.store_name, uniq[got], rows[found])
+            st.seconds[level] = time.perf_counter() - ts
+
+        ts = time.perf_counter()
+        idx = np.flatnonzero(missing)
+        if len(idx):
+            vec[idx] = t.default_value
+        st.hits["default"] = len(idx)
+        st.seconds["default"] = time.perf_counter() - ts
+
+        ts = time.perf_counter()
+        if t.cache is not None:
+            fill = fill_idx[~missing[fill_idx]]  # default vectors are not cached
+            if len(fill):
+                self._fill_cache(t, uniq[fill], vec[fill], st.hit_rate("l1"))
+        t3 = time.perf_counter()
+        st.seconds["insert"] = t3 - ts
+
+        out = vec[inverse]
+        t4 = time.perf_counter()
+        st.seconds["expand"] = t4 - t3
+        st.seconds["total"] = t4 - t0
+        t.stats.add(st)
+        return out, st
+
+    def lookup_concatenated(
+        self, keys: object, num_keys: object
+    ) -> tuple[np.ndarray, list[LookupStats]]:
+        """HPS backend I/O: keys of all tables concatenated + a count per table -> flat vectors."""
+        k = as_keys(keys, "KEYS")
+        n = np.asarray(num_keys)
+        if n.dtype.kind not in "iu" or n.ndim != 1:
+            raise InvalidInputError(
+                "NUMKEYS", f"dtype {n.dtype}, shape {n.shape}", "a 1-D integer array"
+            )
+        if len(n) != len(self.tables):
+            raise InvalidInputError(
+                "NUMKEYS", f"{len(n)} counts", f"one count per table ({len(self.tables)})"
+            )
+        if (n < 0).any():
+            raise InvalidInputError("NUMKEYS", n.tolist(), "non-negative counts")
+        if int(n.sum()) != len(k):
+            raise InvalidInputError(
+                "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
+            )
+        parts, stats, start = [], [], 0
+        for i, c in enumerate(n.tolist()):
+            vec, st = self.lookup_with_stats(k[start : start + c], i)
+            parts.append(vec.ravel())
+            stats.append(st)
+            start += c
+        return np.concatenate(parts) if parts else np.empty(0, np.float32), stats
+
+    def _fill_cache(
+        self, t: TableRuntime, keys: np.ndarray, rows: np.ndarray, hit_rate: float
+    ) -> None:
+        # As HPS: below the threshold the cache is cold, so fill it before returning; above it,
+        # misses are rare and filling in the background keeps them off the request's latency.
+        if hit_rate < self.hit_rate_threshold:
+            with t.cache_lock:
+                t.cache.insert(keys, rows)
+            return
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(
+            self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy())
+        )
+
+    @staticmethod
+    def _insert_locked(t: TableRuntime, keys: np.ndarray, rows: np.ndarray) -> None:
+        with t.cache_lock:
+            t.cache.insert(keys, rows)
+
+    def flush(self) -> None:
+        """Wait for background cache fills (tests and orderly shutdown)."""
+        for f in list(self._pending):
+            f.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop the background filler."""
+        self.flush()
+        self._inserter.shutdown(wait=True)

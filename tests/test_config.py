@@ -1,0 +1,238 @@
+"""Config loading: HugeCTR hps.json unchanged, our YAML, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from hps_core import ConfigError, load_config
+from hps_core.config import MAX_SIZE_T
+
+# A HugeCTR hps.json as HPS users wrote them (fields from the HPS documentation), unchanged.
+HUGECTR_HPS_JSON = {
+    "supportlonglong": True,
+    "volatile_db": {
+        "type": "parallel_hash_map",
+        "num_partitions": 15,
+        "overflow_policy": "evict_least_used",
+        "overflow_margin": 1000000,
+        "overflow_resolution_target": 0.95,
+        "initial_cache_rate": 1.0,
+        "initialize_after_startup": True,
+        "cache_missed_embeddings": False,
+        "max_get_batch_size": 10000,
+        "update_filters": ["^hps_.+$"],
+    },
+    "persistent_db": {
+        "type": "rocks_db",
+        "path": "/tmp/hps_rocksdb",
+        "num_threads": 8,
+        "read_only": False,
+        "max_batch_size": 10000,
+    },
+    "update_source": {"type": "null"},
+    "models": [
+        {
+            "model": "wdl",
+            "sparse_files": [
+                "/wdl_infer/model/wdl/1/wdl0_sparse_20000.model",
+                "/wdl_infer/model/wdl/1/wdl1_sparse_20000.model",
+            ],
+            "dense_file": "/wdl_infer/model/wdl/1/wdl_dense_20000.model",
+            "network_file": "/wdl_infer/model/wdl/1/wdl.json",
+            "num_of_worker_buffer_in_pool": 4,
+            "num_of_refresher_buffer_in_pool": 1,
+            "deployed_device_list": [0],
+            "max_batch_size": 64,
+            "default_value_for_each_table": [0.0, 0.0],
+            "maxnum_des_feature_per_sample": 13,
+            "maxnum_catfeature_query_per_table_per_sample": [2, 26],
+            "embedding_vecsize_per_table": [1, 16],
+            "embedding_table_names": ["table1", "table2"],
+            "refresh_delay": 0.0,
+            "refresh_interval": 0.0,
+            "hit_rate_threshold": 0.9,
+            "gpucacheper": 0.1,
+            "gpucache": True,
+            "cache_refresh_percentage_per_iteration": 0.2,
+            "label_dim": 1,
+            "slot_num": 28,
+            "use_static_table": False,
+        }
+    ],
+}
+
+
+def write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(json.dumps(obj) if name.endswith(".json") else obj)
+    return p
+
+
+def test_hugectr_hps_json_loads_unchanged(tmp_path):
+    cfg = load_config(write(tmp_path, "hps.json", HUGECTR_HPS_JSON))
+    m = cfg.model("wdl")
+    assert m.sparse_files == HUGECTR_HPS_JSON["models"][0]["sparse_files"]
+    assert m.embedding_table_names == ["table1", "table2"]
+    assert m.embedding_vecsize_per_table == [1, 16]
+    assert m.maxnum_catfeature_query_per_table_per_sample == [2, 26]
+    assert m.max_keys_per_request() == 64 * 28
+    assert (m.gpucache, m.gpucacheper, m.hit_rate_threshold) == (True, 0.1, 0.9)
+    assert m.cache_refresh_percentage_per_iteration == 0.2
+    v = cfg.volatile_db
+    assert (v.type, v.num_partitions, v.overflow_policy) == (
+        "parallel_hash_map",
+        15,
+        "evict_least_used",
+    )
+    assert (v.overflow_margin, v.overflow_resolution_target) == (1000000, 0.95)
+    assert v.max_batch_size == 10000  # max_get_batch_size is HPS's older name
+    p = cfg.persistent_db
+    assert (p.type, p.path, p.num_threads, p.read_only, p.max_batch_size) == (
+        "rocks_db",
+        "/tmp/hps_rocksdb",
+        8,
+        False,
+        10000,
+    )
+    assert cfg.update_source.type == "null"
+
+
+def test_hps_defaults_are_kept(tmp_path):
+    cfg = load_config(
+        {
+            "models": [
+                {
+                    "model": "m",
+                    "sparse_files": ["/a"],
+                    "embedding_vecsize_per_table": [8],
+                    "maxnum_catfeature_query_per_table_per_sample": [1],
+                }
+            ]
+        }
+    )
+    v, p, m = cfg.volatile_db, cfg.persistent_db, cfg.models[0]
+    assert cfg.supportlonglong is True
+    assert v.type == "parallel_hash_map" and v.overflow_policy == "evict_random"
+    assert v.overflow_margin == MAX_SIZE_T and v.overflow_resolution_target == 0.8
+    assert v.initial_cache_rate == 1.0 and v.cache_missed_embeddings is False
+    assert v.max_batch_size == 65536 and v.user_name == "default"
+    assert p.type == "disabled" and p.num_threads == 16 and p.read_only is False
+    assert m.embedding_table_names == ["sparse_embedding0"]
+    assert m.default_value_for_each_table == [0.0]
+    assert m.deployed_device_list == [0] and m.hit_rate_threshold == 0.9
+
+
+def test_yaml_equals_json(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    j = load_config(write(tmp_path, "hps.json", HUGECTR_HPS_JSON))
+    y = load_config(write(tmp_path, "hps.yaml", yaml.safe_dump(HUGECTR_HPS_JSON)))
+    j.source = y.source = None
+    assert j == y
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    raw["models"][0]["sparse_files"] = ["t0", "sub/t1"]
+    raw["persistent_db"]["path"] = "db"
+    cfg = load_config(write(tmp_path, "hps.json", raw))
+    assert cfg.models[0].sparse_files == [str(tmp_path / "t0"), str(tmp_path / "sub/t1")]
+    assert cfg.persistent_db.path == str(tmp_path / "db")
+
+
+def test_unknown_keys_warn_and_kafka_says_unsupported(tmp_path, caplog):
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    raw["volatile_db"]["no_such_option"] = 3
+    raw["update_source"] = {"type": "kafka_message_queue", "brokers": "127.0.0.1:9092"}
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(write(tmp_path, "hps.json", raw))
+    assert cfg.update_source.type == "kafka_message_queue"
+    text = caplog.text
+    assert "volatile_db.no_such_option" in text
+    assert "Kafka is not supported" in text
+
+
+def mutate(path, value):
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    obj = raw
+    for p in path[:-1]:
+        obj = obj[p]
+    if value is KeyError:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    "path,value,field,expected",
+    [
+        (("volatile_db", "type"), "memcached", "volatile_db.type", "one of"),
+        (
+            ("volatile_db", "overflow_policy"),
+            "evict_lru",
+            "volatile_db.overflow_policy",
+            "evict_least_used",
+        ),
+        (("volatile_db", "num_partitions"), "8", "volatile_db.num_partitions", "an integer"),
+        (
+            ("volatile_db", "overflow_resolution_target"),
+            1.5,
+            "volatile_db.overflow_resolution_target",
+            "between 0 and 1",
+        ),
+        (("persistent_db", "type"), "leveldb", "persistent_db.type", "rocks_db"),
+        (("persistent_db", "read_only"), "yes", "persistent_db.read_only", "true or false"),
+        (
+            ("models", 0, "embedding_vecsize_per_table"),
+            [16],
+            "models[0].embedding_vecsize_per_table",
+            "one entry per sparse file",
+        ),
+        (
+            ("models", 0, "embedding_vecsize_per_table"),
+            [0, 16],
+            "models[0].embedding_vecsize_per_table[0]",
+            ">= 1",
+        ),
+        (("models", 0, "gpucacheper"), 2.0, "models[0].gpucacheper", "between 0 and 1"),
+        (("models", 0, "model"), KeyError, "models[0].model", "required"),
+        (("models", 0, "sparse_files"), 7, "models[0].sparse_files", "a list of str"),
+        (("models",), [], "models", "non-empty"),
+        (
+            ("models", 0, "embedding_table_names"),
+            ["a", "a"],
+            "models[0].embedding_table_names",
+            "unique",
+        ),
+    ],
+)
+def test_bad_fields_name_field_value_and_expectation(tmp_path, path, value, field, expected):
+    p = write(tmp_path, "hps.json", mutate(path, value))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert f"'{field}'" in msg and expected in msg and str(p) in msg
+    assert e.value.field == field
+
+
+def test_malformed_json_names_line(tmp_path):
+    p = tmp_path / "hps.json"
+    p.write_text('{\n  "models": [\n    {"model": "m",,}\n  ]\n}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "line 3" in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="existing config file"):
+        load_config(tmp_path / "nope.json")
+
+
+def test_duplicate_model_names(tmp_path):
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    raw["models"].append(raw["models"][0])
+    with pytest.raises(ConfigError, match=r"models\[1\].model"):
+        load_config(write(tmp_path, "hps.json", raw))

@@ -1,0 +1,291 @@
+"""The lookup pipeline end to end on real files, VDB and RocksDB, against a numpy reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hps_core import (
+    HPS,
+    ConfigError,
+    InvalidInputError,
+    ModelFileError,
+    ParameterServer,
+    UnknownModelError,
+    UnknownTableError,
+)
+from hps_core.model_io import write_table
+
+I64 = np.iinfo(np.int64)
+DIMS = [8, 4]
+DEFAULTS = [0.5, -1.0]
+
+
+def make_files(root, seed=0):
+    """Two tables whose keys include negative, zero and extreme int64 values."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for t, dim in enumerate(DIMS):
+        keys = np.unique(rng.integers(I64.min, I64.max, size=3000, dtype=np.int64))
+        keys = np.unique(np.concatenate([keys, [I64.min, I64.max, 0, -1, 1]]))
+        rng.shuffle(keys)
+        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+        write_table(root / f"t{t}_sparse_0.model", keys, vecs)
+        tables.append((keys, vecs))
+    return tables
+
+
+def config(root, **vdb):
+    return {
+        "supportlonglong": True,
+        "volatile_db": {"type": "parallel_hash_map", "num_partitions": 4, **vdb},
+        "persistent_db": {"type": "rocks_db", "path": str(root / "rocksdb")},
+        "models": [
+            {
+                "model": "m",
+                "sparse_files": [str(root / f"t{t}_sparse_0.model") for t in range(len(DIMS))],
+                "embedding_table_names": ["user", "item"],
+                "embedding_vecsize_per_table": DIMS,
+                "maxnum_catfeature_query_per_table_per_sample": [1, 1],
+                "default_value_for_each_table": DEFAULTS,
+                "gpucacheper": 0.2,
+                "hit_rate_threshold": 0.5,
+            }
+        ],
+    }
+
+
+def reference(tables, t, keys):
+    """Numpy reference: the file's row for known keys, the table default otherwise."""
+    ref_keys, ref_vecs = tables[t]
+    order = np.argsort(ref_keys)
+    sk = ref_keys[order]
+    pos = np.clip(np.searchsorted(sk, keys), 0, len(sk) - 1)
+    found = sk[pos] == keys
+    out = np.full((len(keys), DIMS[t]), DEFAULTS[t], dtype=np.float32)
+    out[found] = ref_vecs[order[pos[found]]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    tables = make_files(root)
+    with HPS(config(root)) as hps:
+        yield hps, tables, root
+
+
+def test_present_absent_negative_extreme_duplicate_keys(served):
+    hps, tables, _ = served
+    rng = np.random.default_rng(1)
+    for t in range(len(DIMS)):
+        keys = tables[t][0]
+        query = np.concatenate(
+            [
+                rng.choice(keys, 500),  # present, with repeats
+                [I64.min, I64.max, 0, -1, 1],  # extremes (present in the files)
+                [I64.min + 1, I64.max - 1, -2, 2],  # extremes that are (almost surely) absent
+                rng.integers(I64.min, I64.max, 50, dtype=np.int64),  # absent
+            ]
+        ).astype(np.int64)
+        for _ in range(3):  # cold, then L1/VDB warm: results must never change
+            got = hps.lookup(query, "m", t)
+            assert got.dtype == np.float32 and got.shape == (len(query), DIMS[t])
+            np.testing.assert_array_equal(got, reference(tables, t, query))
+        hps.server.flush()
+
+
+def test_empty_request_and_narrow_key_dtypes(served):
+    hps, tables, _ = served
+    assert hps.lookup(np.empty(0, np.int64), "m", 0).shape == (0, DIMS[0])
+    assert hps.lookup([], "m", 1).shape == (0, DIMS[1])
+    small = np.array([1, 0, 7, 123456], dtype=np.uint32)
+    np.testing.assert_array_equal(
+        hps.lookup(small, "m", 0), reference(tables, 0, small.astype(np.int64))
+    )
+    np.testing.assert_array_equal(
+        hps.lookup(small.astype(np.int32), "m", 1), reference(tables, 1, small.astype(np.int64))
+    )
+    # Python ints, HugeCTR-style list input
+    np.testing.assert_array_equal(
+        hps.lookup([-1, 0, 1], "m", 0), reference(tables, 0, np.array([-1, 0, 1]))
+    )
+
+
+def test_tables_by_name_and_concatenated_hps_io(served):
+    hps, tables, _ = served
+    s = hps.server.session("m")
+    q0 = tables[0][0][:7]
+    q1 = np.concatenate([tables[1][0][:3], [12345]])
+    np.testing.assert_array_equal(s.lookup(q1, "item"), reference(tables, 1, q1))
+    flat, stats = s.lookup_concatenated(np.concatenate([q0, q1]), np.array([7, 4], np.int32))
+    expect = np.concatenate([reference(tables, 0, q0).ravel(), reference(tables, 1, q1).ravel()])
+    np.testing.assert_array_equal(flat, expect)
+    assert [st.keys for st in stats] == [7, 4]
+
+
+@pytest.mark.parametrize(
+    "keys,numkeys,field",
+    [
+        (np.arange(5), np.array([2, 2]), "NUMKEYS"),  # counts do not add up
+        (np.arange(4), np.array([5, -1]), "NUMKEYS"),  # negative count
+        (np.arange(4), np.array([4]), "NUMKEYS"),  # one count for two tables
+        (np.arange(4).astype(np.float32), np.array([2, 2]), "KEYS"),  # float keys
+        (np.arange(4), np.array([2.0, 2.0]), "NUMKEYS"),
+    ],
+)
+def test_bad_concatenated_requests(served, keys, numkeys, field):
+    hps, tables, _ = served
+    s = hps.server.session("m")
+    with pytest.raises(InvalidInputError) as e:
+        s.lookup_concatenated(keys, numkeys)
+    assert e.value.field == field and field in str(e.value)
+    np.testing.assert_array_equal(
+        s.lookup(tables[0][0][:3], 0), reference(tables, 0, tables[0][0][:3])
+    )
+
+
+def test_bad_inputs_are_clear_errors_and_the_server_keeps_serving(served):
+    hps, tables, _ = served
+    with pytest.raises(InvalidInputError, match="'keys'.*float64"):
+        hps.lookup(np.array([1.5, 2.0]), "m", 0)
+    with pytest.raises(InvalidInputError, match="'keys'.*shape"):
+        hps.lookup(np.zeros((2, 2), np.int64), "m", 0)
+    with pytest.raises(InvalidInputError, match="'keys'"):
+        hps.lookup(["a", "b"], "m", 0)
+    with pytest.raises(UnknownModelError, match="'nope'.*\\['m'\\]"):
+        hps.lookup([1], "nope", 0)
+    with pytest.raises(UnknownTableError, match="table 2.*0=user, 1=item"):
+        hps.lookup([1], "m", 2)
+    with pytest.raises(UnknownTableError):
+        hps.lookup([1], "m", -1)
+    q = tables[1][0][:10]
+    np.testing.assert_array_equal(hps.lookup(q, "m", 1), reference(tables, 1, q))
+
+
+def test_three_levels_and_vdb_newer_than_pdb(tmp_path):
+    tables = make_files(tmp_path, seed=3)
+    keys0, vecs0 = tables[0]
+    # VDB starts empty (initial_cache_rate 0): every row is only in the PDB.
+    with ParameterServer(config(tmp_path, initial_cache_rate=0.0)) as ps:
+        s = ps.session("m")
+        store = s.tables[0].store_name
+        assert ps.vdb.size(store) == 0
+        q = keys0[:100]
+        got, st = s.lookup_with_stats(q, 0)
+        np.testing.assert_array_equal(got, vecs0[:100])
+        assert st.hits == {"l1": 0, "vdb": 0, "pdb": 100, "default": 0}
+        # A row only in the VDB (e.g. a fresh update not yet persisted) is served from there.
+        new_key = np.array([424242424242], np.int64)
+        assert not ps.pdb.contains(store, new_key)[0]
+        new_row = np.full((1, DIMS[0]), 7.0, np.float32)
+        ps.vdb.upsert(store, new_key, new_row)
+        # The VDB holds a newer version of keys that the PDB also holds: the VDB wins.
+        newer = keys0[200:210]
+        ps.vdb.upsert(store, newer, vecs0[200:210] + 1.0)
+        got, st = s.lookup_with_stats(np.concatenate([new_key, newer, keys0[300:305]]), 0)
+        np.testing.assert_array_equal(got[0], new_row[0])
+        np.testing.assert_array_equal(got[1:11], vecs0[200:210] + 1.0)
+        np.testing.assert_array_equal(got[11:], vecs0[300:305])
+        assert st.hits == {"l1": 0, "vdb": 11, "pdb": 5, "default": 0}
+        # Second time round the L1 cache answers, with the same values.
+        again, st = s.lookup_with_stats(newer, 0)
+        np.testing.assert_array_equal(again, vecs0[200:210] + 1.0)
+        assert st.hits["l1"] == 10
+
+
+def test_cache_missed_embeddings_promotes_pdb_rows_into_the_vdb(tmp_path):
+    tables = make_files(tmp_path, seed=4)
+    keys1, vecs1 = tables[1]
+    cfg = config(tmp_path, initial_cache_rate=0.0, cache_missed_embeddings=True)
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[1].store_name
+        ps.lookup(keys1[:50], "m", 1)
+        ps.flush()
+        rows, found = ps.vdb.fetch(store, keys1[:50])
+        assert found.all()
+        np.testing.assert_array_equal(rows, vecs1[:50])
+
+
+def test_pdb_survives_restart_and_is_not_reloaded(tmp_path):
+    tables = make_files(tmp_path, seed=5)
+    cfg = config(tmp_path)
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[0].store_name
+        assert ps.pdb.size(store) == len(tables[0][0])
+        # Change a row directly in the PDB: a restart with the same files must not overwrite it.
+        ps.pdb.upsert(store, tables[0][0][:1], np.full((1, DIMS[0]), 3.0, np.float32))
+    cfg["volatile_db"]["initial_cache_rate"] = 0.0
+    with ParameterServer(cfg) as ps:
+        np.testing.assert_array_equal(
+            ps.lookup(tables[0][0][:1], "m", 0), np.full((1, DIMS[0]), 3.0)
+        )
+
+
+def test_add_and_remove_models_at_run_time(tmp_path):
+    tables = make_files(tmp_path, seed=6)
+    cfg = config(tmp_path)
+    with ParameterServer(cfg) as ps:
+        from hps_core.config import load_config
+
+        other = load_config(config(tmp_path)).models[0]
+        other.model = "m2"
+        ps.add_model(other)
+        q = tables[0][0][:20]
+        np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
+        ps.remove_model("m")
+        with pytest.raises(UnknownModelError):
+            ps.lookup(q, "m", 0)
+        assert "hps_et.m.user" not in ps.vdb.tables()
+        np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
+
+
+def test_model_file_errors_name_the_file(tmp_path):
+    make_files(tmp_path, seed=7)
+    cfg = config(tmp_path)
+    cfg["models"][0]["embedding_vecsize_per_table"] = [8, 5]  # table 1 has dim 4
+    with pytest.raises(ModelFileError) as e:
+        ParameterServer(cfg)
+    assert "t1_sparse_0.model" in str(e.value) and "emb_vector" in str(e.value)
+    # Truncated vectors
+    cfg = config(tmp_path)
+    vec = tmp_path / "t0_sparse_0.model" / "emb_vector"
+    vec.write_bytes(vec.read_bytes()[:-3])
+    with pytest.raises(ModelFileError, match="t0_sparse_0.model"):
+        ParameterServer(cfg)
+    # Missing directory
+    cfg["models"][0]["sparse_files"][0] = str(tmp_path / "missing.model")
+    with pytest.raises(ModelFileError, match="missing.model"):
+        ParameterServer(cfg)
+
+
+def test_malformed_hps_json_is_a_config_error(tmp_path):
+    p = tmp_path / "hps.json"
+    p.write_text(json.dumps(config(tmp_path))[:-5])
+    with pytest.raises(ConfigError, match="valid JSON"):
+        HPS(p)
+
+
+def test_unsupported_and_empty_tiers(tmp_path):
+    make_files(tmp_path, seed=8)
+    cfg = config(tmp_path)
+    cfg["volatile_db"]["type"] = "redis_cluster"
+    with pytest.raises(ConfigError, match="volatile_db.type.*not supported"):
+        ParameterServer(cfg)
+    cfg["volatile_db"]["type"] = "disabled"
+    cfg["persistent_db"]["type"] = "disabled"
+    with pytest.raises(ConfigError, match="at least one storage tier"):
+        ParameterServer(cfg)
+
+
+@pytest.mark.parametrize("vdb,pdb", [("hash_map", "disabled"), ("disabled", "rocks_db")])
+def test_single_tier_configs(tmp_path, vdb, pdb):
+    tables = make_files(tmp_path, seed=9)
+    cfg = config(tmp_path)
+    cfg["volatile_db"]["type"] = vdb
+    cfg["persistent_db"]["type"] = pdb
+    with HPS(cfg) as hps:
+        q = np.concatenate([tables[1][0][:100], [5, 6]])
+        np.testing.assert_array_equal(hps.lookup(q, "m", 1), reference(tables, 1, q))
