@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", default="0", help="table index or name")
     s.add_argument("--keys-file", help="file with one key per line")
     s.add_argument("--json", action="store_true")
-    s.add_argument("keys", nargs="*", help="int64 keys")
+    s.add_argument("--keys", nargs="+", default=[], help="int64 keys (negative ones too)")
     s.set_defaults(func=cmd_lookup)
 
     s = sub.add_parser("estimate", help="host and GPU bytes a config will need, before loading")

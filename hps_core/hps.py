@@ -20,7 +20,9 @@ class HPS:
     def __init__(self, config: str | os.PathLike | dict | HPSConfig, *, progress: bool = False):
         self.server = ParameterServer(config, progress=progress)
 
-    def lookup(self, keys: object, model_name: str, table_id: int, device_id: int = 0) -> np.ndarray:
+    def lookup(
+        self, keys: object, model_name: str, table_id: int, device_id: int = 0
+    ) -> np.ndarray:
         """Embedding vectors float32 [len(keys), dim] of one table; unknown keys get the table's default."""
         del device_id  # one L1 replica per process; kept for signature compatibility
         return self.server.lookup(keys, model_name, table_id)

@@ -76,11 +76,16 @@ def build_pdb(cfg: HPSConfig) -> PersistentDB | None:
     )
 
 
+def l1_capacity(m: ModelConfig, rows: int) -> int:
+    """L1 rows of a table of ``rows`` rows: ``gpucacheper`` of it, 0 when the cache is off."""
+    if not m.gpucache or m.gpucacheper <= 0 or rows == 0:
+        return 0
+    return max(1, math.ceil(m.gpucacheper * rows))
+
+
 def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
     """The L1 cache of table ``t`` of model ``m`` (host memory until a GPU cache is configured)."""
-    if not m.gpucache:
-        return None
-    capacity = max(1, math.ceil(m.gpucacheper * rows)) if m.gpucacheper > 0 else 0
+    capacity = l1_capacity(m, rows)
     if capacity == 0:
         return None
     from .cache.reference import ReferenceCache
@@ -310,7 +315,7 @@ def _progress(enabled: bool, what: str, total: int):
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            transient=False,
+            transient=True,
         ) as p:
             task = p.add_task(what, total=total)
             yield lambda n: p.advance(task, n)

@@ -1,0 +1,79 @@
+"""Memory a config will need, computed from file sizes before anything is loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import HPSConfig
+from .model_io import SparseTable
+
+# RocksDB per-entry overhead beyond key + value: internal key (sequence/type, 8 B), varint
+# lengths, and index/filter blocks. Measured ~20-30 B/row on tables of 1M rows.
+PDB_ENTRY_OVERHEAD = 24
+
+
+@dataclass
+class TableEstimate:
+    """Bytes one table will take on each level."""
+
+    model: str
+    table: str
+    rows: int
+    dim: int
+    vdb_rows: int
+    vdb_bytes: int
+    l1_rows: int
+    l1_bytes: int
+    l1_device: str
+    pdb_bytes: int
+
+
+def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
+    """Per-table byte estimates for the VDB (host RAM), L1 (GPU, or host in CPU mode) and PDB (disk)."""
+    from .server import l1_capacity
+    from .vdb.hashmap import estimate_table_bytes
+
+    v = cfg.volatile_db
+    out = []
+    for m in cfg.models:
+        for t, path in enumerate(m.sparse_files):
+            dim = m.embedding_vecsize_per_table[t]
+            with SparseTable.open(path, dim) as f:
+                rows = f.rows
+            vdb_rows = int(rows * v.initial_cache_rate) if v.initialize_after_startup else 0
+            vdb_rows = min(vdb_rows, v.overflow_margin * v.num_partitions)
+            vdb_bytes = 0
+            if v.type in ("hash_map", "parallel_hash_map", "multi_process_hash_map"):
+                parts = 1 if v.type == "hash_map" else v.num_partitions
+                vdb_bytes = estimate_table_bytes(
+                    vdb_rows, dim, v.storage_dtype, parts, v.overflow_policy
+                )
+            cap = l1_capacity(m, rows)
+            l1_bytes = 0
+            if cap:
+                slots = math.ceil(cap / m.cache_ways) * m.cache_ways
+                item = np.dtype(m.cache_storage_dtype).itemsize
+                l1_bytes = slots * (8 + 8 + 1 + dim * item)  # key, stamp, occupancy, row
+            pdb = (
+                rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
+                if cfg.persistent_db.type != "disabled"
+                else 0
+            )
+            out.append(
+                TableEstimate(
+                    model=m.model,
+                    table=m.embedding_table_names[t],
+                    rows=rows,
+                    dim=dim,
+                    vdb_rows=vdb_rows,
+                    vdb_bytes=vdb_bytes,
+                    l1_rows=cap,
+                    l1_bytes=l1_bytes,
+                    l1_device="host",
+                    pdb_bytes=pdb,
+                )
+            )
+    return out

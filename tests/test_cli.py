@@ -1,0 +1,73 @@
+"""The `hps` command, run as a user would (a subprocess), checked against the files it reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hps_core.model_io import SparseTable
+
+
+def hps(*args, check=True):
+    r = subprocess.run(
+        [sys.executable, "-m", "hps_core.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"hps {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    hps("synth", out, "--rows", 20000, "--tables", 3, "--dim", 8, "--name", "cli")
+    return out
+
+
+def test_synth_estimate_load_inspect_lookup(model):
+    cfg = model / "hps.json"
+    est = json.loads(hps("estimate", cfg, "--json").stdout)
+    files = [SparseTable.open(p) for p in json.loads(cfg.read_text())["models"][0]["sparse_files"]]
+    assert [e["rows"] for e in est] == [f.rows for f in files]
+    assert all(e["vdb_bytes"] >= f.nbytes for e, f in zip(est, files, strict=True))
+
+    hps("load", cfg)
+    info = json.loads(hps("inspect", cfg, "--json", "--quiet").stdout)
+    assert [i["rows"] for i in info] == [f.rows for f in files]
+    assert [i["pdb_rows"] for i in info] == [f.rows for f in files]
+    assert all(i["vdb_rows"] == i["rows"] and i["dim"] == 8 for i in info)
+
+    keys, vecs = files[2].read_all()  # the large Criteo table
+    query = [int(keys[0]), int(keys[5]), 123, int(keys[0])]
+    out = json.loads(
+        hps("lookup", cfg, "--model", "cli", "--table", "table2", "--json", "--keys", *query).stdout
+    )
+    expect = np.stack([vecs[0], vecs[5], np.zeros(8, np.float32), vecs[0]])
+    np.testing.assert_array_equal(np.array(out["vectors"], dtype=np.float32), expect)
+    for f in files:
+        f.close()
+
+
+def test_errors_exit_2_with_a_message(model, tmp_path):
+    cfg = model / "hps.json"
+    r = hps("lookup", cfg, "--model", "nope", "--keys", "1", check=False)
+    assert r.returncode == 2 and "model 'nope' is not deployed" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = hps("estimate", bad, check=False)
+    assert r.returncode == 2 and "valid JSON" in r.stdout
+
+
+def test_demo_runs_and_checks_itself(tmp_path):
+    r = hps(
+        "demo", "--dir", tmp_path / "demo", "--rows", 30000, "--batches", 3, "--batch-size", 256
+    )
+    assert "match the source files" in r.stdout
+    assert "served by l1" in r.stdout
