@@ -45,20 +45,23 @@ def machine() -> dict:
 
 
 def rate(
-    fn: Callable[[], object], items: int, min_seconds: float = 0.3, max_reps: int = 200
+    fn: Callable[[object], object],
+    make_input: Callable[[], object],
+    items: int,
+    min_seconds: float = 0.3,
+    max_reps: int = 200,
 ) -> float:
-    """Items per second of fn(): best of repeated timed runs after one warm-up call."""
-    fn()
-    best = float("inf")
+    """Items per second of fn(x), each call on a fresh input (so no run reuses warm caches)."""
+    fn(make_input())
+    inputs = [make_input() for _ in range(max_reps)]
     spent, reps = 0.0, 0
     while (spent < min_seconds or reps < 3) and reps < max_reps:
+        x = inputs[reps]
         t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best = min(best, dt)
-        spent += dt
+        fn(x)
+        spent += time.perf_counter() - t0
         reps += 1
-    return items / best
+    return items * reps / spent
 
 
 def save(name: str, payload: dict) -> Path:

@@ -55,8 +55,9 @@ def bench_vdb(keys, vecs, batches, rng) -> list[dict]:
         assert found.all() and np.array_equal(got, dict_fetch(q)), (
             "VDB result differs from the dict"
         )
-        ours = rate(lambda q=q: vdb.fetch("t", q), b)
-        base = rate(lambda q=q: dict_fetch(q), b)
+        batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
+        ours = rate(lambda x: vdb.fetch("t", x), batch, b, max_reps=100)
+        base = rate(dict_fetch, batch, b, max_reps=100)
         rows.append(
             {
                 "tier": "vdb",
@@ -103,8 +104,9 @@ def bench_pdb(keys, vecs, batches, rng, root: Path) -> list[dict]:
         assert found.all() and np.array_equal(got, raw_fetch(q)), (
             "PDB result differs from raw rocksdict"
         )
-        ours = rate(lambda q=q: pdb.fetch("t", q), b, min_seconds=0.5, max_reps=20)
-        base = rate(lambda q=q: raw_fetch(q), b, min_seconds=0.5, max_reps=20)
+        batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
+        ours = rate(lambda x: pdb.fetch("t", x), batch, b, min_seconds=0.5, max_reps=20)
+        base = rate(raw_fetch, batch, b, min_seconds=0.5, max_reps=20)
         rows.append(
             {
                 "tier": "pdb",
@@ -122,27 +124,34 @@ def bench_pdb(keys, vecs, batches, rng, root: Path) -> list[dict]:
 
 
 LOAD_CHILD = r"""
-import json, resource, sys, psutil
-import numpy as np
+import json, sys
 from hps_core.model_io import SparseTable
+
+
+def vm(field):  # this process's own counters (ru_maxrss would include the parent's peak)
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+
 tier, path, dim, db = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 f = SparseTable.open(path, dim)
 if tier == "vdb":
     from hps_core.vdb.hashmap import HashMapVDB
     store = HashMapVDB(num_partitions=8)
     store.create_table("t", dim, capacity_hint=f.rows)
+    store.upsert("t", [1], [[0.0] * dim]); store.evict("t", [1])  # compile before measuring
 else:
     from hps_core.pdb.rocksdb import RocksDBPDB
     store = RocksDBPDB(db)
     store.create_table("t", dim)
-before = psutil.Process().memory_info().rss
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = vm("VmRSS")
 for k, v in f.iter_chunks():
     store.upsert("t", k, v)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = vm("VmHWM")
 n = store.size("t")
 held = store.memory_bytes("t") if tier == "vdb" else 0
-print(json.dumps({"rss_before": before, "peak_before": peak_before, "peak": peak, "rows": n, "held": held}))
+print(json.dumps({"rss_before": before, "peak": peak, "rows": n, "held": held}))
 """
 
 
@@ -172,7 +181,7 @@ def bench_load(rows: int, dim: int, root: Path) -> list[dict]:
         )
         m = __import__("json").loads(r.stdout.strip().splitlines()[-1])
         assert m["rows"] == rows
-        grow = m["peak"] - max(m["rss_before"], 0)
+        grow = m["peak"] - m["rss_before"]
         out.append(
             {
                 "tier": tier,

@@ -26,6 +26,7 @@ PDB_TYPES = ("rocks_db", "disabled")
 UPDATE_SOURCE_TYPES = ("null", "kafka_message_queue", "redis_stream")
 OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 STORAGE_DTYPES = ("float32", "float16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("lru", "lfu")
 MAX_SIZE_T = 2**63 - 1  # HPS used SIZE_MAX for "no limit"; int64 max keeps numpy happy
 
@@ -196,7 +197,7 @@ class ModelConfig:
             src,
         )
         _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
-        _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, STORAGE_DTYPES, src)
+        _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src)
         _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
         for d in self.deployed_device_list:
             _at_least(f"{p}.deployed_device_list", d, 0, src)

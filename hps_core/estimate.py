@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from .config import HPSConfig
 from .model_io import SparseTable
 
@@ -55,7 +53,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             l1_bytes = 0
             if cap:
                 slots = math.ceil(cap / m.cache_ways) * m.cache_ways
-                item = np.dtype(m.cache_storage_dtype).itemsize
+                item = 4 if m.cache_storage_dtype == "float32" else 2
                 l1_bytes = slots * (8 + 8 + 1 + dim * item)  # key, stamp, occupancy, row
             pdb = (
                 rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)

@@ -1,9 +1,21 @@
-"""Synthetic Criteo-like models (HugeCTR sparse files + hps.json) and Zipf request streams."""
+"""Synthetic Criteo-like models (HugeCTR sparse files + hps.json) and Zipf request streams.
+
+Everything is a pure function of the seed:
+
+- a table's row ``i`` has key ``splitmix64(i + offset)`` viewed as int64 (splitmix64 is a
+  bijection of 64-bit words, so keys are distinct and cover negatives), and a N(0, 0.05) float32
+  vector drawn in fixed chunks of ``CHUNK_ROWS`` rows, each from its own seeded generator, so
+  a table can be written chunk by chunk and still equal ``make_table``;
+- popularity rank ``r`` (0 = hottest) is row ``(a * r + b) % rows`` with ``a`` coprime to
+  ``rows``: a seeded permutation that needs no memory, so 10M-row tables stay cheap.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from .hashing import splitmix64
-from .model_io import write_table
 
 # The 26 categorical vocabulary sizes of the Criteo Kaggle display-advertising data set.
 CRITEO_VOCAB_SIZES = [
@@ -19,32 +30,107 @@ CRITEO_VOCAB_SIZES = [
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 ]  # fmt: skip
 HOT_KEYS_IN_META = 1024
+CHUNK_ROWS = 1 << 20
+VECTOR_STD = 0.05
+MAX_ROWS = 1 << 32  # keeps a * r of the popularity permutation below 2**63
 
 
 def criteo_vocab_sizes(total_rows: int) -> list[int]:
-    """The Criteo table shapes scaled so they sum to about ``total_rows`` (each at least 1)."""
-    scale = total_rows / sum(CRITEO_VOCAB_SIZES)
-    return [max(1, round(v * scale)) for v in CRITEO_VOCAB_SIZES]
+    """The Criteo table sizes scaled to sum to ``total_rows`` (exactly when >= 26), each >= 1."""
+    if total_rows < 1:
+        raise ValueError(f"total_rows = {total_rows}: expected >= 1")
+    raw = np.array(CRITEO_VOCAB_SIZES, np.float64) * (total_rows / sum(CRITEO_VOCAB_SIZES))
+    sizes = np.maximum(1, np.floor(raw)).astype(np.int64)
+    short = total_rows - int(sizes.sum())
+    if short > 0:  # largest remainders get the rows that flooring dropped (short < 26)
+        sizes[np.argsort(-(raw - np.floor(raw)), kind="stable")[:short]] += 1
+    for _ in range(min(-short, int(sizes.sum()) - len(sizes))):  # the 1-row floor added rows
+        sizes[np.argmax(sizes)] -= 1
+    return [int(s) for s in sizes]
+
+
+def _check_rows(rows: int, dim: int, seed: int) -> None:
+    if not 0 <= rows < MAX_ROWS:
+        raise ValueError(f"rows = {rows}: expected 0 <= rows < 2**32")
+    if dim < 1:
+        raise ValueError(f"dim = {dim}: expected >= 1")
+    if seed < 0:
+        raise ValueError(f"seed = {seed}: expected >= 0")
+
+
+@lru_cache(maxsize=1024)
+def _key_offset(seed: int) -> np.uint64:
+    return np.random.default_rng([seed, 0]).integers(0, 2**64, dtype=np.uint64)
+
+
+def _chunk(rows: int, dim: int, seed: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and vectors of rows [c * CHUNK_ROWS, ...) of a table."""
+    lo, hi = c * CHUNK_ROWS, min(rows, (c + 1) * CHUNK_ROWS)
+    keys = splitmix64(np.arange(lo, hi, dtype=np.uint64) + _key_offset(seed)).view(np.int64)
+    rng = np.random.default_rng([seed, 1, c])
+    vectors = rng.standard_normal((hi - lo, dim), dtype=np.float32) * np.float32(VECTOR_STD)
+    return keys, vectors
+
+
+def _chunks(rows: int, dim: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for c in range(math.ceil(rows / CHUNK_ROWS)):
+        yield _chunk(rows, dim, seed, c)
 
 
 def make_table(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct keys spread over all of int64 (negatives included) and N(0, 0.05) float32 rows."""
-    offset = np.int64(np.random.default_rng(seed).integers(0, 2**62))
-    keys = splitmix64(np.arange(rows, dtype=np.int64) + offset).view(
-        np.int64
-    )  # a bijection: distinct
-    vecs = np.random.default_rng(seed + 1).normal(0.0, 0.05, size=(rows, dim)).astype(np.float32)
-    return keys, vecs
+    """Distinct int64 keys spread over all of int64, and N(0, 0.05) float32 vectors [rows, dim]."""
+    _check_rows(rows, dim, seed)
+    keys = np.empty(rows, np.int64)
+    vectors = np.empty((rows, dim), np.float32)
+    for c, (k, v) in enumerate(_chunks(rows, dim, seed)):
+        keys[c * CHUNK_ROWS : c * CHUNK_ROWS + len(k)] = k
+        vectors[c * CHUNK_ROWS : c * CHUNK_ROWS + len(k)] = v
+    return keys, vectors
 
 
-def popularity_order(rows: int, seed: int) -> np.ndarray:
-    """Row index of popularity rank r (0 = hottest): a seeded permutation."""
-    return np.random.default_rng(seed + 2).permutation(rows)
+@lru_cache(maxsize=1024)
+def _popularity_params(rows: int, seed: int) -> tuple[int, int]:
+    """(a, b) of the rank -> row permutation ``(a * r + b) % rows``; gcd(a, rows) = 1."""
+    rng = np.random.default_rng([seed, 2])
+    limit = max(2, min(rows, 1 << 31))
+    a = int(rng.integers(1, limit))
+    while math.gcd(a, rows) != 1:
+        a = int(rng.integers(1, limit))
+    return a, int(rng.integers(0, max(rows, 1)))
+
+
+def popularity_rank_to_row(rows: int, seed: int, ranks: np.ndarray) -> np.ndarray:
+    """Row index (file order) of each popularity rank of a table made with this seed."""
+    r = np.asarray(ranks, dtype=np.int64)
+    if r.size and (r.min() < 0 or r.max() >= rows):
+        raise ValueError(f"ranks must lie in [0, {rows}), got [{r.min()}, {r.max()}]")
+    a, b = _popularity_params(rows, seed)
+    return ((r.astype(np.uint64) * np.uint64(a) + np.uint64(b)) % np.uint64(rows)).astype(np.int64)
+
+
+def _write_sparse_dir(
+    path: Path, rows: int, dim: int, chunks: Iterator, hot_keys: np.ndarray | None
+) -> None:
+    """One HugeCTR sparse table directory: ``key`` (<i8), ``emb_vector`` (<f4), ``meta`` JSON."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "key", "wb") as kf, open(path / "emb_vector", "wb") as vf:
+        for keys, vectors in chunks:
+            keys.astype("<i8").tofile(kf)
+            vectors.astype("<f4").tofile(vf)
+    meta = {"format": "hugectr_sparse", "rows": rows, "dim": dim, "key_dtype": "int64"}
+    if hot_keys is not None:
+        meta["hot_keys"] = [int(k) for k in hot_keys]
+    (path / "meta").write_text(json.dumps(meta))
+
+
+@lru_cache(maxsize=1024)
+def _table_seed(seed: int, t: int) -> int:
+    return int(np.random.SeedSequence([seed, t]).generate_state(1, np.uint32)[0])
 
 
 @dataclass
 class SyntheticModel:
-    """A generated model: where its files are and how its keys are ranked by popularity."""
+    """A generated model: where its files are, and how its keys rank by popularity."""
 
     name: str
     directory: str
@@ -54,62 +140,55 @@ class SyntheticModel:
     config_path: str
     seed: int
 
-    def table_seed(self, t: int) -> int:
-        return self.seed * 1000 + t * 7
+    @property
+    def num_tables(self) -> int:
+        return len(self.vocab_sizes)
 
-    @lru_cache(maxsize=64)  # noqa: B019 (a handful of models live for the whole process)
-    def _table(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        keys, _ = make_table(self.vocab_sizes[t], 1, self.table_seed(t))
-        return keys, popularity_order(self.vocab_sizes[t], self.table_seed(t))
+    def table_seed(self, t: int) -> int:
+        """The ``make_table`` seed of table t."""
+        return _table_seed(self.seed, t)
+
+    def table(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Table t's (keys, vectors), regenerated (equal to its files)."""
+        return make_table(self.vocab_sizes[t], self.dims[t], self.table_seed(t))
 
     def popularity_rank_to_key(self, t: int, ranks: np.ndarray) -> np.ndarray:
-        """Keys of table t at the given popularity ranks."""
-        keys, order = self._table(t)
-        return keys[order[np.asarray(ranks)]]
-
-    def __hash__(self) -> int:
-        return hash((self.directory, self.seed))
+        """Keys of table t at the given popularity ranks (0 = hottest), int64."""
+        rows = popularity_rank_to_row(self.vocab_sizes[t], self.table_seed(t), ranks)
+        offset = _key_offset(self.table_seed(t))
+        return splitmix64(rows.astype(np.uint64) + offset).view(np.int64)
 
 
 def model_spec(
     out_dir: str | os.PathLike,
-    vocab_sizes: list[int],
-    dims: list[int],
+    vocab_sizes: Sequence[int],
+    dims: Sequence[int],
     seed: int = 0,
     name: str = "synthetic",
 ) -> SyntheticModel:
-    """The description of the model make_model writes (or wrote) with these arguments."""
+    """The description of the model ``make_model`` writes (or wrote) with these arguments."""
+    if len(vocab_sizes) != len(dims) or not vocab_sizes:
+        raise ValueError(
+            f"{len(vocab_sizes)} vocab sizes and {len(dims)} dims: expected equal, > 0"
+        )
     out = Path(out_dir).resolve()
     paths = [str(out / f"{name}{t}_sparse_0.model") for t in range(len(vocab_sizes))]
     return SyntheticModel(
-        name, str(out), paths, list(vocab_sizes), list(dims), str(out / "hps.json"), seed
-    )
+        name, str(out), paths, [int(v) for v in vocab_sizes], [int(d) for d in dims],
+        str(out / "hps.json"), seed,
+    )  # fmt: skip
 
 
-def make_model(
-    out_dir: str | os.PathLike,
-    vocab_sizes: list[int],
-    dims: list[int],
-    seed: int = 0,
-    name: str = "synthetic",
-    hot_keys: bool = True,
-) -> SyntheticModel:
-    """Write one HugeCTR sparse directory per table and an ``hps.json`` for them."""
-    model = model_spec(out_dir, vocab_sizes, dims, seed, name)
-    Path(model.directory).mkdir(parents=True, exist_ok=True)
-    for t, (rows, dim) in enumerate(zip(vocab_sizes, dims, strict=True)):
-        keys, vecs = make_table(rows, dim, model.table_seed(t))
-        n_hot = min(rows, HOT_KEYS_IN_META)
-        hot = model.popularity_rank_to_key(t, np.arange(n_hot)) if hot_keys else None
-        write_table(model.table_paths[t], keys, vecs, hot_keys=hot)
-    T = len(vocab_sizes)
-    cfg = {
+def hps_json(model: SyntheticModel) -> dict:
+    """The HugeCTR ``hps.json`` of a synthetic model."""
+    T = model.num_tables
+    return {
         "supportlonglong": True,
         "models": [{
-            "model": name,
-            "sparse_files": model.table_paths,
+            "model": model.name,
+            "sparse_files": list(model.table_paths),
             "embedding_table_names": [f"table{t}" for t in range(T)],
-            "embedding_vecsize_per_table": list(dims),
+            "embedding_vecsize_per_table": list(model.dims),
             "maxnum_catfeature_query_per_table_per_sample": [1] * T,
             "deployed_device_list": [0],
             "max_batch_size": 1024,
@@ -121,39 +200,67 @@ def make_model(
         "volatile_db": {"type": "parallel_hash_map", "num_partitions": 8},
         "persistent_db": {"type": "rocks_db", "path": str(Path(model.directory) / "rocksdb")},
     }  # fmt: skip
-    Path(model.config_path).write_text(json.dumps(cfg, indent=2))
+
+
+def make_model(
+    out_dir: str | os.PathLike,
+    vocab_sizes: Sequence[int],
+    dims: Sequence[int],
+    seed: int = 0,
+    name: str = "synthetic",
+    hot_keys: bool = True,
+) -> SyntheticModel:
+    """Write one HugeCTR sparse directory per table and an ``hps.json`` for them."""
+    model = model_spec(out_dir, vocab_sizes, dims, seed, name)
+    for t, (rows, dim) in enumerate(zip(model.vocab_sizes, model.dims, strict=True)):
+        s = model.table_seed(t)
+        _check_rows(rows, dim, s)
+        hot = None
+        if hot_keys:
+            hot = model.popularity_rank_to_key(t, np.arange(min(rows, HOT_KEYS_IN_META)))
+        _write_sparse_dir(Path(model.table_paths[t]), rows, dim, _chunks(rows, dim, s), hot)
+    Path(model.config_path).write_text(json.dumps(hps_json(model), indent=2))
     return model
 
 
+# -- Zipf popularity ------------------------------------------------------------------------------
+
+
 def zipf_probabilities(n: int, alpha: float) -> np.ndarray:
-    """p_r proportional to 1/(r+1)^alpha for ranks r = 0..n-1 (alpha 0 is uniform)."""
-    if alpha < 0:
+    """p_r proportional to 1 / (r + 1)**alpha for ranks r = 0..n-1 (alpha 0: uniform), float64."""
+    if n < 1:
+        raise ValueError(f"n = {n}: expected >= 1")
+    if not alpha >= 0:
         raise ValueError(f"alpha = {alpha}: expected >= 0")
-    w = np.arange(1, n + 1, dtype=np.float64) ** -alpha
+    w = np.arange(1, n + 1, dtype=np.float64) ** -float(alpha)
     return w / w.sum()
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)  # one Criteo model's 26 tables fit
 def _zipf_cdf(n: int, alpha: float) -> np.ndarray:
     cdf = np.cumsum(zipf_probabilities(n, alpha))
-    cdf[-1] = 1.0
+    cdf /= cdf[-1]
+    cdf.flags.writeable = False
     return cdf
 
 
 def zipf_ranks(n: int, alpha: float, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Popularity ranks drawn from Zipf(alpha) over n items (inverse-CDF sampling)."""
-    return np.minimum(np.searchsorted(_zipf_cdf(n, alpha), rng.random(size), side="right"), n - 1)
+    """``size`` popularity ranks (int64 in [0, n)) drawn from Zipf(alpha) by inverse CDF."""
+    cdf = _zipf_cdf(int(n), float(alpha))
+    ranks = np.searchsorted(cdf, rng.random(size), side="right")
+    return np.minimum(ranks, n - 1).astype(np.int64)
 
 
 def oracle_top_c_hit_rate(n: int, alpha: float, c: int) -> float:
-    """Expected hit rate of an oracle cache that holds the c most popular of n rows."""
+    """Expected hit rate of an oracle cache holding the c most popular of n Zipf rows."""
     if c <= 0:
         return 0.0
-    return float(_zipf_cdf(n, alpha)[min(c, n) - 1])
+    return float(_zipf_cdf(int(n), float(alpha))[min(c, n) - 1])
 
 
 def empirical_top_c_hit_rate(keys: np.ndarray, c: int) -> float:
     """For a concrete key sequence: the share of accesses that go to its c most frequent keys."""
+    keys = np.asarray(keys).ravel()
     if len(keys) == 0 or c <= 0:
         return 0.0
     _, counts = np.unique(keys, return_counts=True)
@@ -163,22 +270,34 @@ def empirical_top_c_hit_rate(keys: np.ndarray, c: int) -> float:
 class RequestStream:
     """Batches of Criteo-like samples: one Zipf-distributed key per table per sample."""
 
-    def __init__(self, model: SyntheticModel, alpha: float, batch_size: int, seed: int = 0):
-        self.model, self.alpha, self.batch_size = model, alpha, batch_size
+    def __init__(
+        self,
+        model: SyntheticModel,
+        alpha: float | Sequence[float],
+        batch_size: int,
+        seed: int = 0,
+    ):
+        T = model.num_tables
+        self.alphas = [float(a) for a in np.ravel(alpha)] if np.ndim(alpha) else [float(alpha)] * T
+        if len(self.alphas) != T:
+            raise ValueError(f"{len(self.alphas)} alphas for {T} tables")
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size}: expected >= 1")
+        self.model, self.batch_size = model, batch_size
         self.rng = np.random.default_rng(seed)
 
     def keys_for_table(self, t: int, n: int) -> np.ndarray:
-        """n Zipf-distributed keys of table t."""
-        ranks = zipf_ranks(self.model.vocab_sizes[t], self.alpha, n, self.rng)
+        """n Zipf-distributed int64 keys of table t (advances the stream's generator)."""
+        ranks = zipf_ranks(self.model.vocab_sizes[t], self.alphas[t], n, self.rng)
         return self.model.popularity_rank_to_key(t, ranks)
 
     def next_batch(self) -> np.ndarray:
-        """int64 [batch_size, num_tables]."""
-        return np.stack(
-            [self.keys_for_table(t, self.batch_size) for t in range(len(self.model.vocab_sizes))],
-            axis=1,
-        )
+        """int64 [batch_size, num_tables]: column t holds table t's keys."""
+        cols = [self.keys_for_table(t, self.batch_size) for t in range(self.model.num_tables)]
+        return np.stack(cols, axis=1)
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_batch()
