@@ -3,7 +3,8 @@
 Layout per table (P partitions, each with ``pcap`` pool rows and ``icap`` index slots):
 ``index`` int32 [P*icap]: local row + 1, 0 = empty (linear probing, backward-shift deletion);
 ``tags`` uint8 [P*icap]: low hash byte of the slot's key, checked before touching the pool;
-``keys`` int64 [P*pcap], ``values`` [P*pcap, dim], ``meta`` uint32 [P*pcap] or [0];
+``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 bits as uint16: numba has no
+float16 on the CPU), ``meta`` uint32 [P*pcap] or [0];
 ``count`` int64 [P]: rows used in each partition's pool (rows are dense: deletion swap-removes).
 """
 
@@ -70,9 +71,8 @@ def partitions(keys, P):
     return out
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def fetch(keys, sel, index, tags, tkeys, values, meta, icap, pcap, P, out, found, touch, tick):
-    """Copy rows of keys[sel] into out[sel] (as float32); set found[sel]; optionally touch meta."""
+def _fetch(keys, sel, index, tags, tkeys, values, meta, icap, pcap, P, out, found, touch, tick):
+    """Copy rows of keys[sel] into out[sel] (same dtype as values); set found[sel]; touch meta."""
     dim = values.shape[1]
     for j in prange(len(sel)):
         i = sel[j]
@@ -80,18 +80,21 @@ def fetch(keys, sel, index, tags, tkeys, values, meta, icap, pcap, P, out, found
         h = mix(key)
         p = partition_of(h, P)
         _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
-        if r < 0:
-            found[i] = False
-            continue
-        row = p * pcap + r
-        for d in range(dim):
-            out[i, d] = np.float32(values[row, d])
-        found[i] = True
-        if touch == TOUCH_COUNT:
-            if meta[row] < np.uint32(0xFFFFFFFF):
-                meta[row] += np.uint32(1)
-        elif touch == TOUCH_TICK:
-            meta[row] = np.uint32(tick)
+        found[i] = r >= 0
+        if r >= 0:
+            row = p * pcap + r
+            for d in range(dim):
+                out[i, d] = values[row, d]
+            if touch == TOUCH_COUNT:
+                if meta[row] < np.uint32(0xFFFFFFFF):
+                    meta[row] += np.uint32(1)
+            elif touch == TOUCH_TICK:
+                meta[row] = np.uint32(tick)
+
+
+# Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
+fetch = njit(parallel=True, nogil=True, cache=True)(_fetch)
+fetch_serial = njit(nogil=True, cache=True)(_fetch)
 
 
 @njit(nogil=True, cache=True)

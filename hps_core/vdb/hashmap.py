@@ -43,10 +43,11 @@ POLICIES = {
     "evict_least_used": K.EVICT_LEAST_USED,
     "evict_oldest": K.EVICT_OLDEST,
 }
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
 LOAD_FACTOR = 0.8
 MIN_ROWS = 64
 READ_RETRIES = 100
+PARALLEL_MIN_KEYS = 4096
 
 
 def partition_rows(rows: int, partitions: int) -> int:
@@ -60,7 +61,7 @@ def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, polic
     pcap = partition_rows(rows, partitions)
     icap = int(pcap / LOAD_FACTOR) + 1
     meta = 4 if policy != "evict_random" else 0
-    return partitions * (icap * 5 + pcap * (8 + dim * np.dtype(dtype).itemsize + meta) + 16)
+    return partitions * (icap * 5 + pcap * (8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta) + 16)
 
 
 @dataclass
@@ -263,25 +264,29 @@ class HashMapVDB(VolatileDB):
         found = np.zeros(len(k), bool)
         if len(k) == 0:
             return out, found
-        parts = K.partitions(k, t.P)
+        half = t.dtype == "float16"
+        dest = np.empty((len(k), t.dim), np.uint16) if half else out
+        kernel = K.fetch if len(k) >= PARALLEL_MIN_KEYS else K.fetch_serial
         sel = np.arange(len(k), dtype=np.int64)
         for attempt in range(READ_RETRIES + 1):
             if attempt == READ_RETRIES:  # a writer kept these partitions busy: wait for it
                 with t.lock:
                     a = t.arrays()
-                    K.fetch(k, sel, *a[:5], t.icap, t.pcap, t.P, out, found, touch, t.tick)
+                    kernel(k, sel, *a[:5], t.icap, t.pcap, t.P, dest, found, touch, t.tick)
                 break
-            a = t.arrays()
+            a = t.arrays()  # growth swaps the arrays: use one consistent set
             before = t.seq.copy()
-            K.fetch(k, sel, *a[:5], t.icap, t.pcap, t.P, out, found, touch, t.tick)
+            kernel(k, sel, *a[:5], t.icap, t.pcap, t.P, dest, found, touch, t.tick)
             after = t.seq.copy()
             dirty = (before != after) | (before & np.uint64(1)).astype(bool)
             if not dirty.any():
                 break
-            sel = sel[dirty[parts[sel]]]
+            sel = sel[dirty[K.partitions(k[sel], t.P)]]
             if len(sel) == 0:
                 break
             time.sleep(0.0001 * attempt)
+        if half:
+            np.copyto(out, dest.view(np.float16), where=found[:, None])
         if fresh:
             out[~found] = 0.0
         return out, found
@@ -290,7 +295,7 @@ class HashMapVDB(VolatileDB):
         t = self._table(table)
         with t.lock:
             idx = np.concatenate([p * t.pcap + np.arange(t.count[p]) for p in range(t.P)])
-            return t.keys[idx].copy(), t.values[idx].astype(np.float32)
+            return t.keys[idx].copy(), _decode(t.values[idx], t.dtype)
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
@@ -307,7 +312,7 @@ class HashMapVDB(VolatileDB):
         # Later duplicates win: keep each key's last occurrence.
         _, last = np.unique(k[::-1], return_index=True)
         last = len(k) - 1 - last
-        k, v = k[last], np.ascontiguousarray(v[last], dtype=DTYPES[t.dtype])
+        k, v = k[last], _encode(v[last], t.dtype)
         with t.lock:
             present = self._fetch(t, k, np.empty((len(k), t.dim), np.float32), K.TOUCH_NONE)[1]
             parts = K.partitions(k, t.P)
@@ -412,3 +417,15 @@ def _keys(keys: object) -> np.ndarray:
     if k.ndim != 1:
         raise InvalidInputError("keys", f"shape {k.shape}", "a 1-D array")
     return k.view(np.int64) if k.dtype == np.uint64 else np.ascontiguousarray(k, dtype=np.int64)
+
+
+def _encode(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float vectors -> the table's storage array."""
+    if dtype == "float16":
+        return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
+def _decode(v: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage rows -> float32."""
+    return v.view(np.float16).astype(np.float32) if dtype == "float16" else v.astype(np.float32)
