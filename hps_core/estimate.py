@@ -49,12 +49,10 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                 vdb_bytes = estimate_table_bytes(
                     vdb_rows, dim, v.storage_dtype, parts, v.overflow_policy
                 )
-            cap = l1_capacity(m, rows)
-            l1_bytes = 0
-            if cap:
-                slots = math.ceil(cap / m.cache_ways) * m.cache_ways
-                item = 4 if m.cache_storage_dtype == "float32" else 2
-                l1_bytes = slots * (8 + 8 + 1 + dim * item)  # key, stamp, occupancy, row
+            # The cache rounds its capacity up to whole sets of cache_ways slots.
+            slots = math.ceil(l1_capacity(m, rows) / m.cache_ways) * m.cache_ways
+            item = 4 if m.cache_storage_dtype == "float32" else 2
+            l1_bytes = slots * (8 + 8 + 1 + dim * item)  # key, stamp, occupancy, row
             pdb = (
                 rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
                 if cfg.persistent_db.type != "disabled"
@@ -68,7 +66,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     dim=dim,
                     vdb_rows=vdb_rows,
                     vdb_bytes=vdb_bytes,
-                    l1_rows=cap,
+                    l1_rows=slots,
                     l1_bytes=l1_bytes,
                     l1_device="host",
                     pdb_bytes=pdb,

@@ -289,3 +289,18 @@ def test_single_tier_configs(tmp_path, vdb, pdb):
     with HPS(cfg) as hps:
         q = np.concatenate([tables[1][0][:100], [5, 6]])
         np.testing.assert_array_equal(hps.lookup(q, "m", 1), reference(tables, 1, q))
+
+
+def test_estimate_matches_what_loading_takes(tmp_path):
+    from hps_core.config import load_config
+    from hps_core.estimate import estimate_config
+
+    make_files(tmp_path, seed=10)
+    cfg = config(tmp_path)
+    est = estimate_config(load_config(cfg))
+    with ParameterServer(cfg) as ps:
+        infos = ps.inspect()
+    for e, i in zip(est, infos, strict=True):
+        assert (e.rows, e.dim, e.vdb_rows, e.l1_rows) == (i.rows, i.dim, i.vdb_rows, i.l1_capacity)
+        assert abs(e.vdb_bytes - i.vdb_bytes) <= 0.1 * i.vdb_bytes, (e.vdb_bytes, i.vdb_bytes)
+        assert abs(e.l1_bytes - i.l1_bytes) <= 0.1 * i.l1_bytes, (e.l1_bytes, i.l1_bytes)
