@@ -83,7 +83,7 @@ def corrupt(tmp_path, fn):
         (
             lambda p: (p / "meta").write_text(json.dumps({"rows": 100, "dim": 9})),
             None,
-            "meta",
+            "emb_vector",
             "dim 9",
         ),
     ],
