@@ -155,6 +155,11 @@ class ModelConfig:
     cache_policy: str = "lru"
     cache_ways: int = 8
     cache_storage_dtype: str = "float32"
+    # Extension: pre-fill L1 at load with each table's hottest keys, from the sparse file's
+    # ``meta`` (``hot_keys``) or from ``hot_key_files`` (one .npy/.txt of keys per table,
+    # hottest first; "" for none), so the first requests are not cold.
+    cache_prefill: bool = True
+    hot_key_files: list[str] = field(default_factory=list)
 
     def validate(self, src: str | None, i: int) -> None:
         p = f"models[{i}]"
@@ -199,6 +204,10 @@ class ModelConfig:
         _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
         _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src)
         _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
+        if self.hot_key_files and len(self.hot_key_files) != n:
+            raise ConfigError(
+                f"{p}.hot_key_files", self.hot_key_files, f"one entry per sparse file ({n})", src
+            )
         for d in self.deployed_device_list:
             _at_least(f"{p}.deployed_device_list", d, 0, src)
 
@@ -282,6 +291,7 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
             )
         names.add(m.model)
         m.sparse_files = [_resolve(base, p) for p in m.sparse_files]
+        m.hot_key_files = [_resolve(base, p) if p else "" for p in m.hot_key_files]
     if cfg.persistent_db.type != "disabled":
         cfg.persistent_db.path = _resolve(base, cfg.persistent_db.path)
     for (name, value), why in _UNSUPPORTED.items():

@@ -99,6 +99,24 @@ def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
     )
 
 
+def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:
+    """Table t's hottest keys, hottest first: from hot_key_files if given, else the file's meta."""
+    path = m.hot_key_files[t] if m.hot_key_files else ""
+    if path:
+        from .errors import ModelFileError
+
+        try:
+            keys = (
+                np.load(path)
+                if path.endswith(".npy")
+                else np.loadtxt(path, dtype=np.int64, ndmin=1)
+            )
+        except (OSError, ValueError) as e:
+            raise ModelFileError(path, f"cannot read hot keys ({e})") from None
+        return np.asarray(keys, dtype=np.int64).ravel()
+    return f.hot_keys
+
+
 class ParameterServer:
     """Owns one VDB and one PDB shared by all models, and one lookup session per model."""
 
@@ -164,6 +182,12 @@ class ParameterServer:
             hit_rate_threshold=m.hit_rate_threshold,
             promoter=self.promoter,
         )
+        if m.cache_prefill:
+            for t, f in enumerate(files):
+                hot = hot_keys(m, t, f)
+                if hot is not None:
+                    n = session.prefill(t, hot)
+                    log.info("%s/%s: L1 pre-filled with %d hot rows", m.model, tables[t].name, n)
         with self._lock:
             old = self.sessions.pop(m.model, None)
             self.sessions[m.model] = session

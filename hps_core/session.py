@@ -210,6 +210,29 @@ class LookupSession:
             start += c
         return np.concatenate(parts) if parts else np.empty(0, np.float32), stats
 
+    def prefill(self, table: int | str, keys: object) -> int:
+        """Warm the L1 cache of a table with ``keys`` (hottest first): rows come from the VDB/PDB.
+
+        Keys found in neither tier are skipped; at most the cache's capacity is inserted.
+        Returns the number of rows inserted.
+        """
+        t = self.table(table)
+        if t.cache is None:
+            return 0
+        k = np.unique(as_keys(keys)[: t.cache.capacity])
+        vec = np.zeros((len(k), t.dim), np.float32)
+        missing = np.ones(len(k), bool)
+        for tier in (self.vdb, self.pdb):
+            idx = np.flatnonzero(missing)
+            if tier is not None and len(idx):
+                rows, found = tier.fetch(t.store_name, k[idx])
+                vec[idx[found]] = rows[found]
+                missing[idx[found]] = False
+        have = ~missing
+        with t.cache_lock:
+            t.cache.insert(k[have], vec[have])
+        return int(have.sum())
+
     def _fill_cache(
         self, t: TableRuntime, keys: np.ndarray, rows: np.ndarray, hit_rate: float
     ) -> None:
@@ -220,9 +243,9 @@ class LookupSession:
                 t.cache.insert(keys, rows)
             return
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(
-            self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy())
-        )
+        fut = self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy())
+        fut.add_done_callback(_log_failure)
+        self._pending.append(fut)
 
     @staticmethod
     def _insert_locked(t: TableRuntime, keys: np.ndarray, rows: np.ndarray) -> None:
@@ -239,3 +262,8 @@ class LookupSession:
         """Stop the background filler."""
         self.flush()
         self._inserter.shutdown(wait=True)
+
+
+def _log_failure(fut: Future) -> None:
+    if fut.exception() is not None:
+        log.error("background L1 fill failed", exc_info=fut.exception())

@@ -304,3 +304,24 @@ def test_estimate_matches_what_loading_takes(tmp_path):
         assert (e.rows, e.dim, e.vdb_rows, e.l1_rows) == (i.rows, i.dim, i.vdb_rows, i.l1_capacity)
         assert abs(e.vdb_bytes - i.vdb_bytes) <= 0.1 * i.vdb_bytes, (e.vdb_bytes, i.vdb_bytes)
         assert abs(e.l1_bytes - i.l1_bytes) <= 0.1 * i.l1_bytes, (e.l1_bytes, i.l1_bytes)
+
+
+def test_l1_is_prefilled_with_hot_keys_from_meta_or_a_file(tmp_path):
+    tables = make_files(tmp_path, seed=11)
+    keys0, vecs0 = tables[0]
+    write_table(tmp_path / "t0_sparse_0.model", keys0, vecs0, hot_keys=keys0[:40])
+    hot1 = tables[1][0][100:130]
+    np.savetxt(tmp_path / "hot1.txt", hot1, fmt="%d")
+    cfg = config(tmp_path)
+    cfg["models"][0]["hot_key_files"] = ["", str(tmp_path / "hot1.txt")]
+    with ParameterServer(cfg) as ps:
+        s = ps.session("m")
+        got, st = s.lookup_with_stats(keys0[:40], 0)
+        np.testing.assert_array_equal(got, vecs0[:40])
+        assert st.hits["l1"] == 40  # the first request is already served from L1
+        got, st = s.lookup_with_stats(hot1, 1)
+        np.testing.assert_array_equal(got, reference(tables, 1, hot1))
+        assert st.hits["l1"] == 30
+    cfg["models"][0]["cache_prefill"] = False
+    with ParameterServer(cfg) as ps:
+        assert ps.session("m").lookup_with_stats(keys0[:40], 0)[1].hits["l1"] == 0
