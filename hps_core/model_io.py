@@ -2,9 +2,10 @@
 
 ``key`` holds int64 keys (native little-endian), ``emb_vector`` float32 rows (row-major, rows x dim).
 ``meta`` is our optional JSON: ``{"format": "hugectr_sparse", "rows", "dim", "key_dtype",
-"hot_keys": [...]}``, hottest keys first, used to pre-fill caches. Reading is memory-mapped and
-chunked: each chunk's pages are released after use, so resident memory stays near one chunk
-however large the table.
+"hot_keys": [...]}``, hottest keys first, used to pre-fill caches. ``key_dtype`` may also be
+``"uint32"`` (4-byte keys, widened to int64 on read). Reading is memory-mapped and chunked: each
+chunk is copied out and its pages released, so resident memory stays near one chunk however
+large the table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,22 @@ import numpy as np
 
 from .errors import InvalidInputError, ModelFileError
 
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 16 << 20
+FORMAT = "hugectr_sparse"
+KEY_DTYPES = {"int64": np.dtype("<i8"), "uint32": np.dtype("<u4")}
+_I64_MAX = np.iinfo(np.int64).max
+
+
+def _int_keys(name: str, keys: object) -> np.ndarray:
+    """A 1-D integer array as int64 (uint32 widened; uint64 only if it fits)."""
+    k = np.asarray(keys)
+    if k.size == 0 and k.dtype.kind == "f":
+        k = k.astype(np.int64)  # np.asarray([]) is float64
+    if k.ndim != 1 or k.dtype.kind not in "iu":
+        raise InvalidInputError(name, f"dtype {k.dtype}, shape {k.shape}", "a 1-D integer array")
+    if k.dtype == np.uint64 and k.size and int(k.max()) > _I64_MAX:
+        raise InvalidInputError(name, f"max {int(k.max())}", "keys that fit int64")
+    return k.astype("<i8", copy=False)
 
 
 def write_table(
@@ -30,38 +46,41 @@ def write_table(
     meta: bool = True,
     hot_keys: np.ndarray | None = None,
 ) -> None:
-    """Write one table as a HugeCTR sparse model directory."""
-    k = np.asarray(keys)
-    if k.dtype.kind not in "iu" or k.ndim != 1:
-        raise InvalidInputError("keys", f"dtype {k.dtype}, shape {k.shape}", "a 1-D integer array")
+    """Write one table as a HugeCTR sparse model directory (int64 keys, float32 rows)."""
+    k = _int_keys("keys", keys)
     v = np.asarray(vectors)
-    if v.ndim != 2 or len(v) != len(k):
-        raise InvalidInputError("vectors", f"shape {v.shape}", f"[{len(k)}, dim]")
+    if v.ndim != 2 or len(v) != len(k) or v.shape[1] < 1 or v.dtype.kind not in "fiu":
+        raise InvalidInputError("vectors", f"{v.dtype} {v.shape}", f"float32 [{len(k)}, dim >= 1]")
+    hot = _int_keys("hot_keys", hot_keys) if hot_keys is not None else None
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    k.astype("<i8").tofile(p / "key")
-    v.astype("<f4").tofile(p / "emb_vector")
+    (p / "meta").unlink(missing_ok=True)  # a stale meta would contradict the new files
+    k.tofile(p / "key")
+    np.ascontiguousarray(v, dtype="<f4").tofile(p / "emb_vector")
     if meta:
-        m = {
-            "format": "hugectr_sparse",
-            "rows": len(k),
-            "dim": int(v.shape[1]),
-            "key_dtype": "int64",
-        }
-        if hot_keys is not None:
-            m["hot_keys"] = [int(x) for x in np.asarray(hot_keys)]
+        m = {"format": FORMAT, "rows": len(k), "dim": int(v.shape[1]), "key_dtype": "int64"}
+        if hot is not None:
+            m["hot_keys"] = hot.tolist()
         (p / "meta").write_text(json.dumps(m))
 
 
 class SparseTable:
     """An open sparse model directory: validated sizes, chunked memory-mapped reads."""
 
-    def __init__(self, path: Path, rows: int, dim: int, hot_keys: np.ndarray | None):
+    def __init__(
+        self,
+        path: Path,
+        rows: int,
+        dim: int,
+        hot_keys: np.ndarray | None,
+        key_dtype: np.dtype = KEY_DTYPES["int64"],
+    ):
         self.path = path
         self.rows = rows
         self.dim = dim
         self.hot_keys = hot_keys
-        self._files: list = []
+        self.key_dtype = key_dtype
+        self._maps: list[mmap.mmap] = []  # open while a chunked read is under way
 
     @classmethod
     def open(cls, path: str | os.PathLike, dim: int | None = None) -> SparseTable:
@@ -69,97 +88,110 @@ class SparseTable:
         p = Path(path)
         if not p.is_dir():
             raise ModelFileError(str(p), "sparse model directory not found")
-        kf, vf = p / "key", p / "emb_vector"
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))):
+            raise ModelFileError(str(p), f"dim {dim!r} is not an integer")
+        if dim is not None and dim < 1:
+            raise ModelFileError(str(p), f"dim {dim} must be at least 1")
+        kf, vf, mf = p / "key", p / "emb_vector", p / "meta"
         for f in (kf, vf):
             if not f.is_file():
                 raise ModelFileError(str(f), "missing file (expected 'key' and 'emb_vector')")
+        meta = _read_meta(mf)
+        kdt = KEY_DTYPES[meta.get("key_dtype", "int64")]
         kbytes, vbytes = kf.stat().st_size, vf.stat().st_size
-        if kbytes % 8:
+        if kbytes % kdt.itemsize:
             raise ModelFileError(
-                str(kf), f"{kbytes} bytes is not a multiple of 8 (int64 keys): truncated"
+                str(kf),
+                f"{kbytes} bytes is not a multiple of {kdt.itemsize} "
+                f"({kdt.itemsize * 8}-bit keys): truncated",
             )
-        rows = kbytes // 8
-        meta = cls._read_meta(p / "meta")
-        if meta is not None and meta.get("rows", rows) != rows:
-            raise ModelFileError(
-                str(p / "meta"), f"says {meta['rows']} rows, but 'key' holds {rows}"
-            )
-        meta_dim = meta.get("dim") if meta is not None else None
-        if dim is None:
-            dim = meta_dim
+        rows = kbytes // kdt.itemsize
+        if meta.get("rows", rows) != rows:
+            raise ModelFileError(str(mf), f"says {meta['rows']} rows, but 'key' holds {rows} keys")
+        meta_dim = meta.get("dim")
+        src = "given"
+        if dim is None and meta_dim is not None:
+            dim, src = meta_dim, f"from {mf.name}"
         if dim is None:
             if rows == 0 or vbytes % (4 * rows):
                 raise ModelFileError(
-                    str(vf), f"{vbytes} bytes is not a whole number of float32 rows for {rows} keys"
+                    str(vf),
+                    f"{vbytes} bytes is not a whole number of float32 rows for {rows} keys "
+                    "(truncated, or a key/vector count mismatch); cannot infer dim",
                 )
-            dim = vbytes // (4 * rows)
+            dim, src = vbytes // (4 * rows), "inferred"
         expect = rows * dim * 4
         if vbytes != expect:
             implied = f"{vbytes / (4 * rows):g}" if rows else "?"
             why = "truncated" if vbytes < expect else "too long"
             raise ModelFileError(
                 str(vf),
-                f"{vbytes} bytes, expected {expect} for {rows} keys x dim {dim} float32 "
+                f"{vbytes} bytes, expected {expect} for {rows} keys x dim {dim} ({src}) float32 "
                 f"({why}; the file implies dim {implied}: a key/vector count or dim mismatch)",
             )
         if meta_dim is not None and meta_dim != dim:
-            raise ModelFileError(
-                str(p / "meta"), f"says dim {meta_dim}, but the files hold dim {dim}"
-            )
+            raise ModelFileError(str(mf), f"says dim {meta_dim}, but the files hold dim {dim}")
         hot = None
-        if meta is not None and meta.get("hot_keys") is not None:
-            hot = np.asarray(meta["hot_keys"], dtype=np.int64)
-        return cls(p, rows, int(dim), hot)
-
-    @staticmethod
-    def _read_meta(path: Path) -> dict | None:
-        if not path.is_file():
-            return None
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFileError(str(path), f"not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ModelFileError(str(path), "expected a JSON object")
-        return meta
+        if meta.get("hot_keys") is not None:
+            try:
+                hot = _int_keys("hot_keys", meta["hot_keys"])
+            except (InvalidInputError, OverflowError, ValueError, TypeError) as e:
+                raise ModelFileError(str(mf), f"'hot_keys' must be a list of int64 ({e})") from None
+        return cls(p, rows, int(dim), hot, kdt)
 
     @property
     def nbytes(self) -> int:
         """Bytes of keys plus vectors."""
-        return self.rows * (8 + 4 * self.dim)
+        return self.rows * (self.key_dtype.itemsize + 4 * self.dim)
 
     def iter_chunks(
         self, rows_per_chunk: int | None = None, max_bytes: int = CHUNK_BYTES
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (keys int64, vectors float32 [n, dim]) copies, chunk by chunk."""
+        """Yield (keys int64 [n], vectors float32 [n, dim]) copies, chunk by chunk."""
+        row_bytes, ks = 4 * self.dim, self.key_dtype.itemsize
+        if rows_per_chunk is not None and rows_per_chunk < 1:
+            raise InvalidInputError("rows_per_chunk", rows_per_chunk, "a positive integer")
+        step = rows_per_chunk or max(1, max_bytes // (ks + row_bytes))
         if self.rows == 0:
             return
-        step = rows_per_chunk or max(1, max_bytes // (8 + 4 * self.dim))
-        with open(self.path / "key", "rb") as kf, open(self.path / "emb_vector", "rb") as vf:
-            km = mmap.mmap(kf.fileno(), 0, access=mmap.ACCESS_READ)
-            vm = mmap.mmap(vf.fileno(), 0, access=mmap.ACCESS_READ)
-            try:
-                keys = np.frombuffer(km, dtype="<i8")
-                vecs = np.frombuffer(vm, dtype="<f4").reshape(self.rows, self.dim)
-                row_bytes = 4 * self.dim
-                for s in range(0, self.rows, step):
-                    e = min(s + step, self.rows)
-                    yield keys[s:e].astype(np.int64), vecs[s:e].astype(np.float32)
-                    _release(km, s * 8, e * 8)
-                    _release(vm, s * row_bytes, e * row_bytes)
-                del keys, vecs
-            finally:
-                km.close()
-                vm.close()
+        km = self._map(self.path / "key", self.rows * ks)
+        vm = self._map(self.path / "emb_vector", self.rows * row_bytes)
+        try:
+            for s in range(0, self.rows, step):
+                n = min(step, self.rows - s)
+                # Views live only inside this statement, so the maps can always be closed.
+                keys = np.frombuffer(km, self.key_dtype, n, s * ks).astype(np.int64)
+                vecs = np.frombuffer(vm, "<f4", n * self.dim, s * row_bytes).astype(np.float32)
+                _release(km, s * ks, (s + n) * ks)
+                _release(vm, s * row_bytes, (s + n) * row_bytes)
+                yield keys, vecs.reshape(n, self.dim)
+        finally:
+            for m in (km, vm):
+                m.close()
+                if m in self._maps:
+                    self._maps.remove(m)
+
+    def _map(self, path: Path, nbytes: int) -> mmap.mmap:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < nbytes:
+                raise ModelFileError(str(path), "shrank since the table was opened")
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps.append(m)
+        return m
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole table in memory (small tables, tests)."""
-        keys = np.fromfile(self.path / "key", dtype="<i8").astype(np.int64)
-        vecs = np.fromfile(self.path / "emb_vector", dtype="<f4").reshape(self.rows, self.dim)
-        return keys, vecs.astype(np.float32)
+        keys = np.fromfile(self.path / "key", dtype=self.key_dtype, count=self.rows)
+        vecs = np.fromfile(self.path / "emb_vector", dtype="<f4", count=self.rows * self.dim)
+        if len(keys) != self.rows or len(vecs) != self.rows * self.dim:
+            raise ModelFileError(str(self.path), "files shrank since the table was opened")
+        return keys.astype(np.int64), vecs.astype(np.float32).reshape(self.rows, self.dim)
 
     def close(self) -> None:
-        """Nothing stays open between reads; kept for symmetry with the tiers."""
+        """Release the maps of an unfinished chunked read (nothing else stays open)."""
+        for m in self._maps:
+            m.close()
+        self._maps.clear()
 
     def __enter__(self) -> SparseTable:
         return self
@@ -167,10 +199,35 @@ class SparseTable:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"SparseTable({str(self.path)!r}, rows={self.rows}, dim={self.dim})"
+
+
+def _read_meta(path: Path) -> dict:
+    """The validated ``meta`` JSON, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(str(path), f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(str(path), "expected a JSON object")
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ModelFileError(str(path), f"format {meta['format']!r}, expected '{FORMAT}'")
+    if meta.get("key_dtype", "int64") not in KEY_DTYPES:
+        raise ModelFileError(
+            str(path), f"key_dtype {meta['key_dtype']!r}, expected one of {sorted(KEY_DTYPES)}"
+        )
+    for field, least in (("rows", 0), ("dim", 1)):
+        v = meta.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ModelFileError(str(path), f"{field} {v!r}, expected an integer >= {least}")
+    return meta
+
 
 def _release(m: mmap.mmap, start: int, end: int) -> None:
-    """Drop the pages of [start, end) from this process's resident set."""
-    page = mmap.PAGESIZE
-    s = start - start % page
+    """Drop the pages of [start, end) from this process's resident set (the page cache keeps them)."""
+    s = start - start % mmap.PAGESIZE
     if end > s and hasattr(m, "madvise"):
         m.madvise(mmap.MADV_DONTNEED, s, end - s)

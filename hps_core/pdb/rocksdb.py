@@ -1,35 +1,67 @@
 """RocksDB persistent DB through rocksdict: one column family per table, batched reads and writes.
 
-Keys are stored as 8-byte little-endian int64, values as raw float32 rows. A metadata column
-family (``hps_meta``) records each table's dim and which sparse files were loaded, so a DB
-reopened (read-only or as a secondary) knows its tables.
+Keys are stored as 8-byte little-endian int64, values as raw float32 rows. The column family
+``hps_meta`` records each table's dim (``dim:<table>``) and free-form strings (``meta:<key>``,
+e.g. which sparse files were loaded), so a DB reopened read-only or as a secondary knows its
+tables. One process writes (the primary); readers open it read-only or as secondaries.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from itertools import compress
 
 import numpy as np
-from rocksdict import AccessType, Options, Rdict, WriteBatch
+from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from ..errors import HPSError, StorageError
+from ..errors import InvalidInputError, StorageError
 from .base import PersistentDB
 
 log = logging.getLogger(__name__)
 
 META_CF = "hps_meta"
+_DIM = b"dim:"
+_META = b"meta:"
+# Tables up to this many rows (by RocksDB's estimate) are counted exactly by iteration.
+EXACT_SIZE_LIMIT = 1_000_000
+# Lookups are split over threads only in parts of at least this many keys.
+PARALLEL_MIN_KEYS = 4096
+
+
+def _as_keys(keys: object) -> np.ndarray:
+    """Request keys as contiguous little-endian int64 (uint64 reinterpreted, 32-bit widened)."""
+    k = np.asarray(keys)
+    if k.size == 0 and k.dtype.kind == "f":
+        k = k.astype(np.int64)  # np.asarray([]) is float64
+    if k.dtype.kind not in "iu" or k.ndim != 1:
+        raise InvalidInputError("keys", f"dtype {k.dtype}, shape {k.shape}", "a 1-D int64 array")
+    if k.dtype == np.uint64:
+        k = k.view(np.int64)
+    return np.ascontiguousarray(k, dtype="<i8")
 
 
 def _key_bytes(keys: np.ndarray) -> list[bytes]:
-    b = np.ascontiguousarray(keys, dtype="<i8").tobytes()
-    return [b[i : i + 8] for i in range(0, len(b), 8)]
+    """8-byte keys without a Python-level loop (3-4x faster than slicing one bytes object)."""
+    return keys.view("V8").tolist()
+
+
+def _row_bytes(vectors: np.ndarray) -> list[bytes]:
+    """One bytes object per row of a contiguous float32 matrix."""
+    return vectors.view(np.dtype((np.void, vectors.shape[1] * 4))).ravel().tolist()
 
 
 class RocksDBPDB(PersistentDB):
-    """The full tables on local disk; never evicts on its own."""
+    """The full tables on local disk; never evicts on its own.
+
+    ``num_threads``: RocksDB background threads (flush, compaction) and lookup threads (at most
+    one per core; a lookup of 2 x PARALLEL_MIN_KEYS keys or more is split over them). ``max_batch_size``: keys
+    per multi-get and per write batch. ``read_only``: open without writing (several processes
+    may). ``secondary_path``: open as a secondary instance that follows a live primary through
+    ``catch_up()``; implies read-only. ``block_cache_bytes``: LRU block cache shared by tables.
+    """
 
     def __init__(
         self,
@@ -38,193 +70,321 @@ class RocksDBPDB(PersistentDB):
         num_threads: int = 16,
         read_only: bool = False,
         max_batch_size: int = 65536,
-        secondary_path: str | None = None,
+        secondary_path: str | os.PathLike | None = None,
+        block_cache_bytes: int = 256 << 20,
     ):
+        if max_batch_size < 1:
+            raise InvalidInputError("max_batch_size", max_batch_size, "a positive integer")
         self.path = str(path)
+        self.secondary_path = str(secondary_path) if secondary_path is not None else None
         self.read_only = read_only or secondary_path is not None
-        self.max_batch_size = max_batch_size
-        self._lock = threading.Lock()
+        self.max_batch_size = int(max_batch_size)
+        self._num_threads = max(1, int(num_threads))
+        # More lookup threads than cores only adds switching: the work is CPU-bound.
+        self._workers = max(1, min(self._num_threads, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache = Cache(block_cache_bytes)
+        self._lock = threading.Lock()  # table creation and drop; rows need no lock
+        self._db: Rdict | None = None
+        self._open()
+
+    # -- opening --------------------------------------------------------------------------------
+    def _options(self) -> Options:
         opts = Options(raw_mode=True)
+        table = BlockBasedOptions()
+        table.set_block_cache(self._cache)
+        table.set_bloom_filter(10, False)  # a miss (unknown key) rarely touches a data block
+        opts.set_block_based_table_factory(table)
+        return opts
+
+    def _open(self) -> None:
+        exists = os.path.exists(os.path.join(self.path, "CURRENT"))
+        if self.read_only and not exists:
+            raise StorageError(f"RocksDB at {self.path}: no database to open read-only")
+        try:
+            names = Rdict.list_cf(self.path, Options(raw_mode=True)) if exists else ["default"]
+        except Exception as e:  # rocksdict raises plain Exception
+            raise StorageError(
+                f"RocksDB at {self.path}: cannot list column families ({e})"
+            ) from None
+        opts = self._options()
         opts.create_if_missing(True)
-        opts.increase_parallelism(max(1, num_threads))
-        names = (
-            Rdict.list_cf(self.path, Options(raw_mode=True))
-            if os.path.exists(self.path)
-            else ["default"]
-        )
-        families = {n: Options(raw_mode=True) for n in names if n != "default"}
-        if secondary_path is not None:
-            access = AccessType.secondary(str(secondary_path))
-        elif read_only:
-            access = AccessType.read_only()
+        opts.increase_parallelism(self._num_threads)
+        if self.secondary_path is not None:
+            opts.set_max_open_files(-1)  # required by secondary instances
+            access = AccessType.secondary(self.secondary_path)
+        elif self.read_only:
+            access = AccessType.read_only(False)  # a live primary's WAL is not an error
         else:
             access = AccessType.read_write()
+        families = {n: self._options() for n in names if n != "default"}
         try:
             self._db = Rdict(self.path, opts, column_families=families, access_type=access)
-        except Exception as e:  # rocksdict raises plain Exception
-            raise StorageError(f"RocksDB at {self.path}: cannot open ({e})") from None
+        except Exception as e:
+            mode = "secondary" if self.secondary_path else "read-only" if self.read_only else "rw"
+            raise StorageError(f"RocksDB at {self.path}: cannot open ({mode}): {e}") from None
         self._cfs = {n: self._db.get_column_family(n) for n in families}
         self._handles = {n: self._db.get_column_family_handle(n) for n in families}
-        self._dims: dict[str, int] = {}
         if META_CF not in self._cfs and not self.read_only:
             self._create_cf(META_CF)
-        if META_CF in self._cfs:
-            raw = self._cfs[META_CF].get(b"dims")
-            self._dims = json.loads(raw) if raw else {}
+        self._dims = self._read_dims()
 
-    # -- helpers ------------------------------------------------------------------------------
+    def _read_dims(self) -> dict[str, int]:
+        meta = self._cfs.get(META_CF)
+        if meta is None:
+            return {}
+        dims = {}
+        for k, v in meta.items(from_key=_DIM):
+            if not k.startswith(_DIM):
+                break
+            dims[k[len(_DIM) :].decode()] = int(v)
+        return dims
+
     def _create_cf(self, name: str) -> None:
-        self._cfs[name] = self._db.create_column_family(name, Options(raw_mode=True))
+        self._cfs[name] = self._db.create_column_family(name, self._options())
         self._handles[name] = self._db.get_column_family_handle(name)
 
-    def _writable(self, op: str) -> None:
+    def _writable(self, op: str, table: str | None = None) -> None:
+        if self._db is None:
+            raise StorageError(f"RocksDB at {self.path} is closed: cannot {op}")
         if self.read_only:
-            raise StorageError(f"RocksDB at {self.path} is opened read-only: cannot {op}")
+            what = f" table '{table}'" if table else ""
+            raise StorageError(f"RocksDB at {self.path} is opened read-only: cannot {op}{what}")
 
-    def _cf(self, table: str):
-        try:
-            return self._cfs[table]
-        except KeyError:
-            raise HPSError(f"RocksDB at {self.path} has no table '{table}'") from None
-
-    # -- tables -------------------------------------------------------------------------------
-    def create_table(self, table: str, dim: int) -> None:
-        if table in self._cfs and self._dims.get(table) == dim:
-            return
-        self._writable("create a table")
-        if table in self._cfs and table in self._dims:
+    def _cf(self, table: str) -> Rdict:
+        if self._db is None:
+            raise StorageError(f"RocksDB at {self.path} is closed (table '{table}')")
+        cf = self._cfs.get(table)
+        if cf is None or table not in self._dims:
             raise StorageError(
-                f"RocksDB table '{table}' exists with dim {self._dims[table]}, not {dim}"
+                f"RocksDB at {self.path} has no table '{table}'; tables: {self.tables()}"
             )
+        return cf
+
+    # -- tables ---------------------------------------------------------------------------------
+    def create_table(self, table: str, dim: int) -> None:
+        """Create an empty table (no-op if it exists with this dim)."""
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise InvalidInputError("dim", dim, "a positive integer")
+        if table == META_CF or table == "default":
+            raise InvalidInputError("table", table, f"a name other than '{META_CF}' / 'default'")
         with self._lock:
+            if self._dims.get(table) == dim and table in self._cfs:
+                return
+            self._writable("create", table)
+            if table in self._dims:
+                raise StorageError(
+                    f"RocksDB table '{table}' exists with dim {self._dims[table]}, not {dim}"
+                )
             if table not in self._cfs:
                 self._create_cf(table)
+            self._cfs[META_CF].put(_DIM + table.encode(), str(int(dim)).encode())
             self._dims[table] = int(dim)
-            self._cfs[META_CF].put(b"dims", json.dumps(self._dims).encode())
 
     def drop_table(self, table: str) -> None:
-        self._writable("drop a table")
+        """Remove a table and its rows."""
+        self._writable("drop", table)
         self._cf(table)
         with self._lock:
-            self._db.drop_column_family(table)
-            del self._cfs[table], self._handles[table]
+            self._cfs[META_CF].delete(_DIM + table.encode())
             self._dims.pop(table, None)
-            self._cfs[META_CF].put(b"dims", json.dumps(self._dims).encode())
+            del self._cfs[table], self._handles[table]
+            self._db.drop_column_family(table)
 
     def tables(self) -> list[str]:
-        return sorted(t for t in self._cfs if t != META_CF and t in self._dims)
+        """Names of the tables present."""
+        return sorted(t for t in self._dims if t in self._cfs)
 
     def dim(self, table: str) -> int:
+        """Vector width of a table."""
         self._cf(table)
         return self._dims[table]
 
     def size(self, table: str) -> int:
-        """Exact row count for tables up to 10M rows (iterates); RocksDB's estimate beyond."""
+        """Rows: exact (by iteration) up to EXACT_SIZE_LIMIT, RocksDB's key estimate beyond."""
         cf = self._cf(table)
         est = cf.property_int_value("rocksdb.estimate-num-keys") or 0
-        if est > 10_000_000:
+        if est > EXACT_SIZE_LIMIT:
             return int(est)
         return sum(1 for _ in cf.keys())
 
-    # -- rows ---------------------------------------------------------------------------------
-    def fetch(self, table, keys, out=None):
-        cf, dim = self._cf(table), self._dims[table]
-        keys = np.asarray(keys, dtype=np.int64)
+    # -- rows -----------------------------------------------------------------------------------
+    def fetch(
+        self, table: str, keys: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Look up keys: (vectors float32 [n, dim], found bool [n]); missing rows are zeros."""
+        self._cf(table)
+        dim = self._dims[table]
+        keys = _as_keys(keys)
         n = len(keys)
         if out is None:
             out = np.zeros((n, dim), np.float32)
+        elif out.shape != (n, dim) or out.dtype != np.float32:
+            raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {dim}]")
+        else:
+            out[:] = 0
         found = np.zeros(n, bool)
-        row_bytes = 4 * dim
-        for s in range(0, n, self.max_batch_size):
-            vals = cf.get(_key_bytes(keys[s : s + self.max_batch_size]))
-            hit = np.fromiter((v is not None for v in vals), bool, len(vals))
-            if not hit.any():
-                continue
-            got = [v for v in vals if v is not None]
-            blob = b"".join(got)
-            if len(blob) != row_bytes * len(got):
-                bad = next(i for i, v in enumerate(vals) if v is not None and len(v) != row_bytes)
-                raise StorageError(
-                    f"RocksDB table '{table}': key {int(keys[s + bad])} holds {len(vals[bad])} bytes, "
-                    f"expected {row_bytes} (dim {dim} float32)"
-                )
-            idx = s + np.flatnonzero(hit)
-            out[idx] = np.frombuffer(blob, dtype="<f4").reshape(len(got), dim)
-            found[idx] = True
+        self._parallel(table, keys, out, found)
         return out, found
 
-    def contains(self, table, keys):
-        cf = self._cf(table)
-        keys = np.asarray(keys, dtype=np.int64)
-        res = np.zeros(len(keys), bool)
-        for s in range(0, len(keys), self.max_batch_size):
-            vals = cf.get(_key_bytes(keys[s : s + self.max_batch_size]))
-            res[s : s + len(vals)] = [v is not None for v in vals]
-        return res
+    def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """bool [n]: whether each key is stored."""
+        self._cf(table)
+        keys = _as_keys(keys)
+        found = np.zeros(len(keys), bool)
+        self._parallel(table, keys, None, found)
+        return found
 
-    def upsert(self, table, keys, vectors):
-        self._writable("write")
+    def _parallel(self, table: str, keys: np.ndarray, out: np.ndarray | None, found) -> None:
+        """Split a large lookup over the worker threads (rocksdict's multi-get releases the GIL)."""
+        n = len(keys)
+        parts = min(self._workers, n // PARALLEL_MIN_KEYS)
+        if parts <= 1:
+            self._lookup(table, keys, out, found, 0, n)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="hps-rocksdb")
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        futures = [
+            self._pool.submit(self._lookup, table, keys, out, found, a, b)
+            for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
+        ]
+        self._lookup(table, keys, out, found, bounds[0], bounds[1])
+        for f in futures:
+            f.result()
+
+    def _lookup(self, table: str, keys, out, found, start: int, end: int) -> None:
+        """Multi-get keys[start:end] in max_batch_size chunks into found (and out, if given)."""
+        cf, dim = self._cfs[table], self._dims[table]
+        row_bytes = 4 * dim
+        for s in range(start, end, self.max_batch_size):
+            e = min(s + self.max_batch_size, end)
+            vals = cf.get(_key_bytes(keys[s:e]))
+            hit = np.array([v is not None for v in vals], bool)
+            found[s:e] = hit
+            if out is None:
+                continue
+            got = list(compress(vals, hit))
+            if not got:
+                continue
+            if set(map(len, got)) != {row_bytes}:
+                bad = next(i for i, v in enumerate(vals) if v is not None and len(v) != row_bytes)
+                raise StorageError(
+                    f"RocksDB table '{table}': key {int(keys[s + bad])} holds {len(vals[bad])} "
+                    f"bytes, expected {row_bytes} (dim {dim} float32)"
+                )
+            out[s + np.flatnonzero(hit)] = np.frombuffer(b"".join(got), "<f4").reshape(-1, dim)
+
+    def upsert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert or overwrite rows, one write batch per max_batch_size keys; later duplicates win."""
+        self._writable("write", table)
         self._cf(table)
         dim, handle = self._dims[table], self._handles[table]
-        keys = np.asarray(keys, dtype=np.int64)
-        vecs = np.ascontiguousarray(vectors, dtype="<f4")
-        if vecs.shape != (len(keys), dim):
-            from ..errors import InvalidInputError
-
-            raise InvalidInputError("vectors", f"shape {vecs.shape}", f"[{len(keys)}, {dim}]")
-        rb = 4 * dim
+        keys = _as_keys(keys)
+        vecs = np.asarray(vectors)
+        if vecs.shape != (len(keys), dim) or vecs.dtype.kind not in "fiu":
+            raise InvalidInputError(
+                "vectors", f"{vecs.dtype} {vecs.shape}", f"float32 [{len(keys)}, {dim}]"
+            )
+        vecs = np.ascontiguousarray(vecs, dtype="<f4")
         for s in range(0, len(keys), self.max_batch_size):
-            kb = _key_bytes(keys[s : s + self.max_batch_size])
-            vb = vecs[s : s + self.max_batch_size].tobytes()
+            e = s + self.max_batch_size
             wb = WriteBatch(raw_mode=True)
-            for i, k in enumerate(kb):  # puts apply in order: a later duplicate wins
-                wb.put(k, vb[i * rb : (i + 1) * rb], handle)
+            wb.set_default_column_family(handle)
+            # Puts apply in order, so a later duplicate wins.
+            for k, v in zip(_key_bytes(keys[s:e]), _row_bytes(vecs[s:e]), strict=True):
+                wb.put(k, v)
             self._db.write(wb)
 
-    def evict(self, table, keys):
-        self._writable("delete")
-        present = self.contains(table, keys)
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        """Delete the given keys; returns how many distinct keys were present."""
+        self._writable("delete from", table)
+        self._cf(table)
         handle = self._handles[table]
-        wb = WriteBatch(raw_mode=True)
-        for k in _key_bytes(np.unique(np.asarray(keys, dtype=np.int64)[present])):
-            wb.delete(k, handle)
-        self._db.write(wb)
-        return int(len(np.unique(np.asarray(keys, dtype=np.int64)[present])))
+        uniq = np.unique(_as_keys(keys))
+        present = uniq[self.contains(table, uniq)]
+        for s in range(0, len(present), self.max_batch_size):
+            wb = WriteBatch(raw_mode=True)
+            wb.set_default_column_family(handle)
+            for k in _key_bytes(present[s : s + self.max_batch_size]):
+                wb.delete(k)
+            self._db.write(wb)
+        return len(present)
 
-    def dump(self, table):
+    def dump(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """All rows as (keys int64 [n], vectors float32 [n, dim]), in RocksDB key order."""
         cf, dim = self._cf(table), self._dims[table]
         ks, vs = [], []
         for k, v in cf.items():
             ks.append(k)
             vs.append(v)
+        if set(map(len, ks)) - {8} or set(map(len, vs)) - {4 * dim}:
+            bad = next(i for i in range(len(ks)) if len(ks[i]) != 8 or len(vs[i]) != 4 * dim)
+            k = int.from_bytes(ks[bad], "little", signed=True) if len(ks[bad]) == 8 else ks[bad]
+            raise StorageError(
+                f"RocksDB table '{table}': key {k!r} has a {len(vs[bad])}-byte value, "
+                f"expected {4 * dim} (dim {dim} float32)"
+                + ("" if len(ks[bad]) == 8 else f"; and a {len(ks[bad])}-byte key, expected 8")
+            )
         keys = np.frombuffer(b"".join(ks), dtype="<i8").astype(np.int64)
-        vecs = np.frombuffer(b"".join(vs), dtype="<f4").reshape(len(ks), dim).copy()
+        vecs = np.frombuffer(b"".join(vs), dtype="<f4").reshape(len(vs), dim).copy()
         return keys, vecs
 
     # -- metadata and lifecycle -----------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        """A string stored beside the tables (e.g. which sparse files were loaded)."""
-        if META_CF not in self._cfs:
+        """A string stored beside the tables (e.g. which sparse files were loaded), or None."""
+        meta = self._cfs.get(META_CF)
+        if meta is None:
             return None
-        v = self._cfs[META_CF].get(b"meta:" + key.encode())
+        v = meta.get(_META + key.encode())
         return v.decode() if v is not None else None
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a string beside the tables."""
         self._writable("write metadata")
-        self._cfs[META_CF].put(b"meta:" + key.encode(), value.encode())
+        self._cfs[META_CF].put(_META + key.encode(), value.encode())
 
     def catch_up(self) -> None:
-        """Secondary instances: replay what the primary has written since."""
-        self._db.try_catch_up_with_primary()
+        """Secondary instance: replay what the primary wrote since; reopen if it added tables."""
+        if self.secondary_path is None:
+            raise StorageError(f"RocksDB at {self.path}: catch_up needs a secondary instance")
+        try:
+            self._db.try_catch_up_with_primary()
+        except Exception as e:
+            raise StorageError(
+                f"RocksDB at {self.path}: catch-up with primary failed: {e}"
+            ) from None
+        dims = self._read_dims()
+        if META_CF not in self._cfs or set(dims) - set(self._cfs):
+            with self._lock:  # new column families are only visible to a fresh secondary
+                self._release()
+                self._open()
+        else:
+            self._dims = dims
+
+    def _release(self) -> None:
+        # rocksdict keeps the DB (and its lock) alive while any column family object lives.
+        self._cfs.clear()
+        self._handles.clear()
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def close(self) -> None:
-        if self._db is not None:
-            try:
-                if not self.read_only:
-                    self._db.flush()
-            finally:
-                self._cfs.clear()
-                self._handles.clear()
-                self._db.close()
-                self._db = None
+        """Flush memtables (primary) and release the database."""
+        if self._db is None:
+            return
+        try:
+            if not self.read_only:
+                self._db.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._release()
+
+    def __enter__(self) -> RocksDBPDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,277 @@
+"""The RocksDB persistent DB against a dict reference; reopen, read-only and secondary instances;
+corrupted rows; and the background promoter into a VDB."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from rocksdict import Options, Rdict
+
+from hps_core.errors import InvalidInputError, StorageError
+from hps_core.pdb import rocksdb
+from hps_core.pdb.promote import Promoter
+from hps_core.pdb.rocksdb import RocksDBPDB
+
+I64 = np.iinfo(np.int64)
+T = "hps_et.model.table0"
+
+
+def rows(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    extremes = np.array([I64.min, I64.max, 0, -1, I64.min + 1, 1], np.int64)
+    keys = np.unique(np.concatenate([extremes, rng.integers(I64.min, I64.max, n)]))
+    rng.shuffle(keys)
+    return keys, rng.standard_normal((len(keys), dim)).astype(np.float32)
+
+
+def absent_keys(keys: np.ndarray, n: int, seed: int = 9) -> np.ndarray:
+    cand = np.random.default_rng(seed).integers(I64.min, I64.max, 2 * n)
+    return cand[~np.isin(cand, keys)][:n]
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = RocksDBPDB(tmp_path / "db", max_batch_size=257)  # many batches, ragged last one
+    yield d
+    d.close()
+
+
+def test_fetch_matches_a_dict_reference(db):
+    keys, vecs = rows(3000, 16)
+    db.create_table(T, 16)
+    db.create_table(T, 16)  # same dim: no-op
+    db.upsert(T, keys, vecs)
+    missing = absent_keys(keys, 50)
+    query = np.random.default_rng(1).permutation(np.concatenate([keys, missing, keys[:100]]))
+    ref = dict(zip(keys.tolist(), vecs, strict=True))
+    got, found = db.fetch(T, query)
+    assert got.dtype == np.float32 and got.shape == (len(query), 16)
+    np.testing.assert_array_equal(found, [k in ref for k in query.tolist()])
+    expect = np.stack([ref.get(k, np.zeros(16, np.float32)) for k in query.tolist()])
+    np.testing.assert_array_equal(got, expect)
+    np.testing.assert_array_equal(db.contains(T, query), found)
+    # A caller-provided out is filled in place; rows of missing keys are zeroed.
+    out = np.full((len(query), 16), 7.0, np.float32)
+    assert db.fetch(T, query, out)[0] is out
+    np.testing.assert_array_equal(out, expect)
+    # uint64 keys are the same 64 bits; 32-bit keys widen.
+    np.testing.assert_array_equal(db.fetch(T, query.view(np.uint64))[0], expect)
+    small = np.array([0, 1], np.uint32)
+    np.testing.assert_array_equal(db.fetch(T, small)[0], np.stack([ref[0], ref[1]]))
+    assert db.fetch(T, np.array([], np.int64))[0].shape == (0, 16)
+    assert db.size(T) == len(keys) and db.tables() == [T] and db.dim(T) == 16
+
+
+def test_parallel_lookup_equals_serial(tmp_path, monkeypatch):
+    keys, vecs = rows(5000, 8, seed=2)
+    query = np.concatenate([keys, absent_keys(keys, 1000)])
+    with RocksDBPDB(tmp_path / "db", num_threads=1) as serial:
+        serial.create_table(T, 8)
+        serial.upsert(T, keys, vecs)
+        want = serial.fetch(T, query)
+    monkeypatch.setattr(rocksdb, "PARALLEL_MIN_KEYS", 100)
+    with RocksDBPDB(tmp_path / "db", max_batch_size=300) as par:
+        par._workers = 4  # split even on a machine with fewer cores
+        got = par.fetch(T, query)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(par.contains(T, query), want[1])
+
+
+def test_duplicates_later_wins_evict_and_dump(db):
+    keys, vecs = rows(1000, 4, seed=3)
+    db.create_table(T, 4)
+    db.upsert(T, keys, vecs)
+    k = keys[7]
+    # Within one call (and across the batch boundary at 257 rows) the later row wins.
+    dup_keys = np.concatenate([[k], keys[:300], [k]])
+    dup_vecs = np.concatenate([[vecs[1]], vecs[:300], [vecs[2]]])
+    db.upsert(T, dup_keys, dup_vecs)
+    np.testing.assert_array_equal(db.fetch(T, [k])[0][0], vecs[2])
+    db.upsert(T, [k], vecs[3:4])  # and across calls
+    ref = dict(zip(keys.tolist(), vecs, strict=True))
+    ref[int(k)] = vecs[3]
+
+    gone = np.concatenate([keys[:10], keys[:10], absent_keys(keys, 5)])
+    assert db.evict(T, gone) == 10  # distinct keys that were present
+    assert db.evict(T, keys[:10]) == 0
+    for x in keys[:10].tolist():
+        ref.pop(x)
+    assert not db.contains(T, keys[:10]).any() and db.contains(T, keys[10:]).all()
+    assert not db.fetch(T, keys[:10])[1].any()
+
+    dk, dv = db.dump(T)
+    assert dk.dtype == np.int64 and dv.dtype == np.float32
+    assert sorted(dk.tolist()) == sorted(ref) and db.size(T) == len(ref)
+    for key, v in zip(dk.tolist(), dv, strict=True):
+        np.testing.assert_array_equal(v, ref[key])
+
+
+def test_tables_dims_rows_and_meta_survive_reopen(tmp_path):
+    keys, vecs = rows(500, 32, seed=4)
+    with RocksDBPDB(tmp_path / "db") as db:
+        db.create_table(T, 32)
+        db.create_table("hps_et.model.table1", 1)
+        db.create_table("hps_et.model.gone", 2)
+        db.upsert(T, keys, vecs)
+        db.upsert("hps_et.model.table1", keys[:3], vecs[:3, :1])
+        db.drop_table("hps_et.model.gone")
+        db.set_meta("loaded:hps_et.model.table0", "files-v1")
+        assert db.get_meta("nothing") is None
+    with RocksDBPDB(tmp_path / "db") as again:
+        assert again.tables() == [T, "hps_et.model.table1"]
+        assert (again.dim(T), again.dim("hps_et.model.table1")) == (32, 1)
+        assert again.get_meta("loaded:hps_et.model.table0") == "files-v1"
+        got, found = again.fetch(T, keys)
+        assert found.all()
+        np.testing.assert_array_equal(got, vecs)
+        np.testing.assert_array_equal(again.fetch("hps_et.model.table1", keys[:3])[0], vecs[:3, :1])
+        with pytest.raises(StorageError, match="'hps_et.model.gone'"):
+            again.dim("hps_et.model.gone")
+
+
+def test_read_only_reads_and_refuses_writes(tmp_path):
+    keys, vecs = rows(200, 4, seed=5)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 4)
+    primary.upsert(T, keys, vecs)
+    primary.set_meta("m", "v")
+    # Opened while the primary is still live (its WAL unflushed): reads see the rows.
+    with RocksDBPDB(tmp_path / "db", read_only=True) as ro:
+        assert ro.tables() == [T] and ro.get_meta("m") == "v"
+        np.testing.assert_array_equal(ro.fetch(T, keys)[0], vecs)
+        for write in (
+            lambda: ro.upsert(T, keys[:1], vecs[:1]),
+            lambda: ro.evict(T, keys[:1]),
+            lambda: ro.create_table("hps_et.model.new", 4),
+            lambda: ro.drop_table(T),
+            lambda: ro.set_meta("m", "w"),
+        ):
+            with pytest.raises(StorageError, match="opened read-only"):
+                write()
+    primary.close()
+    with pytest.raises(StorageError, match="no database"):
+        RocksDBPDB(tmp_path / "elsewhere", read_only=True)
+
+
+def test_secondary_follows_the_primary_after_catch_up(tmp_path):
+    keys, vecs = rows(300, 4, seed=6)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 4)
+    primary.upsert(T, keys[:100], vecs[:100])
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    assert sec.fetch(T, keys[:100])[1].all()
+    primary.upsert(T, keys[100:], vecs[100:])
+    primary.create_table("hps_et.model.later", 2)  # a table added after the secondary opened
+    primary.upsert("hps_et.model.later", keys[:2], vecs[:2, :2])
+    assert not sec.fetch(T, keys[100:])[1].any()
+    sec.catch_up()
+    got, found = sec.fetch(T, keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    assert sec.tables() == sorted([T, "hps_et.model.later"])
+    np.testing.assert_array_equal(sec.fetch("hps_et.model.later", keys[:2])[0], vecs[:2, :2])
+    with pytest.raises(StorageError, match="read-only"):
+        sec.upsert(T, keys[:1], vecs[:1])
+    sec.close()
+    primary.close()
+
+
+def test_bad_requests_and_unknown_tables(db):
+    db.create_table(T, 4)
+    with pytest.raises(StorageError, match="dim 4, not 8"):
+        db.create_table(T, 8)
+    with pytest.raises(StorageError, match="no table 'hps_et.model.nope'"):
+        db.fetch("hps_et.model.nope", np.array([1]))
+    with pytest.raises(InvalidInputError, match="keys"):
+        db.fetch(T, np.array([1.5]))
+    with pytest.raises(InvalidInputError, match="vectors"):
+        db.upsert(T, np.array([1, 2]), np.zeros((2, 5), np.float32))
+    with pytest.raises(InvalidInputError, match="out"):
+        db.fetch(T, np.array([1]), np.zeros((1, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="dim"):
+        db.create_table("hps_et.model.zero", 0)
+
+
+def test_a_row_of_the_wrong_length_is_an_error_not_a_vector(tmp_path):
+    with RocksDBPDB(tmp_path / "db") as db:
+        db.create_table(T, 4)
+        db.upsert(T, np.array([1, 2], np.int64), np.ones((2, 4), np.float32))
+    names = Rdict.list_cf(str(tmp_path / "db"), Options(raw_mode=True))
+    raw = Rdict(
+        str(tmp_path / "db"),
+        Options(raw_mode=True),
+        column_families={n: Options(raw_mode=True) for n in names if n != "default"},
+    )
+    cf = raw.get_column_family(T)
+    cf.put(np.array([-7], "<i8").tobytes(), b"\x00" * 12)  # 3 floats in a dim-4 table
+    del cf  # rocksdict holds the DB lock while a column family object lives
+    raw.close()
+    with RocksDBPDB(tmp_path / "db") as db:
+        np.testing.assert_array_equal(db.fetch(T, [1, 2])[0], 1.0)
+        with pytest.raises(StorageError, match=f"'{T}': key -7 holds 12 bytes, expected 16"):
+            db.fetch(T, np.array([1, -7, 2]))
+        with pytest.raises(StorageError, match=f"'{T}': key -7 has a 12-byte value, expected 16"):
+            db.dump(T)
+
+
+class DictVDB:
+    """Anything with upsert(table, keys, vectors) can receive promoted rows."""
+
+    def __init__(self):
+        self.rows: dict[tuple[str, int], np.ndarray] = {}
+
+    def upsert(self, table, keys, vectors):
+        for k, v in zip(keys.tolist(), vectors, strict=True):
+            self.rows[(table, k)] = v
+
+
+def test_promoter_delivers_rows_in_order():
+    vdb = DictVDB()
+    keys = np.array([I64.min, -1, 0, I64.max], np.int64)
+    vecs = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with Promoter(vdb, max_pending=8) as p:
+        assert p.submit("a", keys, vecs)
+        assert p.submit("a", keys[:1], vecs[3:4])  # later submission wins
+        assert p.submit("b", keys[1:2], vecs[1:2])
+        vecs[:] = -1  # submit copied the rows
+        assert p.flush(timeout=10) and p.pending == 0
+    assert p.promoted == 6 and p.dropped == 0
+    want = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_array_equal(vdb.rows[("a", I64.min)], want[3])
+    np.testing.assert_array_equal(vdb.rows[("a", I64.max)], want[3])
+    np.testing.assert_array_equal(vdb.rows[("b", -1)], want[1])
+    assert len(vdb.rows) == 5
+    assert not p.submit("a", keys, vecs) and p.dropped == 1  # closed
+
+
+def test_promoter_drops_instead_of_blocking_and_survives_failures():
+    gate = threading.Event()
+    seen = []
+
+    class Slow:
+        def upsert(self, table, keys, vectors):
+            gate.wait(10)
+            if table == "broken":
+                raise RuntimeError("VDB table dropped")
+            seen.append(len(keys))
+
+    p = Promoter(Slow(), max_pending=2)
+    keys, vecs = np.arange(3, dtype=np.int64), np.zeros((3, 2), np.float32)
+    assert p.submit("broken", keys, vecs)
+    # The worker holds one submission; two more fill the queue; the rest are dropped at once.
+    for _ in range(1000):
+        if p._queue.qsize() == 0:
+            break
+        time.sleep(0.01)
+    results = [p.submit("t", keys, vecs) for _ in range(6)]
+    assert results == [True, True] + [False] * 4
+    assert (p.dropped, p.dropped_rows) == (4, 12)
+    assert not p.flush(timeout=0.05)  # still blocked
+    gate.set()
+    assert p.flush(timeout=10)
+    assert p.failed == 1 and seen == [3, 3] and p.promoted == 6
+    p.close()
