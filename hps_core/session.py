@@ -157,7 +157,7 @@ class LookupSession:
                     and self.vdb is not None
                     and len(got)
                 ):
-                    self.promoter.submit(t.store_name, uniq[got], rows[found])
+                    self.promoter.submit(t.store_name, uniq[got], rows[found], copy=False)
             st.seconds[level] = time.perf_counter() - ts
 
         ts = time.perf_counter()
