@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(BIN)/hps demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/host_tier_bench.py
+	$(BIN)/hps bench host-tier
+	$(BIN)/hps bench cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -107,6 +107,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark module with the remaining arguments."""
+    if args.which == "cache":
+        from .bench.cache import main as bench
+    else:
+        from .bench.host_tier import main as bench
+    return bench(args.rest)
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -180,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser(
+        "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"
+    )
+    s.add_argument("which", choices=["cache", "host-tier"])
+    s.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
+    )
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="generate a model, serve it in process, show lookups")
     s.add_argument("--dir", default="demo_data")

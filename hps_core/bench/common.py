@@ -11,7 +11,9 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import numpy as np
+
+RESULTS = Path("benchmarks") / "results"  # relative to where the benchmark is run
 
 
 def machine() -> dict:
@@ -51,17 +53,16 @@ def rate(
     min_seconds: float = 0.3,
     max_reps: int = 200,
 ) -> float:
-    """Items per second of fn(x), each call on a fresh input (so no run reuses warm caches)."""
+    """Items per second of fn(x): the median call, each call on a fresh input (no warm reuse)."""
     fn(make_input())
     inputs = [make_input() for _ in range(max_reps)]
-    spent, reps = 0.0, 0
-    while (spent < min_seconds or reps < 3) and reps < max_reps:
-        x = inputs[reps]
+    times: list[float] = []
+    while (sum(times) < min_seconds or len(times) < 5) and len(times) < max_reps:
+        x = inputs[len(times)]
         t0 = time.perf_counter()
         fn(x)
-        spent += time.perf_counter() - t0
-        reps += 1
-    return items * reps / spent
+        times.append(time.perf_counter() - t0)
+    return items / float(np.median(times))
 
 
 def save(name: str, payload: dict) -> Path:

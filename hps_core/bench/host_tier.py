@@ -1,0 +1,301 @@
+"""Host tiers: VDB fetch vs a Python dict, our RocksDB layer vs raw rocksdict gets, RAM at load.
+
+All ratios are taken in one run on one machine. Prints a table, writes
+benchmarks/results/host_tier.json and host_tier.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from ..pdb.rocksdb import RocksDBPDB
+from ..vdb.hashmap import HashMapVDB
+from .common import RESULTS, machine, rate, save
+
+console = Console()
+
+
+def make_rows(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keys = np.unique(
+        rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, int(n * 1.01), dtype=np.int64)
+    )[:n]
+    rng.shuffle(keys)
+    return keys, rng.standard_normal((len(keys), dim)).astype(np.float32)
+
+
+def bench_vdb(keys, vecs, batches, rng) -> list[dict]:
+    dim = vecs.shape[1]
+    vdb = HashMapVDB(num_partitions=8)
+    vdb.create_table("t", dim, capacity_hint=len(keys))
+    vdb.load("t", keys, vecs)
+    index = {int(k): i for i, k in enumerate(keys.tolist())}
+
+    def dict_fetch(q):
+        idx = np.fromiter((index.get(k, -1) for k in q.tolist()), dtype=np.int64, count=len(q))
+        out = vecs[idx]
+        out[idx < 0] = 0
+        return out
+
+    rows = []
+    for b in batches:
+        q = keys[rng.integers(0, len(keys), b)]
+        got, found = vdb.fetch("t", q)
+        assert found.all() and np.array_equal(got, dict_fetch(q)), (
+            "VDB result differs from the dict"
+        )
+        batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
+        ours = rate(lambda x: vdb.fetch("t", x), batch, b, max_reps=100)
+        base = rate(dict_fetch, batch, b, max_reps=100)
+        rows.append(
+            {
+                "tier": "vdb",
+                "dim": dim,
+                "batch": b,
+                "ours_keys_s": ours,
+                "baseline_keys_s": base,
+                "baseline": "python dict + numpy take",
+                "ratio": ours / base,
+            }
+        )
+    vdb.close()
+    return rows
+
+
+def bench_pdb(keys, vecs, batches, rng, root: Path) -> list[dict]:
+    from rocksdict import Options, Rdict
+
+    dim = vecs.shape[1]
+    pdb = RocksDBPDB(str(root / f"ours{dim}"))
+    pdb.create_table("t", dim)
+    pdb.upsert("t", keys, vecs)
+    raw = Rdict(str(root / f"raw{dim}"), Options(raw_mode=True))
+    kb = keys.astype("<i8").tobytes()
+    vb = vecs.tobytes()
+    rb = dim * 4
+    from rocksdict import WriteBatch
+
+    for s in range(0, len(keys), 65536):
+        wb = WriteBatch(raw_mode=True)
+        for i in range(s, min(s + 65536, len(keys))):
+            wb.put(kb[i * 8 : i * 8 + 8], vb[i * rb : (i + 1) * rb])
+        raw.write(wb)
+
+    def raw_fetch(q):
+        b = q.astype("<i8").tobytes()
+        vals = [raw.get(b[i : i + 8]) for i in range(0, len(b), 8)]
+        return np.frombuffer(b"".join(vals), dtype=np.float32).reshape(len(q), dim)
+
+    rows = []
+    for b in batches:
+        q = keys[rng.integers(0, len(keys), b)]
+        got, found = pdb.fetch("t", q)
+        assert found.all() and np.array_equal(got, raw_fetch(q)), (
+            "PDB result differs from raw rocksdict"
+        )
+        batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
+        ours = rate(lambda x: pdb.fetch("t", x), batch, b, min_seconds=0.5, max_reps=20)
+        base = rate(raw_fetch, batch, b, min_seconds=0.5, max_reps=20)
+        rows.append(
+            {
+                "tier": "pdb",
+                "dim": dim,
+                "batch": b,
+                "ours_keys_s": ours,
+                "baseline_keys_s": base,
+                "baseline": "raw rocksdict get per key",
+                "ratio": ours / base,
+            }
+        )
+    pdb.close()
+    raw.close()
+    return rows
+
+
+LOAD_CHILD = r"""
+import json, sys
+from hps_core.model_io import SparseTable
+
+
+def vm(field):  # this process's own counters (ru_maxrss would include the parent's peak)
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+
+tier, path, dim, db = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+f = SparseTable.open(path, dim)
+if tier == "vdb":
+    from hps_core.vdb.hashmap import HashMapVDB
+    store = HashMapVDB(num_partitions=8)
+    store.create_table("t", dim, capacity_hint=f.rows)
+    store.upsert("t", [1], [[0.0] * dim]); store.evict("t", [1])  # compile before measuring
+else:
+    from hps_core.pdb.rocksdb import RocksDBPDB
+    store = RocksDBPDB(db)
+    store.create_table("t", dim)
+before = vm("VmRSS")
+for k, v in f.iter_chunks():
+    store.upsert("t", k, v)
+peak = vm("VmHWM")
+n = store.size("t")
+held = store.memory_bytes("t") if tier == "vdb" else 0
+print(json.dumps({"rss_before": before, "peak": peak, "rows": n, "held": held}))
+"""
+
+
+def bench_load(rows: int, dim: int, root: Path) -> list[dict]:
+    from ..model_io import write_table
+
+    keys, vecs = make_rows(rows, dim, seed=dim)
+    path = root / f"load{dim}_sparse.model"
+    write_table(path, keys, vecs)
+    table_bytes = keys.nbytes + vecs.nbytes
+    del keys, vecs
+    out = []
+    for tier in ("pdb", "vdb"):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LOAD_CHILD,
+                tier,
+                str(path),
+                str(dim),
+                str(root / f"load{dim}{tier}"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        m = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+        assert m["rows"] == rows
+        grow = m["peak"] - m["rss_before"]
+        out.append(
+            {
+                "tier": tier,
+                "dim": dim,
+                "rows": rows,
+                "table_bytes": table_bytes,
+                "peak_ram_bytes": grow,
+                "peak_ram_over_table": grow / table_bytes,
+                "vdb_bytes": m["held"],
+                "vdb_over_table": m["held"] / table_bytes if m["held"] else None,
+            }
+        )
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, tier in zip(axes, ("vdb", "pdb"), strict=True):
+        for dim in sorted({r["dim"] for r in rows}):
+            rs = [r for r in rows if r["tier"] == tier and r["dim"] == dim]
+            ax.plot(
+                [r["batch"] for r in rs],
+                [r["ours_keys_s"] / 1e6 for r in rs],
+                "o-",
+                label=f"ours d{dim}",
+            )
+            ax.plot(
+                [r["batch"] for r in rs],
+                [r["baseline_keys_s"] / 1e6 for r in rs],
+                "x--",
+                label=f"baseline d{dim}",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("keys per batch")
+        ax.set_ylabel("M keys/s")
+        ax.set_title(
+            {"vdb": "VDB fetch vs Python dict", "pdb": "RocksDB layer vs raw rocksdict get"}[tier]
+        )
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
+    ap.add_argument("--dims", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--load-rows", type=int, default=2_000_000)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.load_rows, args.dims, args.batches = 50_000, 100_000, [16], [1024, 4096]
+    rng = np.random.default_rng(0)
+    fetch_rows, load_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="hps-bench-") as tmp:
+        root = Path(tmp)
+        for dim in track(args.dims, description="fetch benchmarks"):
+            keys, vecs = make_rows(args.rows, dim, seed=dim)
+            fetch_rows += bench_vdb(keys, vecs, args.batches, rng)
+            fetch_rows += bench_pdb(keys, vecs, args.batches, rng, root)
+        for dim in track(args.dims, description="load memory"):
+            load_rows += bench_load(args.load_rows, dim, root)
+
+    t = Table(title=f"host tiers, {args.rows:,} rows per table")
+    for c in ("tier", "dim", "batch", "ours M keys/s", "baseline M keys/s", "ours / baseline"):
+        t.add_column(c, justify="right")
+    for r in fetch_rows:
+        t.add_row(
+            r["tier"],
+            str(r["dim"]),
+            f"{r['batch']:,}",
+            f"{r['ours_keys_s'] / 1e6:.2f}",
+            f"{r['baseline_keys_s'] / 1e6:.2f}",
+            f"{r['ratio']:.1f}x",
+        )
+    console.print(t)
+    t = Table(title=f"peak RAM while loading {args.load_rows:,} rows from sparse files")
+    for c in ("into", "dim", "table MiB", "peak RAM MiB", "peak / table", "VDB bytes / table"):
+        t.add_column(c, justify="right")
+    for r in load_rows:
+        t.add_row(
+            r["tier"],
+            str(r["dim"]),
+            f"{r['table_bytes'] / 2**20:.0f}",
+            f"{r['peak_ram_bytes'] / 2**20:.0f}",
+            f"{r['peak_ram_over_table']:.2f}x",
+            f"{r['vdb_over_table']:.2f}x" if r["vdb_over_table"] else "-",
+        )
+    console.print(t)
+    name = "host_tier_quick" if args.quick else "host_tier"
+    path = save(
+        name,
+        {
+            "machine": machine(),
+            "rows": args.rows,
+            "fetch": fetch_rows,
+            "load": load_rows,
+            "targets": {
+                "vdb_vs_dict": ">= 10x",
+                "pdb_vs_raw": ">= 0.8x",
+                "peak_ram_at_load": "<= 1.1x table bytes",
+            },
+        },
+    )
+    plot(fetch_rows, RESULTS / f"{name}.png")
+    console.print(f"wrote {path} and {name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
