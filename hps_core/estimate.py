@@ -31,7 +31,7 @@ class TableEstimate:
 
 def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
     """Per-table byte estimates for the VDB (host RAM), L1 (GPU, or host in CPU mode) and PDB (disk)."""
-    from .server import l1_capacity
+    from .server import gpu_device, l1_capacity
     from .vdb.hashmap import estimate_table_bytes
 
     v = cfg.volatile_db
@@ -68,7 +68,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     vdb_bytes=vdb_bytes,
                     l1_rows=slots,
                     l1_bytes=l1_bytes,
-                    l1_device="host",
+                    l1_device="gpu" if gpu_device(m) is not None else "host",
                     pdb_bytes=pdb,
                 )
             )

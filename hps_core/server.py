@@ -83,20 +83,35 @@ def l1_capacity(m: ModelConfig, rows: int) -> int:
     return max(1, math.ceil(m.gpucacheper * rows))
 
 
+def gpu_device(m: ModelConfig) -> int | None:
+    """The CUDA device for a model's L1 caches: its first deployed device, if CuPy sees it."""
+    if not m.deployed_device_list:
+        return None
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no device: CPU mode
+        return None
+    device = m.deployed_device_list[0]
+    return device if device < count else None
+
+
 def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
-    """The L1 cache of table ``t`` of model ``m`` (host memory until a GPU cache is configured)."""
+    """The L1 cache of table ``t``: on the GPU when one is deployed and present, else host memory."""
     capacity = l1_capacity(m, rows)
     if capacity == 0:
         return None
-    from .cache.reference import ReferenceCache
+    dim = m.embedding_vecsize_per_table[t]
+    options = {"ways": m.cache_ways, "policy": m.cache_policy, "dtype": m.cache_storage_dtype}
+    device = gpu_device(m)
+    if device is not None:
+        from .cache.gpu import GPUCache
 
-    return ReferenceCache(
-        capacity,
-        m.embedding_vecsize_per_table[t],
-        ways=m.cache_ways,
-        policy=m.cache_policy,
-        dtype=m.cache_storage_dtype,
-    )
+        return GPUCache(capacity, dim, device=device, **options)
+    from .cache.host import HostCache
+
+    return HostCache(capacity, dim, **options)
 
 
 def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:

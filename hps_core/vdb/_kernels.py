@@ -1,11 +1,20 @@
 """numba kernels of the partitioned hash map (host VDB). Plain arrays in, no Python objects.
 
-Layout per table (P partitions, each with ``pcap`` pool rows and ``icap`` index slots):
-``index`` int32 [P*icap]: local row + 1, 0 = empty (linear probing, backward-shift deletion);
-``tags`` uint8 [P*icap]: low hash byte of the slot's key, checked before touching the pool;
-``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 bits as uint16: numba has no
-float16 on the CPU), ``meta`` uint32 [P*pcap] or [0];
-``count`` int64 [P]: rows used in each partition's pool (rows are dense: deletion swap-removes).
+Layout of a table with P partitions, each owning ``icap`` index slots and ``pcap`` pool rows:
+
+- ``index`` int32 [P*icap]: local pool row + 1, 0 = empty (linear probing, backward-shift
+  deletion, no tombstones, so every key value is legal: there is no sentinel key);
+- ``tags`` uint8 [P*icap]: a byte of the slot's key hash, checked before touching the pool, so
+  a probe sequence costs one cache line of tags instead of one pool access per slot;
+- ``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 *bits* as uint16: numba
+  has no CPU float16; fetch decodes them through a 65536-entry float32 table). Kernels that
+  only move rows take ``values`` viewed as uint16 whatever the dtype, so they compile once;
+- ``meta`` uint32 [P*pcap] (access count or last-touched tick), empty for ``evict_random``;
+- ``count`` int64 [P]: rows used in each pool (pools are dense: deletion swap-removes).
+
+Hash bits: the partition comes from the low 32 bits of splitmix64(key), the home slot from the
+high 32 bits (multiply-shift, so capacities need not be powers of two), the tag from bits 8..15.
+Fetch takes ``lut`` None for float32 rows; numba prunes that branch at compile time.
 """
 
 from __future__ import annotations
@@ -17,9 +26,13 @@ GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 C1 = np.uint64(0xBF58476D1CE4E5B9)
 C2 = np.uint64(0x94D049BB133111EB)
 M32 = np.uint64(0xFFFFFFFF)
+U32_MAX = np.uint32(0xFFFFFFFF)
 
-TOUCH_NONE, TOUCH_COUNT, TOUCH_TICK = 0, 1, 2
+TOUCH_COUNT, TOUCH_TICK = 1, 2
 EVICT_RANDOM, EVICT_LEAST_USED, EVICT_OLDEST = 0, 1, 2
+
+HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+"""fp16 bits -> float32 (256 KiB, stays in L2 while a batch is decoded)."""
 
 
 @njit(inline="always", cache=True)
@@ -43,58 +56,106 @@ def home_slot(h, icap):
 
 @njit(inline="always", cache=True)
 def tag_of(h):
-    return np.uint8(h & np.uint64(0xFF))
+    return np.uint8((h >> np.uint64(8)) & np.uint64(0xFF))
 
 
 @njit(inline="always", cache=True)
-def probe(key, h, p, index, tags, keys, icap, pcap):
-    """(slot, local row) of key in partition p; row -1 (and the empty slot) when absent."""
+def probe(key, h, p, index, tags, tkeys, icap, pcap):
+    """(slot, local row) of key in partition p; row -1 (and the first empty slot) when absent."""
     base = p * icap
     s = home_slot(h, icap)
     t = tag_of(h)
-    while True:
+    # At most count + 1 < icap slots are ever occupied, even mid-write, so an empty slot ends
+    # the probe; the step bound only guards a reader against a torn index it will retry anyway.
+    for _ in range(icap):
         r = index[base + s]
         if r == 0:
             return s, -1
-        if tags[base + s] == t and keys[p * pcap + r - 1] == key:
-            return s, r - 1
+        if tags[base + s] == t and tkeys[p * pcap + r - 1] == key:
+            return s, np.int64(r - 1)
         s += 1
         if s == icap:
             s = 0
+    return -1, -1
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def partitions(keys, P):
+    """Partition of each key."""
     out = np.empty(len(keys), np.int64)
     for i in prange(len(keys)):
         out[i] = partition_of(mix(keys[i]), P)
     return out
 
 
-def _fetch(keys, sel, index, tags, tkeys, values, meta, icap, pcap, P, out, found, touch, tick):
-    """Copy rows of keys[sel] into out[sel] (same dtype as values); set found[sel]; touch meta."""
-    dim = values.shape[1]
+@njit(nogil=True, cache=True)
+def group_by_partition(keys, P):
+    """Counting sort of key positions by partition: (order, starts[P+1]); batch order is kept."""
+    parts = partitions(keys, P)
+    starts = np.zeros(P + 1, np.int64)
+    for i in range(len(keys)):
+        starts[parts[i] + 1] += 1
+    for p in range(P):
+        starts[p + 1] += starts[p]
+    fill = starts[:-1].copy()
+    order = np.empty(len(keys), np.int64)
+    for i in range(len(keys)):
+        p = parts[i]
+        order[fill[p]] = i
+        fill[p] += 1
+    return order, starts
+
+
+@njit(inline="always", cache=True)
+def _fetch_one(
+    i, keys, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut
+):
+    """Copy key i's row into out[i] (decoding fp16 bits through lut), set found[i], touch meta."""
+    key = keys[i]
+    h = mix(key)
+    p = partition_of(h, P)
+    _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+    found[i] = r >= 0
+    if r >= 0:
+        row = p * pcap + r
+        if lut is None:
+            for d in range(values.shape[1]):
+                out[i, d] = values[row, d]
+        else:
+            for d in range(values.shape[1]):
+                out[i, d] = lut[values[row, d]]
+        if touch == TOUCH_COUNT:  # racy across readers on purpose: counts are approximate
+            if meta[row] < U32_MAX:
+                meta[row] += np.uint32(1)
+        elif touch == TOUCH_TICK:
+            meta[row] = np.uint32(tick)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def fetch(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):
+    """Rows of keys[sel] into out[sel]; found[sel]. ``touch`` 0 leaves meta alone."""
+    for j in prange(len(sel)):
+        _fetch_one(sel[j], keys, index, tags, tkeys, values, meta, touch, tick,
+                   icap, pcap, P, out, found, lut)  # fmt: skip
+
+
+# Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
+# (A second function, not njit(...) of the same one twice: numba's cache would mix them up.)
+@njit(nogil=True, cache=True)
+def fetch_serial(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):  # fmt: skip
+    for j in range(len(sel)):
+        _fetch_one(sel[j], keys, index, tags, tkeys, values, meta, touch, tick,
+                   icap, pcap, P, out, found, lut)  # fmt: skip
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def contains(keys, sel, index, tags, tkeys, icap, pcap, P, found):
     for j in prange(len(sel)):
         i = sel[j]
         key = keys[i]
         h = mix(key)
-        p = partition_of(h, P)
-        _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+        _, r = probe(key, h, partition_of(h, P), index, tags, tkeys, icap, pcap)
         found[i] = r >= 0
-        if r >= 0:
-            row = p * pcap + r
-            for d in range(dim):
-                out[i, d] = values[row, d]
-            if touch == TOUCH_COUNT:
-                if meta[row] < np.uint32(0xFFFFFFFF):
-                    meta[row] += np.uint32(1)
-            elif touch == TOUCH_TICK:
-                meta[row] = np.uint32(tick)
-
-
-# Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
-fetch = njit(parallel=True, nogil=True, cache=True)(_fetch)
-fetch_serial = njit(nogil=True, cache=True)(_fetch)
 
 
 @njit(nogil=True, cache=True)
@@ -102,8 +163,7 @@ def _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap):
     """Remove local row r of partition p: backward-shift its index slot, swap-remove the row."""
     base = p * icap
     key = tkeys[p * pcap + r]
-    h = mix(key)
-    i, _ = probe(key, h, p, index, tags, tkeys, icap, pcap)
+    i, _ = probe(key, mix(key), p, index, tags, tkeys, icap, pcap)
     j = i
     while True:
         j += 1
@@ -114,7 +174,7 @@ def _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap):
             break
         k = home_slot(mix(tkeys[p * pcap + rj - 1]), icap)
         if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
-            continue  # entry j is reachable from its home without crossing i
+            continue  # entry j's home lies cyclically in (i, j]: it must stay after i
         index[base + i] = rj
         tags[base + i] = tags[base + j]
         i = j
@@ -125,107 +185,136 @@ def _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap):
         moved = tkeys[src]
         tkeys[dst] = moved
         values[dst, :] = values[src, :]
-        if meta.shape[0]:
+        if len(meta):
             meta[dst] = meta[src]
+        # No slot names row r any more, and tkeys[src] still holds 'moved': the probe finds the
+        # slot that names 'last'.
         s, _ = probe(moved, mix(moved), p, index, tags, tkeys, icap, pcap)
-        # probe compared against tkeys[dst] == moved and found the slot still naming 'last'
         index[base + s] = np.int32(r + 1)
     count[p] = last
 
 
 @njit(nogil=True, cache=True)
-def _evict(p, n, policy, tick, index, tags, tkeys, values, meta, count, icap, pcap):
-    """Evict n rows of partition p chosen by the policy."""
+def _evict(p, n, protect, policy, salt, index, tags, tkeys, values, meta, count, icap, pcap):
+    """Evict n unprotected rows of partition p, lowest policy score first; returns n."""
     c = count[p]
-    if n <= 0 or c == 0:
-        return 0
-    n = min(n, c)
-    score = np.empty(c, np.uint64)
+    cand = np.empty(c, np.int64)
+    nc = 0
     for r in range(c):
-        if policy == EVICT_RANDOM:
-            score[r] = mix(np.int64(r) ^ np.int64(tick * 7919 + p))
+        if not protect[r]:
+            cand[nc] = r
+            nc += 1
+    n = min(n, nc)
+    if n <= 0:
+        return 0
+    score = np.empty(nc, np.uint64)
+    for j in range(nc):
+        row = p * pcap + cand[j]
+        if policy == EVICT_RANDOM or len(meta) == 0:
+            score[j] = mix(tkeys[row] ^ salt)
         else:
-            score[r] = np.uint64(meta[p * pcap + r])
-    victims = np.sort(np.argsort(score, kind="mergesort")[:n])[::-1]  # descending: swap-remove safe
-    for v in victims:
+            score[j] = np.uint64(meta[row])
+    victims = np.sort(cand[np.argsort(score, kind="mergesort")[:n]])
+    # Descending: every row above a victim is then a survivor, so swap-remove never moves a
+    # victim that is still to be deleted.
+    for v in victims[::-1]:
         _delete_row(p, v, index, tags, tkeys, values, meta, count, icap, pcap)
     return n
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def upsert(
-    keys,
-    vals,
-    present,
-    order,
-    starts,
-    index,
-    tags,
-    tkeys,
-    values,
-    meta,
-    count,
-    icap,
-    pcap,
-    P,
-    limit,
-    target,
-    policy,
-    tick,
-    evicted,
+def plan_upsert(
+    keys, order, starts, index, tags, tkeys, icap, pcap, P, limit, keep, rows, news, olds
 ):
-    """Insert or overwrite unique keys, grouped by partition (order/starts), evicting by policy.
+    """Per partition: mark the keys to apply and count new and present ones (reads the table).
 
-    Per partition: if the new keys would exceed ``limit`` rows, existing rows are evicted so at
-    most max(0, target - new) remain; if there are more new keys than ``limit``, only the last
-    ``limit`` of them are inserted.
+    keep[i]: key i is the last occurrence of its value in the batch and among the ``limit``
+    newest distinct keys of its partition. rows[i]: its local row if present, else -1.
+    news[p] / olds[p]: kept keys absent from / present in partition p.
     """
     for p in prange(P):
         lo, hi = starts[p], starts[p + 1]
-        new = 0
-        for j in range(lo, hi):
-            if not present[order[j]]:
-                new += 1
-        skip = 0
-        if count[p] + new > limit:
-            keep = max(0, target - new)
+        if lo == hi:
+            continue
+        mask = np.int64(1)
+        while mask < 2 * (hi - lo):
+            mask *= 2
+        mask -= 1
+        seen = np.zeros(mask + 1, np.int64)  # batch position + 1 of each distinct key
+        n_new = 0
+        n_old = 0
+        for jj in range(hi - 1, lo - 1, -1):  # newest first: the first sighting wins
+            i = order[jj]
+            key = keys[i]
+            h = mix(key)
+            s = np.int64(h >> np.uint64(40)) & mask
+            dup = False
+            while seen[s] != 0:
+                if keys[seen[s] - 1] == key:
+                    dup = True
+                    break
+                s = (s + 1) & mask
+            rows[i] = -1
+            keep[i] = False
+            if dup:
+                continue
+            seen[s] = i + 1
+            if n_new + n_old >= limit:
+                continue
+            keep[i] = True
+            _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+            rows[i] = r
+            if r < 0:
+                n_new += 1
+            else:
+                n_old += 1
+        news[p] = n_new
+        olds[p] = n_old
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def apply_upsert(
+    keys, vals, order, starts, keep, rows, news, olds,
+    index, tags, tkeys, values, meta, count, icap, pcap, P,
+    limit, target, policy, tick, seed, evicted,
+):  # fmt: skip
+    """Write the kept keys partition by partition, first evicting by policy if over ``limit``.
+
+    A partition that would exceed ``limit`` rows first evicts rows not in the batch until
+    ``count + new <= target`` (or until only batch rows are left).
+    """
+    for p in prange(P):
+        lo, hi = starts[p], starts[p + 1]
+        if lo == hi:
+            continue
+        c, n, m = count[p], news[p], olds[p]
+        if c + n > limit:
+            protect = np.zeros(c, np.bool_)
+            for jj in range(lo, hi):
+                i = order[jj]
+                if keep[i] and rows[i] >= 0:
+                    protect[rows[i]] = True
+            salt = mix(np.int64(seed) ^ np.int64(mix(np.int64(tick) * P + p)))
+            want = min(c - m, c + n - target)
             evicted[p] = _evict(
-                p,
-                count[p] - keep,
-                policy,
-                tick,
-                index,
-                tags,
-                tkeys,
-                values,
-                meta,
-                count,
-                icap,
-                pcap,
+                p, want, protect, policy, salt, index, tags, tkeys, values, meta, count, icap, pcap
             )
-            skip = max(0, new - limit)
-        for j in range(lo, hi):
-            i = order[j]
+        for jj in range(lo, hi):
+            i = order[jj]
+            if not keep[i]:
+                continue
             key = keys[i]
             h = mix(key)
             s, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
             if r < 0:
-                if skip > 0:
-                    skip -= 1
-                    continue
-                if count[p] >= limit:  # a batch key evicted above comes back: make room
-                    evicted[p] += _evict(
-                        p, 1, policy, tick, index, tags, tkeys, values, meta, count, icap, pcap
-                    )
-                    s, _ = probe(key, h, p, index, tags, tkeys, icap, pcap)
                 r = count[p]
                 count[p] = r + 1
-                index[p * icap + s] = np.int32(r + 1)
-                tags[p * icap + s] = tag_of(h)
                 tkeys[p * pcap + r] = key
-                if meta.shape[0]:
-                    meta[p * pcap + r] = np.uint32(tick) if policy == EVICT_OLDEST else np.uint32(0)
-            elif meta.shape[0] and policy == EVICT_OLDEST:
+                if len(meta):
+                    meta[p * pcap + r] = np.uint32(tick) if policy == EVICT_OLDEST else 0
+                tags[p * icap + s] = tag_of(h)
+                index[p * icap + s] = np.int32(r + 1)
+            elif len(meta) and policy == EVICT_OLDEST:
                 meta[p * pcap + r] = np.uint32(tick)
             row = p * pcap + r
             for d in range(vals.shape[1]):
@@ -234,6 +323,7 @@ def upsert(
 
 @njit(parallel=True, nogil=True, cache=True)
 def erase(keys, order, starts, index, tags, tkeys, values, meta, count, icap, pcap, P, removed):
+    """Delete keys grouped by partition; removed[p] counts the ones that were present."""
     for p in prange(P):
         for j in range(starts[p], starts[p + 1]):
             key = keys[order[j]]
@@ -243,17 +333,16 @@ def erase(keys, order, starts, index, tags, tkeys, values, meta, count, icap, pc
                 removed[p] += 1
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def rehash(index, tags, tkeys, count, icap, pcap, P):
-    """Rebuild every partition's index from its pool rows (after a resize)."""
-    for p in range(P):
+    """Build every partition's (empty) index from its pool rows, after a resize."""
+    for p in prange(P):
         for r in range(count[p]):
-            key = tkeys[p * pcap + r]
-            h = mix(key)
+            h = mix(tkeys[p * pcap + r])
             s = home_slot(h, icap)
             while index[p * icap + s] != 0:
                 s += 1
                 if s == icap:
                     s = 0
-            index[p * icap + s] = np.int32(r + 1)
             tags[p * icap + s] = tag_of(h)
+            index[p * icap + s] = np.int32(r + 1)

@@ -1,40 +1,54 @@
-"""The in-process volatile DB: a partitioned open-addressing hash map in numba.
+"""The in-process volatile DB (L2): a partitioned open-addressing hash map run by numba kernels.
 
-Each table is split into partitions by key hash. A partition owns a slice of an int32 index
-(linear probing, backward-shift deletion, no tombstones, 1-byte hash tags) and a dense pool of
-rows (keys int64, values fp32 or fp16, an optional uint32 per-row counter/tick for the overflow
-policy). About 1.1-1.25x the raw key+vector bytes for dims >= 8.
+Each table is split into ``num_partitions`` partitions by key hash. A partition owns a slice of
+an int32 index (linear probing at load <= 0.8, backward-shift deletion, one tag byte per slot)
+and a dense pool of rows: keys int64, vectors fp32 or fp16, and a uint32 per-row access count
+or last-touched tick for the ``evict_least_used`` / ``evict_oldest`` policies. The map takes
+about 1.15-1.3x the raw key + vector bytes (see ``estimate_table_bytes``).
 
-Concurrency (documented because readers may live in other processes):
-- Writers (upsert, evict, growth) are serialised by a per-table lock; there is one writer
-  process per shared table.
-- Each partition has a sequence counter (``seq``). A writer makes the counters of the
-  partitions it touches odd before its kernel runs and even after. A reader copies ``seq``
-  before and after its fetch kernel and re-reads the keys of any partition whose counter was
-  odd or changed, so it never returns a torn row.
-- The counters are read and written from Python, outside the numba functions, on purpose:
-  the call boundary keeps the compiler from merging or reordering the counter loads with the
-  row loads, and x86-64's TSO memory order keeps load->load and store->store order in hardware.
-  Other architectures (ARM) would need explicit fences around the kernels.
+Bounds (HPS semantics): ``overflow_margin`` is the most rows a partition may hold. An upsert
+that would exceed it first evicts rows of that partition (not rows of the batch itself) by the
+policy until ``overflow_resolution_target * overflow_margin`` rows remain with the new ones.
+In process, a full partition grows every partition of the table 1.5x; in shared memory the
+capacity is fixed at ``create_table`` and a full partition evicts instead.
 
-With ``shared_memory_name`` the arrays live in /dev/shm: the writer creates them with a fixed
-capacity (full partitions evict by the policy instead of growing); readers attach read-only.
+Concurrency: a seqlock per partition. Readers may live in other processes.
+
+- Writers (upsert, evict) are serialised by a per-table ``threading.Lock``; a shared table has
+  exactly one writer process.
+- Each partition has a uint64 counter ``seq``. Before its kernel runs, a writer increments the
+  counters of the partitions the batch touches (odd: write in progress); after the kernel it
+  increments them again (even).
+- A reader copies ``seq`` before and after its kernel and re-reads the keys of every partition
+  whose counter was odd or changed (``time.sleep(0)`` then a growing back-off between tries;
+  after ``READ_RETRIES`` the writer's own process takes the writer lock, another process keeps
+  backing off up to ``READ_TIMEOUT_S``). So a reader never returns a torn row.
+- The counters are read and written from Python, outside the numba functions, on purpose: the
+  call boundary keeps the compiler from merging or reordering the counter loads and stores
+  with the row loads and stores, and x86-64's TSO memory model keeps load->load and
+  store->store order in hardware. Other architectures (ARM, POWER) would need explicit
+  acquire/release fences around the kernels.
+- Growth leaves the old arrays untouched and swaps in the new ones with a single attribute
+  store, so it needs no odd counter: a reader on the old arrays reads a consistent copy.
+- Readers' access-count / tick updates are not locked: counts are approximate under races.
+- The kernels use numba's thread pool from several Python threads at once, which needs the
+  ``omp`` or ``tbb`` threading layer (numba picks one when present), not ``workqueue``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import HPSError, InvalidInputError, StorageError
+from ..errors import ConfigError, HPSError, InvalidInputError, StorageError
 from . import _kernels as K
 from . import shm
 from .base import VolatileDB
+from .shm import DTYPES, MIN_ROWS, TableArrays, index_slots, partition_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +57,31 @@ POLICIES = {
     "evict_least_used": K.EVICT_LEAST_USED,
     "evict_oldest": K.EVICT_OLDEST,
 }
-DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
-LOAD_FACTOR = 0.8
-MIN_ROWS = 64
-READ_RETRIES = 100
+MIN_SHARED_ROWS = 1024  # pool rows per partition when the capacity is fixed
+MAX_ROWS = 2**31 - 2  # pool rows per partition: int32 row ids + 1
+GROWTH = 1.5
+READ_RETRIES = 64
+READ_TIMEOUT_S = 10.0
 PARALLEL_MIN_KEYS = 4096
-
-
-def partition_rows(rows: int, partitions: int) -> int:
-    """Pool rows per partition for ``rows`` keys: the mean plus 4 sigma of hash imbalance."""
-    mean = rows / partitions
-    return int(mean + 4 * math.sqrt(mean) + MIN_ROWS)
 
 
 def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, policy: str) -> int:
     """Bytes a table of ``rows`` rows takes in this hash map (for ``hps estimate``)."""
     pcap = partition_rows(rows, partitions)
-    icap = int(pcap / LOAD_FACTOR) + 1
     meta = 4 if policy != "evict_random" else 0
-    return partitions * (icap * 5 + pcap * (8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta) + 16)
+    row = 8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta
+    return partitions * (index_slots(pcap) * 5 + pcap * row + 16) + 8
+
+
+class UnknownVDBTableError(HPSError, KeyError):
+    """A VDB table name does not exist."""
+
+    def __init__(self, table: str, known: list[str]):
+        self.table = table
+        super().__init__(f"VDB has no table '{table}'; tables: {known}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass
@@ -69,23 +89,16 @@ class _Table:
     dim: int
     dtype: str
     P: int
-    pcap: int
-    icap: int
-    index: np.ndarray
-    tags: np.ndarray
-    keys: np.ndarray
-    values: np.ndarray
-    meta: np.ndarray
-    count: np.ndarray
-    seq: np.ndarray
+    policy: int
+    arr: TableArrays
+    count: np.ndarray  # int64 [P] rows per partition
+    seq: np.ndarray  # uint64 [P] seqlock counters
+    clock: np.ndarray  # uint64 [1] batches seen (the evict_oldest tick)
     lock: threading.Lock
-    tick: int = 0
-
-    def arrays(self) -> tuple:
-        return (self.index, self.tags, self.keys, self.values, self.meta, self.count)
+    evicted: int = 0
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.arrays(), self.seq))
+        return self.arr.nbytes() + self.count.nbytes + self.seq.nbytes + self.clock.nbytes
 
 
 class HashMapVDB(VolatileDB):
@@ -103,25 +116,33 @@ class HashMapVDB(VolatileDB):
         seed: int = 0,
     ):
         if overflow_policy not in POLICIES:
-            raise ValueError(
-                f"overflow_policy = {overflow_policy!r}: expected one of {list(POLICIES)}"
-            )
-        self.num_partitions = max(1, int(num_partitions))
+            raise ConfigError("overflow_policy", overflow_policy, f"one of {list(POLICIES)}")
+        if int(num_partitions) < 1:
+            raise ConfigError("num_partitions", num_partitions, "an integer >= 1")
+        if int(overflow_margin) < 1:
+            raise ConfigError("overflow_margin", overflow_margin, "an integer >= 1")
+        if not 0.0 <= overflow_resolution_target <= 1.0:
+            raise ConfigError("overflow_resolution_target", overflow_resolution_target, "0..1")
+        self.num_partitions = int(num_partitions)
         self.overflow_margin = int(overflow_margin)
         self.policy = POLICIES[overflow_policy]
         self.policy_name = overflow_policy
         self.target = float(overflow_resolution_target)
-        self.refresh_time_after_fetch = refresh_time_after_fetch
+        self.refresh_time_after_fetch = bool(refresh_time_after_fetch)
         self.shm_name = shared_memory_name
-        self.readonly = shared_memory_readonly
-        self.seed = seed
+        self.readonly = bool(shared_memory_readonly)
+        self.seed = int(seed)
         self._tables: dict[str, _Table] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards the table dict; attaching re-enters it
 
     # -- tables -------------------------------------------------------------------------------
     def create_table(self, table, dim, dtype="float32", capacity_hint=0):
         if dtype not in DTYPES:
             raise InvalidInputError("dtype", dtype, f"one of {list(DTYPES)}")
+        if int(dim) < 1:
+            raise InvalidInputError("dim", dim, "an integer >= 1")
+        if not table or "/" in table or "\0" in table:
+            raise InvalidInputError("table", repr(table), "a non-empty name without '/'")
         with self._lock:
             t = self._tables.get(table) or self._attach(table)
             if t is not None:
@@ -132,67 +153,28 @@ class HashMapVDB(VolatileDB):
                 return
             self._writable("create a table")
             P = self.num_partitions
-            pcap = min(
-                partition_rows(max(capacity_hint, 1), P), max(self.overflow_margin, MIN_ROWS)
-            )
-            self._tables[table] = self._allocate(table, dim, dtype, pcap, threading.Lock(), None)
+            least = MIN_SHARED_ROWS if self.shm_name else MIN_ROWS
+            pcap = max(partition_rows(int(capacity_hint), P), least)
+            pcap = max(1, min(pcap, self.overflow_margin, MAX_ROWS))
+            self._tables[table] = self._new_table(table, int(dim), dtype, pcap)
 
-    def _allocate(self, table: str, dim: int, dtype: str, pcap: int, lock, seq) -> _Table:
-        P = self.num_partitions
-        icap = int(pcap / LOAD_FACTOR) + 1
-        meta_rows = P * pcap if self.policy != K.EVICT_RANDOM else 0
-        shapes = {
-            "index": ((P * icap,), np.int32),
-            "tags": ((P * icap,), np.uint8),
-            "keys": ((P * pcap,), np.int64),
-            "values": ((P * pcap, dim), DTYPES[dtype]),
-            "meta": ((meta_rows,), np.uint32),
-            "count": ((P,), np.int64),
-            "seq": ((P,), np.uint64),
-        }
+    def _new_table(self, table: str, dim: int, dtype: str, pcap: int) -> _Table:
+        P, meta = self.num_partitions, self.policy != K.EVICT_RANDOM
+        arr = shm.new_arrays(self.shm_name, table, P, dim, dtype, pcap, meta)
+        state = shm.new_state(self.shm_name, table, P)
         if self.shm_name:
-            arrays = {
-                a: shm.create_array(self.shm_name, table, a, s, d) for a, (s, d) in shapes.items()
-            }
-        else:
-            arrays = {a: np.zeros(s, d) for a, (s, d) in shapes.items()}
-        if seq is not None:
-            arrays["seq"] = seq
-        t = _Table(dim, dtype, P, pcap, icap, lock=lock, **arrays)
-        if self.shm_name:
-            header = shm.read_header(self.shm_name)
-            header[table] = {
-                "dim": dim,
-                "dtype": dtype,
-                "P": P,
-                "pcap": pcap,
-                "icap": icap,
-                "meta": meta_rows,
-            }
-            shm.write_header(self.shm_name, header)
-        return t
+            layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
+            shm.publish(self.shm_name, table, {**layout, "meta": meta, "policy": self.policy_name})
+        return _Table(dim, dtype, P, self.policy, arr, lock=threading.Lock(), **state)
 
     def _attach(self, table: str) -> _Table | None:
-        """Map a table another process created in shared memory."""
-        if not self.shm_name:
+        """Map a table another process (or an earlier writer) created in shared memory."""
+        found = shm.attach(self.shm_name, table, self.readonly) if self.shm_name else None
+        if found is None:
             return None
-        h = shm.read_header(self.shm_name).get(table)
-        if h is None:
-            return None
-        P, pcap, icap, dim = h["P"], h["pcap"], h["icap"], h["dim"]
-        w = not self.readonly
-        arr = {
-            "index": shm.attach_array(self.shm_name, table, "index", (P * icap,), np.int32, w),
-            "tags": shm.attach_array(self.shm_name, table, "tags", (P * icap,), np.uint8, w),
-            "keys": shm.attach_array(self.shm_name, table, "keys", (P * pcap,), np.int64, w),
-            "values": shm.attach_array(
-                self.shm_name, table, "values", (P * pcap, dim), DTYPES[h["dtype"]], w
-            ),
-            "meta": shm.attach_array(self.shm_name, table, "meta", (h["meta"],), np.uint32, w),
-            "count": shm.attach_array(self.shm_name, table, "count", (P,), np.int64, w),
-            "seq": shm.attach_array(self.shm_name, table, "seq", (P,), np.uint64, w),
-        }
-        t = _Table(dim, h["dtype"], P, pcap, icap, lock=threading.Lock(), **arr)
+        h, arr, state = found
+        t = _Table(h["dim"], h["dtype"], h["P"], POLICIES[h["policy"]], arr,
+                   lock=threading.Lock(), **state)  # fmt: skip
         self._tables[table] = t
         return t
 
@@ -202,7 +184,7 @@ class HashMapVDB(VolatileDB):
             with self._lock:
                 t = self._tables.get(table) or self._attach(table)
         if t is None:
-            raise HPSError(f"VDB has no table '{table}'; tables: {self.tables()}")
+            raise UnknownVDBTableError(table, self.tables())
         return t
 
     def _writable(self, op: str) -> None:
@@ -215,10 +197,7 @@ class HashMapVDB(VolatileDB):
             self._table(table)
             del self._tables[table]
             if self.shm_name:
-                header = shm.read_header(self.shm_name)
-                header.pop(table, None)
-                shm.write_header(self.shm_name, header)
-                shm.remove_arrays(self.shm_name, table)
+                shm.remove_table(self.shm_name, table)
 
     def tables(self):
         names = set(self._tables)
@@ -232,6 +211,14 @@ class HashMapVDB(VolatileDB):
     def size(self, table):
         return int(self._table(table).count.sum())
 
+    def partition_sizes(self, table: str) -> np.ndarray:
+        """Rows held by each partition of a table (int64 [num_partitions])."""
+        return self._table(table).count.copy()
+
+    def evictions(self, table: str) -> int:
+        """Rows this instance evicted from a table by the overflow policy."""
+        return self._table(table).evicted
+
     def memory_bytes(self, table=None):
         if table is not None:
             return self._table(table).nbytes()
@@ -239,175 +226,200 @@ class HashMapVDB(VolatileDB):
 
     # -- reads --------------------------------------------------------------------------------
     def fetch(self, table, keys, out=None):
-        touch = K.TOUCH_NONE
-        if not self.readonly:
-            if self.policy == K.EVICT_LEAST_USED:
-                touch = K.TOUCH_COUNT
-            elif self.policy == K.EVICT_OLDEST and self.refresh_time_after_fetch:
-                touch = K.TOUCH_TICK
-        return self._fetch(self._table(table), _keys(keys), out, touch)
+        """Rows of keys as float32; a row whose key a concurrent evict removes mid-read may
+        leave ``out[i]`` overwritten although ``found[i]`` is False."""
+        t = self._table(table)
+        k = _keys(keys)
+        n = len(k)
+        if out is None:
+            out = np.zeros((n, t.dim), np.float32)
+        elif out.shape != (n, t.dim) or out.dtype != np.float32 or not out.flags.writeable:
+            raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {t.dim}]")
+        found = np.zeros(n, bool)
+        if n == 0:
+            return out, found
+        touch, tick = 0, 0
+        if t.policy == K.EVICT_LEAST_USED:
+            touch = K.TOUCH_COUNT
+        elif t.policy == K.EVICT_OLDEST and self.refresh_time_after_fetch:
+            t.clock[0] += np.uint64(1)
+            touch, tick = K.TOUCH_TICK, int(t.clock[0])
+        kernel = K.fetch if n >= PARALLEL_MIN_KEYS else K.fetch_serial
+        lut = K.HALF_TO_FLOAT if t.dtype == "float16" else None
+
+        def run(a: TableArrays, sel: np.ndarray) -> None:
+            kernel(k, sel, a.index, a.tags, a.keys, a.values, a.meta, touch, tick,
+                   a.icap, a.pcap, t.P, out, found, lut)  # fmt: skip
+
+        self._read(t, k, run)
+        return out, found
 
     def contains(self, table, keys):
         t = self._table(table)
         k = _keys(keys)
-        return self._fetch(t, k, np.empty((len(k), t.dim), np.float32), K.TOUCH_NONE)[1]
-
-    @staticmethod
-    def _fetch(t: _Table, k: np.ndarray, out: np.ndarray | None, touch: int):
-        fresh = out is None
-        if fresh:
-            out = np.empty((len(k), t.dim), np.float32)
-        elif out.shape != (len(k), t.dim) or out.dtype != np.float32:
-            raise InvalidInputError(
-                "out", f"{out.dtype} {out.shape}", f"float32 [{len(k)}, {t.dim}]"
-            )
         found = np.zeros(len(k), bool)
-        if len(k) == 0:
-            return out, found
-        half = t.dtype == "float16"
-        dest = np.empty((len(k), t.dim), np.uint16) if half else out
-        kernel = K.fetch if len(k) >= PARALLEL_MIN_KEYS else K.fetch_serial
+        if len(k):
+
+            def run(a: TableArrays, sel: np.ndarray) -> None:
+                K.contains(k, sel, a.index, a.tags, a.keys, a.icap, a.pcap, t.P, found)
+
+            self._read(t, k, run)
+        return found
+
+    def _read(self, t: _Table, k: np.ndarray, run) -> None:
+        """Run ``run(arrays, positions)`` under the seqlock until no writer overlapped it."""
         sel = np.arange(len(k), dtype=np.int64)
-        for attempt in range(READ_RETRIES + 1):
-            if attempt == READ_RETRIES:  # a writer kept these partitions busy: wait for it
-                with t.lock:
-                    a = t.arrays()
-                    kernel(k, sel, *a[:5], t.icap, t.pcap, t.P, dest, found, touch, t.tick)
-                break
-            a = t.arrays()  # growth swaps the arrays: use one consistent set
+        parts = None
+        start = time.monotonic()
+        attempt = 0
+        while True:
             before = t.seq.copy()
-            kernel(k, sel, *a[:5], t.icap, t.pcap, t.P, dest, found, touch, t.tick)
+            run(t.arr, sel)
             after = t.seq.copy()
-            dirty = (before != after) | (before & np.uint64(1)).astype(bool)
+            dirty = (before != after) | ((before & np.uint64(1)) != 0)
             if not dirty.any():
-                break
-            sel = sel[dirty[K.partitions(k[sel], t.P)]]
+                return
+            if parts is None:
+                parts = K.partitions(k, t.P)
+            sel = sel[dirty[parts[sel]]]
             if len(sel) == 0:
-                break
-            time.sleep(0.0001 * attempt)
-        if half:
-            np.copyto(out, dest.view(np.float16), where=found[:, None])
-        if fresh:
-            out[~found] = 0.0
-        return out, found
+                return
+            attempt += 1
+            if attempt >= READ_RETRIES:
+                if not self.readonly:  # the writer lives in this process: wait for it
+                    with t.lock:
+                        run(t.arr, sel)
+                    return
+                if time.monotonic() - start > READ_TIMEOUT_S:
+                    raise StorageError(
+                        f"VDB '{self.shm_name}': a writer kept {len(sel)} keys busy "
+                        f"for {READ_TIMEOUT_S} s (fetch)"
+                    )
+            time.sleep(0 if attempt < 4 else min(1e-3, 1e-6 * 2**attempt))
 
     def dump(self, table):
         t = self._table(table)
-        with t.lock:
-            idx = np.concatenate([p * t.pcap + np.arange(t.count[p]) for p in range(t.P)])
-            return t.keys[idx].copy(), _decode(t.values[idx], t.dtype)
+        if not self.readonly:
+            with t.lock:
+                return self._dump_rows(t, t.arr, range(t.P))
+        parts_k, parts_v = [], []
+        for p in range(t.P):  # a reader: per partition under the seqlock
+            for attempt in range(1 << 30):
+                before = int(t.seq[p])
+                if before % 2 == 0:
+                    k, v = self._dump_rows(t, t.arr, [p])
+                    if int(t.seq[p]) == before:
+                        break
+                time.sleep(0 if attempt < 4 else 1e-4)
+            parts_k.append(k)
+            parts_v.append(v)
+        return np.concatenate(parts_k), np.concatenate(parts_v)
+
+    @staticmethod
+    def _dump_rows(t: _Table, a: TableArrays, parts) -> tuple[np.ndarray, np.ndarray]:
+        rows = [p * a.pcap + np.arange(int(t.count[p])) for p in parts]
+        idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return a.keys[idx].copy(), _decode(a.values[idx], t.dtype)
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
-        self._writable("write")
+        self._write(table, keys, vectors, sized=False)
+
+    def load(self, table, keys, vectors):
+        """Bulk upsert; a table that must grow is sized for exactly the rows it will hold."""
+        self._write(table, keys, vectors, sized=True)
+
+    def _write(self, table: str, keys, vectors, sized: bool) -> None:
+        self._writable("upsert")
         t = self._table(table)
         k = _keys(keys)
-        v = np.asarray(vectors)
-        if v.ndim != 2 or v.shape != (len(k), t.dim):
-            raise InvalidInputError(
-                "vectors", f"shape {v.shape}", f"[{len(k)}, {t.dim}] for table '{table}'"
-            )
+        v = _vectors(vectors, len(k), t.dim, table)
         if len(k) == 0:
             return
-        # Later duplicates win: keep each key's last occurrence.
-        _, last = np.unique(k[::-1], return_index=True)
-        last = len(k) - 1 - last
-        k, v = k[last], _encode(v[last], t.dtype)
+        v = _encode(v, t.dtype)
+        P, margin = t.P, self.overflow_margin
         with t.lock:
-            present = self._fetch(t, k, np.empty((len(k), t.dim), np.float32), K.TOUCH_NONE)[1]
-            parts = K.partitions(k, t.P)
-            new = np.bincount(parts[~present], minlength=t.P)
-            need = int((t.count + new).max())
-            if not self.shm_name and need > t.pcap and t.pcap < self.overflow_margin:
-                self._grow(
-                    table,
-                    t,
-                    min(max(need, int(t.pcap * 1.25)), max(self.overflow_margin, MIN_ROWS)),
-                )
-                t = self._tables[table]
-            order = np.argsort(parts, kind="stable")
-            starts = np.searchsorted(parts[order], np.arange(t.P + 1))
-            limit = min(self.overflow_margin, t.pcap)
-            evicted = np.zeros(t.P, np.int64)
-            t.tick += 1
-            touched = np.flatnonzero(np.bincount(parts, minlength=t.P))
+            a = t.arr
+            order, starts = K.group_by_partition(k, P)
+            keep = np.empty(len(k), np.bool_)
+            rows = np.empty(len(k), np.int64)
+            news, olds = np.zeros(P, np.int64), np.zeros(P, np.int64)
+            plan_limit = min(margin, a.pcap if self.shm_name else MAX_ROWS)
+            K.plan_upsert(k, order, starts, a.index, a.tags, a.keys, a.icap, a.pcap, P,
+                          plan_limit, keep, rows, news, olds)  # fmt: skip
+            need = int((t.count + news).max())
+            if not self.shm_name and need > a.pcap and a.pcap < min(margin, MAX_ROWS):
+                total = int(t.count.sum() + news.sum())
+                pcap = max(need, partition_rows(total, P))
+                if not sized:
+                    pcap = max(pcap, int(a.pcap * GROWTH))
+                self._grow(table, t, min(pcap, margin, MAX_ROWS))
+                a = t.arr
+            limit = min(margin, a.pcap)
+            evicted = np.zeros(P, np.int64)
+            t.clock[0] += np.uint64(1)
+            touched = np.flatnonzero(np.diff(starts))
             t.seq[touched] += np.uint64(1)
             try:
-                K.upsert(
-                    k,
-                    v,
-                    present,
-                    order,
-                    starts,
-                    *t.arrays(),
-                    t.icap,
-                    t.pcap,
-                    t.P,
-                    limit,
-                    int(self.target * limit),
-                    self.policy,
-                    t.tick,
-                    evicted,
-                )
+                K.apply_upsert(
+                    k, v.view(np.uint16), order, starts, keep, rows, news, olds,
+                    a.index, a.tags, a.keys, a.values.view(np.uint16), a.meta, t.count, a.icap, a.pcap, P,
+                    limit, int(self.target * limit), t.policy, int(t.clock[0]), self.seed, evicted,
+                )  # fmt: skip
             finally:
                 t.seq[touched] += np.uint64(1)
             if evicted.any():
-                log.debug(
-                    "VDB table %s: evicted %d rows (%s)",
-                    table,
-                    int(evicted.sum()),
-                    self.policy_name,
-                )
+                t.evicted += int(evicted.sum())
+                log.debug("VDB table %s: evicted %d rows (%s)", table, evicted.sum(), t.policy)
 
     def _grow(self, table: str, t: _Table, pcap: int) -> None:
-        """Re-allocate every partition with ``pcap`` pool rows and rebuild the index."""
-        t.seq[:] += np.uint64(1)
-        try:
-            g = self._allocate(table, t.dim, t.dtype, pcap, t.lock, t.seq)
-            for p in range(t.P):
-                c = int(t.count[p])
-                g.keys[p * pcap : p * pcap + c] = t.keys[p * t.pcap : p * t.pcap + c]
-                g.values[p * pcap : p * pcap + c] = t.values[p * t.pcap : p * t.pcap + c]
-                if t.meta.shape[0]:
-                    g.meta[p * pcap : p * pcap + c] = t.meta[p * t.pcap : p * t.pcap + c]
-            g.count[:] = t.count
-            g.tick = t.tick
-            K.rehash(g.index, g.tags, g.keys, g.count, g.icap, g.pcap, g.P)
-            self._tables[table] = g
-        finally:
-            t.seq[:] += np.uint64(1)
+        """Re-allocate every partition with ``pcap`` pool rows and rebuild the index.
+
+        The old arrays are not modified and the new set replaces them in one attribute store,
+        so readers need no seqlock signal: either set is a consistent copy of the table.
+        """
+        old = t.arr
+        g = shm.new_arrays(None, table, t.P, t.dim, t.dtype, pcap, len(old.meta) > 0)
+        for p in range(t.P):
+            c, src, dst = int(t.count[p]), p * old.pcap, p * pcap
+            g.keys[dst : dst + c] = old.keys[src : src + c]
+            g.values[dst : dst + c] = old.values[src : src + c]
+            if len(old.meta):
+                g.meta[dst : dst + c] = old.meta[src : src + c]
+        K.rehash(g.index, g.tags, g.keys, t.count, g.icap, g.pcap, t.P)
+        t.arr = g
+        log.debug("VDB table %s: grew to %d rows per partition", table, pcap)
 
     def evict(self, table, keys):
         self._writable("evict")
         t = self._table(table)
-        k = np.unique(_keys(keys))
+        k = _keys(keys)
+        if len(k) == 0:
+            return 0
         with t.lock:
-            parts = K.partitions(k, t.P)
-            order = np.argsort(parts, kind="stable")
-            starts = np.searchsorted(parts[order], np.arange(t.P + 1))
+            a = t.arr
+            order, starts = K.group_by_partition(k, t.P)
             removed = np.zeros(t.P, np.int64)
-            touched = np.flatnonzero(np.bincount(parts, minlength=t.P))
+            touched = np.flatnonzero(np.diff(starts))
             t.seq[touched] += np.uint64(1)
             try:
-                K.erase(k, order, starts, *t.arrays(), t.icap, t.pcap, t.P, removed)
+                K.erase(k, order, starts, a.index, a.tags, a.keys, a.values.view(np.uint16),
+                        a.meta, t.count, a.icap, a.pcap, t.P, removed)  # fmt: skip
             finally:
                 t.seq[touched] += np.uint64(1)
         return int(removed.sum())
 
-    def load(self, table, keys, vectors):
-        self.upsert(table, keys, vectors)
-
     def close(self):
         """Detach (shared tables stay in /dev/shm for other processes until ``unlink``)."""
-        self._tables.clear()
+        with self._lock:
+            self._tables.clear()
 
     def unlink(self) -> None:
-        """Remove every shared table of this map from /dev/shm."""
+        """Remove every shared table of this map from /dev/shm (the writer, at shutdown)."""
+        self._writable("unlink")
         if self.shm_name:
-            for table in shm.read_header(self.shm_name):
-                shm.remove_arrays(self.shm_name, table)
-            shm.header_path(self.shm_name).unlink(missing_ok=True)
-        self._tables.clear()
+            shm.remove_all(self.shm_name)
+        self.close()
 
 
 def _keys(keys: object) -> np.ndarray:
@@ -416,13 +428,25 @@ def _keys(keys: object) -> np.ndarray:
         raise InvalidInputError("keys", f"dtype {k.dtype}", "integer keys (int64)")
     if k.ndim != 1:
         raise InvalidInputError("keys", f"shape {k.shape}", "a 1-D array")
-    return k.view(np.int64) if k.dtype == np.uint64 else np.ascontiguousarray(k, dtype=np.int64)
+    if k.dtype == np.uint64:
+        return np.ascontiguousarray(k).view(np.int64)  # the same 64 bits
+    return np.ascontiguousarray(k, dtype=np.int64)
+
+
+def _vectors(vectors: object, n: int, dim: int, table: str) -> np.ndarray:
+    v = np.asarray(vectors)
+    if v.dtype.kind not in "fiu":
+        raise InvalidInputError("vectors", f"dtype {v.dtype}", "float vectors")
+    if v.shape != (n, dim):
+        raise InvalidInputError("vectors", f"shape {v.shape}", f"[{n}, {dim}] for table '{table}'")
+    return v
 
 
 def _encode(v: np.ndarray, dtype: str) -> np.ndarray:
-    """float vectors -> the table's storage array."""
+    """float vectors -> the table's storage array (fp16 as its bits)."""
     if dtype == "float16":
-        return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
+        with np.errstate(over="ignore"):
+            return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
     return np.ascontiguousarray(v, dtype=np.float32)
 
 

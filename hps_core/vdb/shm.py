@@ -1,44 +1,123 @@
-"""Arrays in POSIX shared memory (files under /dev/shm), so processes share one copy of a table."""
+"""Where a hash-map table's arrays live: process memory, or POSIX shared memory for many processes.
+
+In shared memory each array is a file ``/dev/shm/<name>.<table>.<array>`` mapped with numpy,
+and a JSON header ``/dev/shm/<name>.tables.json`` describes the tables (dim, dtype, partitions,
+capacities, policy), so another process can attach to them without copying. Plain files rather
+than ``multiprocessing.shared_memory`` on purpose: Python's resource tracker unlinks every
+``SharedMemory`` segment a process touched when that process exits, readers included, which
+would destroy a table the writer still serves. These files live until ``remove_table``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
+DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
+LOAD_FACTOR = 0.8
+MIN_ROWS = 64  # pool rows per partition, at least
+ARRAY_NAMES = ("index", "tags", "keys", "values", "meta", "count", "seq", "clock")
+
+
+def partition_rows(rows: int, partitions: int) -> int:
+    """Pool rows per partition for ``rows`` keys: the mean plus 4 sigma of hash imbalance."""
+    mean = rows / partitions
+    return int(mean + 4 * math.sqrt(mean) + MIN_ROWS)
+
+
+def index_slots(pcap: int) -> int:
+    """Index slots per partition for ``pcap`` pool rows (load factor <= 0.8)."""
+    return int(pcap / LOAD_FACTOR) + 1
+
+
+@dataclass(frozen=True)
+class TableArrays:
+    """The arrays growth replaces, swapped as one object so a reader sees one consistent set."""
+
+    index: np.ndarray  # int32 [P*icap]
+    tags: np.ndarray  # uint8 [P*icap]
+    keys: np.ndarray  # int64 [P*pcap]
+    values: np.ndarray  # float32 or fp16 bits [P*pcap, dim]
+    meta: np.ndarray  # uint32 [P*pcap], or empty for evict_random
+    icap: int
+    pcap: int
+
+    def nbytes(self) -> int:
+        arrays = (self.index, self.tags, self.keys, self.values, self.meta)
+        return sum(a.nbytes for a in arrays)
+
+
+def new_arrays(
+    name: str | None, table: str, P: int, dim: int, dtype: str, pcap: int, meta: bool
+) -> TableArrays:
+    """Zeroed arrays for P partitions of ``pcap`` rows, in /dev/shm when ``name`` is given."""
+    icap = index_slots(pcap)
+    shapes = {
+        "index": ((P * icap,), np.int32),
+        "tags": ((P * icap,), np.uint8),
+        "keys": ((P * pcap,), np.int64),
+        "values": ((P * pcap, dim), DTYPES[dtype]),
+        "meta": ((P * pcap if meta else 0,), np.uint32),
+    }
+    out = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
+    return TableArrays(**out, icap=icap, pcap=pcap)
+
+
+def new_state(name: str | None, table: str, P: int) -> dict[str, np.ndarray]:
+    """Per-partition row counts and seqlock counters, and the table's clock."""
+    shapes = {"count": ((P,), np.int64), "seq": ((P,), np.uint64), "clock": ((1,), np.uint64)}
+    return {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
+
+
+def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.ndarray:
+    if name is None or int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    path = array_path(name, table, array)
+    path.unlink(missing_ok=True)
+    return np.memmap(path, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)
+
+
+def attach(name: str, table: str, readonly: bool):
+    """Map a published table: (header entry, TableArrays, state), or None if not published.
+
+    A read-only attachment maps everything read-only except the per-row access counts / ticks
+    and the clock, which readers update (approximately) for the overflow policy.
+    """
+    h = read_header(name).get(table)
+    if h is None:
+        return None
+    P, pcap, icap, dim = h["P"], h["pcap"], h["icap"], h["dim"]
+
+    def m(array, shape, dtype, writable=not readonly):
+        mode = "r+" if writable else "r"
+        path = array_path(name, table, array)
+        return np.memmap(path, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
+
+    arrays = TableArrays(
+        m("index", (P * icap,), np.int32),
+        m("tags", (P * icap,), np.uint8),
+        m("keys", (P * pcap,), np.int64),
+        m("values", (P * pcap, dim), DTYPES[h["dtype"]]),
+        m("meta", (P * pcap,), np.uint32, True) if h["meta"] else np.zeros(0, np.uint32),
+        icap,
+        pcap,
+    )
+    state = {
+        "count": m("count", (P,), np.int64),
+        "seq": m("seq", (P,), np.uint64),
+        "clock": m("clock", (1,), np.uint64, True),
+    }
+    return h, arrays, state
 
 
 def array_path(name: str, table: str, array: str) -> Path:
     return SHM_DIR / f"{name}.{table}.{array}"
-
-
-def create_array(name: str, table: str, array: str, shape: tuple, dtype) -> np.ndarray:
-    """A new zero-filled shared array (replaces an old one of the same name)."""
-    path = array_path(name, table, array)
-    path.unlink(missing_ok=True)
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
-
-
-def attach_array(
-    name: str, table: str, array: str, shape: tuple, dtype, writable: bool
-) -> np.ndarray:
-    """Map an existing shared array."""
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(
-        array_path(name, table, array), dtype=dtype, mode="r+" if writable else "r", shape=shape
-    )
-
-
-def remove_arrays(name: str, table: str) -> None:
-    for p in SHM_DIR.glob(f"{name}.{table}.*"):
-        p.unlink(missing_ok=True)
 
 
 def header_path(name: str) -> Path:
@@ -46,7 +125,7 @@ def header_path(name: str) -> Path:
 
 
 def read_header(name: str) -> dict:
-    """Table layouts published by the writer: {table: {dim, dtype, P, pcap, icap, meta}}."""
+    """Table layouts published by the writer: {table: {dim, dtype, P, pcap, icap, meta, policy}}."""
     try:
         return json.loads(header_path(name).read_text())
     except FileNotFoundError:
@@ -54,6 +133,31 @@ def read_header(name: str) -> dict:
 
 
 def write_header(name: str, tables: dict) -> None:
-    tmp = header_path(name).with_suffix(".tmp")
+    """Publish the table layouts atomically: readers see the old or the new header, never half."""
+    tmp = header_path(name).with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(tables))
-    os.replace(tmp, header_path(name))  # readers see the old or the new header, never half
+    os.replace(tmp, header_path(name))
+
+
+def publish(name: str, table: str, layout: dict) -> None:
+    """Announce a table created in shared memory to other processes."""
+    header = read_header(name)
+    header[table] = layout
+    write_header(name, header)
+
+
+def remove_table(name: str, table: str) -> None:
+    """Unpublish a table and unlink its files (processes that mapped them keep their mapping)."""
+    header = read_header(name)
+    if header.pop(table, None) is not None:
+        write_header(name, header)
+    for a in ARRAY_NAMES:
+        array_path(name, table, a).unlink(missing_ok=True)
+
+
+def remove_all(name: str) -> None:
+    """Unlink every table of a shared map and its header."""
+    for table in read_header(name):
+        for a in ARRAY_NAMES:
+            array_path(name, table, a).unlink(missing_ok=True)
+    header_path(name).unlink(missing_ok=True)

@@ -1,0 +1,310 @@
+"""The in-process hash-map VDB against a dict reference: verbs, overflow policies, memory, threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hps_core.errors import HPSError, InvalidInputError, StorageError
+from hps_core.vdb.hashmap import HashMapVDB, estimate_table_bytes
+
+I64 = np.iinfo(np.int64)
+EXTREMES = np.array([I64.min, I64.max, 0, -1, 1, I64.min + 1, I64.max - 1], np.int64)
+
+
+def stored(v: np.ndarray, dtype: str) -> np.ndarray:
+    """What the table returns for vector v: float32, cast through the storage dtype."""
+    return np.asarray(v, np.float32).astype(dtype).astype(np.float32)
+
+
+def check_against(vdb: HashMapVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> None:
+    got, found = vdb.fetch(table, probe)
+    expect_found = np.array([k in ref for k in probe.tolist()], bool)
+    np.testing.assert_array_equal(found, expect_found)
+    expect = np.array([ref.get(k, np.zeros(dim, np.float32)) for k in probe.tolist()])
+    np.testing.assert_array_equal(got, expect.reshape(len(probe), dim))
+    np.testing.assert_array_equal(vdb.contains(table, probe), expect_found)
+    assert vdb.size(table) == len(ref)
+
+
+@pytest.mark.parametrize(
+    "dim,dtype,parts",
+    [(1, "float32", 1), (16, "float16", 4), (64, "float32", 7), (16, "float32", 16)],
+)
+def test_random_operations_match_a_dict(dim, dtype, parts):
+    rng = np.random.default_rng(dim * 100 + parts)
+    vdb = HashMapVDB(num_partitions=parts)
+    vdb.create_table("t", dim, dtype=dtype)  # starts at 64 rows per partition, grows past it
+    ref: dict[int, np.ndarray] = {}
+    small = np.arange(-50, 50, dtype=np.int64)
+    universe = np.concatenate([EXTREMES, small, rng.integers(I64.min, I64.max, 4000)])
+    for _ in range(60):
+        op = rng.integers(0, 4)
+        keys = rng.choice(universe, rng.integers(0, 600))  # duplicates included
+        if op <= 1:  # upsert or load: a later duplicate wins
+            vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+            vecs[rng.random(len(keys)) < 0.01] = np.nan  # NaN is stored, not checked
+            (vdb.upsert if op == 0 else vdb.load)("t", keys, vecs)
+            ref.update(zip(keys.tolist(), stored(vecs, dtype), strict=True))
+        elif op == 2:
+            removed = vdb.evict("t", keys)
+            assert removed == len({k for k in keys.tolist() if k in ref})
+            for k in keys.tolist():
+                ref.pop(k, None)
+        else:
+            check_against(vdb, "t", ref, dim, rng.choice(universe, 700))
+    check_against(vdb, "t", ref, dim, universe)
+    check_against(vdb, "t", ref, dim, EXTREMES)
+    dk, dv = vdb.dump("t")
+    assert dk.dtype == np.int64 and dv.dtype == np.float32 and dv.shape == (len(ref), dim)
+    assert sorted(dk.tolist()) == sorted(ref)
+    np.testing.assert_array_equal(dv, np.array([ref[k] for k in dk.tolist()]).reshape(-1, dim))
+    assert vdb.partition_sizes("t").sum() == len(ref)
+
+
+def test_fetch_leaves_missing_rows_of_out_untouched_and_widens_unsigned_keys():
+    vdb = HashMapVDB(num_partitions=2)
+    vdb.create_table("t", 3)
+    vdb.upsert("t", np.array([7, -1], np.int64), np.array([[1, 2, 3], [4, 5, 6]], np.float32))
+    out = np.full((3, 3), -9.0, np.float32)
+    got, found = vdb.fetch("t", np.array([-1, 8, 7]), out=out)
+    assert got is out
+    np.testing.assert_array_equal(found, [True, False, True])
+    np.testing.assert_array_equal(out, [[4, 5, 6], [-9, -9, -9], [1, 2, 3]])
+    # uint64 keys are the same 64 bits as int64: 2**64 - 1 is key -1
+    got, found = vdb.fetch("t", np.array([2**64 - 1, 7], np.uint64))
+    np.testing.assert_array_equal(got, [[4, 5, 6], [1, 2, 3]])
+    got, found = vdb.fetch("t", np.array([7], np.uint32))
+    assert found[0] and (got[0] == [1, 2, 3]).all()
+
+
+def fill(vdb: HashMapVDB, keys, value) -> None:
+    keys = np.asarray(keys, np.int64)
+    vdb.upsert("t", keys, np.full((len(keys), 4), value, np.float32))
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
+def test_overflow_keeps_every_partition_bounded_and_counts_evictions(policy):
+    margin, parts, target = 300, 4, 0.6
+    vdb = HashMapVDB(num_partitions=parts, overflow_margin=margin, overflow_policy=policy,
+                     overflow_resolution_target=target)  # fmt: skip
+    vdb.create_table("t", 4)
+    rng = np.random.default_rng(5)
+    written: dict[int, np.ndarray] = {}
+    inserted = 0
+    for _ in range(25):
+        k = rng.integers(I64.min, I64.max, 500, dtype=np.int64)
+        k[:50] = rng.choice(np.array(list(written) or [0], np.int64), 50)  # some updates
+        v = rng.standard_normal((500, 4)).astype(np.float32)
+        before = set(vdb.dump("t")[0].tolist())
+        evicted_before = vdb.evictions("t")
+        vdb.upsert("t", k, v)
+        inserted += len(set(k.tolist()) - before)
+        written.update(zip(k.tolist(), v, strict=True))
+        sizes = vdb.partition_sizes("t")
+        assert (sizes <= margin).all(), sizes
+        # every key of the batch is present afterwards (a batch never evicts its own rows)
+        assert vdb.contains("t", k).all()
+        assert vdb.size("t") == len(before) + len(set(k.tolist()) - before) - (
+            vdb.evictions("t") - evicted_before
+        )
+    assert vdb.evictions("t") == inserted - vdb.size("t") > 0
+    assert vdb.size("t") <= margin * parts
+    keys, vecs = vdb.dump("t")
+    np.testing.assert_array_equal(vecs, np.array([written[k] for k in keys.tolist()]))
+
+
+def test_overflow_resolves_to_the_target_fraction():
+    vdb = HashMapVDB(num_partitions=1, overflow_margin=100, overflow_resolution_target=0.5)
+    vdb.create_table("t", 4)
+    fill(vdb, np.arange(100), 1.0)
+    assert vdb.size("t") == 100 and vdb.evictions("t") == 0
+    fill(vdb, [1000], 2.0)  # 101 > 100: evict down to 50 - 1 old rows, then insert the new one
+    assert vdb.size("t") == 50 and vdb.evictions("t") == 51
+    assert vdb.contains("t", [1000])[0]
+
+
+def test_overflow_least_used_evicts_the_rows_read_least():
+    vdb = HashMapVDB(num_partitions=1, overflow_margin=100, overflow_policy="evict_least_used",
+                     overflow_resolution_target=0.5)  # fmt: skip
+    vdb.create_table("t", 4)
+    keys = np.arange(100)
+    fill(vdb, keys, 1.0)
+    hot = keys[50:]
+    for _ in range(2):
+        vdb.fetch("t", hot)
+    vdb.fetch("t", keys[60:])  # 60.. read 3 times, 50..59 twice, 0..49 never
+    fill(vdb, [500, 501], 2.0)  # 102 > 100: keep 50 - 2 = 48 old rows, i.e. the 48 hottest
+    assert vdb.size("t") == 50 and vdb.evictions("t") == 52
+    assert not vdb.contains("t", keys[:52]).any()
+    assert vdb.contains("t", keys[52:]).all() and vdb.contains("t", [500, 501]).all()
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_overflow_oldest_evicts_the_rows_touched_longest_ago(refresh):
+    vdb = HashMapVDB(num_partitions=1, overflow_margin=60, overflow_policy="evict_oldest",
+                     overflow_resolution_target=0.5, refresh_time_after_fetch=refresh)  # fmt: skip
+    vdb.create_table("t", 4)
+    for batch in range(6):  # batch 0 is the oldest
+        fill(vdb, np.arange(batch * 10, batch * 10 + 10), batch)
+    fill(vdb, np.arange(10, 20), 9)  # an update touches batch 1 again
+    vdb.fetch("t", np.arange(0, 10))  # refreshes batch 0 only if refresh_time_after_fetch
+    fill(vdb, np.arange(100, 110), 7)  # 70 > 60: keep 30 - 10 = 20 old rows
+    assert vdb.size("t") == 30 and vdb.evictions("t") == 40
+    survivors = [0, 10] if refresh else [10, 50]
+    for first in range(0, 60, 10):
+        assert vdb.contains("t", np.arange(first, first + 10)).all() == (first in survivors)
+    assert vdb.contains("t", np.arange(100, 110)).all()
+
+
+def test_evict_random_is_seeded():
+    def survivors(seed):
+        vdb = HashMapVDB(num_partitions=2, overflow_margin=50, seed=seed)
+        vdb.create_table("t", 4)
+        fill(vdb, np.arange(80), 1.0)
+        fill(vdb, np.arange(80, 160), 1.0)
+        return sorted(vdb.dump("t")[0].tolist())
+
+    assert survivors(1) == survivors(1)
+    assert survivors(1) != survivors(2)
+
+
+def test_a_batch_larger_than_the_margin_keeps_its_newest_keys():
+    vdb = HashMapVDB(num_partitions=1, overflow_margin=40, overflow_policy="evict_oldest")
+    vdb.create_table("t", 4)
+    fill(vdb, np.arange(1000, 1030), 1.0)
+    keys = np.concatenate([np.arange(100), [5, 1005]])  # 5 and 1005 are written last
+    vals = np.repeat(np.arange(102, dtype=np.float32)[:, None], 4, axis=1)
+    vdb.upsert("t", keys, vals)
+    assert vdb.size("t") == 40
+    expect = set(range(62, 100)) | {5, 1005}
+    assert set(vdb.dump("t")[0].tolist()) == expect
+    got, _ = vdb.fetch("t", np.array([5, 1005, 99]))
+    np.testing.assert_array_equal(got[:, 0], [100, 101, 99])
+
+
+@pytest.mark.parametrize(
+    "dim,dtype,policy,sized_by",
+    [
+        (16, "float32", "evict_random", "load"),
+        (16, "float16", "evict_random", "hint"),
+        (64, "float32", "evict_random", "hint"),
+        (64, "float16", "evict_random", "load"),
+        (16, "float16", "evict_least_used", "load"),
+    ],
+)
+def test_memory_stays_near_the_raw_bytes(dim, dtype, policy, sized_by):
+    n = 1_000_000
+    vdb = HashMapVDB(num_partitions=16, overflow_policy=policy)
+    vdb.create_table("t", dim, dtype=dtype, capacity_hint=n if sized_by == "hint" else 0)
+    rng = np.random.default_rng(1)
+    keys = rng.integers(I64.min, I64.max, n, dtype=np.int64)
+    vecs = np.ones((n, dim), np.float32)
+    if sized_by == "load":
+        vdb.load("t", keys, vecs)
+    else:
+        for s in range(0, n, 250_000):
+            vdb.upsert("t", keys[s : s + 250_000], vecs[s : s + 250_000])
+    assert vdb.size("t") == n
+    raw = n * (8 + dim * np.dtype(dtype).itemsize)
+    ratio = vdb.memory_bytes("t") / raw
+    assert ratio <= 1.3, f"VDB holds {ratio:.3f}x the raw key+vector bytes"
+    est = estimate_table_bytes(n, dim, dtype, 16, policy)
+    assert abs(est - vdb.memory_bytes("t")) / vdb.memory_bytes("t") < 0.02, (est, ratio)
+    got, found = vdb.fetch("t", keys[::997])
+    assert found.all() and (got == 1).all()
+
+
+def test_bad_inputs_name_the_field_and_the_map_keeps_working():
+    vdb = HashMapVDB(num_partitions=2)
+    vdb.create_table("t", 4)
+    vdb.upsert("t", np.array([1, 2]), np.ones((2, 4), np.float32))
+    bad = [
+        (lambda: vdb.upsert("t", np.array([1.5]), np.ones((1, 4))), "keys"),
+        (lambda: vdb.fetch("t", np.array([1.0, 2.0])), "keys"),
+        (lambda: vdb.fetch("t", np.zeros((2, 2), np.int64)), "keys"),
+        (lambda: vdb.contains("t", np.array(["a"])), "keys"),
+        (lambda: vdb.evict("t", np.zeros((1, 1), np.int64)), "keys"),
+        (lambda: vdb.upsert("t", np.array([3]), np.ones((1, 5))), "vectors"),
+        (lambda: vdb.upsert("t", np.array([3, 4]), np.ones((1, 4))), "vectors"),
+        (lambda: vdb.upsert("t", np.array([3]), np.ones(4)), "vectors"),
+        (lambda: vdb.fetch("t", np.array([1]), out=np.zeros((1, 3), np.float32)), "out"),
+        (lambda: vdb.create_table("u", 4, dtype="int8"), "dtype"),
+    ]
+    for call, field in bad:
+        with pytest.raises(InvalidInputError, match=f"'{field}'") as e:
+            call()
+        assert e.value.field == field
+    for call in (
+        lambda: vdb.fetch("nope", np.array([1])),
+        lambda: vdb.upsert("nope", np.array([1]), np.ones((1, 4))),
+        lambda: vdb.size("nope"),
+        lambda: vdb.drop_table("nope"),
+    ):
+        with pytest.raises(HPSError, match="no table 'nope'") as e:
+            call()
+        assert isinstance(e.value, KeyError)
+    with pytest.raises(StorageError, match="dim 4"):
+        vdb.create_table("t", 8)
+    with pytest.raises(ValueError, match="overflow_policy"):
+        HashMapVDB(overflow_policy="evict_everything")
+    vdb.create_table("t", 4)  # same dim and dtype: a no-op
+    got, found = vdb.fetch("t", np.array([2, 1, 3]))
+    np.testing.assert_array_equal(found, [True, True, False])
+    np.testing.assert_array_equal(got[:2], np.ones((2, 4)))
+    vdb.upsert("t", np.array([], np.int64), np.zeros((0, 4)))
+    assert vdb.fetch("t", [])[0].shape == (0, 4) and vdb.evict("t", []) == 0
+    assert vdb.tables() == ["t"]
+    vdb.drop_table("t")
+    assert vdb.tables() == [] and vdb.memory_bytes() == 0
+
+
+def assert_untorn(rows: np.ndarray, found: np.ndarray, last_seen: np.ndarray) -> None:
+    """Every found row has all elements equal (one version), never older than seen before."""
+    rows = rows[found]
+    assert (rows == rows[:, :1]).all(), "torn row"
+    version = rows[:, 0]
+    assert (version >= last_seen[found]).all(), "a row went back in time"
+    last_seen[found] = version
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_readers_never_see_torn_rows_while_a_thread_writes(dtype):
+    dim, n = 64, 20_000
+    vdb = HashMapVDB(num_partitions=4, overflow_policy="evict_least_used")
+    vdb.create_table("t", dim, dtype=dtype, capacity_hint=n // 4)  # grows while read
+    keys = np.arange(n, dtype=np.int64) * 7919 - 10**6
+    vdb.upsert("t", keys[: n // 8], np.zeros((n // 8, dim), np.float32))
+    stop = threading.Event()
+    rng = np.random.default_rng(0)
+
+    def writer():
+        v = 1
+        while not stop.is_set() and v < 2000:  # fp16 holds integers exactly up to 2048
+            part = keys[: min(n, n // 8 + v * 500)]
+            vdb.upsert("t", part, np.full((len(part), dim), v, np.float32))
+            gone = rng.choice(keys, 50)
+            vdb.evict("t", gone)  # swap-removes move rows under the reader
+            vdb.upsert("t", gone, np.full((50, dim), v, np.float32))
+            v += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    last = np.zeros(n, np.float32)
+    reads = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline or reads < 5:
+            sel = rng.integers(0, n, 8192) if reads % 2 else np.arange(n)
+            rows, found = vdb.fetch("t", keys[sel])
+            sub = last[sel]
+            assert_untorn(rows, found, sub)
+            np.maximum.at(last, sel, sub)
+            reads += 1
+    finally:
+        stop.set()
+        th.join()
+    assert last.max() > 0

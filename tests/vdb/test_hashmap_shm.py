@@ -1,0 +1,212 @@
+"""The hash-map VDB in shared memory: one writer, readers attached read-only, across processes."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from hps_core.errors import StorageError
+from hps_core.vdb import shm
+from hps_core.vdb.hashmap import HashMapVDB
+
+I64 = np.iinfo(np.int64)
+
+
+@pytest.fixture
+def name():
+    """A unique shared-memory name; every file of it is gone afterwards, also on failure."""
+    n = f"hps_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    yield n
+    leftovers = list(shm.SHM_DIR.glob(f"{n}.*"))
+    for p in leftovers:
+        p.unlink()
+
+
+def files(name: str) -> list[str]:
+    return sorted(p.name for p in shm.SHM_DIR.glob(f"{name}.*"))
+
+
+def test_a_reader_attaches_to_the_writers_tables_without_copying(name):
+    writer = HashMapVDB(num_partitions=4, shared_memory_name=name)
+    rng = np.random.default_rng(0)
+    ref = {}
+    for table, dim, dtype in (("hps_et.m.a", 16, "float32"), ("hps_et.m.b", 8, "float16")):
+        writer.create_table(table, dim, dtype=dtype, capacity_hint=5000)
+        keys = np.concatenate([[I64.min, I64.max, 0, -1], rng.integers(I64.min, I64.max, 3000)])
+        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+        writer.load(table, keys, vecs)
+        writer.evict(table, keys[-100:])
+        kept = vecs[:-100].astype(dtype).astype(np.float32)
+        ref[table] = dict(zip(keys[:-100].tolist(), kept, strict=True))
+
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    assert reader.tables() == ["hps_et.m.a", "hps_et.m.b"]
+    for table, expect in ref.items():
+        assert reader.size(table) == len(expect)
+        assert reader.dim(table) == writer.dim(table)
+        assert reader.memory_bytes(table) == writer.memory_bytes(table)
+        probe = np.array(list(expect) + [12345, 678], np.int64)
+        got, found = reader.fetch(table, probe)
+        np.testing.assert_array_equal(found, [True] * len(expect) + [False, False])
+        np.testing.assert_array_equal(got[:-2], np.array(list(expect.values())))
+        dk, dv = reader.dump(table)
+        assert sorted(dk.tolist()) == sorted(expect)
+        np.testing.assert_array_equal(dv, np.array([expect[k] for k in dk.tolist()]))
+    # the reader sees later writes without re-attaching: the arrays are the writer's own
+    writer.upsert("hps_et.m.a", np.array([42]), np.full((1, 16), 7.0))
+    assert (reader.fetch("hps_et.m.a", np.array([42]))[0] == 7.0).all()
+
+    k, v = np.array([1]), np.ones((1, 16), np.float32)
+    for call in (
+        lambda: reader.upsert("hps_et.m.a", k, v),
+        lambda: reader.load("hps_et.m.a", k, v),
+        lambda: reader.evict("hps_et.m.a", k),
+        lambda: reader.drop_table("hps_et.m.a"),
+        lambda: reader.create_table("hps_et.m.c", 4),
+        lambda: reader.unlink(),
+    ):
+        with pytest.raises(StorageError, match="read-only"):
+            call()
+    assert reader.size("hps_et.m.a") == len(ref["hps_et.m.a"]) + 1
+    reader.close()
+
+    writer.drop_table("hps_et.m.a")
+    assert not any(".hps_et.m.a." in f for f in files(name))
+    assert writer.tables() == ["hps_et.m.b"]
+    writer.unlink()
+    assert files(name) == []
+
+
+def test_shared_capacity_is_fixed_and_full_partitions_evict(name):
+    vdb = HashMapVDB(num_partitions=4, shared_memory_name=name, overflow_policy="evict_oldest")
+    vdb.create_table("t", 8, capacity_hint=8000)
+    size0 = vdb.memory_bytes("t")
+    cap = shm.read_header(name)["t"]["pcap"]
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        keys = rng.integers(I64.min, I64.max, 2000, dtype=np.int64)
+        vecs = rng.standard_normal((2000, 8)).astype(np.float32)
+        vdb.upsert("t", keys, vecs)
+        got, found = vdb.fetch("t", keys)
+        assert found.all()
+        np.testing.assert_array_equal(got, vecs)
+        assert (vdb.partition_sizes("t") <= cap).all()
+    assert vdb.memory_bytes("t") == size0  # never grew
+    assert vdb.evictions("t") == 12 * 2000 - vdb.size("t") > 0
+    vdb.unlink()
+
+
+def test_reader_access_counts_steer_the_writers_eviction(name):
+    writer = HashMapVDB(num_partitions=1, shared_memory_name=name, overflow_margin=100,
+                        overflow_policy="evict_least_used", overflow_resolution_target=0.5)  # fmt: skip
+    writer.create_table("t", 4)
+    keys = np.arange(100)
+    writer.upsert("t", keys, np.ones((100, 4)))
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    reader.fetch("t", keys[50:])  # the reader's hits count for the writer
+    writer.upsert("t", np.array([1000]), np.ones((1, 4)))
+    assert not writer.contains("t", keys[:50]).any()
+    assert writer.contains("t", keys[51:]).all()
+    writer.unlink()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from hps_core.vdb.hashmap import HashMapVDB
+    name, seconds, dim, n = sys.argv[1], float(sys.argv[2]), 32, 6000
+    vdb = HashMapVDB(num_partitions=4, shared_memory_name=name)
+    vdb.create_table("hps_et.m.t", dim, capacity_hint=n)
+    keys = np.arange(n, dtype=np.int64) * 104729 - 5 * 10**8
+    vdb.upsert("hps_et.m.t", keys, np.zeros((n, dim), np.float32))
+    print("ready", flush=True)
+    rng = np.random.default_rng(0)
+    v, end = 1, time.time() + seconds
+    while time.time() < end:
+        vdb.upsert("hps_et.m.t", keys, np.full((n, dim), v, np.float32))
+        gone = rng.choice(keys, 100, replace=False)
+        vdb.evict("hps_et.m.t", gone)  # swap-removes move rows under the readers
+        vdb.upsert("hps_et.m.t", gone, np.full((100, dim), v, np.float32))
+        v += 1
+    print(v - 1, flush=True)
+    sys.stdin.readline()  # keep the segments mapped until the test has read the end state
+    """
+)
+
+
+def test_readers_in_another_process_never_see_torn_rows(name):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, name, "2.5"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+        assert reader.tables() == ["hps_et.m.t"]
+        keys = np.arange(6000, dtype=np.int64) * 104729 - 5 * 10**8
+        last = np.zeros(6000, np.float32)
+        reads = 0
+        rng = np.random.default_rng(2)
+        deadline = time.monotonic() + 60
+        while not (reads > 5 and _writer_done(proc)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            sel = rng.integers(0, 6000, 300) if reads % 2 else np.arange(6000)
+            rows, found = reader.fetch("hps_et.m.t", keys[sel])
+            assert (rows[found] == rows[found][:, :1]).all(), "torn row"
+            seen = last[sel]
+            assert (rows[found, 0] >= seen[found]).all(), "a row went back in time"
+            np.maximum.at(last, sel[found], rows[found, 0])
+            reads += 1
+        final = int(proc.stdout.readline())
+        rows, found = reader.fetch("hps_et.m.t", keys)
+        assert found.all() and (rows == final).all()  # the reader sees the writer's last write
+        assert reads > 5 and final > 1
+        reader.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        HashMapVDB(shared_memory_name=name).unlink()
+    assert files(name) == []
+
+
+def _writer_done(proc: subprocess.Popen) -> bool:
+    """Whether the writer printed its last version (its stdout has a line ready)."""
+    return bool(select.select([proc.stdout], [], [], 0)[0])
+
+
+READER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from hps_core.vdb.hashmap import HashMapVDB
+    r = HashMapVDB(shared_memory_name=sys.argv[1], shared_memory_readonly=True)
+    rows, found = r.fetch("t", np.arange(100))
+    print(int(found.sum()), float(rows.sum()))
+    """
+)
+
+
+def test_a_reader_process_exiting_leaves_the_segments_in_place(name):
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 4)
+    writer.upsert("t", np.arange(100), np.full((100, 4), 0.5))
+    before = files(name)
+    for _ in range(2):  # a resource tracker would unlink "its" segments when the reader exits
+        out = subprocess.run([sys.executable, "-c", READER, name], capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        assert out.stdout.split() == ["100", "200.0"]
+    assert files(name) == before
+    again = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    assert again.size("t") == 100 and (again.fetch("t", np.arange(100))[0] == 0.5).all()
+    writer.unlink()
