@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# The suite compile-checks the CUDA kernels; without a system nvcc, take CUDA 13's from pip.
+	@command -v nvcc >/dev/null || $(BIN)/python -m pip install --quiet nvidia-cuda-nvcc
 	@touch $(STAMP)
 
 install: $(STAMP)
