@@ -106,46 +106,79 @@ def group_by_partition(keys, P):
     return order, starts
 
 
+BLOCK = 16  # keys whose probes and row copies are issued together
+CHUNK = 1024  # keys per parallel task
+
+
 @njit(inline="always", cache=True)
-def _fetch_one(
-    i, keys, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut
-):
-    """Copy key i's row into out[i] (decoding fp16 bits through lut), set found[i], touch meta."""
-    key = keys[i]
-    h = mix(key)
-    p = partition_of(h, P)
-    _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
-    found[i] = r >= 0
-    if r >= 0:
-        row = p * pcap + r
-        if lut is None:
-            for d in range(values.shape[1]):
-                out[i, d] = values[row, d]
-        else:
-            for d in range(values.shape[1]):
-                out[i, d] = lut[values[row, d]]
-        if touch == TOUCH_COUNT:  # racy across readers on purpose: counts are approximate
-            if meta[row] < U32_MAX:
-                meta[row] += np.uint32(1)
-        elif touch == TOUCH_TICK:
-            meta[row] = np.uint32(tick)
+def _fetch_chunk(lo, hi, keys, sel, index, tags, tkeys, values, meta, touch, tick,
+                 icap, pcap, P, out, found, lut):  # fmt: skip
+    """fetch for sel[lo:hi], BLOCK keys at a time in stages.
+
+    Each stage is a short loop over the block whose loads do not depend on each other, so the
+    CPU keeps a block's cache misses in flight together (one long loop per key would stall on
+    them one after the other): 1. hash, load the home slot and its tag; 2. confirm the key in
+    the pool or probe on; 3. copy the rows; 4. (fp16) decode the copied bits through ``lut``.
+    """
+    dim = values.shape[1]
+    hs = np.empty(BLOCK, np.uint64)
+    rows = np.empty(BLOCK, np.int64)
+    raw = np.empty((BLOCK, dim), values.dtype)
+    for b0 in range(lo, hi, BLOCK):
+        b1 = min(hi, b0 + BLOCK)
+        for j in range(b0, b1):
+            h = mix(keys[sel[j]])
+            s = partition_of(h, P) * icap + home_slot(h, icap)
+            hs[j - b0] = h
+            rows[j - b0] = index[s] if tags[s] == tag_of(h) else 0
+        for j in range(b0, b1):
+            key = keys[sel[j]]
+            h = hs[j - b0]
+            p = partition_of(h, P)
+            r = rows[j - b0] - 1
+            if r < 0 or tkeys[p * pcap + r] != key:
+                _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+            rows[j - b0] = p * pcap + r if r >= 0 else -1
+        for j in range(b0, b1):
+            i = sel[j]
+            row = rows[j - b0]
+            found[i] = row >= 0
+            if row < 0:
+                continue
+            if lut is None:
+                for d in range(dim):
+                    out[i, d] = values[row, d]
+            else:
+                for d in range(dim):
+                    raw[j - b0, d] = values[row, d]
+            if touch == TOUCH_COUNT:  # racy across readers on purpose: counts are approximate
+                if meta[row] < U32_MAX:
+                    meta[row] += np.uint32(1)
+            elif touch == TOUCH_TICK:
+                meta[row] = np.uint32(tick)
+        if lut is not None:
+            for j in range(b0, b1):
+                if rows[j - b0] >= 0:
+                    i = sel[j]
+                    for d in range(dim):
+                        out[i, d] = lut[raw[j - b0, d]]
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def fetch(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):
-    """Rows of keys[sel] into out[sel]; found[sel]. ``touch`` 0 leaves meta alone."""
-    for j in prange(len(sel)):
-        _fetch_one(sel[j], keys, index, tags, tkeys, values, meta, touch, tick,
-                   icap, pcap, P, out, found, lut)  # fmt: skip
+    """Rows of keys[sel] into out[sel] (fp16 decoded through lut); found[sel]; touch 0: no meta."""
+    n = len(sel)
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _fetch_chunk(c * CHUNK, min(n, (c + 1) * CHUNK), keys, sel, index, tags, tkeys, values,
+                     meta, touch, tick, icap, pcap, P, out, found, lut)  # fmt: skip
 
 
 # Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
 # (A second function, not njit(...) of the same one twice: numba's cache would mix them up.)
 @njit(nogil=True, cache=True)
 def fetch_serial(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):  # fmt: skip
-    for j in range(len(sel)):
-        _fetch_one(sel[j], keys, index, tags, tkeys, values, meta, touch, tick,
-                   icap, pcap, P, out, found, lut)  # fmt: skip
+    _fetch_chunk(0, len(sel), keys, sel, index, tags, tkeys, values, meta, touch, tick,
+                 icap, pcap, P, out, found, lut)  # fmt: skip
 
 
 @njit(parallel=True, nogil=True, cache=True)
