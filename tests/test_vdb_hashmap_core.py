@@ -228,6 +228,7 @@ WRITER = textwrap.dedent(
     keys = np.arange(n, dtype=np.int64) * 104729 - 5 * 10**8
     vdb.upsert("hps_et.m.t", keys, np.zeros((n, dim), np.float32))
     print("ready", flush=True)
+    sys.stdin.readline()  # the reader has compiled its kernels: start writing
     v, end = 1, time.time() + seconds
     while time.time() < end:
         vdb.upsert("hps_et.m.t", keys, np.full((n, dim), v, np.float32))
@@ -240,7 +241,10 @@ WRITER = textwrap.dedent(
 def test_shared_memory_readers_in_another_process_see_whole_rows():
     name = f"hps_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, name, "3"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, name, "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -248,6 +252,9 @@ def test_shared_memory_readers_in_another_process_see_whole_rows():
         assert reader.tables() == ["hps_et.m.t"]
         keys = np.arange(3000, dtype=np.int64) * 104729 - 5 * 10**8
         last = np.zeros(3000, np.float32)
+        assert_untorn(*reader.fetch("hps_et.m.t", keys), last)  # compiles before the race starts
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         reads = 0
         while proc.poll() is None:
             rows, found = reader.fetch("hps_et.m.t", keys)

@@ -2,10 +2,11 @@
 
 Layout of a table with P partitions, each owning ``icap`` index slots and ``pcap`` pool rows:
 
-- ``index`` int32 [P*icap]: local pool row + 1, 0 = empty (linear probing, backward-shift
-  deletion, no tombstones, so every key value is legal: there is no sentinel key);
-- ``tags`` uint8 [P*icap]: a byte of the slot's key hash, checked before touching the pool, so
-  a probe sequence costs one cache line of tags instead of one pool access per slot;
+- ``index`` uint32 [P*icap]: ``tag << rbits | (local pool row + 1)``, 0 = empty (linear
+  probing, backward-shift deletion, no tombstones, so every key value is legal: there is no
+  sentinel key). ``rbits`` = pcap.bit_length() bits hold the row; the other ``32 - rbits``
+  bits hold a tag from the key's hash, checked before touching the pool, so a probe costs one
+  pool access (the match) instead of one per slot it passes;
 - ``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 *bits* as uint16: numba
   has no CPU float16; fetch decodes them through a 65536-entry float32 table). Kernels that
   only move rows take ``values`` viewed as uint16 whatever the dtype, so they compile once;
@@ -13,7 +14,8 @@ Layout of a table with P partitions, each owning ``icap`` index slots and ``pcap
 - ``count`` int64 [P]: rows used in each pool (pools are dense: deletion swap-removes).
 
 Hash bits: the partition comes from the low 32 bits of splitmix64(key), the home slot from the
-high 32 bits (multiply-shift, so capacities need not be powers of two), the tag from bits 8..15.
+high 32 bits (multiply-shift, so capacities need not be powers of two), the tag from the
+lowest bits.
 Fetch takes ``lut`` None for float32 rows; numba prunes that branch at compile time.
 """
 
@@ -55,24 +57,39 @@ def home_slot(h, icap):
 
 
 @njit(inline="always", cache=True)
-def tag_of(h):
-    return np.uint8((h >> np.uint64(8)) & np.uint64(0xFF))
+def tag_of(h, rbits):
+    """The hash bits an index entry keeps above its row bits."""
+    return np.int64(h & ((np.uint64(1) << np.uint64(32 - rbits)) - np.uint64(1)))
 
 
 @njit(inline="always", cache=True)
-def probe(key, h, p, index, tags, tkeys, icap, pcap):
+def entry(tag, row, rbits):
+    """Index entry naming local pool row ``row``."""
+    return np.uint32((tag << rbits) | (row + 1))
+
+
+@njit(inline="always", cache=True)
+def entry_row(e, rbits):
+    """Local pool row an index entry names (-1 for an empty slot)."""
+    return (np.int64(e) & ((np.int64(1) << rbits) - 1)) - 1
+
+
+@njit(inline="always", cache=True)
+def probe(key, h, p, index, tkeys, icap, pcap, rbits):
     """(slot, local row) of key in partition p; row -1 (and the first empty slot) when absent."""
     base = p * icap
     s = home_slot(h, icap)
-    t = tag_of(h)
+    t = tag_of(h, rbits)
     # At most count + 1 < icap slots are ever occupied, even mid-write, so an empty slot ends
     # the probe; the step bound only guards a reader against a torn index it will retry anyway.
     for _ in range(icap):
-        r = index[base + s]
-        if r == 0:
+        e = np.int64(index[base + s])
+        if e == 0:
             return s, -1
-        if tags[base + s] == t and tkeys[p * pcap + r - 1] == key:
-            return s, np.int64(r - 1)
+        if (e >> rbits) == t:
+            r = entry_row(e, rbits)
+            if tkeys[p * pcap + r] == key:
+                return s, r
         s += 1
         if s == icap:
             s = 0
@@ -91,7 +108,9 @@ def partitions(keys, P):
 @njit(nogil=True, cache=True)
 def group_by_partition(keys, P):
     """Counting sort of key positions by partition: (order, starts[P+1]); batch order is kept."""
-    parts = partitions(keys, P)
+    parts = np.empty(len(keys), np.int64)
+    for i in range(len(keys)):
+        parts[i] = partition_of(mix(keys[i]), P)
     starts = np.zeros(P + 1, np.int64)
     for i in range(len(keys)):
         starts[parts[i] + 1] += 1
@@ -111,13 +130,13 @@ CHUNK = 1024  # keys per parallel task
 
 
 @njit(inline="always", cache=True)
-def _fetch_chunk(lo, hi, keys, sel, index, tags, tkeys, values, meta, touch, tick,
-                 icap, pcap, P, out, found, lut):  # fmt: skip
+def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
+                 icap, pcap, rbits, P, out, found, lut):  # fmt: skip
     """fetch for sel[lo:hi], BLOCK keys at a time in stages.
 
     Each stage is a short loop over the block whose loads do not depend on each other, so the
     CPU keeps a block's cache misses in flight together (one long loop per key would stall on
-    them one after the other): 1. hash, load the home slot and its tag; 2. confirm the key in
+    them one after the other): 1. hash, load the home slot, check its tag; 2. confirm the key in
     the pool or probe on; 3. copy the rows; 4. (fp16) decode the copied bits through ``lut``.
     """
     dim = values.shape[1]
@@ -128,16 +147,16 @@ def _fetch_chunk(lo, hi, keys, sel, index, tags, tkeys, values, meta, touch, tic
         b1 = min(hi, b0 + BLOCK)
         for j in range(b0, b1):
             h = mix(keys[sel[j]])
-            s = partition_of(h, P) * icap + home_slot(h, icap)
+            e = np.int64(index[partition_of(h, P) * icap + home_slot(h, icap)])
             hs[j - b0] = h
-            rows[j - b0] = index[s] if tags[s] == tag_of(h) else 0
+            rows[j - b0] = entry_row(e, rbits) if (e >> rbits) == tag_of(h, rbits) else -1
         for j in range(b0, b1):
             key = keys[sel[j]]
             h = hs[j - b0]
             p = partition_of(h, P)
-            r = rows[j - b0] - 1
+            r = rows[j - b0]
             if r < 0 or tkeys[p * pcap + r] != key:
-                _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+                _, r = probe(key, h, p, index, tkeys, icap, pcap, rbits)
             rows[j - b0] = p * pcap + r if r >= 0 else -1
         for j in range(b0, b1):
             i = sel[j]
@@ -165,51 +184,52 @@ def _fetch_chunk(lo, hi, keys, sel, index, tags, tkeys, values, meta, touch, tic
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def fetch(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):
+def fetch(
+    keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut
+):
     """Rows of keys[sel] into out[sel] (fp16 decoded through lut); found[sel]; touch 0: no meta."""
     n = len(sel)
     for c in prange((n + CHUNK - 1) // CHUNK):
-        _fetch_chunk(c * CHUNK, min(n, (c + 1) * CHUNK), keys, sel, index, tags, tkeys, values,
-                     meta, touch, tick, icap, pcap, P, out, found, lut)  # fmt: skip
+        _fetch_chunk(c * CHUNK, min(n, (c + 1) * CHUNK), keys, sel, index, tkeys, values,
+                     meta, touch, tick, icap, pcap, rbits, P, out, found, lut)  # fmt: skip
 
 
 # Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
 # (A second function, not njit(...) of the same one twice: numba's cache would mix them up.)
 @njit(nogil=True, cache=True)
-def fetch_serial(keys, sel, index, tags, tkeys, values, meta, touch, tick, icap, pcap, P, out, found, lut):  # fmt: skip
-    _fetch_chunk(0, len(sel), keys, sel, index, tags, tkeys, values, meta, touch, tick,
-                 icap, pcap, P, out, found, lut)  # fmt: skip
+def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut):  # fmt: skip
+    _fetch_chunk(0, len(sel), keys, sel, index, tkeys, values, meta, touch, tick,
+                 icap, pcap, rbits, P, out, found, lut)  # fmt: skip
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def contains(keys, sel, index, tags, tkeys, icap, pcap, P, found):
+def contains(keys, sel, index, tkeys, icap, pcap, rbits, P, found):
     for j in prange(len(sel)):
         i = sel[j]
         key = keys[i]
         h = mix(key)
-        _, r = probe(key, h, partition_of(h, P), index, tags, tkeys, icap, pcap)
+        _, r = probe(key, h, partition_of(h, P), index, tkeys, icap, pcap, rbits)
         found[i] = r >= 0
 
 
 @njit(nogil=True, cache=True)
-def _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap):
+def _delete_row(p, r, index, tkeys, values, meta, count, icap, pcap, rbits):
     """Remove local row r of partition p: backward-shift its index slot, swap-remove the row."""
     base = p * icap
     key = tkeys[p * pcap + r]
-    i, _ = probe(key, mix(key), p, index, tags, tkeys, icap, pcap)
+    i, _ = probe(key, mix(key), p, index, tkeys, icap, pcap, rbits)
     j = i
     while True:
         j += 1
         if j == icap:
             j = 0
-        rj = index[base + j]
-        if rj == 0:
+        e = index[base + j]
+        if e == 0:
             break
-        k = home_slot(mix(tkeys[p * pcap + rj - 1]), icap)
+        k = home_slot(mix(tkeys[p * pcap + entry_row(e, rbits)]), icap)
         if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
             continue  # entry j's home lies cyclically in (i, j]: it must stay after i
-        index[base + i] = rj
-        tags[base + i] = tags[base + j]
+        index[base + i] = e
         i = j
     index[base + i] = 0
     last = count[p] - 1
@@ -222,14 +242,15 @@ def _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap):
             meta[dst] = meta[src]
         # No slot names row r any more, and tkeys[src] still holds 'moved': the probe finds the
         # slot that names 'last'.
-        s, _ = probe(moved, mix(moved), p, index, tags, tkeys, icap, pcap)
-        index[base + s] = np.int32(r + 1)
+        h = mix(moved)
+        s, _ = probe(moved, h, p, index, tkeys, icap, pcap, rbits)
+        index[base + s] = entry(tag_of(h, rbits), r, rbits)
     count[p] = last
 
 
 @njit(nogil=True, cache=True)
-def _evict(p, n, protect, policy, salt, index, tags, tkeys, values, meta, count, icap, pcap):
-    """Evict n unprotected rows of partition p, lowest policy score first; returns n."""
+def _evict(p, n, protect, policy, salt, index, tkeys, values, meta, count, icap, pcap, rbits):
+    """Evict n unprotected rows of partition p, lowest policy score first; returns how many."""
     c = count[p]
     cand = np.empty(c, np.int64)
     nc = 0
@@ -251,14 +272,13 @@ def _evict(p, n, protect, policy, salt, index, tags, tkeys, values, meta, count,
     # Descending: every row above a victim is then a survivor, so swap-remove never moves a
     # victim that is still to be deleted.
     for v in victims[::-1]:
-        _delete_row(p, v, index, tags, tkeys, values, meta, count, icap, pcap)
+        _delete_row(p, v, index, tkeys, values, meta, count, icap, pcap, rbits)
     return n
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def plan_upsert(
-    keys, order, starts, index, tags, tkeys, icap, pcap, P, limit, keep, rows, news, olds
-):
+def plan_upsert(keys, order, starts, index, tkeys, icap, pcap, rbits, P, limit,
+                keep, rows, news, olds):  # fmt: skip
     """Per partition: mark the keys to apply and count new and present ones (reads the table).
 
     keep[i]: key i is the last occurrence of its value in the batch and among the ``limit``
@@ -295,7 +315,7 @@ def plan_upsert(
             if n_new + n_old >= limit:
                 continue
             keep[i] = True
-            _, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+            _, r = probe(key, h, p, index, tkeys, icap, pcap, rbits)
             rows[i] = r
             if r < 0:
                 n_new += 1
@@ -308,7 +328,7 @@ def plan_upsert(
 @njit(parallel=True, nogil=True, cache=True)
 def apply_upsert(
     keys, vals, order, starts, keep, rows, news, olds,
-    index, tags, tkeys, values, meta, count, icap, pcap, P,
+    index, tkeys, values, meta, count, icap, pcap, rbits, P,
     limit, target, policy, tick, seed, evicted,
 ):  # fmt: skip
     """Write the kept keys partition by partition, first evicting by policy if over ``limit``.
@@ -328,25 +348,22 @@ def apply_upsert(
                 if keep[i] and rows[i] >= 0:
                     protect[rows[i]] = True
             salt = mix(np.int64(seed) ^ np.int64(mix(np.int64(tick) * P + p)))
-            want = min(c - m, c + n - target)
-            evicted[p] = _evict(
-                p, want, protect, policy, salt, index, tags, tkeys, values, meta, count, icap, pcap
-            )
+            evicted[p] = _evict(p, min(c - m, c + n - target), protect, policy, salt,
+                                index, tkeys, values, meta, count, icap, pcap, rbits)  # fmt: skip
         for jj in range(lo, hi):
             i = order[jj]
             if not keep[i]:
                 continue
             key = keys[i]
             h = mix(key)
-            s, r = probe(key, h, p, index, tags, tkeys, icap, pcap)
+            s, r = probe(key, h, p, index, tkeys, icap, pcap, rbits)
             if r < 0:
                 r = count[p]
                 count[p] = r + 1
                 tkeys[p * pcap + r] = key
                 if len(meta):
                     meta[p * pcap + r] = np.uint32(tick) if policy == EVICT_OLDEST else 0
-                tags[p * icap + s] = tag_of(h)
-                index[p * icap + s] = np.int32(r + 1)
+                index[p * icap + s] = entry(tag_of(h, rbits), r, rbits)
             elif len(meta) and policy == EVICT_OLDEST:
                 meta[p * pcap + r] = np.uint32(tick)
             row = p * pcap + r
@@ -355,19 +372,19 @@ def apply_upsert(
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def erase(keys, order, starts, index, tags, tkeys, values, meta, count, icap, pcap, P, removed):
+def erase(keys, order, starts, index, tkeys, values, meta, count, icap, pcap, rbits, P, removed):
     """Delete keys grouped by partition; removed[p] counts the ones that were present."""
     for p in prange(P):
         for j in range(starts[p], starts[p + 1]):
             key = keys[order[j]]
-            _, r = probe(key, mix(key), p, index, tags, tkeys, icap, pcap)
+            _, r = probe(key, mix(key), p, index, tkeys, icap, pcap, rbits)
             if r >= 0:
-                _delete_row(p, r, index, tags, tkeys, values, meta, count, icap, pcap)
+                _delete_row(p, r, index, tkeys, values, meta, count, icap, pcap, rbits)
                 removed[p] += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def rehash(index, tags, tkeys, count, icap, pcap, P):
+def rehash(index, tkeys, count, icap, pcap, rbits, P):
     """Build every partition's (empty) index from its pool rows, after a resize."""
     for p in prange(P):
         for r in range(count[p]):
@@ -377,5 +394,4 @@ def rehash(index, tags, tkeys, count, icap, pcap, P):
                 s += 1
                 if s == icap:
                     s = 0
-            tags[p * icap + s] = tag_of(h)
-            index[p * icap + s] = np.int32(r + 1)
+            index[p * icap + s] = entry(tag_of(h, rbits), r, rbits)

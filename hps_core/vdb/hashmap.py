@@ -1,10 +1,11 @@
 """The in-process volatile DB (L2): a partitioned open-addressing hash map run by numba kernels.
 
 Each table is split into ``num_partitions`` partitions by key hash. A partition owns a slice of
-an int32 index (linear probing at load <= 0.8, backward-shift deletion, one tag byte per slot)
-and a dense pool of rows: keys int64, vectors fp32 or fp16, and a uint32 per-row access count
-or last-touched tick for the ``evict_least_used`` / ``evict_oldest`` policies. The map takes
-about 1.15-1.3x the raw key + vector bytes (see ``estimate_table_bytes``).
+a 32-bit index (row id + 1 and a hash tag per slot; linear probing at load <= 0.8,
+backward-shift deletion) and a dense pool of rows: keys int64, vectors fp32 or fp16, and a
+uint32 per-row access count or last-touched tick for the ``evict_least_used`` /
+``evict_oldest`` policies. The map takes about 1.05-1.25x the raw key + vector bytes (see
+``estimate_table_bytes``); layout details in ``_kernels``.
 
 Bounds (HPS semantics): ``overflow_margin`` is the most rows a partition may hold. An upsert
 that would exceed it first evicts rows of that partition (not rows of the batch itself) by the
@@ -70,7 +71,7 @@ def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, polic
     pcap = partition_rows(rows, partitions)
     meta = 4 if policy != "evict_random" else 0
     row = 8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta
-    return partitions * (index_slots(pcap) * 5 + pcap * row + 16) + 8
+    return partitions * (index_slots(pcap) * 4 + pcap * row + 16) + 8
 
 
 class UnknownVDBTableError(HPSError, KeyError):
@@ -248,8 +249,8 @@ class HashMapVDB(VolatileDB):
         lut = K.HALF_TO_FLOAT if t.dtype == "float16" else None
 
         def run(a: TableArrays, sel: np.ndarray) -> None:
-            kernel(k, sel, a.index, a.tags, a.keys, a.values, a.meta, touch, tick,
-                   a.icap, a.pcap, t.P, out, found, lut)  # fmt: skip
+            kernel(k, sel, a.index, a.keys, a.values, a.meta, touch, tick,
+                   a.icap, a.pcap, a.rbits, t.P, out, found, lut)  # fmt: skip
 
         self._read(t, k, run)
         return out, found
@@ -261,7 +262,7 @@ class HashMapVDB(VolatileDB):
         if len(k):
 
             def run(a: TableArrays, sel: np.ndarray) -> None:
-                K.contains(k, sel, a.index, a.tags, a.keys, a.icap, a.pcap, t.P, found)
+                K.contains(k, sel, a.index, a.keys, a.icap, a.pcap, a.rbits, t.P, found)
 
             self._read(t, k, run)
         return found
@@ -345,7 +346,7 @@ class HashMapVDB(VolatileDB):
             rows = np.empty(len(k), np.int64)
             news, olds = np.zeros(P, np.int64), np.zeros(P, np.int64)
             plan_limit = min(margin, a.pcap if self.shm_name else MAX_ROWS)
-            K.plan_upsert(k, order, starts, a.index, a.tags, a.keys, a.icap, a.pcap, P,
+            K.plan_upsert(k, order, starts, a.index, a.keys, a.icap, a.pcap, a.rbits, P,
                           plan_limit, keep, rows, news, olds)  # fmt: skip
             need = int((t.count + news).max())
             if not self.shm_name and need > a.pcap and a.pcap < min(margin, MAX_ROWS):
@@ -363,7 +364,7 @@ class HashMapVDB(VolatileDB):
             try:
                 K.apply_upsert(
                     k, v.view(np.uint16), order, starts, keep, rows, news, olds,
-                    a.index, a.tags, a.keys, a.values.view(np.uint16), a.meta, t.count, a.icap, a.pcap, P,
+                    a.index, a.keys, a.values.view(np.uint16), a.meta, t.count, a.icap, a.pcap, a.rbits, P,
                     limit, int(self.target * limit), t.policy, int(t.clock[0]), self.seed, evicted,
                 )  # fmt: skip
             finally:
@@ -386,7 +387,7 @@ class HashMapVDB(VolatileDB):
             g.values[dst : dst + c] = old.values[src : src + c]
             if len(old.meta):
                 g.meta[dst : dst + c] = old.meta[src : src + c]
-        K.rehash(g.index, g.tags, g.keys, t.count, g.icap, g.pcap, t.P)
+        K.rehash(g.index, g.keys, t.count, g.icap, g.pcap, g.rbits, t.P)
         t.arr = g
         log.debug("VDB table %s: grew to %d rows per partition", table, pcap)
 
@@ -403,8 +404,8 @@ class HashMapVDB(VolatileDB):
             touched = np.flatnonzero(np.diff(starts))
             t.seq[touched] += np.uint64(1)
             try:
-                K.erase(k, order, starts, a.index, a.tags, a.keys, a.values.view(np.uint16),
-                        a.meta, t.count, a.icap, a.pcap, t.P, removed)  # fmt: skip
+                K.erase(k, order, starts, a.index, a.keys, a.values.view(np.uint16),
+                        a.meta, t.count, a.icap, a.pcap, a.rbits, t.P, removed)  # fmt: skip
             finally:
                 t.seq[touched] += np.uint64(1)
         return int(removed.sum())

@@ -22,7 +22,7 @@ SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
 DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
 LOAD_FACTOR = 0.8
 MIN_ROWS = 64  # pool rows per partition, at least
-ARRAY_NAMES = ("index", "tags", "keys", "values", "meta", "count", "seq", "clock")
+ARRAY_NAMES = ("index", "keys", "values", "meta", "count", "seq", "clock")
 
 
 def partition_rows(rows: int, partitions: int) -> int:
@@ -40,16 +40,20 @@ def index_slots(pcap: int) -> int:
 class TableArrays:
     """The arrays growth replaces, swapped as one object so a reader sees one consistent set."""
 
-    index: np.ndarray  # int32 [P*icap]
-    tags: np.ndarray  # uint8 [P*icap]
+    index: np.ndarray  # uint32 [P*icap]: tag << rbits | (row + 1), 0 = empty
     keys: np.ndarray  # int64 [P*pcap]
     values: np.ndarray  # float32 or fp16 bits [P*pcap, dim]
     meta: np.ndarray  # uint32 [P*pcap], or empty for evict_random
     icap: int
     pcap: int
 
+    @property
+    def rbits(self) -> int:
+        """Low bits of an index entry that hold the row (+ 1); the rest hold a hash tag."""
+        return int(self.pcap).bit_length()
+
     def nbytes(self) -> int:
-        arrays = (self.index, self.tags, self.keys, self.values, self.meta)
+        arrays = (self.index, self.keys, self.values, self.meta)
         return sum(a.nbytes for a in arrays)
 
 
@@ -59,8 +63,7 @@ def new_arrays(
     """Zeroed arrays for P partitions of ``pcap`` rows, in /dev/shm when ``name`` is given."""
     icap = index_slots(pcap)
     shapes = {
-        "index": ((P * icap,), np.int32),
-        "tags": ((P * icap,), np.uint8),
+        "index": ((P * icap,), np.uint32),
         "keys": ((P * pcap,), np.int64),
         "values": ((P * pcap, dim), DTYPES[dtype]),
         "meta": ((P * pcap if meta else 0,), np.uint32),
@@ -100,8 +103,7 @@ def attach(name: str, table: str, readonly: bool):
         return np.memmap(path, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
 
     arrays = TableArrays(
-        m("index", (P * icap,), np.int32),
-        m("tags", (P * icap,), np.uint8),
+        m("index", (P * icap,), np.uint32),
         m("keys", (P * pcap,), np.int64),
         m("values", (P * pcap, dim), DTYPES[h["dtype"]]),
         m("meta", (P * pcap,), np.uint32, True) if h["meta"] else np.zeros(0, np.uint32),
