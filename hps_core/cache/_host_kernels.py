@@ -24,9 +24,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-C1 = np.uint64(0xBF58476D1CE4E5B9)
-C2 = np.uint64(0x94D049BB133111EB)
+from ..hash_kernels import mix
+from ..hashing import GOLDEN_GAMMA as GOLDEN
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
 BLOCK = 16  # keys whose cache lines find requests together before it reads any of them
@@ -52,15 +51,6 @@ def prefetch(typingctx, arr, index):
         return context.get_dummy_value()
 
     return types.void(arr, index), codegen
-
-
-@njit(inline="always", cache=True)
-def mix(key):
-    """splitmix64, bit for bit ``hps_core.hashing.splitmix64``."""
-    z = np.uint64(key) + GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * C1
-    z = (z ^ (z >> np.uint64(27))) * C2
-    return z ^ (z >> np.uint64(31))
 
 
 @njit(inline="always", cache=True)

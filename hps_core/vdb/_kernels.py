@@ -24,9 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-C1 = np.uint64(0xBF58476D1CE4E5B9)
-C2 = np.uint64(0x94D049BB133111EB)
+from ..hash_kernels import mix
+
 M32 = np.uint64(0xFFFFFFFF)
 U32_MAX = np.uint32(0xFFFFFFFF)
 
@@ -35,15 +34,6 @@ EVICT_RANDOM, EVICT_LEAST_USED, EVICT_OLDEST = 0, 1, 2
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 """fp16 bits -> float32 (256 KiB, stays in L2 while a batch is decoded)."""
-
-
-@njit(inline="always", cache=True)
-def mix(key):
-    """splitmix64 finaliser; the same function as hps_core.hashing.splitmix64."""
-    z = np.uint64(key) + GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * C1
-    z = (z ^ (z >> np.uint64(27))) * C2
-    return z ^ (z >> np.uint64(31))
 
 
 @njit(inline="always", cache=True)

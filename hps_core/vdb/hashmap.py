@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,8 @@ from ..errors import ConfigError, HPSError, InvalidInputError, StorageError
 from . import _kernels as K
 from . import shm
 from .base import VolatileDB
-from .shm import DTYPES, MIN_ROWS, TableArrays, index_slots, partition_rows
+from .shm import DTYPES, MAX_ROWS, MIN_ROWS, TableArrays, decode, encode, partition_rows
+from .shm import estimate_table_bytes as estimate_table_bytes  # re-exported for hps estimate
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +61,10 @@ POLICIES = {
     "evict_oldest": K.EVICT_OLDEST,
 }
 MIN_SHARED_ROWS = 1024  # pool rows per partition when the capacity is fixed
-MAX_ROWS = 2**31 - 2  # pool rows per partition: int32 row ids + 1
 GROWTH = 1.5
 READ_RETRIES = 64
 READ_TIMEOUT_S = 10.0
 PARALLEL_MIN_KEYS = 4096
-
-
-def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, policy: str) -> int:
-    """Bytes a table of ``rows`` rows takes in this hash map (for ``hps estimate``)."""
-    pcap = partition_rows(rows, partitions)
-    meta = 4 if policy != "evict_random" else 0
-    row = 8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta
-    return partitions * (index_slots(pcap) * 4 + pcap * row + 16) + 8
 
 
 class UnknownVDBTableError(HPSError, KeyError):
@@ -94,7 +87,7 @@ class _Table:
     arr: TableArrays
     count: np.ndarray  # int64 [P] rows per partition
     seq: np.ndarray  # uint64 [P] seqlock counters
-    clock: np.ndarray  # uint64 [1] batches seen (the evict_oldest tick)
+    clock: np.ndarray  # uint64 [2]: batches seen (the evict_oldest tick), dropped flag
     lock: threading.Lock
     evicted: int = 0
 
@@ -170,7 +163,7 @@ class HashMapVDB(VolatileDB):
 
     def _attach(self, table: str) -> _Table | None:
         """Map a table another process (or an earlier writer) created in shared memory."""
-        found = shm.attach(self.shm_name, table, self.readonly) if self.shm_name else None
+        found = shm.attach(self.shm_name, table, self.readonly, K.rehash) if self.shm_name else None
         if found is None:
             return None
         h, arr, state = found
@@ -181,6 +174,11 @@ class HashMapVDB(VolatileDB):
 
     def _table(self, table: str) -> _Table:
         t = self._tables.get(table)
+        if t is not None and t.clock[1]:  # the writer dropped it: forget the old mapping
+            with self._lock:
+                if self._tables.get(table) is t:
+                    del self._tables[table]
+            t = None
         if t is None:
             with self._lock:
                 t = self._tables.get(table) or self._attach(table)
@@ -195,9 +193,10 @@ class HashMapVDB(VolatileDB):
     def drop_table(self, table):
         self._writable("drop a table")
         with self._lock:
-            self._table(table)
+            t = self._table(table)
             del self._tables[table]
             if self.shm_name:
+                t.clock[1] = 1  # readers in other processes let go of their mappings
                 shm.remove_table(self.shm_name, table)
 
     def tables(self):
@@ -286,17 +285,20 @@ class HashMapVDB(VolatileDB):
             if len(sel) == 0:
                 return
             attempt += 1
-            if attempt >= READ_RETRIES:
-                if not self.readonly:  # the writer lives in this process: wait for it
-                    with t.lock:
-                        run(t.arr, sel)
-                    return
-                if time.monotonic() - start > READ_TIMEOUT_S:
-                    raise StorageError(
-                        f"VDB '{self.shm_name}': a writer kept {len(sel)} keys busy "
-                        f"for {READ_TIMEOUT_S} s (fetch)"
-                    )
-            time.sleep(0 if attempt < 4 else min(1e-3, 1e-6 * 2**attempt))
+            if attempt >= READ_RETRIES and not self.readonly:
+                with t.lock:  # the writer lives in this process: wait for it
+                    run(t.arr, sel)
+                return
+            self._back_off(attempt, start, f"read of {len(sel)} keys")
+
+    def _back_off(self, attempt: int, start: float, what: str) -> None:
+        """Yield, then sleep a growing time; give up after READ_TIMEOUT_S (a writer died?)."""
+        if time.monotonic() - start > READ_TIMEOUT_S:
+            raise StorageError(
+                f"VDB '{self.shm_name}': {what} found a write in progress for "
+                f"{READ_TIMEOUT_S} s; did the writer process die?"
+            )
+        time.sleep(0 if attempt < 4 else min(1e-3, 1e-6 * 2 ** min(attempt, 10)))
 
     def dump(self, table):
         t = self._table(table)
@@ -304,14 +306,17 @@ class HashMapVDB(VolatileDB):
             with t.lock:
                 return self._dump_rows(t, t.arr, range(t.P))
         parts_k, parts_v = [], []
-        for p in range(t.P):  # a reader: per partition under the seqlock
-            for attempt in range(1 << 30):
+        start = time.monotonic()
+        for p in range(t.P):  # a reader: partition by partition under the seqlock
+            attempt = 0
+            while True:
                 before = int(t.seq[p])
                 if before % 2 == 0:
                     k, v = self._dump_rows(t, t.arr, [p])
                     if int(t.seq[p]) == before:
                         break
-                time.sleep(0 if attempt < 4 else 1e-4)
+                attempt += 1
+                self._back_off(attempt, start, f"dump of partition {p}")
             parts_k.append(k)
             parts_v.append(v)
         return np.concatenate(parts_k), np.concatenate(parts_v)
@@ -320,7 +325,7 @@ class HashMapVDB(VolatileDB):
     def _dump_rows(t: _Table, a: TableArrays, parts) -> tuple[np.ndarray, np.ndarray]:
         rows = [p * a.pcap + np.arange(int(t.count[p])) for p in parts]
         idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        return a.keys[idx].copy(), _decode(a.values[idx], t.dtype)
+        return a.keys[idx].copy(), decode(a.values[idx], t.dtype)
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
@@ -337,7 +342,7 @@ class HashMapVDB(VolatileDB):
         v = _vectors(vectors, len(k), t.dim, table)
         if len(k) == 0:
             return
-        v = _encode(v, t.dtype)
+        v = encode(v, t.dtype)
         P, margin = t.P, self.overflow_margin
         with t.lock:
             a = t.arr
@@ -359,16 +364,12 @@ class HashMapVDB(VolatileDB):
             limit = min(margin, a.pcap)
             evicted = np.zeros(P, np.int64)
             t.clock[0] += np.uint64(1)
-            touched = np.flatnonzero(np.diff(starts))
-            t.seq[touched] += np.uint64(1)
-            try:
+            with _writing(t, starts):
                 K.apply_upsert(
                     k, v.view(np.uint16), order, starts, keep, rows, news, olds,
                     a.index, a.keys, a.values.view(np.uint16), a.meta, t.count, a.icap, a.pcap, a.rbits, P,
                     limit, int(self.target * limit), t.policy, int(t.clock[0]), self.seed, evicted,
                 )  # fmt: skip
-            finally:
-                t.seq[touched] += np.uint64(1)
             if evicted.any():
                 t.evicted += int(evicted.sum())
                 log.debug("VDB table %s: evicted %d rows (%s)", table, evicted.sum(), t.policy)
@@ -379,14 +380,7 @@ class HashMapVDB(VolatileDB):
         The old arrays are not modified and the new set replaces them in one attribute store,
         so readers need no seqlock signal: either set is a consistent copy of the table.
         """
-        old = t.arr
-        g = shm.new_arrays(None, table, t.P, t.dim, t.dtype, pcap, len(old.meta) > 0)
-        for p in range(t.P):
-            c, src, dst = int(t.count[p]), p * old.pcap, p * pcap
-            g.keys[dst : dst + c] = old.keys[src : src + c]
-            g.values[dst : dst + c] = old.values[src : src + c]
-            if len(old.meta):
-                g.meta[dst : dst + c] = old.meta[src : src + c]
+        g = shm.copy_pools(t.arr, t.count, t.dtype, pcap)
         K.rehash(g.index, g.keys, t.count, g.icap, g.pcap, g.rbits, t.P)
         t.arr = g
         log.debug("VDB table %s: grew to %d rows per partition", table, pcap)
@@ -401,13 +395,9 @@ class HashMapVDB(VolatileDB):
             a = t.arr
             order, starts = K.group_by_partition(k, t.P)
             removed = np.zeros(t.P, np.int64)
-            touched = np.flatnonzero(np.diff(starts))
-            t.seq[touched] += np.uint64(1)
-            try:
+            with _writing(t, starts):
                 K.erase(k, order, starts, a.index, a.keys, a.values.view(np.uint16),
                         a.meta, t.count, a.icap, a.pcap, a.rbits, t.P, removed)  # fmt: skip
-            finally:
-                t.seq[touched] += np.uint64(1)
         return int(removed.sum())
 
     def close(self):
@@ -419,8 +409,21 @@ class HashMapVDB(VolatileDB):
         """Remove every shared table of this map from /dev/shm (the writer, at shutdown)."""
         self._writable("unlink")
         if self.shm_name:
+            for table in self.tables():
+                self._table(table).clock[1] = 1
             shm.remove_all(self.shm_name)
         self.close()
+
+
+@contextmanager
+def _writing(t: _Table, starts: np.ndarray):
+    """Seqlock write section over the partitions a batch grouped by ``starts`` touches."""
+    touched = np.flatnonzero(np.diff(starts))
+    t.seq[touched] += np.uint64(1)  # odd: readers of these partitions retry
+    try:
+        yield
+    finally:
+        t.seq[touched] += np.uint64(1)
 
 
 def _keys(keys: object) -> np.ndarray:
@@ -441,16 +444,3 @@ def _vectors(vectors: object, n: int, dim: int, table: str) -> np.ndarray:
     if v.shape != (n, dim):
         raise InvalidInputError("vectors", f"shape {v.shape}", f"[{n}, {dim}] for table '{table}'")
     return v
-
-
-def _encode(v: np.ndarray, dtype: str) -> np.ndarray:
-    """float vectors -> the table's storage array (fp16 as its bits)."""
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
-    return np.ascontiguousarray(v, dtype=np.float32)
-
-
-def _decode(v: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage rows -> float32."""
-    return v.view(np.float16).astype(np.float32) if dtype == "float16" else v.astype(np.float32)

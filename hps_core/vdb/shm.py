@@ -11,6 +11,7 @@ would destroy a table the writer still serves. These files live until ``remove_t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
 DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
 LOAD_FACTOR = 0.8
 MIN_ROWS = 64  # pool rows per partition, at least
+MAX_ROWS = 2**31 - 2  # pool rows per partition: 32-bit index entries hold row + 1
 ARRAY_NAMES = ("index", "keys", "values", "meta", "count", "seq", "clock")
 
 
@@ -34,6 +38,27 @@ def partition_rows(rows: int, partitions: int) -> int:
 def index_slots(pcap: int) -> int:
     """Index slots per partition for ``pcap`` pool rows (load factor <= 0.8)."""
     return int(pcap / LOAD_FACTOR) + 1
+
+
+def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, policy: str) -> int:
+    """Bytes a hash-map table of ``rows`` rows takes (for ``hps estimate``)."""
+    pcap = partition_rows(rows, partitions)
+    meta = 4 if policy != "evict_random" else 0
+    row = 8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta
+    return partitions * (index_slots(pcap) * 4 + pcap * row + 16) + 16
+
+
+def encode(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float vectors -> the table's storage array (fp16 as its bits)."""
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
+def decode(v: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage rows -> float32."""
+    return v.view(np.float16).astype(np.float32) if dtype == "float16" else v.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -72,9 +97,22 @@ def new_arrays(
     return TableArrays(**out, icap=icap, pcap=pcap)
 
 
+def copy_pools(old: TableArrays, count: np.ndarray, dtype: str, pcap: int) -> TableArrays:
+    """New in-process arrays of ``pcap`` rows per partition holding the old pools (index empty)."""
+    P, dim = len(count), old.values.shape[1]
+    new = new_arrays(None, "", P, dim, dtype, pcap, len(old.meta) > 0)
+    for p in range(P):
+        c, src, dst = int(count[p]), p * old.pcap, p * pcap
+        new.keys[dst : dst + c] = old.keys[src : src + c]
+        new.values[dst : dst + c] = old.values[src : src + c]
+        if len(old.meta):
+            new.meta[dst : dst + c] = old.meta[src : src + c]
+    return new
+
+
 def new_state(name: str | None, table: str, P: int) -> dict[str, np.ndarray]:
-    """Per-partition row counts and seqlock counters, and the table's clock."""
-    shapes = {"count": ((P,), np.int64), "seq": ((P,), np.uint64), "clock": ((1,), np.uint64)}
+    """Per-partition row counts and seqlock counters; clock = (batches seen, dropped flag)."""
+    shapes = {"count": ((P,), np.int64), "seq": ((P,), np.uint64), "clock": ((2,), np.uint64)}
     return {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
 
 
@@ -86,11 +124,13 @@ def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.nd
     return np.memmap(path, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)
 
 
-def attach(name: str, table: str, readonly: bool):
+def attach(name: str, table: str, readonly: bool, rehash):
     """Map a published table: (header entry, TableArrays, state), or None if not published.
 
     A read-only attachment maps everything read-only except the per-row access counts / ticks
-    and the clock, which readers update (approximately) for the overflow policy.
+    and the clock, which readers update (approximately) for the overflow policy. A writer that
+    finds a partition's seqlock odd (its predecessor died inside a batch) rebuilds the index
+    with ``rehash`` so that readers are not locked out; that batch's rows may be half written.
     """
     h = read_header(name).get(table)
     if h is None:
@@ -113,8 +153,14 @@ def attach(name: str, table: str, readonly: bool):
     state = {
         "count": m("count", (P,), np.int64),
         "seq": m("seq", (P,), np.uint64),
-        "clock": m("clock", (1,), np.uint64, True),
+        "clock": m("clock", (2,), np.uint64, True),
     }
+    seq = state["seq"]
+    if not readonly and (seq & np.uint64(1)).any():
+        log.warning("VDB table %s: recovering from an interrupted write", table)
+        arrays.index[:] = 0
+        rehash(arrays.index, arrays.keys, state["count"], icap, pcap, arrays.rbits, P)
+        seq += seq & np.uint64(1)
     return h, arrays, state
 
 

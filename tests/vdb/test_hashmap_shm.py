@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-from hps_core.errors import StorageError
-from hps_core.vdb import shm
+from hps_core.errors import HPSError, StorageError
+from hps_core.vdb import hashmap, shm
 from hps_core.vdb.hashmap import HashMapVDB
 
 I64 = np.iinfo(np.int64)
@@ -128,7 +128,10 @@ WRITER = textwrap.dedent(
     vdb.create_table("hps_et.m.t", dim, capacity_hint=n)
     keys = np.arange(n, dtype=np.int64) * 104729 - 5 * 10**8
     vdb.upsert("hps_et.m.t", keys, np.zeros((n, dim), np.float32))
+    vdb.evict("hps_et.m.t", keys[:1])  # compile every kernel the loop uses before timing it
+    vdb.upsert("hps_et.m.t", keys[:1], np.zeros((1, dim), np.float32))
     print("ready", flush=True)
+    sys.stdin.readline()  # the reader has compiled its kernels too
     rng = np.random.default_rng(0)
     v, end = 1, time.time() + seconds
     while time.time() < end:
@@ -155,6 +158,10 @@ def test_readers_in_another_process_never_see_torn_rows(name):
         reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
         assert reader.tables() == ["hps_et.m.t"]
         keys = np.arange(6000, dtype=np.int64) * 104729 - 5 * 10**8
+        assert reader.fetch("hps_et.m.t", keys)[1].all()  # compiles the read kernels
+        assert reader.fetch("hps_et.m.t", keys[:300])[1].all()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         last = np.zeros(6000, np.float32)
         reads = 0
         rng = np.random.default_rng(2)
@@ -210,3 +217,38 @@ def test_a_reader_process_exiting_leaves_the_segments_in_place(name):
     again = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
     assert again.size("t") == 100 and (again.fetch("t", np.arange(100))[0] == 0.5).all()
     writer.unlink()
+
+
+def test_readers_follow_a_table_the_writer_drops_and_recreates(name):
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 4)
+    writer.upsert("t", np.array([1]), np.ones((1, 4)))
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    assert reader.fetch("t", np.array([1]))[1].all()
+    writer.drop_table("t")
+    with pytest.raises(HPSError, match="no table 't'"):
+        reader.fetch("t", np.array([1]))
+    writer.create_table("t", 8, dtype="float16")
+    writer.upsert("t", np.array([2]), np.full((1, 8), 3.0))
+    got, found = reader.fetch("t", np.array([1, 2]))
+    np.testing.assert_array_equal(found, [False, True])
+    assert reader.dim("t") == 8 and (got[1] == 3.0).all()
+    writer.unlink()
+
+
+def test_a_new_writer_repairs_a_table_its_predecessor_left_mid_write(name, monkeypatch):
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 4)
+    keys = np.arange(-50, 50)
+    writer.upsert("t", keys, np.repeat(keys[:, None], 4, axis=1))
+    writer._tables["t"].seq[:] += np.uint64(1)  # as if the writer died inside a batch
+    writer.close()
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    monkeypatch.setattr(hashmap, "READ_TIMEOUT_S", 0.2)
+    with pytest.raises(StorageError, match="writer process die"):
+        reader.fetch("t", keys)
+    again = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    again.create_table("t", 4)  # attaches to the table and rebuilds its index
+    got, found = reader.fetch("t", keys)
+    assert found.all() and (got == keys[:, None]).all()
+    again.unlink()
