@@ -8,15 +8,17 @@ Layout of a table with P partitions, each owning ``icap`` index slots and ``pcap
   bits hold a tag from the key's hash, checked before touching the pool, so a probe costs one
   pool access (the match) instead of one per slot it passes;
 - ``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 *bits* as uint16: numba
-  has no CPU float16; fetch decodes them through a 65536-entry float32 table). Kernels that
-  only move rows take ``values`` viewed as uint16 whatever the dtype, so they compile once;
+  has no float16 type). Fetch converts fp16 with the CPU's instruction (x86 F16C, AArch64)
+  through an LLVM ``fpext``, or, where LLVM would need a runtime helper numba cannot link,
+  through a 65536-entry table (``lut``). Kernels that only move rows take ``values`` viewed as
+  uint16 whatever the dtype, so they compile once;
 - ``meta`` uint32 [P*pcap] (access count or last-touched tick), empty for ``evict_random``;
 - ``count`` int64 [P]: rows used in each pool (pools are dense: deletion swap-removes).
 
 Hash bits: the partition comes from the low 32 bits of splitmix64(key), the home slot from the
 high 32 bits (multiply-shift, so capacities need not be powers of two), the tag from the
-lowest bits.
-Fetch takes ``lut`` None for float32 rows; numba prunes that branch at compile time.
+lowest bits. Fetch's ``lut`` is None unless fp16 goes through the table; numba prunes the
+other branch at compile time.
 """
 
 from __future__ import annotations
@@ -25,15 +27,13 @@ import numpy as np
 from numba import njit, prange
 
 from ..hash_kernels import mix
+from .shm import as_float32
 
 M32 = np.uint64(0xFFFFFFFF)
 U32_MAX = np.uint32(0xFFFFFFFF)
 
 TOUCH_COUNT, TOUCH_TICK = 1, 2
 EVICT_RANDOM, EVICT_LEAST_USED, EVICT_OLDEST = 0, 1, 2
-
-HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-"""fp16 bits -> float32 (256 KiB, stays in L2 while a batch is decoded)."""
 
 
 @njit(inline="always", cache=True)
@@ -86,11 +86,14 @@ def probe(key, h, p, index, tkeys, icap, pcap, rbits):
     return -1, -1
 
 
-@njit(parallel=True, nogil=True, cache=True)
+# Kernels off the hot read path run serially: a parallel kernel costs seconds more to compile.
+
+
+@njit(nogil=True, cache=True)
 def partitions(keys, P):
     """Partition of each key."""
     out = np.empty(len(keys), np.int64)
-    for i in prange(len(keys)):
+    for i in range(len(keys)):
         out[i] = partition_of(mix(keys[i]), P)
     return out
 
@@ -98,9 +101,7 @@ def partitions(keys, P):
 @njit(nogil=True, cache=True)
 def group_by_partition(keys, P):
     """Counting sort of key positions by partition: (order, starts[P+1]); batch order is kept."""
-    parts = np.empty(len(keys), np.int64)
-    for i in range(len(keys)):
-        parts[i] = partition_of(mix(keys[i]), P)
+    parts = partitions(keys, P)
     starts = np.zeros(P + 1, np.int64)
     for i in range(len(keys)):
         starts[parts[i] + 1] += 1
@@ -127,7 +128,8 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     Each stage is a short loop over the block whose loads do not depend on each other, so the
     CPU keeps a block's cache misses in flight together (one long loop per key would stall on
     them one after the other): 1. hash, load the home slot, check its tag; 2. confirm the key in
-    the pool or probe on; 3. copy the rows; 4. (fp16) decode the copied bits through ``lut``.
+    the pool or probe on; 3. copy (and convert) the rows; 4. with a ``lut``, decode the copied
+    fp16 bits (a table lookup per element inside step 3 would serialise the misses).
     """
     dim = values.shape[1]
     hs = np.empty(BLOCK, np.uint64)
@@ -154,9 +156,9 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
             found[i] = row >= 0
             if row < 0:
                 continue
-            if lut is None:
+            if lut is None:  # a short, vectorised loop per row: the rows' misses overlap
                 for d in range(dim):
-                    out[i, d] = values[row, d]
+                    out[i, d] = as_float32(values[row, d])
             else:
                 for d in range(dim):
                     raw[j - b0, d] = values[row, d]
@@ -192,9 +194,9 @@ def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap,
                  icap, pcap, rbits, P, out, found, lut)  # fmt: skip
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def contains(keys, sel, index, tkeys, icap, pcap, rbits, P, found):
-    for j in prange(len(sel)):
+    for j in range(len(sel)):
         i = sel[j]
         key = keys[i]
         h = mix(key)
@@ -227,7 +229,8 @@ def _delete_row(p, r, index, tkeys, values, meta, count, icap, pcap, rbits):
         src, dst = p * pcap + last, p * pcap + r
         moved = tkeys[src]
         tkeys[dst] = moved
-        values[dst, :] = values[src, :]
+        for d in range(values.shape[1]):  # (a slice assignment costs seconds of compile)
+            values[dst, d] = values[src, d]
         if len(meta):
             meta[dst] = meta[src]
         # No slot names row r any more, and tkeys[src] still holds 'moved': the probe finds the
@@ -239,30 +242,69 @@ def _delete_row(p, r, index, tkeys, values, meta, count, icap, pcap, rbits):
 
 
 @njit(nogil=True, cache=True)
+def _kth_smallest(a, k):
+    """The k-th smallest (0-based) value of a, by quickselect; reorders a.
+
+    (Not np.sort / np.argsort: numba takes ~10 s to compile those, on every cold start.)
+    """
+    lo, hi = 0, len(a) - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]  # between j and i every value equals the pivot
+    return a[k]
+
+
+@njit(nogil=True, cache=True)
 def _evict(p, n, protect, policy, salt, index, tkeys, values, meta, count, icap, pcap, rbits):
-    """Evict n unprotected rows of partition p, lowest policy score first; returns how many."""
+    """Evict the n unprotected rows of partition p with the lowest policy scores (ties: lowest
+    rows first); returns how many went."""
     c = count[p]
-    cand = np.empty(c, np.int64)
+    score = np.empty(c, np.uint64)
     nc = 0
     for r in range(c):
         if not protect[r]:
-            cand[nc] = r
+            row = p * pcap + r
+            if policy == EVICT_RANDOM or len(meta) == 0:
+                score[nc] = mix(tkeys[row] ^ salt)
+            else:
+                score[nc] = np.uint64(meta[row])
             nc += 1
     n = min(n, nc)
     if n <= 0:
         return 0
-    score = np.empty(nc, np.uint64)
+    cut = _kth_smallest(score[:nc].copy(), n - 1)
+    below = 0
     for j in range(nc):
-        row = p * pcap + cand[j]
-        if policy == EVICT_RANDOM or len(meta) == 0:
-            score[j] = mix(tkeys[row] ^ salt)
-        else:
-            score[j] = np.uint64(meta[row])
-    victims = np.sort(cand[np.argsort(score, kind="mergesort")[:n]])
+        below += score[j] < cut
+    ties = n - below
+    victim = np.zeros(c, np.bool_)
+    j = 0
+    for r in range(c):
+        if not protect[r]:
+            if score[j] < cut or (score[j] == cut and ties > 0):
+                ties -= score[j] == cut
+                victim[r] = True
+            j += 1
     # Descending: every row above a victim is then a survivor, so swap-remove never moves a
     # victim that is still to be deleted.
-    for v in victims[::-1]:
-        _delete_row(p, v, index, tkeys, values, meta, count, icap, pcap, rbits)
+    for r in range(c - 1, -1, -1):
+        if victim[r]:
+            _delete_row(p, r, index, tkeys, values, meta, count, icap, pcap, rbits)
     return n
 
 
@@ -361,10 +403,10 @@ def apply_upsert(
                 values[row, d] = vals[i, d]
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def erase(keys, order, starts, index, tkeys, values, meta, count, icap, pcap, rbits, P, removed):
     """Delete keys grouped by partition; removed[p] counts the ones that were present."""
-    for p in prange(P):
+    for p in range(P):
         for j in range(starts[p], starts[p + 1]):
             key = keys[order[j]]
             _, r = probe(key, mix(key), p, index, tkeys, icap, pcap, rbits)
@@ -373,10 +415,10 @@ def erase(keys, order, starts, index, tkeys, values, meta, count, icap, pcap, rb
                 removed[p] += 1
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def rehash(index, tkeys, count, icap, pcap, rbits, P):
     """Build every partition's (empty) index from its pool rows, after a resize."""
-    for p in prange(P):
+    for p in range(P):
         for r in range(count[p]):
             h = mix(tkeys[p * pcap + r])
             s = home_slot(h, icap)

@@ -4,7 +4,7 @@ Each table is split into ``num_partitions`` partitions by key hash. A partition 
 a 32-bit index (row id + 1 and a hash tag per slot; linear probing at load <= 0.8,
 backward-shift deletion) and a dense pool of rows: keys int64, vectors fp32 or fp16, and a
 uint32 per-row access count or last-touched tick for the ``evict_least_used`` /
-``evict_oldest`` policies. The map takes about 1.05-1.25x the raw key + vector bytes (see
+``evict_oldest`` policies. The map takes 1.04-1.25x the raw key + vector bytes (see
 ``estimate_table_bytes``); layout details in ``_kernels``.
 
 Bounds (HPS semantics): ``overflow_margin`` is the most rows a partition may hold. An upsert
@@ -32,6 +32,8 @@ Concurrency: a seqlock per partition. Readers may live in other processes.
 - Growth leaves the old arrays untouched and swaps in the new ones with a single attribute
   store, so it needs no odd counter: a reader on the old arrays reads a consistent copy.
 - Readers' access-count / tick updates are not locked: counts are approximate under races.
+- Dropping a shared table sets a flag in its state; readers then drop their old mapping. A new
+  writer that finds a counter odd (its predecessor died mid-batch) rebuilds the index.
 - The kernels use numba's thread pool from several Python threads at once, which needs the
   ``omp`` or ``tbb`` threading layer (numba picks one when present), not ``workqueue``.
 """
@@ -42,7 +44,6 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +51,7 @@ from ..errors import ConfigError, HPSError, InvalidInputError, StorageError
 from . import _kernels as K
 from . import shm
 from .base import VolatileDB
-from .shm import DTYPES, MAX_ROWS, MIN_ROWS, TableArrays, decode, encode, partition_rows
+from .shm import DTYPES, MAX_ROWS, MIN_ROWS, Table, TableArrays, decode, encode, partition_rows
 from .shm import estimate_table_bytes as estimate_table_bytes  # re-exported for hps estimate
 
 log = logging.getLogger(__name__)
@@ -78,23 +79,6 @@ class UnknownVDBTableError(HPSError, KeyError):
         return self.args[0]
 
 
-@dataclass
-class _Table:
-    dim: int
-    dtype: str
-    P: int
-    policy: int
-    arr: TableArrays
-    count: np.ndarray  # int64 [P] rows per partition
-    seq: np.ndarray  # uint64 [P] seqlock counters
-    clock: np.ndarray  # uint64 [2]: batches seen (the evict_oldest tick), dropped flag
-    lock: threading.Lock
-    evicted: int = 0
-
-    def nbytes(self) -> int:
-        return self.arr.nbytes() + self.count.nbytes + self.seq.nbytes + self.clock.nbytes
-
-
 class HashMapVDB(VolatileDB):
     """Partitioned numba hash map; ``shared_memory_name`` puts it in /dev/shm for many processes."""
 
@@ -119,14 +103,13 @@ class HashMapVDB(VolatileDB):
             raise ConfigError("overflow_resolution_target", overflow_resolution_target, "0..1")
         self.num_partitions = int(num_partitions)
         self.overflow_margin = int(overflow_margin)
-        self.policy = POLICIES[overflow_policy]
-        self.policy_name = overflow_policy
+        self.policy = overflow_policy
         self.target = float(overflow_resolution_target)
         self.refresh_time_after_fetch = bool(refresh_time_after_fetch)
         self.shm_name = shared_memory_name
         self.readonly = bool(shared_memory_readonly)
         self.seed = int(seed)
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, Table] = {}
         self._lock = threading.RLock()  # guards the table dict; attaching re-enters it
 
     # -- tables -------------------------------------------------------------------------------
@@ -150,29 +133,17 @@ class HashMapVDB(VolatileDB):
             least = MIN_SHARED_ROWS if self.shm_name else MIN_ROWS
             pcap = max(partition_rows(int(capacity_hint), P), least)
             pcap = max(1, min(pcap, self.overflow_margin, MAX_ROWS))
-            self._tables[table] = self._new_table(table, int(dim), dtype, pcap)
+            self._tables[table] = shm.create_table(
+                self.shm_name, table, P, int(dim), dtype, pcap, self.policy
+            )
 
-    def _new_table(self, table: str, dim: int, dtype: str, pcap: int) -> _Table:
-        P, meta = self.num_partitions, self.policy != K.EVICT_RANDOM
-        arr = shm.new_arrays(self.shm_name, table, P, dim, dtype, pcap, meta)
-        state = shm.new_state(self.shm_name, table, P)
-        if self.shm_name:
-            layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
-            shm.publish(self.shm_name, table, {**layout, "meta": meta, "policy": self.policy_name})
-        return _Table(dim, dtype, P, self.policy, arr, lock=threading.Lock(), **state)
-
-    def _attach(self, table: str) -> _Table | None:
-        """Map a table another process (or an earlier writer) created in shared memory."""
-        found = shm.attach(self.shm_name, table, self.readonly, K.rehash) if self.shm_name else None
-        if found is None:
-            return None
-        h, arr, state = found
-        t = _Table(h["dim"], h["dtype"], h["P"], POLICIES[h["policy"]], arr,
-                   lock=threading.Lock(), **state)  # fmt: skip
-        self._tables[table] = t
+    def _attach(self, table: str) -> Table | None:
+        t = shm.attach(self.shm_name, table, self.readonly, K.rehash) if self.shm_name else None
+        if t is not None:
+            self._tables[table] = t
         return t
 
-    def _table(self, table: str) -> _Table:
+    def _table(self, table: str) -> Table:
         t = self._tables.get(table)
         if t is not None and t.clock[1]:  # the writer dropped it: forget the old mapping
             with self._lock:
@@ -226,32 +197,35 @@ class HashMapVDB(VolatileDB):
 
     # -- reads --------------------------------------------------------------------------------
     def fetch(self, table, keys, out=None):
-        """Rows of keys as float32; a row whose key a concurrent evict removes mid-read may
-        leave ``out[i]`` overwritten although ``found[i]`` is False."""
+        """Rows of keys as float32. Into a given ``out``, a row whose key a concurrent evict
+        removes mid-read may be written although ``found[i]`` ends up False."""
         t = self._table(table)
         k = _keys(keys)
         n = len(k)
-        if out is None:
-            out = np.zeros((n, t.dim), np.float32)
+        fresh = out is None
+        if fresh:  # np.empty gets huge pages (np.zeros does not): far fewer page faults
+            out = np.empty((n, t.dim), np.float32)
         elif out.shape != (n, t.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {t.dim}]")
         found = np.zeros(n, bool)
         if n == 0:
             return out, found
         touch, tick = 0, 0
-        if t.policy == K.EVICT_LEAST_USED:
+        if t.policy == "evict_least_used":
             touch = K.TOUCH_COUNT
-        elif t.policy == K.EVICT_OLDEST and self.refresh_time_after_fetch:
+        elif t.policy == "evict_oldest" and self.refresh_time_after_fetch:
             t.clock[0] += np.uint64(1)
             touch, tick = K.TOUCH_TICK, int(t.clock[0])
         kernel = K.fetch if n >= PARALLEL_MIN_KEYS else K.fetch_serial
-        lut = K.HALF_TO_FLOAT if t.dtype == "float16" else None
+        lut = shm.HALF_TO_FLOAT if t.dtype == "float16" and not shm.NATIVE_HALF else None
 
         def run(a: TableArrays, sel: np.ndarray) -> None:
             kernel(k, sel, a.index, a.keys, a.values, a.meta, touch, tick,
                    a.icap, a.pcap, a.rbits, t.P, out, found, lut)  # fmt: skip
 
         self._read(t, k, run)
+        if fresh and not found.all():
+            out[~found] = 0.0
         return out, found
 
     def contains(self, table, keys):
@@ -266,7 +240,7 @@ class HashMapVDB(VolatileDB):
             self._read(t, k, run)
         return found
 
-    def _read(self, t: _Table, k: np.ndarray, run) -> None:
+    def _read(self, t: Table, k: np.ndarray, run) -> None:
         """Run ``run(arrays, positions)`` under the seqlock until no writer overlapped it."""
         sel = np.arange(len(k), dtype=np.int64)
         parts = None
@@ -322,7 +296,7 @@ class HashMapVDB(VolatileDB):
         return np.concatenate(parts_k), np.concatenate(parts_v)
 
     @staticmethod
-    def _dump_rows(t: _Table, a: TableArrays, parts) -> tuple[np.ndarray, np.ndarray]:
+    def _dump_rows(t: Table, a: TableArrays, parts) -> tuple[np.ndarray, np.ndarray]:
         rows = [p * a.pcap + np.arange(int(t.count[p])) for p in parts]
         idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         return a.keys[idx].copy(), decode(a.values[idx], t.dtype)
@@ -368,13 +342,13 @@ class HashMapVDB(VolatileDB):
                 K.apply_upsert(
                     k, v.view(np.uint16), order, starts, keep, rows, news, olds,
                     a.index, a.keys, a.values.view(np.uint16), a.meta, t.count, a.icap, a.pcap, a.rbits, P,
-                    limit, int(self.target * limit), t.policy, int(t.clock[0]), self.seed, evicted,
+                    limit, int(self.target * limit), POLICIES[t.policy], int(t.clock[0]), self.seed, evicted,
                 )  # fmt: skip
             if evicted.any():
                 t.evicted += int(evicted.sum())
                 log.debug("VDB table %s: evicted %d rows (%s)", table, evicted.sum(), t.policy)
 
-    def _grow(self, table: str, t: _Table, pcap: int) -> None:
+    def _grow(self, table: str, t: Table, pcap: int) -> None:
         """Re-allocate every partition with ``pcap`` pool rows and rebuild the index.
 
         The old arrays are not modified and the new set replaces them in one attribute store,
@@ -410,13 +384,16 @@ class HashMapVDB(VolatileDB):
         self._writable("unlink")
         if self.shm_name:
             for table in self.tables():
-                self._table(table).clock[1] = 1
+                try:
+                    self._table(table).clock[1] = 1
+                except (HPSError, OSError):  # half-created or half-removed: nothing to signal
+                    pass
             shm.remove_all(self.shm_name)
         self.close()
 
 
 @contextmanager
-def _writing(t: _Table, starts: np.ndarray):
+def _writing(t: Table, starts: np.ndarray):
     """Seqlock write section over the partitions a batch grouped by ``starts`` touches."""
     touched = np.flatnonzero(np.diff(starts))
     t.seq[touched] += np.uint64(1)  # odd: readers of these partitions retry

@@ -1,4 +1,8 @@
-"""Where a hash-map table's arrays live: process memory, or POSIX shared memory for many processes.
+"""Storage of a hash-map table: its arrays, their fp16 format, and where they live.
+
+Arrays live in process memory, or in POSIX shared memory for many processes. fp16 rows are
+kept as their uint16 bits (numba has no float16 type) and decoded by ``as_float32`` or,
+where this CPU lacks a conversion instruction, through the ``HALF_TO_FLOAT`` table.
 
 In shared memory each array is a file ``/dev/shm/<name>.<table>.<array>`` mapped with numpy,
 and a JSON header ``/dev/shm/<name>.tables.json`` describes the tables (dim, dtype, partitions,
@@ -14,10 +18,15 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+import platform
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from llvmlite import binding, ir
+from numba import types
+from numba.extending import intrinsic
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,40 @@ def encode(v: np.ndarray, dtype: str) -> np.ndarray:
 def decode(v: np.ndarray, dtype: str) -> np.ndarray:
     """Storage rows -> float32."""
     return v.view(np.float16).astype(np.float32) if dtype == "float16" else v.astype(np.float32)
+
+
+HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+"""fp16 bits -> float32 (256 KiB, stays in L2 while a batch is decoded)."""
+
+
+def _native_half() -> bool:
+    """Whether LLVM turns fp16 -> fp32 into an instruction here rather than a libcall."""
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        return False  # compiling for another CPU than this one
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except RuntimeError:
+        return False
+
+
+NATIVE_HALF = _native_half()
+"""Decode fp16 rows with ``as_float32`` (else through ``HALF_TO_FLOAT``); read per fetch."""
+
+
+@intrinsic
+def as_float32(typingctx, x):
+    """float32 as is; uint16 fp16 bits converted exactly (needs NATIVE_HALF)."""
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, sig, args: args[0]
+    if x == types.uint16:
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(x), codegen
+    return None
 
 
 @dataclass(frozen=True)
@@ -110,22 +153,54 @@ def copy_pools(old: TableArrays, count: np.ndarray, dtype: str, pcap: int) -> Ta
     return new
 
 
-def new_state(name: str | None, table: str, P: int) -> dict[str, np.ndarray]:
-    """Per-partition row counts and seqlock counters; clock = (batches seen, dropped flag)."""
+@dataclass
+class Table:
+    """One table: its replaceable arrays and its fixed per-partition state."""
+
+    dim: int
+    dtype: str
+    P: int
+    policy: str
+    arr: TableArrays
+    count: np.ndarray  # int64 [P]: rows per partition
+    seq: np.ndarray  # uint64 [P]: seqlock counters (see hashmap)
+    clock: np.ndarray  # uint64 [2]: batches seen (the evict_oldest tick), dropped flag
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the writer lock
+    evicted: int = 0  # rows this process evicted by the overflow policy
+
+    def nbytes(self) -> int:
+        return self.arr.nbytes() + self.count.nbytes + self.seq.nbytes + self.clock.nbytes
+
+
+def create_table(
+    name: str | None, table: str, P: int, dim: int, dtype: str, pcap: int, policy: str
+) -> Table:
+    """A new empty table (in /dev/shm and published to other processes when ``name`` is given)."""
+    meta = policy != "evict_random"  # only least-used and oldest keep a number per row
+    arr = new_arrays(name, table, P, dim, dtype, pcap, meta)
     shapes = {"count": ((P,), np.int64), "seq": ((P,), np.uint64), "clock": ((2,), np.uint64)}
-    return {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
+    state = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
+    if name:
+        layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
+        publish(name, table, {**layout, "meta": meta, "policy": policy})
+    return Table(dim, dtype, P, policy, arr, **state)
 
 
 def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.ndarray:
     if name is None or int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
+        # np.empty, not np.zeros: numpy asks for transparent huge pages only on this path (a
+        # random lookup then costs no page walk); calloc'd zeros get 4 KiB pages.
+        a = np.empty(shape, dtype)
+        if array not in ("keys", "values"):  # pool rows past count are never read
+            a.fill(0)
+        return a
     path = array_path(name, table, array)
     path.unlink(missing_ok=True)
     return np.memmap(path, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)
 
 
-def attach(name: str, table: str, readonly: bool, rehash):
-    """Map a published table: (header entry, TableArrays, state), or None if not published.
+def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
+    """Map a table another process (or an earlier writer) published; None if there is none.
 
     A read-only attachment maps everything read-only except the per-row access counts / ticks
     and the clock, which readers update (approximately) for the overflow policy. A writer that
@@ -150,18 +225,16 @@ def attach(name: str, table: str, readonly: bool, rehash):
         icap,
         pcap,
     )
-    state = {
-        "count": m("count", (P,), np.int64),
-        "seq": m("seq", (P,), np.uint64),
-        "clock": m("clock", (2,), np.uint64, True),
-    }
-    seq = state["seq"]
+    count, seq = m("count", (P,), np.int64), m("seq", (P,), np.uint64)
+    t = Table(
+        dim, h["dtype"], P, h["policy"], arrays, count, seq, m("clock", (2,), np.uint64, True)
+    )
     if not readonly and (seq & np.uint64(1)).any():
         log.warning("VDB table %s: recovering from an interrupted write", table)
         arrays.index[:] = 0
-        rehash(arrays.index, arrays.keys, state["count"], icap, pcap, arrays.rbits, P)
+        rehash(arrays.index, arrays.keys, count, icap, pcap, arrays.rbits, P)
         seq += seq & np.uint64(1)
-    return h, arrays, state
+    return t
 
 
 def array_path(name: str, table: str, array: str) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hps_core.errors import HPSError, InvalidInputError, StorageError
+from hps_core.vdb import shm
 from hps_core.vdb.hashmap import HashMapVDB, estimate_table_bytes
 
 I64 = np.iinfo(np.int64)
@@ -79,6 +80,25 @@ def test_fetch_leaves_missing_rows_of_out_untouched_and_widens_unsigned_keys():
     np.testing.assert_array_equal(got, [[4, 5, 6], [1, 2, 3]])
     got, found = vdb.fetch("t", np.array([7], np.uint32))
     assert found[0] and (got[0] == [1, 2, 3]).all()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-fp16", "table"])
+def test_every_fp16_value_comes_back_exactly(native, monkeypatch):
+    if native and not shm.NATIVE_HALF:
+        pytest.skip("this CPU has no fp16 conversion instruction: the table path serves fp16")
+    monkeypatch.setattr(shm, "NATIVE_HALF", native)
+    vdb = HashMapVDB(num_partitions=3)
+    vdb.create_table("t", 64, dtype="float16")
+    vecs = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32).reshape(-1, 64)
+    keys = np.arange(len(vecs)) - 512
+    vdb.upsert("t", keys, vecs)
+    for probe in (keys[::-7], np.tile(keys, 5)):  # the serial and the parallel kernel
+        got, found = vdb.fetch("t", probe)
+        expect = vecs[probe + 512]
+        nan = np.isnan(expect)
+        assert found.all() and (np.isnan(got) == nan).all()
+        # bit for bit: signed zeros, subnormals and infinities included
+        np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
 
 
 def fill(vdb: HashMapVDB, keys, value) -> None:
