@@ -84,7 +84,7 @@ def throughput(dev: Device, dims, dtypes, batches, dists, capacity: int, reps: i
             for s in range(0, capacity, 1 << 20):
                 chunk = keys[s : s + (1 << 20)]
                 cache.insert(dev.xp.asarray(chunk), dev.xp.ones((len(chunk), dim), dev.xp.float32))
-            resident = np.asarray(cache.export()[0].get() if dev.gpu else cache.export()[0])
+            resident = cache.export()[0]
             for dist in dists:
                 for b in batches:
                     if dist == "uniform":
