@@ -98,6 +98,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dense(args: argparse.Namespace) -> int:
+    """Write the DLRM dense network as an ONNX file, with weights from a seed."""
+    from .dense import describe_onnx, save_dense_model
+
+    save_dense_model(args.out, dim=args.dim, seed=args.seed, num_slots=args.slots)
+    io = describe_onnx(args.out)
+    sig = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in io.inputs + io.outputs)
+    console.print(f"wrote {args.out}: {sig}", highlight=False)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a model, serve it in process on the embedded default tiers, and show lookups."""
     from .demo import run_demo
@@ -189,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("dense", help="write the DLRM dense network as an ONNX file")
+    s.add_argument("--out", required=True, help="the .onnx file to write")
+    s.add_argument("--dim", type=int, default=16, help="embedding dim of every slot")
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights")
+    s.add_argument("--slots", type=int, default=26, help="categorical slots (tables)")
+    s.set_defaults(func=cmd_dense)
 
     s = sub.add_parser(
         "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInputError, ModelFileError
+from .errors import ConfigError, InvalidInputError, ModelFileError
 
 DENSE_INPUT = "DENSE"
 EMB_INPUT = "EMB"
@@ -106,13 +106,13 @@ def dense_arch(
     top = (128, 64, 1) if top is None else tuple(int(t) for t in top)
     for name, value in (("dim", dim), ("num_dense", num_dense), ("num_slots", num_slots)):
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} = {value!r}: expected an integer >= 1")
+            raise ConfigError(name, value, "an integer >= 1")
     if not bottom or bottom[-1] != dim:
-        raise ValueError(f"bottom = {list(bottom)}: expected a list of layer sizes ending in {dim}")
+        raise ConfigError("bottom", list(bottom), f"a list of layer sizes ending in dim ({dim})")
     if not top or top[-1] != 1:
-        raise ValueError(f"top = {list(top)}: expected a list of layer sizes ending in 1")
+        raise ConfigError("top", list(top), "a list of layer sizes ending in 1")
     if min(bottom + top) < 1:
-        raise ValueError(f"layer sizes bottom={list(bottom)} top={list(top)}: expected >= 1")
+        raise ConfigError("bottom + top", list(bottom + top), "layer sizes >= 1")
     return DenseArch(int(num_dense), int(num_slots), bottom, top)
 
 
@@ -156,7 +156,7 @@ def arch_of(weights: Mapping[str, np.ndarray]) -> DenseArch:
 def init_weights(arch: DenseArch, seed: int = 0) -> dict[str, np.ndarray]:
     """DLRM's initialisation, from a seed: W ~ N(0, sqrt(2/(in+out))), b ~ N(0, sqrt(1/out))."""
     if seed < 0:
-        raise ValueError(f"seed = {seed}: expected >= 0")
+        raise ConfigError("seed", seed, "an integer >= 0")
     weights = {}
     for k, (name, shape) in enumerate(arch.layer_shapes().items()):
         rng = np.random.default_rng([seed, k])
