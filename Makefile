@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+REPO   ?= model_repository
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo serve perf bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@# The suite compile-checks the CUDA kernels; without a system nvcc, take CUDA 13's from pip.
 	@command -v nvcc >/dev/null || $(BIN)/python -m pip install --quiet nvidia-cuda-nvcc
+	@# Triton's Python-backend stub loads the shared libpython of this Python version.
+	@$(BIN)/python -c 'import ctypes, sys; ctypes.CDLL("libpython%d.%d.so.1.0" % sys.version_info[:2])' 2>/dev/null \
+		|| $(SUDO) apt-get install -y -q libpython$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -23,8 +28,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
+# Triton with the example ensemble on the embedded tiers; real requests over HTTP and gRPC.
 demo: $(STAMP)
-	$(BIN)/hps demo
+	$(BIN)/hps-client demo --repo $(REPO)
+
+# The same server, left running until Ctrl-C.
+serve: $(STAMP)
+	$(BIN)/hps serve $(REPO)
 
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier

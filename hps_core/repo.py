@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,3 +246,33 @@ def release_shared(config: str | os.PathLike) -> None:
         vdb = build_vdb(cfg)
         if vdb is not None:
             vdb.unlink()
+
+
+@contextmanager
+def serving(
+    root: str | os.PathLike,
+    *,
+    rows: int = 1_000_000,
+    dim: int = 16,
+    instances: int = 1,
+    progress: bool = False,
+    start_timeout: float = 300.0,
+):
+    """Write the repository if needed, fill the shared tiers, run Triton; stops and cleans up.
+
+    Yields (RepoSpec, TritonServer) with the ensemble and ``hps_embedding`` loaded.
+    """
+    from .launcher import TritonServer
+
+    try:  # a repository written before (perhaps from the user's own model) is served as it is
+        spec = read_spec(root)
+    except ConfigError:
+        spec = write_repository(root, rows=rows, dim=dim, instances=instances)
+    preload(spec.config, progress=progress)
+    server = TritonServer(spec.root, models=[spec.ensemble, HPS_MODEL])
+    try:
+        server.start(timeout=start_timeout)
+        yield spec, server
+    finally:
+        server.stop()
+        release_shared(spec.config)
