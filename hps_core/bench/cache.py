@@ -9,7 +9,7 @@ synchronisation around each, so it includes the per-call Python and launch overh
 CPU mode measures the numba host cache against the vectorised numpy reference in the same run.
 With a GPU (CuPy and a device present) it measures the GPU cache and a plain device-to-device
 copy in the same run, and reports each figure as a fraction of that copy bandwidth.
-Prints tables, writes benchmarks/results/cache[_quick][_gpu].json and .png.
+Prints tables, writes benchmarks/results/cache[_quick][_gpu].json and .png (or into --out).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def _csv(kind):
     def parse(text: str) -> list:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
     return parse
 
