@@ -66,7 +66,7 @@ NVRTC_OPTIONS = ("-std=c++17",)
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}  # Kind in slot.cuh
 _VEC = {"float32": 4, "float16": 8, "bfloat16": 8}  # stored elements per 16 bytes
 _OCC, _FLAGS_BITS = 2, 3  # slot.cuh: OCC, and the version starts at bit 3
-_BLOCK = 256
+_BLOCK = 256  # threads per block; cache_find is compiled for at most 256 (__launch_bounds__)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
