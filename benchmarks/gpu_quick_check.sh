@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A short device run (typically under 3 minutes, at most about 4.5, on an H100/H200): the GPU cache tests, the cache
-# benchmark restricted to the find figures that matter (fp32, d16/64/128, uniform and Zipf
-# 1.05 keys, 64K-1M keys per batch, then the latency section) and a short compute-sanitizer
+# A short device run (typically under 3 minutes, at most about 4.5, on an H100 or H200): the
+# GPU cache tests, the cache benchmark restricted to the find figures that matter (fp32,
+# d16/64/128, uniform and Zipf 1.05 keys, 64K-1M keys per batch, then the latency section), a
+# summary against the targets and the committed H200 run, and a short compute-sanitizer
 # memcheck of the find paths. Logs and results go to $OUT (default:
 # benchmarks/results/gpu_quick_check). T_TESTS, T_BENCH, T_SAN: time limits in seconds
 # (T_SAN=0 skips the memcheck). Wheels the image lacks (rocksdict) come from .whl/ if present.
@@ -64,7 +65,7 @@ for r in d["latency"]:
         b = lat[r["dim"], r["batch"]]
         print(f"  before: p50 {b['p50_us']:.1f} us, p99 {b['p99_us']:.1f} us")
 PY
-if [ "${T_SAN:-60}" != 0 ]; then
+if [ "${T_SAN:-40}" != 0 ]; then
   step "compute-sanitizer memcheck (find paths)"
   HPS_CUPY_NO_POOL=1 timeout ${T_SAN:-40} compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -q -p no:cacheprovider tests/cache/test_gpu_cache.py \
