@@ -41,4 +41,16 @@ bench: $(STAMP)
 	$(BIN)/hps bench cache
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PERF_VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# perf_analyzer lives only in tritonclient 2.50.0's wheel: its own venv, libb64 and a CUDA 12
+# runtime library from pip. Results: benchmarks/results/perf.json and perf.png.
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed:
+	@test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install --quiet 'tritonclient==2.50.0' nvidia-cuda-runtime-cu12
+	@ldconfig -p | grep -q libb64.so.0d || $(SUDO) apt-get install -y -q libb64-0d
+	@touch $@
+
+perf: $(STAMP) $(PERF_VENV)/.installed
+	$(BIN)/python -m hps_client.perf

@@ -41,6 +41,9 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0") or 0)
         if threads:
             options.intra_op_num_threads = threads
+        # idle threads sleep: instances and the embedding model share the machine's cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         providers = [p for p in wanted if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(path, options, providers=providers)
@@ -49,22 +52,50 @@ class TritonPythonModel:
         log.info("%s: %s on %s", args["model_instance_name"], path, self.session.get_providers())
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        """Requests the dynamic batcher groups are run as one batch, then split again."""
+        feeds, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
             try:
-                feed = {}
-                for name, kind in self.inputs:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise ValueError(f"input {name} is missing")
-                    a = to_numpy(tensor)
-                    feed[name] = a.astype(np.float32, copy=False) if kind == "tensor(float)" else a
-                results = self.session.run(self.outputs, feed)
-                tensors = [to_tensor(n, r) for n, r in zip(self.outputs, results, strict=True)]
-                responses.append(pb_utils.InferenceResponse(tensors))
+                feeds.append((i, self._feed(request)))
             except Exception as e:
-                err = pb_utils.TritonError(
-                    f"{type(e).__name__}: {e}", pb_utils.TritonError.INVALID_ARG
-                )
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
+                responses[i] = _error(e)
+        if feeds:
+            try:
+                batch = {
+                    name: np.concatenate([f[name] for _, f in feeds])
+                    if len(feeds) > 1
+                    else feeds[0][1][name]
+                    for name, _ in self.inputs
+                }
+                results = self.session.run(self.outputs, batch)
+                start = 0
+                for i, f in feeds:
+                    n = len(f[self.inputs[0][0]])
+                    tensors = [
+                        to_tensor(o, r[start : start + n])
+                        for o, r in zip(self.outputs, results, strict=True)
+                    ]
+                    responses[i] = pb_utils.InferenceResponse(tensors)
+                    start += n
+            except Exception as e:
+                for i, _ in feeds:
+                    responses[i] = _error(e)
         return responses
+
+    def _feed(self, request) -> dict[str, np.ndarray]:
+        feed = {}
+        for name, kind in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"input {name} is missing")
+            a = to_numpy(tensor)
+            feed[name] = a.astype(np.float32, copy=False) if kind == "tensor(float)" else a
+        lengths = {len(a) for a in feed.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"inputs have different batch sizes {sorted(lengths)}")
+        return feed
+
+
+def _error(e: Exception):
+    err = pb_utils.TritonError(f"{type(e).__name__}: {e}", pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)

@@ -72,8 +72,9 @@ def run_perf(model: str, url: str, data: Path, batch: int, concurrency: int, sec
         "model": model,
         "batch": batch,
         "concurrency": concurrency,
-        "inferences_s": float(row["Inferences/Second"]),
-        "samples_s": float(row["Inferences/Second"]) * batch,
+        # perf_analyzer counts every sample of a batch as an inference
+        "samples_s": float(row["Inferences/Second"]),
+        "requests_s": float(row["Inferences/Second"]) / batch,
         "p50_us": float(row["p50 latency"]),
         "p99_us": float(row["p99 latency"]),
     }
@@ -113,6 +114,7 @@ def serving_memory(server: TritonServer) -> dict:
 
 
 def memory_by_instances(root: Path, rows: int, dim: int, counts=(1, 4)) -> list[dict]:
+    """Serving memory with 1 and 4 instances per model of a table of rows x dim."""
     out = []
     for n in counts:
         spec = write_repository(root, rows=rows, dim=dim, instances=n)
@@ -121,7 +123,9 @@ def memory_by_instances(root: Path, rows: int, dim: int, counts=(1, 4)) -> list[
             with HPSClient(server.grpc_url, "grpc") as c:
                 for dense, cat in _take(zipf_batches(spec, 512, seed=3), 20):
                     c.predict(dense, cat, model=spec.ensemble)
-            out.append({"instances": n, **serving_memory(server)})
+            out.append(
+                {"instances": n, "table_mib": rows * dim * 4 / 2**20, **serving_memory(server)}
+            )
         release_shared(spec.config)
     return out
 
@@ -167,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16,128,1024,4096")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=2.0, help="perf_analyzer window")
+    ap.add_argument("--mem-rows", type=int, default=4_000_000, help="rows of the memory test")
+    ap.add_argument("--mem-dim", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="small model, two batch sizes")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rows, args.batches, args.seconds = 100_000, "1,256", 1.0
+        args.rows, args.batches, args.seconds, args.mem_rows = 100_000, "1,256", 1.0, 400_000
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(tempfile.mkdtemp(prefix="hps-perf-"))
     payload: dict = {"machine": machine(), "rows": args.rows, "dim": args.dim}
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             per = 1024
             hdata = write_perf_data(spec, work / "hps.json", 32, "hps", keys_per_table=per)
             h = run_perf(HPS_MODEL, server.grpc_url, hdata, 1, 1, args.seconds)
-            h["keys_s"] = h["inferences_s"] * per * spec.slots
+            h["keys_s"] = h["requests_s"] * per * spec.slots
         inproc = in_process_keys_s(spec, per)
         payload["embedding_vs_in_process"] = {
             **h,
@@ -204,17 +210,17 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": h["keys_s"] / inproc,
         }
         release_shared(spec.config)
-        payload["memory"] = memory_by_instances(work / "mem", args.rows, args.dim)
+        payload["memory"] = memory_by_instances(work / "mem", args.mem_rows, args.mem_dim)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     t = Table(title=f"ensemble via Triton (perf_analyzer, gRPC, concurrency {args.concurrency})")
-    for c in ("batch", "inferences/s", "samples/s", "p50 ms", "p99 ms"):
+    for c in ("batch", "requests/s", "samples/s", "p50 ms", "p99 ms"):
         t.add_column(c, justify="right")
     for r in payload["ensemble"]:
         t.add_row(
             f"{r['batch']:,}",
-            f"{r['inferences_s']:,.1f}",
+            f"{r['requests_s']:,.1f}",
             f"{r['samples_s']:,.0f}",
             f"{r['p50_us'] / 1e3:.2f}",
             f"{r['p99_us'] / 1e3:.2f}",
@@ -227,12 +233,23 @@ def main(argv: list[str] | None = None) -> int:
         highlight=False,
     )
     t = Table(title="host memory of tritonserver + backend stubs")
-    for c in ("instances per model", "processes", "RSS MiB", "PSS MiB"):
+    for c in ("instances per model", "processes", "table MiB", "RSS MiB", "PSS MiB"):
         t.add_column(c, justify="right")
     for m in payload["memory"]:
         t.add_row(
-            str(m["instances"]), str(m["processes"]), f"{m['rss_mib']:,.0f}", f"{m['pss_mib']:,.0f}"
+            str(m["instances"]),
+            str(m["processes"]),
+            f"{m['table_mib']:,.0f}",
+            f"{m['rss_mib']:,.0f}",
+            f"{m['pss_mib']:,.0f}",
         )
+    m1, m4 = payload["memory"][0], payload["memory"][-1]
+    payload["memory_pss_ratio"] = m4["pss_mib"] / m1["pss_mib"]
+    console.print(
+        f"PSS with {m4['instances']} instances per model / with {m1['instances']}: "
+        f"{payload['memory_pss_ratio']:.2f}x",
+        highlight=False,
+    )
     console.print(t)
     name = "perf_quick" if args.quick else "perf"
     save(name, payload)
