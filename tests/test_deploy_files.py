@@ -10,20 +10,27 @@ model's files) do. The Redis Cluster init script runs for real against local red
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from hps_core.cli import build_parser
 from hps_core.config import load_config
-from hps_core.synth import criteo_vocab_sizes, model_spec
+from hps_core.dense import load_dense_weights, save_dense_model
+from hps_core.pdb.rocksdb import RocksDBPDB
+from hps_core.repo import read_spec
+from hps_core.session import store_table_name
+from hps_core.synth import criteo_vocab_sizes, make_model, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -57,6 +64,15 @@ def arg_defaults(instrs) -> dict[str, str]:
     return dict(a.split("=", 1) for i, a in instrs if i == "ARG" and "=" in a)
 
 
+def dockerfile_env() -> dict[str, str]:
+    """The ENV the image sets (ENV a=b c=d form)."""
+    env = {}
+    for i, a in dockerfile():
+        if i == "ENV":
+            env.update(kv.split("=", 1) for kv in shlex.split(a))
+    return env
+
+
 def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], text)
 
@@ -77,7 +93,7 @@ def flags(argv: list[str]) -> dict[str, list[str]]:
 
 def test_dockerfile_base_image_and_instructions():
     instrs = dockerfile()
-    known = {"ARG", "FROM", "ENV", "WORKDIR", "COPY", "RUN", "EXPOSE", "CMD", "LABEL"}
+    known = {"ARG", "FROM", "ENV", "WORKDIR", "COPY", "RUN", "EXPOSE", "ENTRYPOINT", "CMD", "LABEL"}
     assert {i for i, _ in instrs} <= known
     before_from = [i for i, _ in instrs[: [i for i, _ in instrs].index("FROM")]]
     assert set(before_from) <= {"ARG"}
@@ -94,29 +110,28 @@ def test_dockerfile_copies_existing_paths_and_the_backends():
     dest_of = {}
     for *sources, dest in copies:
         for src in sources:
-            dest_of[src.rstrip("/")] = dest
-    for src, dest in dest_of.items():
-        m = re.fullmatch(r"backend/(\w+)", src)
-        if m:
-            # backend/ and model_repository/ come from the Triton branch: checked by shape.
-            assert dest.rstrip("/") == f"/opt/tritonserver/backends/{m[1]}"
-        elif src == "model_repository":
-            assert dest.rstrip("/") == "/models"
-        else:
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
-    assert {s for s in dest_of if s.startswith("backend/")} == {"backend/hps", "backend/onnx"}
+            dest_of[src.rstrip("/")] = dest
+    # Triton finds a Python-based backend as <backend-directory>/<name>/model.py.
+    backends = {s: d for s, d in dest_of.items() if s.startswith("backend/")}
+    assert backends == {f"backend/{b}": f"/opt/tritonserver/backends/{b}/" for b in ("hps", "onnx")}
+    assert all((ROOT / b / "model.py").is_file() for b in backends)
     assert dest_of["deploy/config/hps.json"] == CONFIG_PATH
-    assert {"pyproject.toml", "hps_core"} <= set(dest_of)
+    # pip install . needs every package pyproject.toml names
+    assert {"pyproject.toml", "README.md", "hps_core", "client"} <= set(dest_of)
+    entry = [json.loads(a) for i, a in dockerfile() if i == "ENTRYPOINT"]
+    assert entry == [[dest_of["deploy/docker/entrypoint.sh"]]]
 
 
 def test_dockerfile_cmd_serves_the_model_repository():
     cmd = triton_cmd()
     f = flags(cmd)
+    env = dockerfile_env()
     assert cmd[0] == "tritonserver"
-    assert f["--model-repository"] == ["/models"]
+    assert f["--model-repository"] == [env["HPS_REPOSITORY"]] == ["/models"]
     assert f["--model-control-mode"] == ["explicit"]
-    assert f["--load-model"] == [MODEL]
-    assert f"hps,ps={CONFIG_PATH}" in f["--backend-config"]
+    assert f["--load-model"] == [env["HPS_MODEL_NAME"]] == [MODEL]
+    assert env["HPS_CONFIG"] == CONFIG_PATH
     ports = {k: int(v[0]) for k, v in f.items() if k.endswith("-port")}
     assert ports == {f"--{k}-port": v for k, v in PORTS.items()}
 
@@ -138,12 +153,59 @@ def test_dockerfile_demo_model_is_the_one_the_config_names():
     synth, dense = parsed["synth"], parsed["dense"]
     assert dense.dim == synth.dim and dense.slots == synth.tables == 26
     assert Path(dense.out).parent == Path(synth.out)
+    assert dockerfile_env()["HPS_DENSE_ONNX"] == dense.out
     cfg = load_config(DEPLOY / "config" / "hps.json")
     m = cfg.model(MODEL)
     spec = model_spec(synth.out, criteo_vocab_sizes(synth.rows), [synth.dim] * 26, name=synth.name)
     assert m.sparse_files == spec.table_paths
     assert m.embedding_vecsize_per_table == [synth.dim] * 26
     assert cfg.persistent_db.path.startswith(synth.out + "/")
+
+
+def test_entrypoint_writes_the_repository_and_fills_the_tiers(tmp_path):
+    """The container's start script, run here on a small model: `hps repo` + `hps load`, then
+    the command. The repository serves the given ONNX file; RocksDB holds every table row."""
+    script = DEPLOY / "docker" / "entrypoint.sh"
+    sizes = criteo_vocab_sizes(2600)
+    synth = make_model(tmp_path / "data", sizes, [4] * 26, seed=3, name=MODEL)
+    cfg = json.loads(Path(synth.config_path).read_text())
+    cfg["volatile_db"] = {"type": "disabled"}  # no shared memory left behind by the test
+    cfg["persistent_db"] = {"type": "rocks_db", "path": str(tmp_path / "rocksdb")}
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    onnx_path = tmp_path / "dense.onnx"
+    weights = save_dense_model(onnx_path, dim=4, seed=3)
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+        HPS_CONFIG=str(tmp_path / "hps.json"),
+        HPS_DENSE_ONNX=str(onnx_path),
+        HPS_REPOSITORY=str(tmp_path / "models"),
+        HPS_MODEL_NAME=MODEL,
+    )
+    served = [sys.executable, "-c", "import sys; print('serving', sys.argv[1])", "/models"]
+    r = subprocess.run(
+        ["sh", script, *served], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("serving /models")
+
+    spec = read_spec(tmp_path / "models")
+    assert (spec.ensemble, spec.slots, spec.dim, spec.num_dense) == (MODEL, 26, 4, 13)
+    served_onnx = tmp_path / "models" / spec.dense / "1" / "model.onnx"
+    assert served_onnx.read_bytes() == onnx_path.read_bytes()
+    loaded = load_dense_weights(served_onnx)
+    assert all(np.array_equal(loaded[k], weights[k]) for k in weights)
+    with RocksDBPDB(tmp_path / "rocksdb", read_only=True) as pdb:
+        for t in (0, 2, 25):
+            keys, vectors = synth.table(t)
+            got, found = pdb.fetch(store_table_name(MODEL, f"table{t}"), keys)
+            assert found.all()
+            np.testing.assert_array_equal(got, vectors)
+
+    env["HPS_CONFIG"] = str(tmp_path / "missing.json")
+    r = subprocess.run(["sh", script, "true"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"HPS_CONFIG={tmp_path}/missing.json: no such file" in r.stderr
 
 
 # -- compose ---------------------------------------------------------------------------------------
