@@ -69,15 +69,18 @@ class DenseArch:
 
     @property
     def dim(self) -> int:
+        """Embedding vector size of every slot (the bottom MLP's output size)."""
         return self.bottom[-1]
 
     @property
     def num_pairs(self) -> int:
+        """Interaction pairs: (num_slots + 1) choose 2."""
         n = self.num_slots + 1
         return n * (n - 1) // 2
 
     @property
     def top_input(self) -> int:
+        """Width of the top MLP's input: the bottom output and the pairs."""
         return self.dim + self.num_pairs
 
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -209,7 +212,7 @@ def dense_forward(
         h = h @ w[f"top_w{k}"] + w[f"top_b{k}"]
         if k < len(arch.top) - 1:
             h = np.maximum(h, 0.0)
-    return (1.0 / (1.0 + np.exp(-h))).astype(np.float32)
+    return np.exp(-np.logaddexp(0.0, -h)).astype(np.float32)  # sigmoid without overflow
 
 
 # -- the ONNX graph --------------------------------------------------------------------------------
@@ -362,9 +365,11 @@ class OnnxIO:
     outputs: tuple[TensorInfo, ...]
 
     def input(self, name: str) -> TensorInfo:
+        """The input called ``name`` (KeyError listing the inputs when there is none)."""
         return _by_name(self.inputs, name, "input")
 
     def output(self, name: str) -> TensorInfo:
+        """The output called ``name`` (KeyError listing the outputs when there is none)."""
         return _by_name(self.outputs, name, "output")
 
 

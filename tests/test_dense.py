@@ -227,3 +227,17 @@ def test_cli_writes_the_same_model(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "'dim' = 0: expected an integer >= 1" in r.stdout
+
+
+def test_reference_saturates_without_overflow():
+    """Huge logits give exactly 0 and 1 with no overflow (underflow to 0 is what we want)."""
+    arch = dense_arch(dim=2, num_slots=1, bottom=[2], top=[1])
+    w = init_weights(arch, seed=0)
+    w["top_b0"] = np.array([0.0], np.float32)
+    w["top_w0"] = np.zeros((arch.top_input, 1), np.float32)
+    dense = np.zeros((2, 13), np.float32)
+    emb = np.zeros((2, 2), np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for bias, want in ((-1e4, 0.0), (1e4, 1.0), (0.0, 0.5)):
+            w["top_b0"][0] = bias
+            assert dense_forward(w, dense, emb)[:, 0].tolist() == [want, want]
