@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import numpy as np
@@ -51,9 +52,14 @@ def error_response(e: Exception):
 
 
 class Metrics:
-    """Triton custom metrics per model, table and level, fed from the session's statistics."""
+    """Triton custom metrics per model, table and level, fed from the session's statistics.
 
-    def __init__(self, model: str, service: EmbeddingService):
+    Every metric call is a message to the server process, so a background thread publishes
+    the changes every ``interval`` seconds instead of each ``execute`` (hundreds of calls per
+    request would cost milliseconds).
+    """
+
+    def __init__(self, model: str, service: EmbeddingService, interval: float = 0.5):
         fam = pb_utils.MetricFamily
         self.service = service
         keys = fam("hps_keys_total", "unique keys per level (l1, vdb, pdb, default)", fam.COUNTER)
@@ -80,18 +86,44 @@ class Metrics:
         self.last = {
             t: (0, {lv: 0 for lv in LEVELS}, {lv: 0.0 for lv in LEVELS}) for t in self.reqs
         }
+        self.pending: list[float] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self.thread.start()
 
-    def update(self, seconds: float) -> None:
+    def observe(self, seconds: float) -> None:
+        with self.lock:
+            self.pending.append(seconds)
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            try:
+                self.publish()
+            except Exception as e:  # metrics must never take the model down
+                log.warning("metrics not published: %s", e)
+
+    def publish(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
         if self.latency is not None:
-            self.latency.observe(seconds)
+            for s in pending:
+                self.latency.observe(s)
         for table, st in self.service.table_stats().items():
             requests, hits, secs = self.last[table]
+            if st.requests == requests:
+                continue
             self.reqs[table].increment(st.requests - requests)
             for level in LEVELS:
-                self.keys[table, level].increment(st.hits[level] - hits[level])
-                self.secs[table, level].increment(st.seconds[level] - secs[level])
+                if st.hits[level] != hits[level]:
+                    self.keys[table, level].increment(st.hits[level] - hits[level])
+                    self.secs[table, level].increment(st.seconds[level] - secs[level])
                 self.rate[table, level].set(st.hit_rate(level))
             self.last[table] = (st.requests, dict(st.hits), dict(st.seconds))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
 
 
 class TritonPythonModel:
@@ -114,7 +146,7 @@ class TritonPythonModel:
             responses = [self._hps(r) for r in requests]
         else:
             responses = self._slots(requests)
-        self.metrics.update(time.perf_counter() - t0)
+        self.metrics.observe(time.perf_counter() - t0)
         return responses
 
     def _hps(self, request):
@@ -148,5 +180,6 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.metrics.close()
         self.metrics = None
         self.service.close()

@@ -224,7 +224,12 @@ def test_metrics_count_the_keys_of_each_table(served, files):
     before = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
     with client(server, "http") as c:
         c.lookup(keys, counts)
-    after = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+    deadline = time.monotonic() + 10  # the backend publishes its metrics every 0.5 s
+    while True:
+        after = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+        if after != before or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert after - before == len(keys)  # unique keys, summed over l1/vdb/pdb/default
 
 
