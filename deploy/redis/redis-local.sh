@@ -47,6 +47,8 @@ stop_node() {  # DIR/PORT SIGNAL
   kill "-$2" "$pid" 2>/dev/null || true
   for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || break
+    # A zombie (exited, not yet reaped by a non-reaping init) is stopped too.
+    case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z*) break ;; esac
     sleep 0.05
   done
   rm -f "$pidfile"

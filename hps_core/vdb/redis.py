@@ -485,7 +485,7 @@ class RedisVDB(VolatileDB):
             if self.policy == "evict_oldest":
                 wire = R.head(3 + 2 * len(sel), "ZADD", tk, "XX") + R.fields(kb[sel], now)
             else:
-                wire = R.head(3 + len(sel), "EVAL", _COUNT_USE, 1, tk) + R.fields(kb[sel])
+                wire = R.head(4 + len(sel), "EVAL", _COUNT_USE, 1, tk) + R.fields(kb[sel])
             cmds.append(_Cmd(tk, wire))
         self._run(cmds, write=True)  # best effort: a lost touch only skews eviction order
 
