@@ -51,7 +51,7 @@ def encode(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'float16'")
     vb = np.ascontiguousarray(v, dtype="<f4" if dtype == "float32" else "<f2")
-    vb = vb.view(np.uint8).reshape(len(k), -1)
+    vb = vb.view(np.uint8).reshape(len(k), v.shape[1] * vb.itemsize)
     size = vb.shape[1]
     rec = np.empty((len(k), 8 + size), np.uint8)
     rec[:, :8] = k.view(np.uint8).reshape(-1, 8)
