@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test lint demo bench clean
+.PHONY: redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The Redis tests and benchmark start real redis-server processes (Debian's redis-server 7).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y redis-server || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y redis-server; }; }
+
+install: redis
+test: redis
+bench: redis
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,6 +41,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier
 	$(BIN)/hps bench cache
+	$(BIN)/hps bench redis --seconds 60
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
