@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test lint demo bench clean
-.PHONY: redis
+.PHONY: redis demo-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/hps bench host-tier
 	$(BIN)/hps bench cache
 	$(BIN)/hps bench redis --seconds 60
+
+# The demo on a local 3-node Redis Cluster (the VDB) with online updates from a Redis Stream.
+REDIS_DEMO_DIR ?= /tmp/hps-demo-redis
+demo-redis: $(STAMP) redis
+	deploy/redis/redis-local.sh cluster $(REDIS_DEMO_DIR) 7000 7001 7002
+	$(BIN)/hps demo --redis 127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002; \
+	  rc=$$?; deploy/redis/redis-local.sh stop $(REDIS_DEMO_DIR); exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -103,7 +103,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(
-        args.dir, rows=args.rows, dim=args.dim, batches=args.batches, batch_size=args.batch_size
+        args.dir,
+        rows=args.rows,
+        dim=args.dim,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        redis=args.redis,
     )
 
 
@@ -293,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--batches", type=int, default=50)
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument(
+        "--redis", help="host:port[,...]: Redis (Cluster) as the VDB, with online updates"
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -282,7 +282,7 @@ _NO_EFFECT = {
 _UNSUPPORTED = {
     ("update_source.type", "kafka_message_queue"): (
         "Kafka is not supported in this version: online updates are ignored; use "
-        "'redis_stream' when it is available"
+        "'redis_stream' (the same HCTR message payload on a Redis Stream)"
     ),
 }
 
