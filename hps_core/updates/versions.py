@@ -13,7 +13,8 @@ import numpy as np
 
 from ..hashing import splitmix64
 from ..vdb import _resp as R
-from ..vdb.redis import RedisVDB, _Cmd
+from ..vdb._redis_nodes import Cmd
+from ..vdb.redis import RedisVDB
 
 PARTITIONS = 16
 SEQ_BITS = 22  # entry IDs are <ms>-<seq>; seq stays far below 2**22 per millisecond
@@ -51,8 +52,8 @@ class VersionStore:
         cmds = []
         for p, sel in groups:
             hk = self._hkey(table, p)
-            cmds.append(_Cmd(hk, R.head(2 + len(sel), "HMGET", hk) + R.fields(kb[sel])))
-        for (_, sel), r in zip(groups, self.r._run(cmds, write=False), strict=True):
+            cmds.append(Cmd(hk, R.head(2 + len(sel), "HMGET", hk) + R.fields(kb[sel])))
+        for (_, sel), r in zip(groups, self.r.nodes.run(cmds, write=False), strict=True):
             if isinstance(r, Exception):
                 raise r
             hit = np.fromiter((v is not None for v in r), bool, len(sel))
@@ -68,7 +69,7 @@ class VersionStore:
         cmds = []
         for p, sel in self._parts(keys):
             hk = self._hkey(table, p)
-            cmds.append(_Cmd(hk, R.head(2 + 2 * len(sel), "HSET", hk) + R.pairs(kb[sel], vb[sel])))
-        for r in self.r._run(cmds, write=True):
+            cmds.append(Cmd(hk, R.head(2 + 2 * len(sel), "HSET", hk) + R.pairs(kb[sel], vb[sel])))
+        for r in self.r.nodes.run(cmds, write=True):
             if isinstance(r, Exception):
                 raise r

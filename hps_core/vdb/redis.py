@@ -10,17 +10,14 @@ every process attached to the same Redis sees the same tables.
 
 Standalone or cluster: ``cluster=None`` asks the first reachable address (``INFO cluster``);
 several addresses or a cluster-enabled server give a cluster client, a single plain server a
-standalone one. The cluster client (redis-py ``RedisCluster``) only keeps the slot map and one
-connection pool per node; batches are encoded with numpy (``_resp``), grouped per node and sent
-as one pipeline per node, the nodes in parallel. A ``MOVED``/``ASK`` reply re-runs that command
-through ``RedisCluster.execute_command``, which follows the redirect and refreshes the slot map.
+standalone one. Batches are encoded with numpy (``_resp``) and sent as one pipeline per node,
+the nodes in parallel; ``_redis_nodes`` does the routing, follows ``MOVED``/``ASK`` and tracks
+outages.
 
-Failures: a node that refuses, resets or times out is marked down; its keys are reported as not
-found by ``fetch``/``contains`` (so a lookup falls through to the PDB) and writes raise
-``StorageError`` naming the node and the operation. The outage is logged once, counted in
-``hps_vdb_redis_outages_total`` / ``hps_vdb_redis_failed_ops_total``, and the node is retried
-after an exponential back-off (``reconnect_backoff_ms`` doubling up to
-``reconnect_backoff_max_ms``); the first success logs the recovery.
+Failures: a node that refuses, resets or times out is marked down (logged once, counted in
+``hps_vdb_redis_outages_total``) and retried after a back-off. Its keys are reported as not
+found by ``fetch``/``contains``, so a lookup falls through to the PDB; writes raise
+``StorageError`` naming the node and the operation.
 
 Overflow (HPS semantics, per partition): after an upsert, a partition holding more than
 ``overflow_margin`` rows drops rows until ``overflow_resolution_target * overflow_margin``
@@ -31,21 +28,16 @@ of the batch itself included), ``evict_oldest`` / ``evict_least_used`` pop the l
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import redis
-from redis.cluster import ClusterNode, RedisCluster
-from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, ResponseError
 
 from ..errors import ConfigError, InvalidInputError, StorageError
 from ..hashing import splitmix64
 from ..metrics import REGISTRY
 from . import _resp as R
+from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port
 from .base import VolatileDB
 from .hashmap import _keys, _vectors
 
@@ -53,7 +45,6 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-NODE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _EVICT = """
 local n = redis.call('HLEN', KEYS[1])
@@ -74,29 +65,9 @@ return #victims
 """
 _COUNT_USE = "for i = 1, #ARGV do redis.call('ZINCRBY', KEYS[1], 1, ARGV[i]) end return 0"
 
-_outages = REGISTRY.counter(
-    "hps_vdb_redis_outages_total", "Redis node outages seen by this process", ("node",)
-)
-_failed = REGISTRY.counter(
-    "hps_vdb_redis_failed_ops_total", "Redis operations that failed on a down node", ("node",)
-)
 _evicted = REGISTRY.counter(
     "hps_vdb_evicted_rows_total", "Rows evicted by the VDB overflow policy", ("table",)
 )
-
-
-class NodeDown(StorageError):
-    """A Redis node did not answer (refused, reset or timed out)."""
-
-
-@dataclass
-class _Health:
-    """Outage state of one node: down since when, next try after when, current back-off."""
-
-    down: bool = False
-    retry_at: float = 0.0
-    backoff: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -108,14 +79,6 @@ class _Meta:
     @property
     def width(self) -> int:
         return self.dim * DTYPES[self.dtype].itemsize
-
-
-@dataclass
-class _Cmd:
-    """One command of a batch: its partition key (for routing) and its wire bytes."""
-
-    hkey: str
-    wire: bytes
 
 
 class RedisVDB(VolatileDB):
@@ -148,7 +111,7 @@ class RedisVDB(VolatileDB):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addresses:
             raise ConfigError("volatile_db.address", addresses, "one or more 'host:port'")
-        self.addresses = [_host_port(a) for a in addresses]
+        self.addresses = [host_port(a) for a in addresses]
         if overflow_policy not in POLICIES:
             raise ConfigError("volatile_db.overflow_policy", overflow_policy, f"one of {POLICIES}")
         for name, value, low in (
@@ -171,157 +134,28 @@ class RedisVDB(VolatileDB):
         self.policy = overflow_policy
         self.target = float(overflow_resolution_target)
         self.refresh_time_after_fetch = bool(refresh_time_after_fetch)
-        self.backoff = (reconnect_backoff_ms / 1e3, reconnect_backoff_max_ms / 1e3)
-        self._kw = dict(
-            username=user_name or None,
-            password=password or None,
-            socket_timeout=socket_timeout_ms / 1e3,
-            socket_connect_timeout=connect_timeout_ms / 1e3,
-            max_connections=max(int(num_node_connections), 4),
+        self.nodes = RedisNodes(
+            self.addresses,
+            cluster=cluster,
+            user_name=user_name,
+            password=password,
+            num_node_connections=num_node_connections,
+            enable_tls=enable_tls,
+            tls_ca_certificate=tls_ca_certificate,
+            tls_client_certificate=tls_client_certificate,
+            tls_client_key=tls_client_key,
+            socket_timeout_ms=socket_timeout_ms,
+            connect_timeout_ms=connect_timeout_ms,
+            reconnect_backoff_ms=reconnect_backoff_ms,
+            reconnect_backoff_max_ms=reconnect_backoff_max_ms,
         )
-        if enable_tls:
-            self._kw.update(
-                ssl=True,
-                ssl_ca_certs=tls_ca_certificate or None,
-                ssl_certfile=tls_client_certificate or None,
-                ssl_keyfile=tls_client_key or None,
-            )
-        self._health: dict[str, _Health] = {}
+        self.cluster = self.nodes.cluster
         self._meta: dict[str, _Meta] = {}
-        self._redirect_clients: dict[str, redis.Redis] = {}
-        self._lock = threading.Lock()
-        self.cluster = self._is_cluster() if cluster is None else bool(cluster)
-        try:
-            if self.cluster:
-                nodes = [ClusterNode(h, p) for h, p in self.addresses]
-                self._rc = RedisCluster(
-                    startup_nodes=nodes, require_full_coverage=False, **self._kw
-                )
-                self._single = None
-            else:
-                h, p = self.addresses[0]
-                self._rc = None
-                self._single = redis.Redis(host=h, port=p, **self._kw)
-                self._single.ping()
-        except NODE_ERRORS + (redis.RedisError,) as e:
-            raise StorageError(f"Redis VDB at {addresses}: cannot connect ({e})") from None
-        self._pool = ThreadPoolExecutor(8, thread_name_prefix="hps-redis")
         self.unavailable_keys = 0  # keys reported missing because their node was down
-
-    def _is_cluster(self) -> bool:
-        if len(self.addresses) > 1:
-            return True
-        h, p = self.addresses[0]
-        try:
-            info = redis.Redis(host=h, port=p, **self._kw).info("cluster")
-        except NODE_ERRORS + (redis.RedisError,) as e:
-            raise StorageError(f"Redis VDB: cannot reach {h}:{p} ({e})") from None
-        return bool(info.get("cluster_enabled"))
-
-    # -- routing and execution ----------------------------------------------------------------
-    def _node(self, hkey: str) -> tuple[str, redis.Redis]:
-        if self._single is not None:
-            c = self._single.connection_pool.connection_kwargs
-            return f"{c['host']}:{c['port']}", self._single
-        n = self._rc.nodes_manager.get_node_from_slot(key_slot(hkey.encode()))
-        if n.redis_connection is None:
-            self._rc.nodes_manager.create_redis_connections([n])
-        return n.name, n.redis_connection
-
-    def _run(self, cmds: list[_Cmd], write: bool) -> list[object]:
-        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError)."""
-        by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
-        for i, c in enumerate(cmds):
-            name, client = self._node(c.hkey)
-            by_node.setdefault(name, (client, []))[1].append(i)
-        out: list[object] = [None] * len(cmds)
-
-        def one(name: str, client: redis.Redis, idx: list[int]) -> None:
-            replies = self._send(name, client, [cmds[i].wire for i in idx], write)
-            for i, r in zip(idx, replies, strict=True):
-                out[i] = r
-
-        jobs = list(by_node.items())
-        if len(jobs) == 1:
-            one(jobs[0][0], *jobs[0][1])
-        else:
-            for f in [self._pool.submit(one, n, c, idx) for n, (c, idx) in jobs]:
-                f.result()
-        refreshed = False
-        for i, r in enumerate(out):
-            for _ in range(3):  # a slot in migration can redirect more than once
-                if not isinstance(r, (MovedError, AskError)) or self._rc is None:
-                    break
-                if isinstance(r, MovedError) and not refreshed:
-                    self._rc.nodes_manager.initialize()  # the slot map changed: reload it once
-                    refreshed = True
-                name = f"{r.host}:{r.port}"
-                ask = [R.command("ASKING")] if isinstance(r, AskError) else []
-                r = self._send(name, self._client(r.host, r.port), [*ask, cmds[i].wire], write)[-1]
-            out[i] = r
-        return out
-
-    def _client(self, host: str, port: int) -> redis.Redis:
-        """A client of the node a redirect names (the slot map may not know it yet)."""
-        name = f"{host}:{port}"
-        with self._lock:
-            c = self._redirect_clients.get(name)
-            if c is None:
-                c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
-        return c
-
-    def _send(self, name: str, client: redis.Redis, wires: list[bytes], write: bool) -> list:
-        h = self._health.setdefault(name, _Health())
-        if h.down and time.monotonic() < h.retry_at:
-            _failed.inc(node=name)
-            err = NodeDown(f"Redis VDB node {name} is down (retrying in the background)")
-            return [err] * len(wires)
-        pool = client.connection_pool
-        conn = None
-        try:
-            conn = _connection(pool)
-            conn.send_packed_command([b"".join(wires)], check_health=False)
-            replies = []
-            for _ in wires:
-                try:
-                    replies.append(conn.read_response())
-                except ResponseError as e:
-                    replies.append(e)
-        except NODE_ERRORS as e:
-            if conn is not None:
-                conn.disconnect()
-            self._mark_down(name, h, e)
-            _failed.inc(node=name)
-            return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * len(wires)
-        finally:
-            if conn is not None:
-                pool.release(conn)
-        if h.down:
-            with h.lock:
-                if h.down:
-                    h.down, h.backoff = False, 0.0
-                    log.warning("Redis VDB node %s is back", name)
-        return replies
-
-    def _mark_down(self, name: str, h: _Health, e: Exception) -> None:
-        with h.lock:
-            first, lo_hi = not h.down, self.backoff
-            h.backoff = lo_hi[0] if first else min(lo_hi[1], h.backoff * 2)
-            h.down, h.retry_at = True, time.monotonic() + h.backoff
-        if first:
-            _outages.inc(node=name)
-            log.warning(
-                "Redis VDB node %s is down (%s: %s); its keys fall through to the next tier "
-                "until it answers again",
-                name,
-                type(e).__name__,
-                e,
-            )
 
     def node_down(self, name: str) -> bool:
         """Whether this process currently considers the node ``host:port`` down."""
-        h = self._health.get(name)
-        return bool(h and h.down)
+        return self.nodes.node_down(name)
 
     def _checked(self, replies: list[object], op: str, table: str) -> list[object]:
         for r in replies:
@@ -329,16 +163,11 @@ class RedisVDB(VolatileDB):
                 raise StorageError(f"Redis VDB table '{table}': {op} failed: {r}")
         return replies
 
-    def _each_node(self) -> list[redis.Redis]:
-        if self._single is not None:
-            return [self._single]
-        return [n.redis_connection for n in self._rc.get_primaries()]
-
     # -- tables -------------------------------------------------------------------------------
     def _table(self, table: str) -> _Meta:
         m = self._meta.get(table)
         if m is None:
-            got = self._run([_meta_cmd(table, "HGETALL")], write=False)[0]
+            got = self.nodes.run([_meta_cmd(table, "HGETALL")], write=False)[0]
             if isinstance(got, Exception):
                 raise StorageError(f"Redis VDB: cannot read table '{table}' ({got})")
             if not got:
@@ -365,8 +194,8 @@ class RedisVDB(VolatileDB):
             R.command("HSETNX", _meta_key(table), "dtype", dtype),
             R.command("HSETNX", _meta_key(table), "partitions", self.num_partitions),
         ]
-        cmds = [_Cmd(_meta_key(table), w) for w in [wire, *rest]]
-        self._checked(self._run(cmds, write=True), "create_table", table)
+        cmds = [Cmd(_meta_key(table), w) for w in [wire, *rest]]
+        self._checked(self.nodes.run(cmds, write=True), "create_table", table)
         m = self._table(table)
         if (m.dim, m.dtype) != (int(dim), dtype):
             raise StorageError(
@@ -376,17 +205,17 @@ class RedisVDB(VolatileDB):
     def drop_table(self, table):
         m = self._table(table)
         cmds = [
-            _Cmd(pk, R.command("DEL", pk))
+            Cmd(pk, R.command("DEL", pk))
             for p in range(m.partitions)
             for pk in (_part_key(table, p, "v"), _part_key(table, p, "t"))
         ]
         cmds.append(_meta_cmd(table, "DEL"))
-        self._checked(self._run(cmds, write=True), "drop_table", table)
+        self._checked(self.nodes.run(cmds, write=True), "drop_table", table)
         self._meta.pop(table, None)
 
     def tables(self):
         names = set()
-        for client in self._each_node():
+        for client in self.nodes.clients():
             try:
                 for k in client.scan_iter(match="hps_et{*/meta}", count=1000):
                     names.add(k.decode()[len("hps_et{") : -len("/meta}")])
@@ -400,13 +229,13 @@ class RedisVDB(VolatileDB):
     def size(self, table):
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HLEN") for p in range(m.partitions)]
-        return int(sum(self._checked(self._run(cmds, write=False), "size", table)))
+        return int(sum(self._checked(self.nodes.run(cmds, write=False), "size", table)))
 
     def partition_sizes(self, table: str) -> np.ndarray:
         """Rows held by each partition of a table (int64 [num_partitions])."""
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HLEN") for p in range(m.partitions)]
-        return np.array(self._checked(self._run(cmds, write=False), "size", table), np.int64)
+        return np.array(self._checked(self.nodes.run(cmds, write=False), "size", table), np.int64)
 
     def memory_bytes(self, table=None):
         names = [table] if table is not None else self.tables()
@@ -416,7 +245,7 @@ class RedisVDB(VolatileDB):
             cmds = [
                 _part_cmd(t, p, s, "MEMORY", "USAGE") for p in range(m.partitions) for s in "vt"
             ]
-            total += sum(int(r) for r in self._run(cmds, write=False) if isinstance(r, int))
+            total += sum(int(r) for r in self.nodes.run(cmds, write=False) if isinstance(r, int))
         return total
 
     # -- reads --------------------------------------------------------------------------------
@@ -447,9 +276,9 @@ class RedisVDB(VolatileDB):
         for p, sel in groups:
             hk = _part_key(table, p, "v")
             wire = R.head(len(sel) + 2, "HMGET", hk) + R.fields(kb[sel])
-            cmds.append(_Cmd(hk, wire))
+            cmds.append(Cmd(hk, wire))
         dt = DTYPES[m.dtype]
-        for (p, sel), r in zip(groups, self._run(cmds, write=False), strict=True):
+        for (p, sel), r in zip(groups, self.nodes.run(cmds, write=False), strict=True):
             if isinstance(r, Exception):
                 if not isinstance(r, NodeDown):
                     log.error("Redis VDB table '%s' partition %d: fetch failed: %s", table, p, r)
@@ -486,8 +315,8 @@ class RedisVDB(VolatileDB):
                 wire = R.head(3 + 2 * len(sel), "ZADD", tk, "XX") + R.fields(kb[sel], now)
             else:
                 wire = R.head(4 + len(sel), "EVAL", _COUNT_USE, 1, tk) + R.fields(kb[sel])
-            cmds.append(_Cmd(tk, wire))
-        self._run(cmds, write=True)  # best effort: a lost touch only skews eviction order
+            cmds.append(Cmd(tk, wire))
+        self.nodes.run(cmds, write=True)  # best effort: a lost touch only skews eviction order
 
     def contains(self, table, keys):
         return self.fetch(table, keys)[1]
@@ -496,7 +325,7 @@ class RedisVDB(VolatileDB):
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HGETALL") for p in range(m.partitions)]
         ks, vs = [], []
-        for r in self._checked(self._run(cmds, write=False), "dump", table):
+        for r in self._checked(self.nodes.run(cmds, write=False), "dump", table):
             items = r.items() if isinstance(r, dict) else zip(r[::2], r[1::2], strict=True)
             for f, v in items:
                 ks.append(f)
@@ -525,14 +354,14 @@ class RedisVDB(VolatileDB):
         for p, sel in self._groups(m, k):
             hk = _part_key(table, p, "v")
             wire = R.head(2 + 2 * len(sel), "HSET", hk) + R.pairs(kb[sel], vb[sel])
-            cmds.append(_Cmd(hk, wire))
+            cmds.append(Cmd(hk, wire))
             if score is not None:
                 tk = _part_key(table, p, "t")
                 flag = ("NX",) if self.policy == "evict_least_used" else ()
                 wire = R.head(2 + len(flag) + 2 * len(sel), "ZADD", tk, *flag)
-                cmds.append(_Cmd(tk, wire + R.fields(kb[sel], score)))
+                cmds.append(Cmd(tk, wire + R.fields(kb[sel], score)))
             touched.add(p)
-        self._checked(self._run(cmds, write=True), "upsert", table)
+        self._checked(self.nodes.run(cmds, write=True), "upsert", table)
         if self.overflow_margin < 2**62:
             self._resolve_overflow(table, sorted(touched))
 
@@ -542,8 +371,8 @@ class RedisVDB(VolatileDB):
         for p in parts:
             hk, tk = _part_key(table, p, "v"), _part_key(table, p, "t")
             wire = R.command("EVAL", _EVICT, 2, hk, tk, self.overflow_margin, keep, self.policy)
-            cmds.append(_Cmd(hk, wire))
-        dropped = sum(self._checked(self._run(cmds, write=True), "overflow eviction", table))
+            cmds.append(Cmd(hk, wire))
+        dropped = sum(self._checked(self.nodes.run(cmds, write=True), "overflow eviction", table))
         if dropped:
             _evicted.inc(dropped, table=table)
             log.debug("VDB table %s: evicted %d rows (%s)", table, dropped, self.policy)
@@ -559,31 +388,13 @@ class RedisVDB(VolatileDB):
             for s in "vt":
                 pk = _part_key(table, p, s)
                 verb = "HDEL" if s == "v" else "ZREM"
-                cmds.append(_Cmd(pk, R.head(2 + len(sel), verb, pk) + R.fields(kb[sel])))
+                cmds.append(Cmd(pk, R.head(2 + len(sel), verb, pk) + R.fields(kb[sel])))
                 is_row.append(s == "v")
-        replies = self._checked(self._run(cmds, write=True), "evict", table)
+        replies = self._checked(self.nodes.run(cmds, write=True), "evict", table)
         return int(sum(r for r, row in zip(replies, is_row, strict=True) if row))
 
     def close(self):
-        self._pool.shutdown(wait=True)
-        if self._single is not None:
-            self._single.close()
-        if self._rc is not None:
-            self._rc.close()
-
-
-def _connection(pool: redis.ConnectionPool):
-    try:
-        return pool.get_connection()
-    except TypeError:  # redis-py 5 wants a command name
-        return pool.get_connection("_")
-
-
-def _host_port(a: str) -> tuple[str, int]:
-    host, sep, port = a.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError("volatile_db.address", a, "'host:port' entries")
-    return host, int(port)
+        self.nodes.close()
 
 
 def _part_key(table: str, p: int, suffix: str) -> str:
@@ -594,14 +405,14 @@ def _meta_key(table: str) -> str:
     return f"hps_et{{{table}/meta}}"
 
 
-def _part_cmd(table: str, p: int, suffix: str, *verb: str) -> _Cmd:
+def _part_cmd(table: str, p: int, suffix: str, *verb: str) -> Cmd:
     pk = _part_key(table, p, suffix)
-    return _Cmd(pk, R.command(*verb, pk))
+    return Cmd(pk, R.command(*verb, pk))
 
 
-def _meta_cmd(table: str, verb: str) -> _Cmd:
+def _meta_cmd(table: str, verb: str) -> Cmd:
     mk = _meta_key(table)
-    return _Cmd(mk, R.command(verb, mk))
+    return Cmd(mk, R.command(verb, mk))
 
 
 def _pairs_dict(r: object) -> dict:
