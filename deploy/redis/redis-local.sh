@@ -8,11 +8,18 @@
 #   redis-local.sh start-node DIR PORT          start a node again with its saved config
 #   redis-local.sh stop DIR                     stop every node started under DIR
 #
-# Environment: REDIS_SERVER, REDIS_CLI (binaries), REDIS_NODE_TIMEOUT_MS (cluster, 1500).
+# Environment: REDIS_SERVER, REDIS_CLI (binaries), REDIS_NODE_TIMEOUT_MS (cluster, 1500),
+# REDIS_PASSWORD (AUTH for the default user; none when unset).
 set -euo pipefail
 SERVER=${REDIS_SERVER:-redis-server}
 CLI=${REDIS_CLI:-redis-cli}
 TIMEOUT_MS=${REDIS_NODE_TIMEOUT_MS:-1500}
+if [ -n "${REDIS_PASSWORD:-}" ]; then
+  export REDISCLI_AUTH="$REDIS_PASSWORD"  # redis-cli authenticates with it
+  AUTH_ARGS=(--requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD")
+else
+  AUTH_ARGS=()
+fi
 
 die() { echo "redis-local.sh: $*" >&2; exit 2; }
 
@@ -29,7 +36,7 @@ start_node() {  # DIR PORT CLUSTER(yes|no)
   mkdir -p "$d"
   local args=(--port "$2" --bind 127.0.0.1 --dir "$d" --daemonize yes
     --pidfile "$d/redis.pid" --logfile "$d/redis.log" --save "" --appendonly no
-    --protected-mode yes)
+    --protected-mode yes "${AUTH_ARGS[@]}")
   if [ "$3" = yes ] || [ -f "$d/nodes.conf" ]; then
     args+=(--cluster-enabled yes --cluster-config-file "$d/nodes.conf"
       --cluster-node-timeout "$TIMEOUT_MS" --cluster-require-full-coverage no

@@ -23,9 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, ResponseError
+from redis.retry import Retry
 
 from ..errors import ConfigError, StorageError
 from ..metrics import REGISTRY
@@ -93,6 +95,8 @@ class RedisNodes:
             socket_timeout=socket_timeout_ms / 1e3,
             socket_connect_timeout=connect_timeout_ms / 1e3,
             max_connections=max(int(num_node_connections), 4),
+            # No silent retries inside redis-py: an outage is ours to see, count and back off.
+            retry=Retry(NoBackoff(), 0),
         )
         if enable_tls:
             self._kw.update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -37,12 +38,12 @@ def free_ports(n: int) -> list[int]:
 class LocalRedis:
     """A standalone server or a cluster under ``root``; stopped by the fixture in any case."""
 
-    def __init__(self, root: Path, ports: list[int]):
+    def __init__(self, root: Path, ports: list[int], password: str = ""):
         if shutil.which("redis-server") is None:
             raise RuntimeError(
                 "redis-server is not installed: run `make install` (apt redis-server)"
             )
-        self.root, self.ports = root, ports
+        self.root, self.ports, self.password = root, ports, password
         self.cluster = len(ports) > 1
         mode = ["cluster"] if self.cluster else ["standalone"]
         self._sh(*mode, str(root), *map(str, ports))
@@ -52,7 +53,8 @@ class LocalRedis:
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def _sh(self, *args: str) -> None:
-        subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=60)
+        env = dict(os.environ, REDIS_PASSWORD=self.password)
+        subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=60, env=env)
 
     def kill(self, port: int) -> None:
         self._sh("kill-node", str(self.root), str(port))
@@ -62,17 +64,17 @@ class LocalRedis:
 
     def flush(self) -> None:
         for p in self.ports:
-            redis.Redis(port=p).flushall()
+            redis.Redis(port=p, password=self.password or None).flushall()
 
     def stop(self) -> None:
         subprocess.run([str(SCRIPT), "stop", str(self.root)], capture_output=True, timeout=60)
 
 
-def _start(tmp_path_factory, n: int):
+def _start(tmp_path_factory, n: int, password: str = ""):
     root = tmp_path_factory.mktemp("redis")
     server = None
     try:
-        server = LocalRedis(root, free_ports(n))
+        server = LocalRedis(root, free_ports(n), password)
         yield server
     finally:
         if server is not None:
@@ -103,3 +105,9 @@ def redis_any(request):
 def redis_cluster_own(tmp_path_factory):
     """A cluster of its own, for tests that kill nodes."""
     yield from _start(tmp_path_factory, 3)
+
+
+@pytest.fixture
+def redis_with_password(tmp_path_factory):
+    """A standalone server that requires AUTH (password "s3cret" for the default user)."""
+    yield from _start(tmp_path_factory, 1, "s3cret")

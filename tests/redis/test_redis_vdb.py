@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from served_model import make_model, reference, server_config
 
-from hps_core import ConfigError, ParameterServer
+from hps_core import ConfigError, ParameterServer, StorageError
 from hps_core.vdb.redis import RedisVDB
 
 pytestmark = pytest.mark.redis
@@ -134,3 +134,53 @@ def test_server_lookups_equal_the_reference(redis_any, tmp_path):
             np.testing.assert_array_equal(vec, reference(keys, vecs, q))
         total = ps.session("m").tables[0].stats
         assert total.hits["vdb"] > 0 and total.hits["pdb"] > 0 and total.hits["default"] > 0
+
+
+def test_auth_is_required_and_used(redis_with_password):
+    addr = redis_with_password.address
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr)
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr, user_name="default", password="wrong")
+    vdb = RedisVDB(addr, user_name="default", password="s3cret")
+    vdb.create_table("t", 3)
+    vdb.upsert("t", [1, 2], [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(vdb.fetch("t", [2, 1])[0], [[4, 5, 6], [1, 2, 3]])
+    vdb.close()
+
+
+def test_moved_and_ask_redirects_are_followed(redis_cluster_own):
+    """Move one partition's slot to another node under a client with the old slot map."""
+    import redis as redis_py
+    from redis.crc import key_slot
+
+    vdb = RedisVDB(redis_cluster_own.address, num_partitions=4)
+    vdb.create_table("t", 4)
+    rng = np.random.default_rng(9)
+    keys = np.arange(2000)
+    vecs = rng.standard_normal((2000, 4)).astype(np.float32)
+    vdb.upsert("t", keys, vecs)
+    hkey = "hps_et{t/p0}v"
+    slot = key_slot(hkey.encode())
+    src_name, _ = vdb.nodes._node(hkey)
+    nodes = {f"127.0.0.1:{p}": redis_py.Redis(port=p) for p in redis_cluster_own.ports}
+    src = nodes[src_name]
+    dst_name = next(n for n in nodes if n != src_name)
+    dst = nodes[dst_name]
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+    src.execute_command("MIGRATE", "127.0.0.1", int(dst_name.split(":")[1]), hkey, 0, 5000)
+    got, found = vdb.fetch("t", keys)  # the source answers ASK for the moved hash
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    for n in nodes.values():
+        n.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    got, found = vdb.fetch("t", keys)  # now MOVED: the client reloads its slot map
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    assert vdb.nodes._node(hkey)[0] == dst_name
+    vdb.upsert("t", keys, vecs + 1)
+    np.testing.assert_array_equal(vdb.fetch("t", keys)[0], vecs + 1)
+    assert dst.hlen(hkey) > 0 and src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    vdb.close()

@@ -262,3 +262,21 @@ def test_ingestor_killed_and_restarted_loses_and_rolls_back_nothing(redis_cluste
     assert found.all()
     np.testing.assert_array_equal(got, expect)
     vdb.close()
+
+
+def test_publish_command_writes_hctr_entries(redis_standalone, tmp_path):
+    from hps_core.cli import main
+
+    redis_standalone.flush()
+    rng = np.random.default_rng(4)
+    keys = rng.integers(-(2**62), 2**62, 700)
+    vecs = rng.standard_normal((700, 16)).astype(np.float32)
+    np.savez(tmp_path / "rows.npz", keys=keys, vectors=vecs)
+    args = ["--redis", redis_standalone.address, "--table", "hps_et.m.t", "--stream", "s"]
+    assert main(["publish", *args, "--npz", str(tmp_path / "rows.npz")]) == 0
+    entries = connect(redis_standalone.address).xrange("s")
+    assert {e[1][b"table"] for e in entries} == {b"hps_et.m.t"}
+    rows = [decode(e[1][b"payload"], 16) for e in entries]
+    np.testing.assert_array_equal(np.concatenate([r.keys for r in rows]), keys)
+    np.testing.assert_array_equal(np.concatenate([r.vectors for r in rows]), vecs)
+    assert main(["publish", *args]) == 2  # neither --npz nor --random: an error, not a crash
