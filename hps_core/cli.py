@@ -135,7 +135,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         vectors = rng.standard_normal((args.random, args.dim)).astype(np.float32)
     else:
         raise HPSError("publish: give --npz FILE or --random N --dim D")
-    pub = Publisher(connect(address, args.user, args.password), stream or "hps_updates")
+    pub = Publisher(
+        connect(address, args.user, args.password), stream or "hps_updates", maxlen=args.maxlen
+    )
     ids = pub.publish(args.table, keys, vectors, dtype=args.dtype)
     console.print(f"published {len(keys):,} rows of {args.table} in {len(ids)} entries to {stream}")
     return 0
@@ -167,6 +169,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             ing.run(until=(lambda: time.monotonic() > end) if end else None)
         except KeyboardInterrupt:
             pass
+        finally:
+            ing.stop()
     finally:
         for tier in (vdb, pdb):
             if tier is not None:
@@ -279,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-range", type=int, default=1_000_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    s.add_argument(
+        "--maxlen", type=int, help="trim the stream to about this many entries (default: keep all)"
+    )
     s.add_argument("--user", default="")
     s.add_argument("--password", default="")
     s.set_defaults(func=cmd_publish)

@@ -137,6 +137,7 @@ class Ingestor:
         self._thread: threading.Thread | None = None
         self._failing = False
         self._dims: dict[str, int] = {}
+        self.owned: list[object] = []  # closed with the ingestor (a VDB made for versions)
         labels = ("group",)
         self.freshness = registry.histogram(
             "hps_update_freshness_seconds",
@@ -300,6 +301,9 @@ class Ingestor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        for r in self.owned:
+            r.close()
+        self.owned.clear()
 
     def lag(self) -> int:
         """Entries of the stream this group has not acknowledged yet (pending + unread)."""
@@ -363,10 +367,12 @@ def ingestor_for(
         raise ConfigError("scope", scope, "a scope with at least one store enabled")
     client = connect(u.brokers, u.user_name, u.password)
     vs_redis = vdb if isinstance(vdb, RedisVDB) and vdb.addresses == _addr(u.brokers) else None
+    owned = []
     if vs_redis is None:
         vs_redis = RedisVDB(u.brokers, user_name=u.user_name, password=u.password)
+        owned.append(vs_redis)
     g = group or u.group or f"hps:{scope}"
-    return Ingestor(
+    ing = Ingestor(
         client,
         sinks,
         VersionStore(vs_redis, g),
@@ -379,6 +385,8 @@ def ingestor_for(
         claim_idle_ms=u.claim_idle_ms,
         failure_backoff_ms=u.failure_backoff_ms,
     )
+    ing.owned = owned
+    return ing
 
 
 def _addr(brokers: str) -> list[tuple[str, int]]:

@@ -65,6 +65,11 @@ return #victims
 """
 _COUNT_USE = "for i = 1, #ARGV do redis.call('ZINCRBY', KEYS[1], 1, ARGV[i]) end return 0"
 
+_unavailable = REGISTRY.counter(
+    "hps_vdb_redis_unavailable_keys_total",
+    "Keys a fetch reported missing because their Redis node was down",
+    ("table",),
+)
 _evicted = REGISTRY.counter(
     "hps_vdb_evicted_rows_total", "Rows evicted by the VDB overflow policy", ("table",)
 )
@@ -283,6 +288,7 @@ class RedisVDB(VolatileDB):
                 if not isinstance(r, NodeDown):
                     log.error("Redis VDB table '%s' partition %d: fetch failed: %s", table, p, r)
                 self.unavailable_keys += len(sel)
+                _unavailable.inc(len(sel), table=table)
                 continue
             hit = np.fromiter((v is not None for v in r), bool, len(sel))
             if not hit.any():

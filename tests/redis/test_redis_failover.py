@@ -46,6 +46,8 @@ def test_node_killed_restarted_and_stalled(redis_cluster_own, tmp_path, caplog):
     name = f"127.0.0.1:{victim}"
     outages = REGISTRY.counter("hps_vdb_redis_outages_total", "", ("node",))
     before = outages.value(node=name)
+    unavailable = REGISTRY.counter("hps_vdb_redis_unavailable_keys_total", "", ("table",))
+    missed = unavailable.value(table="hps_et.m.t0")
     with ParameterServer(tmp_path / "hps.json") as ps:
         stats = ps.session("m").tables[0].stats
         lookups(ps, keys, vecs, rng, 0.3)
@@ -56,6 +58,7 @@ def test_node_killed_restarted_and_stalled(redis_cluster_own, tmp_path, caplog):
         assert n > 5 and ps.vdb.node_down(name)
         assert stats.hits["pdb"] > 0  # the dead node's keys came from RocksDB
         assert outages.value(node=name) == before + 1
+        assert unavailable.value(table="hps_et.m.t0") > missed  # counted, not raised
         down_logs = [r for r in caplog.records if name in r.message and "is down" in r.message]
         assert len(down_logs) == 1  # once per outage, not per request
 
