@@ -49,19 +49,26 @@ DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 _EVICT = """
 local n = redis.call('HLEN', KEYS[1])
 if n <= tonumber(ARGV[1]) then return 0 end
-local drop = n - tonumber(ARGV[2])
-local victims
-if ARGV[3] == 'evict_random' then
-  victims = redis.call('HRANDFIELD', KEYS[1], drop)
-else
-  local popped = redis.call('ZPOPMIN', KEYS[2], drop)
-  victims = {}
-  for i = 1, #popped, 2 do victims[#victims + 1] = popped[i] end
+local target = tonumber(ARGV[2])
+local removed = 0
+local function drop(victims)
+  for i = 1, #victims, 4096 do
+    removed = removed + redis.call('HDEL', KEYS[1], unpack(victims, i, math.min(i + 4095, #victims)))
+  end
 end
-for i = 1, #victims, 4096 do
-  redis.call('HDEL', KEYS[1], unpack(victims, i, math.min(i + 4095, #victims)))
+if ARGV[3] ~= 'evict_random' then
+  -- the sorted set may hold keys evicted meanwhile: pop until enough rows are gone
+  while n > target do
+    local popped = redis.call('ZPOPMIN', KEYS[2], n - target)
+    if #popped == 0 then break end
+    local victims = {}
+    for i = 1, #popped, 2 do victims[#victims + 1] = popped[i] end
+    drop(victims)
+    n = redis.call('HLEN', KEYS[1])
+  end
 end
-return #victims
+if n > target then drop(redis.call('HRANDFIELD', KEYS[1], n - target)) end
+return removed
 """
 _COUNT_USE = "for i = 1, #ARGV do redis.call('ZINCRBY', KEYS[1], 1, ARGV[i]) end return 0"
 
@@ -157,6 +164,7 @@ class RedisVDB(VolatileDB):
         self.cluster = self.nodes.cluster
         self._meta: dict[str, _Meta] = {}
         self.unavailable_keys = 0  # keys reported missing because their node was down
+        self._read_errors: set[tuple[str, type]] = set()  # (table, error kind) logged already
 
     def node_down(self, name: str) -> bool:
         """Whether this process currently considers the node ``host:port`` down."""
@@ -283,10 +291,17 @@ class RedisVDB(VolatileDB):
             wire = R.head(len(sel) + 2, "HMGET", hk) + R.fields(kb[sel])
             cmds.append(Cmd(hk, wire))
         dt = DTYPES[m.dtype]
+        failed = False
         for (p, sel), r in zip(groups, self.nodes.run(cmds, write=False), strict=True):
             if isinstance(r, Exception):
-                if not isinstance(r, NodeDown):
-                    log.error("Redis VDB table '%s' partition %d: fetch failed: %s", table, p, r)
+                # NodeDown was logged by the node; other errors (LOADING, CLUSTERDOWN...) are
+                # logged once per table and kind until a fetch of the table works again.
+                if not isinstance(r, NodeDown) and (table, type(r)) not in self._read_errors:
+                    self._read_errors.add((table, type(r)))
+                    log.warning(
+                        "Redis VDB table '%s': fetch failed, keys fall through: %s", table, r
+                    )
+                failed = True
                 self.unavailable_keys += len(sel)
                 _unavailable.inc(len(sel), table=table)
                 continue
@@ -302,6 +317,8 @@ class RedisVDB(VolatileDB):
             pos = sel[hit]
             out[pos] = np.frombuffer(buf, dt).reshape(-1, m.dim)
             found[pos] = True
+        if not failed and self._read_errors:
+            self._read_errors = {e for e in self._read_errors if e[0] != table}
         self._touch(table, m, k, found)
         return out, found
 
