@@ -53,7 +53,7 @@ class VersionStore:
         for p, sel in groups:
             hk = self._hkey(table, p)
             cmds.append(Cmd(hk, R.head(2 + len(sel), "HMGET", hk) + R.fields(kb[sel])))
-        for (_, sel), r in zip(groups, self.r.nodes.run(cmds, write=False), strict=True):
+        for (_, sel), r in zip(groups, self.r.nodes.run(cmds), strict=True):
             if isinstance(r, Exception):
                 raise r
             hit = np.fromiter((v is not None for v in r), bool, len(sel))
@@ -70,6 +70,6 @@ class VersionStore:
         for p, sel in self._parts(keys):
             hk = self._hkey(table, p)
             cmds.append(Cmd(hk, R.head(2 + 2 * len(sel), "HSET", hk) + R.pairs(kb[sel], vb[sel])))
-        for r in self.r.nodes.run(cmds, write=True):
+        for r in self.r.nodes.run(cmds):
             if isinstance(r, Exception):
                 raise r

@@ -94,7 +94,6 @@ class RedisNodes:
             password=password or None,
             socket_timeout=socket_timeout_ms / 1e3,
             socket_connect_timeout=connect_timeout_ms / 1e3,
-            max_connections=max(int(num_node_connections), 4),
             # No silent retries inside redis-py: an outage is ours to see, count and back off.
             retry=Retry(NoBackoff(), 0),
         )
@@ -105,6 +104,10 @@ class RedisNodes:
                 ssl_certfile=tls_client_certificate or None,
                 ssl_keyfile=tls_client_key or None,
             )
+        # At most num_node_connections commands in flight per node (HPS's pool size): a burst
+        # of lookups queues for a connection instead of opening more or failing the node.
+        self._per_node = int(num_node_connections)
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._health: dict[str, _Health] = {}
         self._redirect_clients: dict[str, redis.Redis] = {}
         self._lock = threading.Lock()
@@ -137,14 +140,14 @@ class RedisNodes:
 
     def _node(self, hkey: str) -> tuple[str, redis.Redis]:
         if self._single is not None:
-            c = self._single.connection_pool.connection_kwargs
+            c = self._single.connection_pool.connection_kwargs  # host and port
             return f"{c['host']}:{c['port']}", self._single
         n = self._rc.nodes_manager.get_node_from_slot(key_slot(hkey.encode()))
         if n.redis_connection is None:
             self._rc.nodes_manager.create_redis_connections([n])
         return n.name, n.redis_connection
 
-    def run(self, cmds: list[Cmd], write: bool) -> list[object]:
+    def run(self, cmds: list[Cmd]) -> list[object]:
         """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError)."""
         by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
         for i, c in enumerate(cmds):
@@ -153,7 +156,7 @@ class RedisNodes:
         out: list[object] = [None] * len(cmds)
 
         def one(name: str, client: redis.Redis, idx: list[int]) -> None:
-            replies = self._send(name, client, [cmds[i].wire for i in idx], write)
+            replies = self._send(name, client, [cmds[i].wire for i in idx])
             for i, r in zip(idx, replies, strict=True):
                 out[i] = r
 
@@ -173,7 +176,7 @@ class RedisNodes:
                     refreshed = True
                 name = f"{r.host}:{r.port}"
                 ask = [R.command("ASKING")] if isinstance(r, AskError) else []
-                r = self._send(name, self._client(r.host, r.port), [*ask, cmds[i].wire], write)[-1]
+                r = self._send(name, self._client(r.host, r.port), [*ask, cmds[i].wire])[-1]
             out[i] = r
         return out
 
@@ -186,7 +189,15 @@ class RedisNodes:
                 c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
         return c
 
-    def _send(self, name: str, client: redis.Redis, wires: list[bytes], write: bool) -> list:
+    def _send(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+        slots = self._slots.get(name)
+        if slots is None:
+            with self._lock:
+                slots = self._slots.setdefault(name, threading.BoundedSemaphore(self._per_node))
+        with slots:
+            return self._send_now(name, client, wires)
+
+    def _send_now(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
         h = self._health.setdefault(name, _Health())
         if h.down and time.monotonic() < h.retry_at:
             _failed.inc(node=name)

@@ -180,7 +180,7 @@ class RedisVDB(VolatileDB):
     def _table(self, table: str) -> _Meta:
         m = self._meta.get(table)
         if m is None:
-            got = self.nodes.run([_meta_cmd(table, "HGETALL")], write=False)[0]
+            got = self.nodes.run([_meta_cmd(table, "HGETALL")])[0]
             if isinstance(got, Exception):
                 raise StorageError(f"Redis VDB: cannot read table '{table}' ({got})")
             if not got:
@@ -208,7 +208,7 @@ class RedisVDB(VolatileDB):
             R.command("HSETNX", _meta_key(table), "partitions", self.num_partitions),
         ]
         cmds = [Cmd(_meta_key(table), w) for w in [wire, *rest]]
-        self._checked(self.nodes.run(cmds, write=True), "create_table", table)
+        self._checked(self.nodes.run(cmds), "create_table", table)
         m = self._table(table)
         if (m.dim, m.dtype) != (int(dim), dtype):
             raise StorageError(
@@ -223,7 +223,7 @@ class RedisVDB(VolatileDB):
             for pk in (_part_key(table, p, "v"), _part_key(table, p, "t"))
         ]
         cmds.append(_meta_cmd(table, "DEL"))
-        self._checked(self.nodes.run(cmds, write=True), "drop_table", table)
+        self._checked(self.nodes.run(cmds), "drop_table", table)
         self._meta.pop(table, None)
 
     def tables(self):
@@ -242,13 +242,13 @@ class RedisVDB(VolatileDB):
     def size(self, table):
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HLEN") for p in range(m.partitions)]
-        return int(sum(self._checked(self.nodes.run(cmds, write=False), "size", table)))
+        return int(sum(self._checked(self.nodes.run(cmds), "size", table)))
 
     def partition_sizes(self, table: str) -> np.ndarray:
         """Rows held by each partition of a table (int64 [num_partitions])."""
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HLEN") for p in range(m.partitions)]
-        return np.array(self._checked(self.nodes.run(cmds, write=False), "size", table), np.int64)
+        return np.array(self._checked(self.nodes.run(cmds), "size", table), np.int64)
 
     def memory_bytes(self, table=None):
         names = [table] if table is not None else self.tables()
@@ -258,7 +258,7 @@ class RedisVDB(VolatileDB):
             cmds = [
                 _part_cmd(t, p, s, "MEMORY", "USAGE") for p in range(m.partitions) for s in "vt"
             ]
-            total += sum(int(r) for r in self.nodes.run(cmds, write=False) if isinstance(r, int))
+            total += sum(int(r) for r in self.nodes.run(cmds) if isinstance(r, int))
         return total
 
     # -- reads --------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class RedisVDB(VolatileDB):
             cmds.append(Cmd(hk, wire))
         dt = DTYPES[m.dtype]
         failed = False
-        for (p, sel), r in zip(groups, self.nodes.run(cmds, write=False), strict=True):
+        for (p, sel), r in zip(groups, self.nodes.run(cmds), strict=True):
             if isinstance(r, Exception):
                 # NodeDown was logged by the node; other errors (LOADING, CLUSTERDOWN...) are
                 # logged once per table and kind until a fetch of the table works again.
@@ -339,7 +339,7 @@ class RedisVDB(VolatileDB):
             else:
                 wire = R.head(4 + len(sel), "EVAL", _COUNT_USE, 1, tk) + R.fields(kb[sel])
             cmds.append(Cmd(tk, wire))
-        self.nodes.run(cmds, write=True)  # best effort: a lost touch only skews eviction order
+        self.nodes.run(cmds)  # best effort: a lost touch only skews eviction order
 
     def contains(self, table, keys):
         return self.fetch(table, keys)[1]
@@ -348,7 +348,7 @@ class RedisVDB(VolatileDB):
         m = self._table(table)
         cmds = [_part_cmd(table, p, "v", "HGETALL") for p in range(m.partitions)]
         ks, vs = [], []
-        for r in self._checked(self.nodes.run(cmds, write=False), "dump", table):
+        for r in self._checked(self.nodes.run(cmds), "dump", table):
             items = r.items() if isinstance(r, dict) else zip(r[::2], r[1::2], strict=True)
             for f, v in items:
                 ks.append(f)
@@ -384,7 +384,7 @@ class RedisVDB(VolatileDB):
                 wire = R.head(2 + len(flag) + 2 * len(sel), "ZADD", tk, *flag)
                 cmds.append(Cmd(tk, wire + R.fields(kb[sel], score)))
             touched.add(p)
-        self._checked(self.nodes.run(cmds, write=True), "upsert", table)
+        self._checked(self.nodes.run(cmds), "upsert", table)
         if self.overflow_margin < 2**62:
             self._resolve_overflow(table, sorted(touched))
 
@@ -395,7 +395,7 @@ class RedisVDB(VolatileDB):
             hk, tk = _part_key(table, p, "v"), _part_key(table, p, "t")
             wire = R.command("EVAL", _EVICT, 2, hk, tk, self.overflow_margin, keep, self.policy)
             cmds.append(Cmd(hk, wire))
-        dropped = sum(self._checked(self.nodes.run(cmds, write=True), "overflow eviction", table))
+        dropped = sum(self._checked(self.nodes.run(cmds), "overflow eviction", table))
         if dropped:
             _evicted.inc(dropped, table=table)
             log.debug("VDB table %s: evicted %d rows (%s)", table, dropped, self.policy)
@@ -413,7 +413,7 @@ class RedisVDB(VolatileDB):
                 verb = "HDEL" if s == "v" else "ZREM"
                 cmds.append(Cmd(pk, R.head(2 + len(sel), verb, pk) + R.fields(kb[sel])))
                 is_row.append(s == "v")
-        replies = self._checked(self.nodes.run(cmds, write=True), "evict", table)
+        replies = self._checked(self.nodes.run(cmds), "evict", table)
         return int(sum(r for r, row in zip(replies, is_row, strict=True) if row))
 
     def close(self):

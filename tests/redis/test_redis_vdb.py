@@ -184,3 +184,27 @@ def test_moved_and_ask_redirects_are_followed(redis_cluster_own):
     np.testing.assert_array_equal(vdb.fetch("t", keys)[0], vecs + 1)
     assert dst.hlen(hkey) > 0 and src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
     vdb.close()
+
+
+def test_concurrent_lookups_share_a_small_pool(redis_any):
+    """More threads than connections per node: requests queue for a connection, none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vdb = RedisVDB(redis_any.address, num_partitions=6, num_node_connections=2)
+    vdb.create_table("t", 8)
+    rng = np.random.default_rng(11)
+    keys = np.arange(5000)
+    vecs = rng.standard_normal((5000, 8)).astype(np.float32)
+    vdb.upsert("t", keys, vecs)
+
+    def one(seed: int) -> bool:
+        q = np.random.default_rng(seed).integers(0, 6000, 800)
+        got, found = vdb.fetch("t", q)
+        np.testing.assert_array_equal(found, q < 5000)
+        np.testing.assert_array_equal(got[found], vecs[q[found]])
+        return True
+
+    with ThreadPoolExecutor(12) as pool:
+        assert all(pool.map(one, range(120)))
+    assert vdb.unavailable_keys == 0
+    vdb.close()
