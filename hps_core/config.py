@@ -127,6 +127,7 @@ class UpdateSourceConfig:
     # cluster); one stream holds every table's updates; each store that must see every update
     # reads with its own consumer group ("" = "hps:<scope>"); an entry a crashed consumer left
     # pending longer than claim_idle_ms is taken over by another consumer of the group.
+    # A round reads min(max_batch_size, 16) entries (of up to ~1 MB each), so rounds stay short.
     stream: str = "hps_updates"
     group: str = ""
     scope: str = "all"

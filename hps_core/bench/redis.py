@@ -135,7 +135,7 @@ def bench_freshness(addr: str, dim: int, rows_s: float, seconds: float, rows: in
         [TierSink("vdb", vdb)],
         VersionStore(vdb, "bench"),
         group="bench",
-        batch_entries=64,
+        batch_entries=8,
         block_ms=20,
         registry=reg,
     )

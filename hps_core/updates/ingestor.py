@@ -114,7 +114,7 @@ class Ingestor:
         group: str = "hps",
         consumer: str | None = None,
         start_id: str = "0",
-        batch_entries: int = 64,
+        batch_entries: int = 16,
         block_ms: int = 500,
         claim_idle_ms: int = 30_000,
         failure_backoff_ms: int = 50,
@@ -268,10 +268,12 @@ class Ingestor:
         keys = np.concatenate(b.keys)
         vecs = np.concatenate(b.vectors)
         vers = np.concatenate(b.versions)
-        order = np.lexsort((np.arange(len(keys)), vers))  # by version, then arrival
-        keys, vecs, vers = keys[order], vecs[order], vers[order]
-        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # newest per key
-        keys, vecs, vers = keys[last], vecs[last], vers[last]
+        pick = np.arange(len(keys))
+        if (np.diff(vers) < 0).any():  # pending or claimed entries came out of order
+            pick = np.lexsort((pick, vers))  # by version, then arrival
+        last = len(pick) - 1 - np.unique(keys[pick][::-1], return_index=True)[1]
+        pick = pick[last]  # each key's newest row
+        keys, vecs, vers = keys[pick], vecs[pick], vers[pick]
         fresh = vers >= self.versions.get(table, keys)
         if not fresh.all():
             self.rows_skipped.inc(int((~fresh).sum()), group=self.group)
@@ -380,7 +382,7 @@ def ingestor_for(
         group=g,
         consumer=consumer,
         start_id=start_id,
-        batch_entries=min(u.max_batch_size, 128),
+        batch_entries=min(u.max_batch_size, 16),
         block_ms=u.poll_timeout_ms,
         claim_idle_ms=u.claim_idle_ms,
         failure_backoff_ms=u.failure_backoff_ms,
