@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 REPO   ?= model_repository
 
-.PHONY: install test lint demo serve perf bench clean
+.PHONY: install test lint demo serve perf bench clean redis demo-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The Redis tests and benchmark start real redis-server processes (Debian's redis-server 7).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y redis-server || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y redis-server; }; }
+
+install: redis
+test: redis
+bench: redis
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,6 +50,14 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier
 	$(BIN)/hps bench cache
+	$(BIN)/hps bench redis --seconds 60
+
+# The demo on a local 3-node Redis Cluster (the VDB) with online updates from a Redis Stream.
+REDIS_DEMO_DIR ?= /tmp/hps-demo-redis
+demo-redis: $(STAMP) redis
+	deploy/redis/redis-local.sh cluster $(REDIS_DEMO_DIR) 7000 7001 7002
+	$(BIN)/hps demo --redis 127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002; \
+	  rc=$$?; deploy/redis/redis-local.sh stop $(REDIS_DEMO_DIR); exit $$rc
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The ``hps`` command: load, lookup, inspect, estimate, synth, demo."""
+"""The ``hps`` command: load, lookup, inspect, estimate, synth, publish, ingest, bench, demo."""
 
 from __future__ import annotations
 
@@ -114,7 +114,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(
-        args.dir, rows=args.rows, dim=args.dim, batches=args.batches, batch_size=args.batch_size
+        args.dir,
+        rows=args.rows,
+        dim=args.dim,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        redis=args.redis,
     )
 
 
@@ -160,10 +165,78 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish row updates of one table to the update stream (HCTR messages)."""
+    from .updates import Publisher, connect
+
+    address, stream = args.redis, args.stream
+    if args.config:
+        from .config import load_config
+
+        u = load_config(args.config).update_source
+        address, stream = address or u.brokers, stream or u.stream
+    if not address:
+        raise HPSError("publish: give --redis host:port or a config with update_source.brokers")
+    if args.npz:
+        data = np.load(args.npz)
+        if "keys" not in data or "vectors" not in data:
+            raise HPSError(f"{args.npz}: expected arrays 'keys' and 'vectors'")
+        keys, vectors = data["keys"], data["vectors"]
+    elif args.random:
+        rng = np.random.default_rng(args.seed)
+        keys = rng.integers(0, args.key_range, args.random, dtype=np.int64)
+        vectors = rng.standard_normal((args.random, args.dim)).astype(np.float32)
+    else:
+        raise HPSError("publish: give --npz FILE or --random N --dim D")
+    pub = Publisher(
+        connect(address, args.user, args.password), stream or "hps_updates", maxlen=args.maxlen
+    )
+    ids = pub.publish(args.table, keys, vectors, dtype=args.dtype)
+    console.print(f"published {len(keys):,} rows of {args.table} in {len(ids)} entries to {stream}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Apply the update stream to the config's VDB/PDB until interrupted (or --seconds)."""
+    import time
+
+    from .config import load_config
+    from .server import build_pdb, build_vdb
+    from .updates.ingestor import ingestor_for
+
+    cfg = load_config(args.config)
+    vdb, pdb = build_vdb(cfg), build_pdb(cfg)
+    try:
+        ing = ingestor_for(
+            cfg,
+            vdb=vdb,
+            pdb=pdb,
+            scope=args.scope,
+            group=args.group,
+            consumer=args.consumer,
+            start_id="$" if args.new_only else "0",
+        )
+        end = time.monotonic() + args.seconds if args.seconds else None
+        console.print(f"ingesting {cfg.update_source.stream} as group {ing.group}")
+        try:
+            ing.run(until=(lambda: time.monotonic() > end) if end else None)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            ing.stop()
+    finally:
+        for tier in (vdb, pdb):
+            if tier is not None:
+                tier.close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark module with the remaining arguments."""
     if args.which == "cache":
         from .bench.cache import main as bench
+    elif args.which == "redis":
+        from .bench.redis import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -271,11 +344,38 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"
     )
-    s.add_argument("which", choices=["cache", "host-tier"])
+    s.add_argument("which", choices=["cache", "host-tier", "redis"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("publish", help="publish row updates of a table to the update stream")
+    s.add_argument("--config", help="take the stream's Redis and name from update_source")
+    s.add_argument("--redis", default="", help="the stream's Redis, host:port[,host:port...]")
+    s.add_argument("--stream", default="", help="stream name (default hps_updates)")
+    s.add_argument("--table", required=True, help="table name, e.g. hps_et.<model>.<table>")
+    s.add_argument("--npz", help=".npz file with arrays 'keys' (int64) and 'vectors' [n, dim]")
+    s.add_argument("--random", type=int, default=0, help="publish N random rows instead")
+    s.add_argument("--dim", type=int, default=16)
+    s.add_argument("--key-range", type=int, default=1_000_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    s.add_argument(
+        "--maxlen", type=int, help="trim the stream to about this many entries (default: keep all)"
+    )
+    s.add_argument("--user", default="")
+    s.add_argument("--password", default="")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("ingest", help="apply the update stream to the config's VDB/PDB")
+    s.add_argument("config")
+    s.add_argument("--scope", choices=["all", "shared", "local"], default="all")
+    s.add_argument("--group", help="consumer group (default update_source.group or hps:<scope>)")
+    s.add_argument("--consumer", help="consumer name (default host + object id)")
+    s.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
+    s.add_argument("--new-only", action="store_true", help="a new group skips older entries")
+    s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("demo", help="generate a model, serve it in process, show lookups")
     s.add_argument("--dir", default="demo_data")
@@ -283,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--batches", type=int, default=50)
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument(
+        "--redis", help="host:port[,...]: Redis (Cluster) as the VDB, with online updates"
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

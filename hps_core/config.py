@@ -46,6 +46,13 @@ class VolatileDBConfig:
     tls_client_certificate: str = ""
     tls_client_key: str = ""
     tls_server_name_identification: str = "redis.localhost"
+    # Extensions (Redis): per-operation timeouts and the reconnect back-off after an outage.
+    # One address of a non-cluster server means standalone Redis; several addresses, or one
+    # of a cluster-enabled server, mean Redis Cluster.
+    socket_timeout_ms: int = 1000
+    connect_timeout_ms: int = 500
+    reconnect_backoff_ms: int = 100
+    reconnect_backoff_max_ms: int = 5000
     # Partitioning and bounds (per partition, as HPS).
     num_partitions: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
     allocation_rate: int = 256 * 1024 * 1024
@@ -74,6 +81,11 @@ class VolatileDBConfig:
         _at_least("volatile_db.overflow_margin", self.overflow_margin, 1, src)
         _fraction("volatile_db.overflow_resolution_target", self.overflow_resolution_target, src)
         _fraction("volatile_db.initial_cache_rate", self.initial_cache_rate, src)
+        for name in ("socket_timeout_ms", "connect_timeout_ms", "reconnect_backoff_ms"):
+            _at_least(f"volatile_db.{name}", getattr(self, name), 1, src)
+        _at_least("volatile_db.reconnect_backoff_max_ms", self.reconnect_backoff_max_ms, 1, src)
+        if self.type == "redis_cluster" and not self.addresses():
+            raise ConfigError("volatile_db.address", self.address, "one or more 'host:port'", src)
 
     def addresses(self) -> list[str]:
         """Redis endpoints as a list of "host:port"."""
@@ -111,9 +123,26 @@ class UpdateSourceConfig:
     max_batch_size: int = 8 * 1024
     failure_backoff_ms: int = 50
     max_commit_interval: int = 32
+    # Extensions (redis_stream): ``brokers`` is the stream's Redis ("host:port", a list for a
+    # cluster); one stream holds every table's updates; each store that must see every update
+    # reads with its own consumer group ("" = "hps:<scope>"); an entry a crashed consumer left
+    # pending longer than claim_idle_ms is taken over by another consumer of the group.
+    # A round reads min(max_batch_size, 16) entries (of up to ~1 MB each), so rounds stay short.
+    stream: str = "hps_updates"
+    group: str = ""
+    scope: str = "all"
+    user_name: str = ""
+    password: str = ""
+    claim_idle_ms: int = 30_000
 
     def validate(self, src: str | None) -> None:
         _choice("update_source.type", self.type, UPDATE_SOURCE_TYPES, src)
+        _choice("update_source.scope", self.scope, ("all", "shared", "local"), src)
+        _at_least("update_source.max_batch_size", self.max_batch_size, 1, src)
+        _at_least("update_source.poll_timeout_ms", self.poll_timeout_ms, 1, src)
+        _at_least("update_source.claim_idle_ms", self.claim_idle_ms, 1, src)
+        if not self.stream:
+            raise ConfigError("update_source.stream", self.stream, "a stream name", src)
 
 
 @dataclass
@@ -254,7 +283,7 @@ _NO_EFFECT = {
 _UNSUPPORTED = {
     ("update_source.type", "kafka_message_queue"): (
         "Kafka is not supported in this version: online updates are ignored; use "
-        "'redis_stream' when it is available"
+        "'redis_stream' (the same HCTR message payload on a Redis Stream)"
     ),
 }
 

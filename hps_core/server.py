@@ -45,12 +45,27 @@ def build_vdb(cfg: HPSConfig) -> VolatileDB | None:
     if v.type == "disabled":
         return None
     if v.type == "redis_cluster":
-        raise ConfigError(
-            "volatile_db.type",
-            v.type,
-            "hash_map, parallel_hash_map, multi_process_hash_map or "
-            "disabled: Redis is not supported by this version",
-            cfg.source,
+        from .vdb.redis import RedisVDB
+
+        return RedisVDB(
+            v.addresses(),
+            user_name=v.user_name,
+            password=v.password,
+            num_partitions=v.num_partitions,
+            max_batch_size=v.max_batch_size,
+            overflow_margin=v.overflow_margin,
+            overflow_policy=v.overflow_policy,
+            overflow_resolution_target=v.overflow_resolution_target,
+            refresh_time_after_fetch=v.refresh_time_after_fetch,
+            num_node_connections=v.num_node_connections,
+            enable_tls=v.enable_tls,
+            tls_ca_certificate=v.tls_ca_certificate,
+            tls_client_certificate=v.tls_client_certificate,
+            tls_client_key=v.tls_client_key,
+            socket_timeout_ms=v.socket_timeout_ms,
+            connect_timeout_ms=v.connect_timeout_ms,
+            reconnect_backoff_ms=v.reconnect_backoff_ms,
+            reconnect_backoff_max_ms=v.reconnect_backoff_max_ms,
         )
     from .vdb.hashmap import HashMapVDB
 
@@ -159,9 +174,15 @@ class ParameterServer:
         self.sessions: dict[str, LookupSession] = {}
         self._files: dict[str, list[SparseTable]] = {}
         self._lock = threading.Lock()
+        self.ingestor = None
         try:
             for m in self.config.models:
                 self.add_model(m)
+            if self.config.update_source.type == "redis_stream":
+                from .updates.ingestor import ingestor_for
+
+                u = self.config.update_source
+                self.ingestor = ingestor_for(self.config, server=self, scope=u.scope).start()
         except BaseException:
             self.close()
             raise
@@ -311,6 +332,9 @@ class ParameterServer:
 
     def close(self) -> None:
         """Stop background work and close the tiers."""
+        if self.ingestor is not None:
+            self.ingestor.stop()
+            self.ingestor = None
         for s in list(self.sessions.values()):
             s.close()
         self.sessions.clear()

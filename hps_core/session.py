@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache.base import EmbeddingCache
-from .errors import InvalidInputError, UnknownTableError
+from .errors import InvalidInputError, StorageError, UnknownTableError
 from .pdb.base import PersistentDB
 from .vdb.base import VolatileDB
 
@@ -28,6 +28,8 @@ class LookupStats:
     keys: int = 0
     unique_keys: int = 0
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+    # Failed tier reads (a Redis node down...): the keys fell through to the next level.
+    errors: dict[str, int] = field(default_factory=lambda: {"vdb": 0, "pdb": 0})
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("dedupe", *LEVELS, "insert", "expand", "total"), 0.0)
     )
@@ -45,6 +47,8 @@ class LookupStats:
             self.hits[k] += v
         for k, v in other.seconds.items():
             self.seconds[k] += v
+        for k, v in other.errors.items():
+            self.errors[k] += v
 
 
 @dataclass
@@ -146,7 +150,12 @@ class LookupSession:
             ts = time.perf_counter()
             idx = np.flatnonzero(missing)
             if tier is not None and len(idx):
-                rows, found = tier.fetch(t.store_name, uniq[idx])
+                try:
+                    rows, found = tier.fetch(t.store_name, uniq[idx])
+                except StorageError as e:  # a failing tier never fails the lookup
+                    st.errors[level] += 1
+                    _log_tier_failure(level, t.store_name, e)
+                    continue
                 got = idx[found]
                 vec[got] = rows[found]
                 missing[got] = False
@@ -262,6 +271,16 @@ class LookupSession:
         """Stop the background filler."""
         self.flush()
         self._inserter.shutdown(wait=True)
+
+
+_failing: set[str] = set()
+
+
+def _log_tier_failure(level: str, table: str, e: Exception) -> None:
+    """Log a tier's read failure once per tier and table (the tier logs its own recovery)."""
+    if level + table not in _failing:
+        _failing.add(level + table)
+        log.warning("%s read of %s failed, keys fall through: %s", level, table, e)
 
 
 def _log_failure(fut: Future) -> None:

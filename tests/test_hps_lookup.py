@@ -13,6 +13,7 @@ from hps_core import (
     InvalidInputError,
     ModelFileError,
     ParameterServer,
+    StorageError,
     UnknownModelError,
     UnknownTableError,
 )
@@ -272,7 +273,8 @@ def test_unsupported_and_empty_tiers(tmp_path):
     make_files(tmp_path, seed=8)
     cfg = config(tmp_path)
     cfg["volatile_db"]["type"] = "redis_cluster"
-    with pytest.raises(ConfigError, match="volatile_db.type.*not supported"):
+    cfg["volatile_db"]["address"] = "127.0.0.1:1"  # nothing listens there
+    with pytest.raises(StorageError, match="127.0.0.1:1"):
         ParameterServer(cfg)
     cfg["volatile_db"]["type"] = "disabled"
     cfg["persistent_db"]["type"] = "disabled"

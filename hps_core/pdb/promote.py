@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Promoter:
         return False
 
     def _run(self) -> None:
+        failing = False  # a VDB outage is logged once, not per batch
         while True:
             item = self._queue.get()
             try:
@@ -64,6 +65,16 @@ class Promoter:
                 table, keys, vectors = item
                 self.vdb.upsert(table, keys, vectors)
                 self.promoted += len(keys)
+                if failing:
+                    log.warning("promoting rows into the VDB works again")
+                    failing = False
+            except StorageError as e:  # the VDB is (partly) down: rows stay in the PDB
+                self.failed += 1
+                if not failing:
+                    log.warning(
+                        "promoting rows into the VDB failed, skipping until it works: %s", e
+                    )
+                    failing = True
             except Exception:  # a dropped table or a closed VDB must not kill the thread
                 self.failed += 1
                 log.exception("promoting %d rows into the VDB failed", len(item[1]))

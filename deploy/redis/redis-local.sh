@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Local Redis for tests, benchmarks and demos: a standalone server or a 3-node Redis Cluster on
+# loopback ports, each node with its own directory under DIR. No persistence, no replicas.
+#
+#   redis-local.sh standalone DIR PORT          start one server
+#   redis-local.sh cluster DIR PORT PORT PORT   start 3 (or more) nodes and join them
+#   redis-local.sh kill-node DIR PORT           SIGKILL one node (failure drills)
+#   redis-local.sh start-node DIR PORT          start a node again with its saved config
+#   redis-local.sh stop DIR                     stop every node started under DIR
+#
+# Environment: REDIS_SERVER, REDIS_CLI (binaries), REDIS_NODE_TIMEOUT_MS (cluster, 1500),
+# REDIS_PASSWORD (AUTH for the default user; none when unset).
+set -euo pipefail
+SERVER=${REDIS_SERVER:-redis-server}
+CLI=${REDIS_CLI:-redis-cli}
+TIMEOUT_MS=${REDIS_NODE_TIMEOUT_MS:-1500}
+if [ -n "${REDIS_PASSWORD:-}" ]; then
+  export REDISCLI_AUTH="$REDIS_PASSWORD"  # redis-cli authenticates with it
+  AUTH_ARGS=(--requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD")
+else
+  AUTH_ARGS=()
+fi
+
+die() { echo "redis-local.sh: $*" >&2; exit 2; }
+
+wait_up() {  # PORT
+  for _ in $(seq 1 100); do
+    "$CLI" -h 127.0.0.1 -p "$1" ping >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  die "node 127.0.0.1:$1 did not answer PING within 5 s"
+}
+
+start_node() {  # DIR PORT CLUSTER(yes|no)
+  local d="$1/$2"
+  mkdir -p "$d"
+  local args=(--port "$2" --bind 127.0.0.1 --dir "$d" --daemonize yes
+    --pidfile "$d/redis.pid" --logfile "$d/redis.log" --save "" --appendonly no
+    --protected-mode yes "${AUTH_ARGS[@]}")
+  if [ "$3" = yes ] || [ -f "$d/nodes.conf" ]; then
+    args+=(--cluster-enabled yes --cluster-config-file "$d/nodes.conf"
+      --cluster-node-timeout "$TIMEOUT_MS" --cluster-require-full-coverage no
+      --cluster-allow-reads-when-down yes)
+  fi
+  "$SERVER" "${args[@]}"
+  wait_up "$2"
+}
+
+stop_node() {  # DIR/PORT SIGNAL
+  local pidfile="$1/redis.pid"
+  [ -f "$pidfile" ] || return 0
+  local pid
+  pid=$(cat "$pidfile")
+  kill "-$2" "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    # A zombie (exited, not yet reaped by a non-reaping init) is stopped too.
+    case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z*) break ;; esac
+    sleep 0.05
+  done
+  rm -f "$pidfile"
+}
+
+cmd=${1:-}; shift || true
+case "$cmd" in
+  standalone)
+    [ $# -eq 2 ] || die "usage: standalone DIR PORT"
+    start_node "$1" "$2" no ;;
+  cluster)
+    [ $# -ge 4 ] || die "usage: cluster DIR PORT PORT PORT..."
+    dir=$1; shift
+    addrs=()
+    for p in "$@"; do start_node "$dir" "$p" yes; addrs+=("127.0.0.1:$p"); done
+    "$CLI" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 \
+      || die "cluster create failed: $(tail -n 5 "$dir/create.log")"
+    for _ in $(seq 1 100); do
+      ok=1
+      for p in "$@"; do
+        "$CLI" -h 127.0.0.1 -p "$p" cluster info | grep -q 'cluster_state:ok' || ok=0
+      done
+      [ $ok = 1 ] && exit 0
+      sleep 0.1
+    done
+    die "cluster did not reach cluster_state:ok" ;;
+  kill-node)
+    [ $# -eq 2 ] || die "usage: kill-node DIR PORT"
+    stop_node "$1/$2" KILL ;;
+  start-node)
+    [ $# -eq 2 ] || die "usage: start-node DIR PORT"
+    start_node "$1" "$2" no ;;
+  stop)
+    [ $# -eq 1 ] || die "usage: stop DIR"
+    for d in "$1"/*/; do [ -d "$d" ] && stop_node "${d%/}" TERM; done ;;
+  *) die "unknown command '$cmd' (standalone, cluster, kill-node, start-node, stop)" ;;
+esac

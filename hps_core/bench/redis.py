@@ -1,0 +1,283 @@
+"""Redis VDB: fetch keys/s beside ``redis-benchmark``, and update freshness under sustained load.
+
+Starts a local standalone Redis and a local 3-node Redis Cluster (deploy/redis/redis-local.sh,
+run from the repository root), so every number comes from one run on one machine:
+
+- fetch: ``RedisVDB.fetch`` keys/s (dim 64 fp32, random keys of a loaded table) per batch size,
+  standalone and cluster, next to ``redis-benchmark -P 16 -t get`` requests/s on the same
+  standalone server (one shard; target: ours >= 1x that);
+- freshness: a publisher process sends row updates at ``--rate`` rows/s for ``--seconds``; an
+  ingestor applies them to the standalone VDB; publish-to-visible p50/p99 and the rows/s
+  actually sustained.
+
+Prints tables, writes benchmarks/results/redis.json and redis.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..metrics import Registry
+from ..updates import connect
+from ..updates.ingestor import Ingestor, TierSink
+from ..updates.versions import VersionStore
+from ..vdb.redis import RedisVDB
+from .common import RESULTS, machine, rate, save
+
+console = Console()
+SCRIPT = Path("deploy") / "redis" / "redis-local.sh"
+
+PUBLISHER = r"""
+import sys, time
+import numpy as np
+from hps_core.updates import Publisher, connect
+addr, table, dim, rate, seconds, rows = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:7])
+dim, rows = int(dim), int(rows)
+pub = Publisher(connect(addr))
+rng = np.random.default_rng(0)
+tick = 0.05
+per = max(1, int(rate * tick))
+pool = [rng.standard_normal((per, dim)).astype(np.float32) for _ in range(4)]
+sent, start = 0, time.monotonic()
+while time.monotonic() - start < seconds:
+    pub.publish(table, rng.integers(0, rows, per), pool[sent // per % 4])
+    sent += per
+    ahead = sent / rate - (time.monotonic() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+print(sent, time.monotonic() - start)
+"""
+
+
+def redis_local(*args: str) -> None:
+    if not SCRIPT.exists():
+        raise SystemExit(f"{SCRIPT} not found: run the benchmark from the repository root")
+    subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=120)
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    out = []
+    while len(out) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p < 55000 and p not in out:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p + 10000))
+                except OSError:
+                    continue
+            out.append(p)
+    return out
+
+
+def redis_benchmark(port: int, requests: int) -> float:
+    """GET requests/s of redis-benchmark with 16 pipelined requests, 256-byte values."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return float("nan")
+    cmd = [exe, "-p", str(port), "-P", "16", "-t", "set,get", "-d", "256", "-r", "100000"]
+    out = subprocess.run(
+        [*cmd, "-n", str(requests), "--csv"], check=True, capture_output=True, text=True
+    ).stdout
+    for row in csv.reader(io.StringIO(out)):
+        if row and row[0] == "GET":
+            return float(row[1])
+    return float("nan")
+
+
+def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int]) -> list[dict]:
+    rng = np.random.default_rng(1)
+    keys = np.arange(rows, dtype=np.int64) * 7919 - rows
+    vecs = rng.standard_normal((rows, dim)).astype(np.float32)
+    vdb.create_table("bench", dim)
+    for s in range(0, rows, 65536):
+        vdb.upsert("bench", keys[s : s + 65536], vecs[s : s + 65536])
+    out = []
+    for b in batches:
+        idx = rng.integers(0, rows, b)
+        got, found = vdb.fetch("bench", keys[idx])
+        assert found.all() and np.array_equal(got, vecs[idx]), "Redis VDB rows differ"
+        ks = rate(
+            lambda q: vdb.fetch("bench", q),
+            lambda b=b: keys[rng.integers(0, rows, b)],
+            b,
+            min_seconds=0.5,
+            max_reps=40,
+        )
+        out.append({"mode": mode, "dim": dim, "batch": b, "keys_s": ks})
+    vdb.drop_table("bench")
+    return out
+
+
+def bench_freshness(addr: str, dim: int, rows_s: float, seconds: float, rows: int) -> dict:
+    client = connect(addr)
+    client.delete("hps_updates", "hps_updates:dead")
+    vdb = RedisVDB(addr, num_partitions=8)
+    vdb.create_table("hps_et.bench.t", dim)
+    reg = Registry()
+    ing = Ingestor(
+        client,
+        [TierSink("vdb", vdb)],
+        VersionStore(vdb, "bench"),
+        group="bench",
+        batch_entries=8,
+        block_ms=20,
+        registry=reg,
+    )
+    pub = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, addr, "hps_et.bench.t", str(dim), str(rows_s)]
+        + [str(seconds), str(rows)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    start = time.monotonic()
+    while pub.poll() is None or ing.lag() > 0:
+        ing.step(20)
+        if time.monotonic() - start > seconds + 60:
+            break
+    elapsed = time.monotonic() - start
+    sent, pub_s = pub.communicate()[0].split()
+    applied = reg.counter("hps_update_rows_total", "", ("group",)).value(group="bench")
+    h = reg.histogram("hps_update_freshness_seconds", "", ("group",))
+    samples = sorted(h._series[("bench",)].samples)
+    vdb.drop_table("hps_et.bench.t")
+    vdb.close()
+    return {
+        "target_rows_s": rows_s,
+        "seconds": seconds,
+        "published_rows": int(sent),
+        "published_rows_s": int(sent) / float(pub_s),
+        "applied_rows_distinct_per_batch": int(applied),
+        "ingest_wall_s": elapsed,
+        "entries": h.count(group="bench"),
+        "p50_s": h.quantile(0.5, group="bench"),
+        "p99_s": h.quantile(0.99, group="bench"),
+        "max_s": samples[-1] if samples else None,
+        "samples_s": samples[:: max(1, len(samples) // 500)],
+    }
+
+
+def plot(fetch: list[dict], rb: float, fresh: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("standalone", "cluster"):
+        rs = [r for r in fetch if r["mode"] == mode]
+        a.plot([r["batch"] for r in rs], [r["keys_s"] / 1e6 for r in rs], "o-", label=mode)
+    a.axhline(rb / 1e6, color="gray", ls="--", label="redis-benchmark -P 16 GET (1 shard)")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("keys per fetch")
+    a.set_ylabel("M keys/s")
+    a.set_title("Redis VDB fetch, dim 64 fp32")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    xs = np.array(fresh["samples_s"]) * 1e3
+    if len(xs):
+        b.plot(np.sort(xs), np.linspace(0, 1, len(xs)))
+    b.axvline(fresh["p50_s"] * 1e3, color="g", ls="--", label=f"p50 {fresh['p50_s'] * 1e3:.0f} ms")
+    b.axvline(fresh["p99_s"] * 1e3, color="r", ls="--", label=f"p99 {fresh['p99_s'] * 1e3:.0f} ms")
+    b.set_xlabel("publish -> visible (ms)")
+    b.set_ylabel("fraction of update entries")
+    b.set_title(f"freshness at {fresh['published_rows_s'] / 1e3:.0f}K rows/s")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=500_000, help="rows of the fetch table")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--rate", type=float, default=100_000, help="update rows/s to publish")
+    ap.add_argument("--seconds", type=float, default=60, help="how long to publish updates")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 5 s of updates")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.seconds = 100_000, min(args.seconds, 5)
+    dim = 64
+    with tempfile.TemporaryDirectory(prefix="hps-redis-bench-") as tmp:
+        ports = free_ports(4)
+        try:
+            redis_local("standalone", f"{tmp}/s", str(ports[0]))
+            redis_local("cluster", f"{tmp}/c", *map(str, ports[1:]))
+            single = f"127.0.0.1:{ports[0]}"
+            cluster = ",".join(f"127.0.0.1:{p}" for p in ports[1:])
+            rb = redis_benchmark(ports[0], 300_000)
+            fetch = bench_fetch(
+                RedisVDB(single, num_partitions=8), "standalone", args.rows, dim, args.batches
+            )
+            fetch += bench_fetch(
+                RedisVDB(cluster, num_partitions=24), "cluster", args.rows, dim, args.batches
+            )
+            fresh = bench_freshness(single, dim, args.rate, args.seconds, args.rows)
+        finally:
+            for d in ("s", "c"):
+                subprocess.run([str(SCRIPT), "stop", f"{tmp}/{d}"], capture_output=True)
+    t = Table(
+        title=f"Redis VDB fetch, dim {dim}, {args.rows:,} rows (redis-benchmark GET: {rb / 1e6:.2f} M req/s)"
+    )
+    for c in ("mode", "batch", "M keys/s", "vs redis-benchmark per shard"):
+        t.add_column(c, justify="right")
+    for r in fetch:
+        shards = 3 if r["mode"] == "cluster" else 1
+        r["vs_redis_benchmark_per_shard"] = r["keys_s"] / shards / rb
+        t.add_row(
+            r["mode"],
+            f"{r['batch']:,}",
+            f"{r['keys_s'] / 1e6:.2f}",
+            f"{r['vs_redis_benchmark_per_shard']:.2f}x",
+        )
+    console.print(t)
+    t = Table(title="update freshness (publish -> visible in the VDB)")
+    for c in ("target rows/s", "published rows/s", "seconds", "entries", "p50 ms", "p99 ms"):
+        t.add_column(c, justify="right")
+    t.add_row(
+        f"{args.rate:,.0f}",
+        f"{fresh['published_rows_s']:,.0f}",
+        f"{fresh['seconds']:.0f}",
+        f"{fresh['entries']:,}",
+        f"{fresh['p50_s'] * 1e3:.1f}",
+        f"{fresh['p99_s'] * 1e3:.1f}",
+    )
+    console.print(t)
+    name = "redis_quick" if args.quick else "redis"
+    path = save(
+        name,
+        {
+            "machine": machine(),
+            "redis_benchmark_get_rps": rb,
+            "redis_benchmark": "redis-benchmark -P 16 -t set,get -d 256 -r 100000 (standalone)",
+            "fetch": fetch,
+            "freshness": fresh,
+            "targets": {
+                "fetch_vs_redis_benchmark_per_shard": ">= 1x",
+                "freshness_at": ">= 100K rows/s",
+            },
+        },
+    )
+    plot(fetch, rb, fresh, RESULTS / f"{name}.png")
+    console.print(f"wrote {path} and {name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The ingestor: reads row updates from a Redis Stream with a consumer group and applies them.
+
+Each store that must see every update reads with its own consumer group (as HPS did with
+Kafka): one group per shared store (the Redis VDB), one per local store (a machine's RocksDB,
+a process's L1 caches). Per round the ingestor
+
+1. reads entries: first its own pending ones (delivered before a crash, never acknowledged),
+   then entries other consumers of the group left pending longer than ``claim_idle_ms``
+   (``XAUTOCLAIM``), then new ones (``XREADGROUP >``);
+2. decodes them; a malformed entry (bad magic, wrong size, NaN rows, unknown table) goes to the
+   dead-letter stream ``<stream>:dead`` with the reason and is acknowledged;
+3. keeps each key's newest row, records the batch's row versions (stream entry IDs) and drops
+   rows older than the recorded version, so a re-delivered entry never rolls a row back;
+4. applies the rows to every sink (PDB, then VDB, then L1: ``assign`` where cached) and only
+   then acknowledges the entries. A failing sink leaves them pending; they are retried after
+   ``failure_backoff_ms``.
+
+Publish-to-visible time per entry goes to the ``hps_update_freshness_seconds`` histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from ..errors import HPSError
+from ..metrics import REGISTRY, Registry
+from . import codec
+from .stream import DEFAULT_STREAM, dead_letter_stream
+from .versions import VersionStore, version_of
+
+log = logging.getLogger(__name__)
+
+FRESHNESS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class Sink:
+    """Somewhere updates are applied: a tier (``upsert``) or the L1 caches (``assign``)."""
+
+    name = "sink"
+
+    def apply(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class TierSink(Sink):
+    """A VDB or PDB: rows are upserted into tables it holds (others are skipped)."""
+
+    def __init__(self, name: str, tier: object):
+        self.name = name
+        self.tier = tier
+        self._known: set[str] = set()
+
+    def holds(self, table: str) -> bool:
+        if table not in self._known and table in self.tier.tables():
+            self._known.add(table)
+        return table in self._known
+
+    def dim(self, table: str) -> int | None:
+        return self.tier.dim(table) if self.holds(table) else None
+
+    def apply(self, table, keys, vectors):
+        if self.holds(table):
+            self.tier.upsert(table, keys, vectors)
+
+
+class CacheSink(Sink):
+    """The L1 caches of a server's sessions: cached rows are overwritten, others left alone."""
+
+    name = "l1"
+
+    def __init__(self, server: object):
+        self.server = server
+
+    def apply(self, table, keys, vectors):
+        for s in list(self.server.sessions.values()):
+            for t in s.tables:
+                if t.store_name == table and t.cache is not None:
+                    with t.cache_lock:
+                        t.cache.assign(keys, vectors)
+
+    def dim(self, table: str) -> int | None:
+        for s in list(self.server.sessions.values()):
+            for t in s.tables:
+                if t.store_name == table:
+                    return t.dim
+        return None
+
+
+@dataclass
+class _Batch:
+    keys: list = field(default_factory=list)
+    vectors: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+
+
+class Ingestor:
+    """Applies a stream's updates to ``sinks`` as consumer ``consumer`` of group ``group``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        sinks: list[Sink],
+        versions: VersionStore,
+        *,
+        stream: str = DEFAULT_STREAM,
+        group: str = "hps",
+        consumer: str | None = None,
+        start_id: str = "0",
+        batch_entries: int = 16,
+        block_ms: int = 500,
+        claim_idle_ms: int = 30_000,
+        failure_backoff_ms: int = 50,
+        registry: Registry = REGISTRY,
+    ):
+        self.client = client
+        self.sinks = sinks
+        self.versions = versions
+        self.stream = stream
+        self.dead = dead_letter_stream(stream)
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
+        self.batch_entries = int(batch_entries)
+        self.block_ms = int(block_ms)
+        self.claim_idle_ms = int(claim_idle_ms)
+        self.backoff_s = failure_backoff_ms / 1e3
+        self._own_pending = True  # read our own un-acknowledged entries first
+        self._next_claim = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+        self._dims: dict[str, int] = {}
+        self.owned: list[object] = []  # closed with the ingestor (a VDB made for versions)
+        labels = ("group",)
+        self.freshness = registry.histogram(
+            "hps_update_freshness_seconds",
+            "Time from publish to visible in the stores, per update entry",
+            labels,
+            FRESHNESS_BUCKETS,
+        )
+        self.rows_applied = registry.counter(
+            "hps_update_rows_total", "Rows applied from the update stream", labels
+        )
+        self.rows_skipped = registry.counter(
+            "hps_update_rows_stale_total", "Rows skipped as older than the stored version", labels
+        )
+        self.entries = registry.counter(
+            "hps_update_entries_total", "Update stream entries acknowledged", labels
+        )
+        self.dead_letters = registry.counter(
+            "hps_update_dead_letters_total", "Malformed update entries sent to dead letters", labels
+        )
+        self.failures = registry.counter(
+            "hps_update_failures_total", "Rounds that could not apply updates", labels
+        )
+        try:
+            client.xgroup_create(stream, group, id=start_id, mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- one round ----------------------------------------------------------------------------
+    def step(self, block_ms: int | None = None) -> int:
+        """Read, apply and acknowledge one batch; returns the number of entries handled."""
+        try:
+            entries = self._read(self.block_ms if block_ms is None else block_ms)
+            if not entries:
+                return 0
+            self._handle(entries)
+        except (HPSError, redis.RedisError, OSError) as e:
+            self.failures.inc(group=self.group)
+            if not self._failing:
+                log.warning("ingestor %s: cannot apply updates, retrying: %s", self.group, e)
+                self._failing = True
+            self._own_pending = True  # what we read is pending for us: read it again
+            time.sleep(self.backoff_s)
+            return 0
+        if self._failing:
+            log.warning("ingestor %s: applying updates again", self.group)
+            self._failing = False
+        return len(entries)
+
+    def _read(self, block_ms: int) -> list:
+        n = self.batch_entries
+        if self._own_pending:
+            got = self.client.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=n)
+            entries = _entries(got)
+            if entries:
+                return entries
+            self._own_pending = False
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.claim_idle_ms / 1e3 / 2
+            r = self.client.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=n
+            )
+            claimed = [e for e in r[1] if e[1]] if r else []
+            if claimed:
+                log.info("ingestor %s: claimed %d stalled entries", self.group, len(claimed))
+                return claimed
+        got = self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=n, block=block_ms or None
+        )
+        return _entries(got)
+
+    def _dim(self, table: str) -> int | None:
+        d = self._dims.get(table)
+        if d is None:
+            for s in self.sinks:
+                d = s.dim(table)
+                if d is not None:
+                    self._dims[table] = d
+                    break
+        return d
+
+    def _handle(self, entries: list) -> None:
+        batches: dict[str, _Batch] = {}
+        stamps, dead = [], []
+        for eid, f in entries:
+            table = _text(f.get(b"table", b""))
+            payload = f.get(b"payload")
+            try:
+                if payload is None:
+                    raise codec.MalformedMessage("entry has no 'payload' field")
+                dim = self._dim(table) if table else None
+                if dim is None:
+                    raise codec.MalformedMessage(f"unknown table '{table}'")
+                rows = codec.decode(payload, dim)
+            except codec.MalformedMessage as e:
+                dead.append((eid, table, e.reason, payload or b""))
+                continue
+            if len(rows.keys):
+                b = batches.setdefault(table, _Batch())
+                b.keys.append(rows.keys)
+                b.vectors.append(rows.vectors)
+                b.versions.append(np.full(len(rows.keys), version_of(eid), np.int64))
+            ts = f.get(b"ts_ns")
+            if ts:
+                stamps.append(int(ts))
+        for table, b in batches.items():
+            self._apply(table, b)
+        now = time.time_ns()
+        if stamps:
+            self.freshness.observe_many([(now - t) / 1e9 for t in stamps], group=self.group)
+        for eid, table, reason, payload in dead:
+            self.client.xadd(
+                self.dead,
+                {
+                    "id": eid,
+                    "table": table,
+                    "reason": reason,
+                    "group": self.group,
+                    "payload": payload,
+                },
+            )
+            log.warning("update %s (table '%s') to dead letters: %s", _text(eid), table, reason)
+        self.dead_letters.inc(len(dead), group=self.group)
+        self.client.xack(self.stream, self.group, *[eid for eid, _ in entries])
+        self.entries.inc(len(entries), group=self.group)
+
+    def _apply(self, table: str, b: _Batch) -> None:
+        keys = np.concatenate(b.keys)
+        vecs = np.concatenate(b.vectors)
+        vers = np.concatenate(b.versions)
+        pick = np.arange(len(keys))
+        if (np.diff(vers) < 0).any():  # pending or claimed entries came out of order
+            pick = np.lexsort((pick, vers))  # by version, then arrival
+        last = len(pick) - 1 - np.unique(keys[pick][::-1], return_index=True)[1]
+        pick = pick[last]  # each key's newest row
+        keys, vecs, vers = keys[pick], vecs[pick], vers[pick]
+        fresh = vers >= self.versions.get(table, keys)
+        if not fresh.all():
+            self.rows_skipped.inc(int((~fresh).sum()), group=self.group)
+            keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
+        if not len(keys):
+            return
+        self.versions.put(table, keys, vers)  # first: a re-delivered older row is then refused
+        for s in self.sinks:
+            s.apply(table, keys, vecs)
+        self.rows_applied.inc(len(keys), group=self.group)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Apply updates until ``stop()`` (or ``until()`` returns True)."""
+        while not self._stop.is_set() and not (until and until()):
+            self.step()
+
+    def start(self) -> Ingestor:
+        """Run in a daemon thread (inside a server process)."""
+        self._thread = threading.Thread(target=self.run, name=f"hps-ingest-{self.group}")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current round."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for r in self.owned:
+            r.close()
+        self.owned.clear()
+
+    def lag(self) -> int:
+        """Entries of the stream this group has not acknowledged yet (pending + unread)."""
+        info = [g for g in self.client.xinfo_groups(self.stream) if _text(g["name"]) == self.group]
+        if not info:
+            return 0
+        pending = int(info[0].get("pending", 0))
+        lag = info[0].get("lag")
+        return pending + int(lag or 0)
+
+
+def _entries(got: object) -> list:
+    if not got:
+        return []
+    if isinstance(got, dict):  # RESP3
+        return [e for v in got.values() for e in (v[0] if v and isinstance(v[0], list) else v)]
+    return [e for _, es in got for e in es if e[1] is not None]
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+SCOPES = ("all", "shared", "local")
+
+
+def ingestor_for(
+    config: object,
+    *,
+    vdb: object | None = None,
+    pdb: object | None = None,
+    server: object | None = None,
+    scope: str = "all",
+    group: str | None = None,
+    consumer: str | None = None,
+    start_id: str = "0",
+) -> Ingestor:
+    """An ingestor for the tiers of a config: ``shared`` applies to the VDB, ``local`` to the
+    PDB and the server's L1 caches, ``all`` to every one of them (one group for a single node).
+
+    The group defaults to ``update_source.group`` or ``hps:<scope>``; each store that must see
+    every update needs its own group.
+    """
+    from ..errors import ConfigError
+    from ..vdb.redis import RedisVDB
+    from .stream import connect
+
+    if scope not in SCOPES:
+        raise ConfigError("scope", scope, f"one of {SCOPES}")
+    u = config.update_source
+    if server is not None:
+        vdb, pdb = server.vdb, server.pdb
+    sinks: list[Sink] = []
+    if scope in ("all", "local") and pdb is not None and not getattr(pdb, "read_only", False):
+        sinks.append(TierSink("pdb", pdb))
+    if scope in ("all", "shared") and vdb is not None:
+        sinks.append(TierSink("vdb", vdb))
+    if scope in ("all", "local") and server is not None:
+        sinks.append(CacheSink(server))
+    if not sinks:
+        raise ConfigError("scope", scope, "a scope with at least one store enabled")
+    client = connect(u.brokers, u.user_name, u.password)
+    vs_redis = vdb if isinstance(vdb, RedisVDB) and vdb.addresses == _addr(u.brokers) else None
+    owned = []
+    if vs_redis is None:
+        vs_redis = RedisVDB(u.brokers, user_name=u.user_name, password=u.password)
+        owned.append(vs_redis)
+    g = group or u.group or f"hps:{scope}"
+    ing = Ingestor(
+        client,
+        sinks,
+        VersionStore(vs_redis, g),
+        stream=u.stream,
+        group=g,
+        consumer=consumer,
+        start_id=start_id,
+        batch_entries=min(u.max_batch_size, 16),
+        block_ms=u.poll_timeout_ms,
+        claim_idle_ms=u.claim_idle_ms,
+        failure_backoff_ms=u.failure_backoff_ms,
+    )
+    ing.owned = owned
+    return ing
+
+
+def _addr(brokers: str) -> list[tuple[str, int]]:
+    out = []
+    for a in brokers.split(","):
+        h, _, p = a.strip().rpartition(":")
+        if p.isdigit():
+            out.append((h, int(p)))
+    return out

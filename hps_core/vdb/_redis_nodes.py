@@ -1,0 +1,285 @@
+"""Routing and sending for the Redis VDB: which node holds a key, one pipeline per node, outages.
+
+``RedisNodes`` talks to one standalone server or a Redis Cluster. For a cluster, redis-py's
+``RedisCluster`` keeps the slot map and a connection pool per node; a batch of commands is
+grouped by node and written to each node as one pipeline (pre-encoded RESP bytes), the nodes in
+parallel. ``MOVED`` reloads the slot map and re-sends the command to the node named;
+``ASK`` re-sends it there after ``ASKING``.
+
+A node that refuses, resets or times out is marked down: its commands get ``NodeDown`` results
+(callers decide: reads report the keys missing, writes raise) without touching the network until
+the back-off (``reconnect_backoff_ms``, doubling up to ``reconnect_backoff_max_ms``) has passed;
+the next command then probes it. The outage is logged once and counted in
+``hps_vdb_redis_outages_total``; every command refused meanwhile in
+``hps_vdb_redis_failed_ops_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, ResponseError
+from redis.retry import Retry
+
+from ..errors import ConfigError, StorageError
+from ..metrics import REGISTRY
+from . import _resp as R
+
+log = logging.getLogger(__name__)
+
+NODE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+_outages = REGISTRY.counter(
+    "hps_vdb_redis_outages_total", "Redis node outages seen by this process", ("node",)
+)
+_failed = REGISTRY.counter(
+    "hps_vdb_redis_failed_ops_total", "Redis operations that failed on a down node", ("node",)
+)
+
+
+class NodeDown(StorageError):
+    """A Redis node did not answer (refused, reset or timed out)."""
+
+
+@dataclass
+class _Health:
+    """Outage state of one node: down since when, next try after when, current back-off."""
+
+    down: bool = False
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Cmd:
+    """One command of a batch: its partition key (for routing) and its wire bytes."""
+
+    hkey: str
+    wire: bytes
+
+
+class RedisNodes:
+    """The nodes of a standalone Redis or a Redis Cluster, their pools and their health."""
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        *,
+        cluster: bool | None = None,
+        user_name: str = "",
+        password: str = "",
+        num_node_connections: int = 5,
+        enable_tls: bool = False,
+        tls_ca_certificate: str = "",
+        tls_client_certificate: str = "",
+        tls_client_key: str = "",
+        socket_timeout_ms: int = 1000,
+        connect_timeout_ms: int = 500,
+        reconnect_backoff_ms: int = 100,
+        reconnect_backoff_max_ms: int = 5000,
+    ):
+        self.addresses = addresses
+        self.backoff = (reconnect_backoff_ms / 1e3, reconnect_backoff_max_ms / 1e3)
+        self._kw = dict(
+            username=user_name or None,
+            password=password or None,
+            socket_timeout=socket_timeout_ms / 1e3,
+            socket_connect_timeout=connect_timeout_ms / 1e3,
+            # No silent retries inside redis-py: an outage is ours to see, count and back off.
+            retry=Retry(NoBackoff(), 0),
+        )
+        if enable_tls:
+            self._kw.update(
+                ssl=True,
+                ssl_ca_certs=tls_ca_certificate or None,
+                ssl_certfile=tls_client_certificate or None,
+                ssl_keyfile=tls_client_key or None,
+            )
+        # At most num_node_connections commands in flight per node (HPS's pool size): a burst
+        # of lookups queues for a connection instead of opening more or failing the node.
+        self._per_node = int(num_node_connections)
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._health: dict[str, _Health] = {}
+        self._redirect_clients: dict[str, redis.Redis] = {}
+        self._lock = threading.Lock()
+        self.cluster = self._is_cluster() if cluster is None else bool(cluster)
+        try:
+            if self.cluster:
+                nodes = [ClusterNode(h, p) for h, p in self.addresses]
+                self._rc = RedisCluster(
+                    startup_nodes=nodes, require_full_coverage=False, **self._kw
+                )
+                self._single = None
+            else:
+                h, p = self.addresses[0]
+                self._rc = None
+                self._single = redis.Redis(host=h, port=p, **self._kw)
+                self._single.ping()
+        except NODE_ERRORS + (redis.RedisError,) as e:
+            raise StorageError(f"Redis VDB at {_names(addresses)}: cannot connect ({e})") from None
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="hps-redis")
+
+    def _is_cluster(self) -> bool:
+        if len(self.addresses) > 1:
+            return True
+        h, p = self.addresses[0]
+        try:
+            info = redis.Redis(host=h, port=p, **self._kw).info("cluster")
+        except NODE_ERRORS + (redis.RedisError,) as e:
+            raise StorageError(f"Redis VDB: cannot reach {h}:{p} ({e})") from None
+        return bool(info.get("cluster_enabled"))
+
+    def _node(self, hkey: str) -> tuple[str, redis.Redis]:
+        if self._single is not None:
+            c = self._single.connection_pool.connection_kwargs  # host and port
+            return f"{c['host']}:{c['port']}", self._single
+        n = self._rc.nodes_manager.get_node_from_slot(key_slot(hkey.encode()))
+        if n.redis_connection is None:
+            self._rc.nodes_manager.create_redis_connections([n])
+        return n.name, n.redis_connection
+
+    def run(self, cmds: list[Cmd]) -> list[object]:
+        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError)."""
+        by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
+        for i, c in enumerate(cmds):
+            name, client = self._node(c.hkey)
+            by_node.setdefault(name, (client, []))[1].append(i)
+        out: list[object] = [None] * len(cmds)
+
+        def one(name: str, client: redis.Redis, idx: list[int]) -> None:
+            replies = self._send(name, client, [cmds[i].wire for i in idx])
+            for i, r in zip(idx, replies, strict=True):
+                out[i] = r
+
+        jobs = list(by_node.items())
+        if len(jobs) == 1:
+            one(jobs[0][0], *jobs[0][1])
+        else:
+            for f in [self._pool.submit(one, n, c, idx) for n, (c, idx) in jobs]:
+                f.result()
+        refreshed = False
+        for i, r in enumerate(out):
+            for _ in range(3):  # a slot in migration can redirect more than once
+                if not isinstance(r, (MovedError, AskError)) or self._rc is None:
+                    break
+                if isinstance(r, MovedError) and not refreshed:
+                    self._rc.nodes_manager.initialize()  # the slot map changed: reload it once
+                    refreshed = True
+                name = f"{r.host}:{r.port}"
+                ask = [R.command("ASKING")] if isinstance(r, AskError) else []
+                r = self._send(name, self._client(r.host, r.port), [*ask, cmds[i].wire])[-1]
+            out[i] = r
+        return out
+
+    def _client(self, host: str, port: int) -> redis.Redis:
+        """A client of the node a redirect names (the slot map may not know it yet)."""
+        name = f"{host}:{port}"
+        with self._lock:
+            c = self._redirect_clients.get(name)
+            if c is None:
+                c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
+        return c
+
+    def _send(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+        slots = self._slots.get(name)
+        if slots is None:
+            with self._lock:
+                slots = self._slots.setdefault(name, threading.BoundedSemaphore(self._per_node))
+        with slots:
+            return self._send_now(name, client, wires)
+
+    def _send_now(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+        h = self._health.setdefault(name, _Health())
+        if h.down and time.monotonic() < h.retry_at:
+            _failed.inc(node=name)
+            err = NodeDown(f"Redis VDB node {name} is down (retrying in the background)")
+            return [err] * len(wires)
+        pool = client.connection_pool
+        conn = None
+        try:
+            conn = _connection(pool)
+            conn.send_packed_command([b"".join(wires)], check_health=False)
+            replies = []
+            for _ in wires:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as e:
+                    replies.append(e)
+        except NODE_ERRORS as e:
+            if conn is not None:
+                conn.disconnect()
+            self._mark_down(name, h, e)
+            _failed.inc(node=name)
+            return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * len(wires)
+        finally:
+            if conn is not None:
+                pool.release(conn)
+        if h.down:
+            with h.lock:
+                if h.down:
+                    h.down, h.backoff = False, 0.0
+                    log.warning("Redis VDB node %s is back", name)
+        return replies
+
+    def _mark_down(self, name: str, h: _Health, e: Exception) -> None:
+        with h.lock:
+            first, lo_hi = not h.down, self.backoff
+            h.backoff = lo_hi[0] if first else min(lo_hi[1], h.backoff * 2)
+            h.down, h.retry_at = True, time.monotonic() + h.backoff
+        if first:
+            _outages.inc(node=name)
+            log.warning(
+                "Redis VDB node %s is down (%s: %s); its keys fall through to the next tier "
+                "until it answers again",
+                name,
+                type(e).__name__,
+                e,
+            )
+
+    def node_down(self, name: str) -> bool:
+        """Whether this process currently considers the node ``host:port`` down."""
+        h = self._health.get(name)
+        return bool(h and h.down)
+
+    def clients(self) -> list[redis.Redis]:
+        """A client of each primary node."""
+        if self._single is not None:
+            return [self._single]
+        return [n.redis_connection for n in self._rc.get_primaries()]
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._pool.shutdown(wait=True)
+        if self._single is not None:
+            self._single.close()
+        if self._rc is not None:
+            self._rc.close()
+        for c in self._redirect_clients.values():
+            c.close()
+
+
+def _connection(pool: redis.ConnectionPool):
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py 5 wants a command name
+        return pool.get_connection("_")
+
+
+def host_port(a: str) -> tuple[str, int]:
+    host, sep, port = a.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("volatile_db.address", a, "'host:port' entries")
+    return host, int(port)
+
+
+def _names(addresses: list[tuple[str, int]]) -> str:
+    return ",".join(f"{h}:{p}" for h, p in addresses)

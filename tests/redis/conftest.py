@@ -1,0 +1,113 @@
+"""Real redis-server processes on free loopback ports, started by deploy/redis/redis-local.sh."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "redis-local.sh"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports p free with p + 10000 (the cluster bus port) free as well."""
+    rng = random.Random()
+    out: list[int] = []
+    while len(out) < n:
+        p = rng.randrange(20000, 50000)
+        if p not in out and _free(p) and _free(p + 10000):
+            out.append(p)
+    return out
+
+
+class LocalRedis:
+    """A standalone server or a cluster under ``root``; stopped by the fixture in any case."""
+
+    def __init__(self, root: Path, ports: list[int], password: str = ""):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(
+                "redis-server is not installed: run `make install` (apt redis-server)"
+            )
+        self.root, self.ports, self.password = root, ports, password
+        self.cluster = len(ports) > 1
+        mode = ["cluster"] if self.cluster else ["standalone"]
+        self._sh(*mode, str(root), *map(str, ports))
+
+    @property
+    def address(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def _sh(self, *args: str) -> None:
+        env = dict(os.environ, REDIS_PASSWORD=self.password)
+        subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=60, env=env)
+
+    def kill(self, port: int) -> None:
+        self._sh("kill-node", str(self.root), str(port))
+
+    def start(self, port: int) -> None:
+        self._sh("start-node", str(self.root), str(port))
+
+    def flush(self) -> None:
+        for p in self.ports:
+            redis.Redis(port=p, password=self.password or None).flushall()
+
+    def stop(self) -> None:
+        subprocess.run([str(SCRIPT), "stop", str(self.root)], capture_output=True, timeout=60)
+
+
+def _start(tmp_path_factory, n: int, password: str = ""):
+    root = tmp_path_factory.mktemp("redis")
+    server = None
+    try:
+        server = LocalRedis(root, free_ports(n), password)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        else:
+            subprocess.run([str(SCRIPT), "stop", str(root)], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def redis_standalone(tmp_path_factory):
+    yield from _start(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    yield from _start(tmp_path_factory, 3)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_any(request):
+    """Each test runs once against a standalone server and once against a 3-node cluster."""
+    server = request.getfixturevalue(f"redis_{request.param}")
+    server.flush()
+    return server
+
+
+@pytest.fixture
+def redis_cluster_own(tmp_path_factory):
+    """A cluster of its own, for tests that kill nodes."""
+    yield from _start(tmp_path_factory, 3)
+
+
+@pytest.fixture
+def redis_with_password(tmp_path_factory):
+    """A standalone server that requires AUTH (password "s3cret" for the default user)."""
+    yield from _start(tmp_path_factory, 1, "s3cret")

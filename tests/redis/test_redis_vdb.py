@@ -1,0 +1,210 @@
+"""The Redis VDB against a dict reference, standalone and on a 3-node cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from served_model import make_model, reference, server_config
+
+from hps_core import ConfigError, ParameterServer, StorageError
+from hps_core.vdb.redis import RedisVDB
+
+pytestmark = pytest.mark.redis
+
+I64 = np.iinfo(np.int64)
+EXTREMES = np.array([I64.min, I64.max, 0, -1, 1, I64.min + 1, 256, -256], np.int64)
+
+
+def stored(v: np.ndarray, dtype: str) -> np.ndarray:
+    return np.asarray(v, np.float32).astype(dtype).astype(np.float32)
+
+
+def check(vdb: RedisVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> None:
+    got, found = vdb.fetch(table, probe)
+    expect_found = np.array([k in ref for k in probe.tolist()], bool)
+    np.testing.assert_array_equal(found, expect_found)
+    zero = np.zeros(dim, np.float32)
+    expect = np.array([ref.get(k, zero) for k in probe.tolist()]).reshape(len(probe), dim)
+    np.testing.assert_array_equal(got, expect)
+    assert vdb.size(table) == len(ref)
+
+
+@pytest.mark.parametrize("dim,dtype,parts", [(16, "float16", 3), (64, "float32", 8)])
+def test_random_operations_match_a_dict(redis_any, dim, dtype, parts):
+    rng = np.random.default_rng(dim + parts)
+    vdb = RedisVDB(redis_any.address, num_partitions=parts, max_batch_size=97)
+    assert vdb.cluster == redis_any.cluster
+    vdb.create_table("hps_et.m.t", dim, dtype=dtype)
+    ref: dict[int, np.ndarray] = {}
+    universe = np.concatenate([EXTREMES, rng.integers(I64.min, I64.max, 2000)])
+    for _ in range(25):
+        op = rng.integers(0, 3)
+        keys = rng.choice(universe, rng.integers(0, 400))  # duplicates: the later row wins
+        if op == 0:
+            vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+            vdb.upsert("hps_et.m.t", keys, vecs)
+            ref.update(zip(keys.tolist(), stored(vecs, dtype), strict=True))
+        elif op == 1:
+            removed = vdb.evict("hps_et.m.t", keys)
+            assert removed == len({k for k in keys.tolist() if k in ref})
+            for k in keys.tolist():
+                ref.pop(k, None)
+        else:
+            check(vdb, "hps_et.m.t", ref, dim, rng.choice(universe, 500))
+    check(vdb, "hps_et.m.t", ref, dim, universe)
+    np.testing.assert_array_equal(
+        vdb.contains("hps_et.m.t", universe), [k in ref for k in universe.tolist()]
+    )
+    keys, vecs = vdb.dump("hps_et.m.t")
+    assert sorted(keys.tolist()) == sorted(ref)
+    np.testing.assert_array_equal(vecs, np.array([ref[k] for k in keys.tolist()]).reshape(-1, dim))
+    assert vdb.partition_sizes("hps_et.m.t").sum() == len(ref)
+    assert vdb.tables() == ["hps_et.m.t"]
+    assert vdb.memory_bytes("hps_et.m.t") > 0
+    # A second client (another process, say) sees the same table and rows.
+    other = RedisVDB(redis_any.address, num_partitions=1)
+    assert other.dim("hps_et.m.t") == dim
+    check(other, "hps_et.m.t", ref, dim, universe[:200])
+    with pytest.raises(Exception, match="exists with dim"):
+        other.create_table("hps_et.m.t", dim + 1)
+    vdb.drop_table("hps_et.m.t")
+    assert vdb.tables() == []
+    vdb.close()
+    other.close()
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_oldest", "evict_least_used"])
+def test_overflow_policies_bound_each_partition(redis_standalone, policy):
+    redis_standalone.flush()
+    rng = np.random.default_rng(3)
+    vdb = RedisVDB(
+        redis_standalone.address,
+        num_partitions=2,
+        overflow_margin=100,
+        overflow_policy=policy,
+        overflow_resolution_target=0.5,
+    )
+    vdb.create_table("t", 4)
+    ref = {}
+    hot = np.arange(10_000, 10_010)
+    vdb.upsert("t", hot, np.ones((10, 4), np.float32))
+    ref.update((k, np.ones(4, np.float32)) for k in hot.tolist())
+    for b in range(8):
+        time.sleep(0.003)  # evict_oldest scores are milliseconds
+        keys = np.arange(b * 50, b * 50 + 50)
+        vecs = rng.standard_normal((50, 4)).astype(np.float32)
+        vdb.upsert("t", keys, vecs)
+        ref.update(zip(keys.tolist(), vecs, strict=True))
+        if policy == "evict_least_used":
+            vdb.fetch("t", hot)  # the hot rows gain use counts every round
+    sizes = vdb.partition_sizes("t")
+    assert (sizes <= 100).all() and sizes.sum() < 410
+    keys, vecs = vdb.dump("t")
+    np.testing.assert_array_equal(vecs, np.array([ref[k] for k in keys.tolist()]))  # no torn rows
+    kept = set(keys.tolist())
+    if policy == "evict_oldest":  # the newest batch survives whole
+        assert set(range(350, 400)) <= kept
+        assert not set(hot.tolist()) & kept
+    if policy == "evict_least_used":
+        assert set(hot.tolist()) <= kept
+    vdb.close()
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ConfigError, match="volatile_db.address"):
+        RedisVDB("localhost")
+    with pytest.raises(ConfigError, match="volatile_db.overflow_policy"):
+        RedisVDB("127.0.0.1:1", overflow_policy="lru")
+
+
+def test_server_lookups_equal_the_reference(redis_any, tmp_path):
+    keys, vecs = make_model(tmp_path)
+    cfg = server_config(tmp_path, redis_any.address, initial_cache_rate=0.5)
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(1)
+    with ParameterServer(tmp_path / "hps.json") as ps:
+        assert ps.vdb.cluster == redis_any.cluster
+        assert ps.vdb.size("hps_et.m.t0") == 1500
+        for _ in range(5):
+            q = np.concatenate([rng.choice(keys, 300), [7, 8, 9]])
+            vec, st = ps.session("m").lookup_with_stats(q, "t0")
+            np.testing.assert_array_equal(vec, reference(keys, vecs, q))
+        total = ps.session("m").tables[0].stats
+        assert total.hits["vdb"] > 0 and total.hits["pdb"] > 0 and total.hits["default"] > 0
+
+
+def test_auth_is_required_and_used(redis_with_password):
+    addr = redis_with_password.address
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr)
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr, user_name="default", password="wrong")
+    vdb = RedisVDB(addr, user_name="default", password="s3cret")
+    vdb.create_table("t", 3)
+    vdb.upsert("t", [1, 2], [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(vdb.fetch("t", [2, 1])[0], [[4, 5, 6], [1, 2, 3]])
+    vdb.close()
+
+
+def test_moved_and_ask_redirects_are_followed(redis_cluster_own):
+    """Move one partition's slot to another node under a client with the old slot map."""
+    import redis as redis_py
+    from redis.crc import key_slot
+
+    vdb = RedisVDB(redis_cluster_own.address, num_partitions=4)
+    vdb.create_table("t", 4)
+    rng = np.random.default_rng(9)
+    keys = np.arange(2000)
+    vecs = rng.standard_normal((2000, 4)).astype(np.float32)
+    vdb.upsert("t", keys, vecs)
+    hkey = "hps_et{t/p0}v"
+    slot = key_slot(hkey.encode())
+    src_name, _ = vdb.nodes._node(hkey)
+    nodes = {f"127.0.0.1:{p}": redis_py.Redis(port=p) for p in redis_cluster_own.ports}
+    src = nodes[src_name]
+    dst_name = next(n for n in nodes if n != src_name)
+    dst = nodes[dst_name]
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+    src.execute_command("MIGRATE", "127.0.0.1", int(dst_name.split(":")[1]), hkey, 0, 5000)
+    got, found = vdb.fetch("t", keys)  # the source answers ASK for the moved hash
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    for n in nodes.values():
+        n.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    got, found = vdb.fetch("t", keys)  # now MOVED: the client reloads its slot map
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    assert vdb.nodes._node(hkey)[0] == dst_name
+    vdb.upsert("t", keys, vecs + 1)
+    np.testing.assert_array_equal(vdb.fetch("t", keys)[0], vecs + 1)
+    assert dst.hlen(hkey) > 0 and src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    vdb.close()
+
+
+def test_concurrent_lookups_share_a_small_pool(redis_any):
+    """More threads than connections per node: requests queue for a connection, none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vdb = RedisVDB(redis_any.address, num_partitions=6, num_node_connections=2)
+    vdb.create_table("t", 8)
+    rng = np.random.default_rng(11)
+    keys = np.arange(5000)
+    vecs = rng.standard_normal((5000, 8)).astype(np.float32)
+    vdb.upsert("t", keys, vecs)
+
+    def one(seed: int) -> bool:
+        q = np.random.default_rng(seed).integers(0, 6000, 800)
+        got, found = vdb.fetch("t", q)
+        np.testing.assert_array_equal(found, q < 5000)
+        np.testing.assert_array_equal(got[found], vecs[q[found]])
+        return True
+
+    with ThreadPoolExecutor(12) as pool:
+        assert all(pool.map(one, range(120)))
+    assert vdb.unavailable_keys == 0
+    vdb.close()

@@ -1,0 +1,286 @@
+"""Online updates: HCTR codec, publish -> ingest into VDB/PDB/L1, dead letters, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from served_model import make_model, reference, server_config
+
+from hps_core import ParameterServer, StorageError
+from hps_core.metrics import REGISTRY
+from hps_core.pdb.rocksdb import RocksDBPDB
+from hps_core.updates import MalformedMessage, Publisher, connect, decode, encode
+from hps_core.updates.ingestor import Ingestor, TierSink, _Batch
+from hps_core.updates.versions import VersionStore, version_of
+from hps_core.vdb.redis import RedisVDB
+
+pytestmark = pytest.mark.redis
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_codec_is_hps_kafka_layout():
+    (p,) = encode([5, -1], np.array([[1.0, 2.0], [3.0, -4.0]], np.float32))
+    expect = (
+        b"HCTR"
+        + (8).to_bytes(4, "little")
+        + (5).to_bytes(8, "little", signed=True)
+        + np.array([1, 2], "<f4").tobytes()
+        + (-1).to_bytes(8, "little", signed=True)
+        + np.array([3, -4], "<f4").tobytes()
+    )
+    assert p == expect
+    rows = decode(p, 2)
+    np.testing.assert_array_equal(rows.keys, [5, -1])
+    np.testing.assert_array_equal(rows.vectors, [[1, 2], [3, -4]])
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    parts = encode(np.arange(300), x, "float16", max_bytes=1000)
+    assert len(parts) > 1 and all(len(q) <= 1000 for q in parts)
+    got = np.concatenate([decode(q, 8).vectors for q in parts])
+    np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
+    assert decode(encode([], np.zeros((0, 8)))[0], 8).keys.size == 0  # a beacon
+    for bad, why in [
+        (b"HCT", "shorter than"),
+        (b"XXXX" + p[4:], "bad magic"),
+        (p[:-1], "whole number"),
+        (b"HCTR" + (12).to_bytes(4, "little"), "value size 12"),
+    ]:
+        with pytest.raises(MalformedMessage, match=why):
+            decode(bad, 2)
+
+
+def wait_for(cond, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_server_applies_updates_to_vdb_pdb_and_l1(redis_standalone, tmp_path):
+    redis_standalone.flush()
+    keys, vecs = make_model(tmp_path, rows=2000)
+    cfg = server_config(tmp_path, redis_standalone.address)
+    cfg["models"][0]["gpucacheper"] = 0.5
+    cfg["update_source"] = {
+        "type": "redis_stream",
+        "brokers": redis_standalone.address,
+        "poll_timeout_ms": 50,
+    }
+    rng = np.random.default_rng(2)
+    fresh = REGISTRY.histogram("hps_update_freshness_seconds", "", ("group",))
+    seen = fresh.count(group="hps:all")
+    with ParameterServer(cfg) as ps:
+        t = ps.session("m").tables[0]
+        hot = keys[:50]
+        ps.lookup(hot, "m", "t0")  # now in L1
+        assert t.cache.contains(hot).all()
+        upd_keys = np.concatenate([hot, keys[1000:1100], [123456789]])  # cached, not, new
+        upd = rng.standard_normal((len(upd_keys), 8)).astype(np.float32)
+        pub = Publisher(connect(redis_standalone.address))
+        pub.publish("hps_et.m.t0", upd_keys, upd)
+        wait_for(lambda: ps.ingestor.lag() == 0)
+        index = {k: i for i, k in enumerate(keys.tolist())}
+        new = vecs.copy()
+        new[[index[k] for k in upd_keys[:-1].tolist()]] = upd[:-1]
+        q = np.concatenate([upd_keys, keys[:300]])
+        expect = reference(keys, new, q)
+        expect[len(upd_keys) - 1] = upd[-1]
+        np.testing.assert_array_equal(ps.lookup(q, "m", "t0"), expect)
+        got, hit = t.cache.find(hot)  # the cached rows themselves were overwritten
+        assert hit.all()
+        np.testing.assert_array_equal(got, upd[:50])
+        for tier in (ps.vdb, ps.pdb):
+            got, found = tier.fetch("hps_et.m.t0", upd_keys)
+            assert found.all()
+            np.testing.assert_array_equal(got, upd)
+        assert fresh.count(group="hps:all") > seen
+        assert 0 < fresh.quantile(0.99, group="hps:all") < 5
+    text = REGISTRY.export_prometheus()
+    assert 'hps_update_freshness_seconds_bucket{group="hps:all",le="+Inf"}' in text
+
+
+class FlakySink(TierSink):
+    """A real VDB sink that fails its first ``fail`` writes (a store that is briefly down)."""
+
+    def __init__(self, tier, fail):
+        super().__init__("vdb", tier)
+        self.fail = fail
+
+    def apply(self, table, keys, vectors):
+        if self.fail:
+            self.fail -= 1
+            raise StorageError("store briefly unavailable")
+        super().apply(table, keys, vectors)
+
+
+def test_dead_letters_retries_and_no_rollback(redis_any):
+    addr = redis_any.address
+    client = connect(addr)
+    vdb = RedisVDB(addr, num_partitions=4)
+    vdb.create_table("hps_et.m.t", 4)
+    pub = Publisher(client, "upd")
+    sink = FlakySink(vdb, fail=2)
+    ing = Ingestor(client, [sink], VersionStore(vdb, "g"), stream="upd", group="g", block_ms=20)
+    good = np.arange(8, dtype=np.float32).reshape(2, 4)
+    nan = good.copy()
+    nan[1, 2] = np.nan
+    ok1 = pub.publish("hps_et.m.t", [1, 2], good)
+    pub.publish_raw("hps_et.m.t", b"KFKA" + encode([1], good[:1])[0][4:])
+    pub.publish_raw("hps_et.m.t", encode([1], good[:1])[0][:-3])
+    pub.publish("hps_et.m.t", [1, 2], nan)
+    pub.publish("hps_et.other", [1], good[:1])
+    pub.publish_raw("hps_et.m.t", b"HCTR" + (12).to_bytes(4, "little"))  # wrong value size
+    client.xadd("upd", {"table": "hps_et.m.t"})  # no payload
+    ok2 = pub.publish("hps_et.m.t", [2, 3], good + 10)
+    for _ in range(20):
+        ing.step(20)
+        if ing.lag() == 0:
+            break
+    assert ing.lag() == 0 and sink.fail == 0  # two failed rounds were retried from pending
+    got, found = vdb.fetch("hps_et.m.t", [1, 2, 3])
+    assert found.all()
+    np.testing.assert_array_equal(got, [good[0], good[0] + 10, good[1] + 10])
+    dead = client.xrange("upd:dead")
+    reasons = [e[1][b"reason"].decode() for e in dead]
+    assert len(reasons) == 6
+    for why in [
+        "bad magic",
+        "whole number",
+        "NaN",
+        "unknown table 'hps_et.other'",
+        "value size 12",
+    ]:
+        assert any(why in r for r in reasons), (why, reasons)
+    assert any("no 'payload'" in r for r in reasons)
+    assert all(e[1][b"group"] == b"g" for e in dead)
+    # A re-delivered older entry (version of ok1) must not roll key 2 back from ok2's row.
+    old = _Batch([np.array([2])], [good[1:2]], [np.array([version_of(ok1[0])])])
+    ing._apply("hps_et.m.t", old)
+    np.testing.assert_array_equal(vdb.fetch("hps_et.m.t", [2])[0], good[:1] + 10)
+    assert version_of(ok2[0]) > version_of(ok1[0])
+    vdb.close()
+
+
+INGEST = r"""
+import sys
+from hps_core.cli import main
+sys.exit(main(["ingest", sys.argv[1], "--consumer", sys.argv[2], "--seconds", "60"]))
+"""
+
+
+def test_ingestor_killed_and_restarted_loses_and_rolls_back_nothing(redis_cluster, tmp_path):
+    redis_cluster.flush()
+    addr = redis_cluster.address
+    cfg = server_config(tmp_path, addr)
+    cfg["update_source"] = {
+        "type": "redis_stream",
+        "brokers": addr,
+        "poll_timeout_ms": 50,
+        "claim_idle_ms": 300,
+        "max_batch_size": 4,
+    }
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    table, dim = "hps_et.m.t0", 8
+    vdb = RedisVDB(addr, num_partitions=6)
+    vdb.create_table(table, dim)
+    pdb = RocksDBPDB(str(tmp_path / "rocks"))
+    pdb.create_table(table, dim)
+    pdb.close()
+    client = connect(addr)
+    pub = Publisher(client)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def ingestor(consumer: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", INGEST, str(tmp_path / "hps.json"), consumer]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    rng = np.random.default_rng(5)
+    latest: dict[int, np.ndarray] = {}
+    batches = 60
+    killed = threading.Event()
+
+    def publish_all():
+        for i in range(batches):
+            if i == 20:
+                killed.wait(60)  # the rest is published while no ingestor runs, then after
+            k = rng.integers(0, 3000, 500)  # keys recur across batches: the last one must win
+            x = rng.standard_normal((500, dim)).astype(np.float32) + i
+            pub.publish(table, k, x)
+            latest.update(zip(k.tolist(), x, strict=True))
+            time.sleep(0.01)
+
+    def acked() -> int:
+        if not client.exists("hps_updates"):
+            return 0
+        groups = client.xinfo_groups("hps_updates")
+        return int(groups[0].get("entries-read") or 0) - int(groups[0]["pending"]) if groups else 0
+
+    first = ingestor("c1")
+    producer = threading.Thread(target=publish_all)
+    producer.start()
+    try:
+        wait_for(lambda: acked() >= 4, 30)
+        first.send_signal(signal.SIGKILL)  # mid-stream, possibly mid-batch
+        first.wait(10)
+        killed.set()
+        done_by_first = acked()
+        assert 4 <= done_by_first <= 20 < batches  # 40 more entries come after the kill
+        second = ingestor("c2")  # another consumer: takes over c1's pending entries
+        producer.join(30)
+        try:
+            wait_for(
+                lambda: (
+                    len(client.xinfo_groups("hps_updates")) == 1
+                    and client.xinfo_groups("hps_updates")[0]["pending"] == 0
+                    and (client.xinfo_groups("hps_updates")[0].get("lag") or 0) == 0
+                ),
+                30,
+            )
+        finally:
+            second.send_signal(signal.SIGINT)
+            assert second.wait(20) == 0, second.stderr.read().decode()[-2000:]
+    finally:
+        killed.set()
+        if first.poll() is None:
+            first.kill()
+        producer.join(30)
+    consumers = {c["name"].decode(): c for c in client.xinfo_consumers("hps_updates", "hps:all")}
+    assert set(consumers) == {"c1", "c2"} and consumers["c1"]["pending"] == 0
+    assert acked() == batches > done_by_first
+    keys = np.array(sorted(latest))
+    expect = np.array([latest[k] for k in keys.tolist()])
+    got, found = vdb.fetch(table, keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, expect)
+    pdb = RocksDBPDB(str(tmp_path / "rocks"))
+    got, found = pdb.fetch(table, keys)
+    pdb.close()
+    assert found.all()
+    np.testing.assert_array_equal(got, expect)
+    vdb.close()
+
+
+def test_publish_command_writes_hctr_entries(redis_standalone, tmp_path):
+    from hps_core.cli import main
+
+    redis_standalone.flush()
+    rng = np.random.default_rng(4)
+    keys = rng.integers(-(2**62), 2**62, 700)
+    vecs = rng.standard_normal((700, 16)).astype(np.float32)
+    np.savez(tmp_path / "rows.npz", keys=keys, vectors=vecs)
+    args = ["--redis", redis_standalone.address, "--table", "hps_et.m.t", "--stream", "s"]
+    assert main(["publish", *args, "--npz", str(tmp_path / "rows.npz")]) == 0
+    entries = connect(redis_standalone.address).xrange("s")
+    assert {e[1][b"table"] for e in entries} == {b"hps_et.m.t"}
+    rows = [decode(e[1][b"payload"], 16) for e in entries]
+    np.testing.assert_array_equal(np.concatenate([r.keys for r in rows]), keys)
+    np.testing.assert_array_equal(np.concatenate([r.vectors for r in rows]), vecs)
+    assert main(["publish", *args]) == 2  # neither --npz nor --random: an error, not a crash
