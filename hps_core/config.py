@@ -102,6 +102,10 @@ class PersistentDBConfig:
     read_only: bool = False
     max_batch_size: int = 64 * 1024
     update_filters: list[str] = field(default_factory=lambda: ["^hps_.+$"])
+    # Extension: open as a RocksDB secondary that follows a live primary (another process that
+    # writes updates); the server catches up every catch_up_interval_ms. Implies read-only.
+    secondary_path: str = ""
+    catch_up_interval_ms: int = 500
 
     def validate(self, src: str | None) -> None:
         _choice("persistent_db.type", self.type, PDB_TYPES, src)
@@ -137,7 +141,7 @@ class UpdateSourceConfig:
 
     def validate(self, src: str | None) -> None:
         _choice("update_source.type", self.type, UPDATE_SOURCE_TYPES, src)
-        _choice("update_source.scope", self.scope, ("all", "shared", "local"), src)
+        _choice("update_source.scope", self.scope, ("all", "shared", "local", "cache"), src)
         _at_least("update_source.max_batch_size", self.max_batch_size, 1, src)
         _at_least("update_source.poll_timeout_ms", self.poll_timeout_ms, 1, src)
         _at_least("update_source.claim_idle_ms", self.claim_idle_ms, 1, src)

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -47,6 +48,20 @@ def triton_home() -> Path:
     if not (home / "bin" / "tritonserver").is_file():
         raise ServerError(f"{home}/bin/tritonserver is missing: reinstall nvidia-pytriton")
     return home
+
+
+def python_libdir() -> list[str]:
+    """The directory of this interpreter's own shared libpython, if it has one.
+
+    The stub links libpython3.X.so.1.0 dynamically; without this it may load another build of
+    the same minor version (a system one) whose C API lacks symbols that this interpreter's
+    extension modules (``_ssl``, say) need.
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).is_file():
+        return [libdir]
+    return []
 
 
 def free_ports(n: int) -> list[int]:
@@ -152,7 +167,7 @@ class TritonServer:
         home = triton_home()
         libs = home.parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+            p for p in (*python_libdir(), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
         )
         # the stub finds this environment's packages through the interpreter first on PATH
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))

@@ -257,10 +257,15 @@ def serving(
     instances: int = 1,
     progress: bool = False,
     start_timeout: float = 300.0,
+    ingest: bool = True,
 ):
     """Write the repository if needed, fill the shared tiers, run Triton; stops and cleans up.
 
-    Yields (RepoSpec, TritonServer) with the ensemble and ``hps_embedding`` loaded.
+    Yields (RepoSpec, TritonServer) with the ensemble and ``hps_embedding`` loaded. With an
+    ``update_source`` of type ``redis_stream`` in the config and ``ingest``, this process also
+    applies the update stream to the shared VDB and RocksDB (the backend instances follow
+    RocksDB as secondaries and keep their own L1 caches fresh); ``ingest=False`` leaves that to
+    a separate ``hps ingest CONFIG``.
     """
     from .launcher import TritonServer
 
@@ -270,9 +275,39 @@ def serving(
         spec = write_repository(root, rows=rows, dim=dim, instances=instances)
     preload(spec.config, progress=progress)
     server = TritonServer(spec.root, models=[spec.ensemble, HPS_MODEL])
+    updates = _ShareIngestor(spec.config) if ingest else None
     try:
         server.start(timeout=start_timeout)
         yield spec, server
     finally:
         server.stop()
+        if updates is not None:
+            updates.close()
         release_shared(spec.config)
+
+
+class _ShareIngestor:
+    """The update stream applied to a config's VDB and RocksDB in this process (if it has one)."""
+
+    def __init__(self, config: Path):
+        from .server import build_pdb, build_vdb
+
+        cfg = load_config(config)
+        self.vdb = self.pdb = self.ingestor = None
+        if cfg.update_source.type != "redis_stream":
+            return
+        from .updates.ingestor import ingestor_for
+
+        self.vdb, self.pdb = build_vdb(cfg), build_pdb(cfg)
+        try:
+            self.ingestor = ingestor_for(cfg, vdb=self.vdb, pdb=self.pdb, scope="all").start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.ingestor is not None:
+            self.ingestor.stop()
+        for tier in (self.vdb, self.pdb):
+            if tier is not None:
+                tier.close()

@@ -87,7 +87,11 @@ def build_pdb(cfg: HPSConfig) -> PersistentDB | None:
     from .pdb.rocksdb import RocksDBPDB
 
     return RocksDBPDB(
-        p.path, num_threads=p.num_threads, read_only=p.read_only, max_batch_size=p.max_batch_size
+        p.path,
+        num_threads=p.num_threads,
+        read_only=p.read_only,
+        max_batch_size=p.max_batch_size,
+        secondary_path=p.secondary_path or None,
     )
 
 
@@ -175,9 +179,16 @@ class ParameterServer:
         self._files: dict[str, list[SparseTable]] = {}
         self._lock = threading.Lock()
         self.ingestor = None
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
         try:
             for m in self.config.models:
                 self.add_model(m)
+            if self.pdb is not None and getattr(self.pdb, "secondary_path", None):
+                self._follower = threading.Thread(
+                    target=self._follow_primary, name="hps-pdb-catch-up", daemon=True
+                )
+                self._follower.start()
             if self.config.update_source.type == "redis_stream":
                 from .updates.ingestor import ingestor_for
 
@@ -330,8 +341,25 @@ class ParameterServer:
         if self.promoter is not None:
             self.promoter.flush(timeout=60)
 
+    def _follow_primary(self) -> None:
+        """A secondary PDB catches up with the process that writes updates into RocksDB."""
+        interval = self.config.persistent_db.catch_up_interval_ms / 1000
+        failing = False
+        while not self._stop.wait(interval):
+            try:
+                self.pdb.catch_up()
+                failing = False
+            except Exception as e:
+                if not failing:  # once per failure spell, not every interval
+                    log.warning("PDB catch-up with its primary failed: %s", e)
+                failing = True
+
     def close(self) -> None:
         """Stop background work and close the tiers."""
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(10)
+            self._follower = None
         if self.ingestor is not None:
             self.ingestor.stop()
             self.ingestor = None

@@ -51,6 +51,35 @@ class LookupStats:
             self.errors[k] += v
 
 
+class RecentUpdates:
+    """Keys an online update changed lately, so a lookup never caches a row older than them.
+
+    A lookup reads a row from the VDB/PDB, then inserts it into L1; an update may land in
+    between (its ``assign`` then finds nothing to overwrite), or a lagging tier (a RocksDB
+    secondary, a restarted Redis node) may still hold the old row. Cache fills therefore skip
+    keys updated after the lookup began or within ``grace`` seconds before it. Guarded by the
+    table's ``cache_lock``.
+    """
+
+    def __init__(self, grace: float = 2.0, keep: float = 30.0):
+        self.grace, self.keep = grace, keep
+        self.epoch = 0
+        self._log: list[tuple[float, int, np.ndarray]] = []  # (time, epoch, sorted keys)
+
+    def add(self, keys: np.ndarray) -> None:
+        now = time.monotonic()
+        self.epoch += 1
+        self._log = [e for e in self._log if e[0] > now - self.keep]
+        self._log.append((now, self.epoch, np.unique(keys)))
+
+    def fresh(self, keys: np.ndarray, since_epoch: int, since_time: float) -> np.ndarray:
+        """bool [n]: keys no update touched after since_epoch or since_time - grace."""
+        recent = [k for tm, ep, k in self._log if ep > since_epoch or tm > since_time - self.grace]
+        if not recent:
+            return np.ones(len(keys), bool)
+        return ~np.isin(keys, np.concatenate(recent))
+
+
 @dataclass
 class TableRuntime:
     """One embedding table as the session serves it."""
@@ -62,6 +91,7 @@ class TableRuntime:
     cache: EmbeddingCache | None = None
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
     stats: LookupStats = field(default_factory=LookupStats)
+    recent: RecentUpdates = field(default_factory=RecentUpdates)
 
 
 def store_table_name(model: str, table: str) -> str:
@@ -129,6 +159,7 @@ class LookupSession:
         t = self.table(table)
         k = as_keys(keys)
         st = LookupStats(requests=1, keys=len(k))
+        since = (t.recent.epoch, time.monotonic())
         t0 = time.perf_counter()
         uniq, inverse = np.unique(k, return_inverse=True)
         st.unique_keys = len(uniq)
@@ -180,7 +211,7 @@ class LookupSession:
         if t.cache is not None:
             fill = fill_idx[~missing[fill_idx]]  # default vectors are not cached
             if len(fill):
-                self._fill_cache(t, uniq[fill], vec[fill], st.hit_rate("l1"))
+                self._fill_cache(t, uniq[fill], vec[fill], st.hit_rate("l1"), since)
         t3 = time.perf_counter()
         st.seconds["insert"] = t3 - ts
 
@@ -243,22 +274,31 @@ class LookupSession:
         return int(have.sum())
 
     def _fill_cache(
-        self, t: TableRuntime, keys: np.ndarray, rows: np.ndarray, hit_rate: float
+        self,
+        t: TableRuntime,
+        keys: np.ndarray,
+        rows: np.ndarray,
+        hit_rate: float,
+        since: tuple[int, float],
     ) -> None:
         # As HPS: below the threshold the cache is cold, so fill it before returning; above it,
         # misses are rare and filling in the background keeps them off the request's latency.
         if hit_rate < self.hit_rate_threshold:
-            with t.cache_lock:
-                t.cache.insert(keys, rows)
+            self._insert_locked(t, keys, rows, since)
             return
         self._pending = [f for f in self._pending if not f.done()]
-        fut = self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy())
+        fut = self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy(), since)
         fut.add_done_callback(_log_failure)
         self._pending.append(fut)
 
     @staticmethod
-    def _insert_locked(t: TableRuntime, keys: np.ndarray, rows: np.ndarray) -> None:
+    def _insert_locked(
+        t: TableRuntime, keys: np.ndarray, rows: np.ndarray, since: tuple[int, float]
+    ) -> None:
         with t.cache_lock:
+            if t.recent.epoch:  # online updates arrived: never cache a row older than them
+                ok = t.recent.fresh(keys, *since)
+                keys, rows = keys[ok], rows[ok]
             t.cache.insert(keys, rows)
 
     def flush(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -327,3 +328,30 @@ def test_l1_is_prefilled_with_hot_keys_from_meta_or_a_file(tmp_path):
     cfg["models"][0]["cache_prefill"] = False
     with ParameterServer(cfg) as ps:
         assert ps.session("m").lookup_with_stats(keys0[:40], 0)[1].hits["l1"] == 0
+
+
+def test_a_fill_racing_an_update_never_caches_the_old_row(tmp_path):
+    """The lookup read the old row; the update landed before the fill: L1 must not keep it."""
+    tables = make_files(tmp_path, seed=5)
+    keys0, vecs0 = tables[0]
+    with ParameterServer(config(tmp_path)) as ps:
+        s = ps.session("m")
+        t = s.tables[0]
+        before = (t.recent.epoch, time.monotonic() - 10)  # a lookup that began 10 s ago
+        updated, kept = keys0[:5], keys0[5:20]
+        with t.cache_lock:  # what the update ingestor's L1 sink does
+            t.cache.assign(updated, vecs0[:5] + 1)
+            t.recent.add(updated)
+        s._insert_locked(t, keys0[:20], vecs0[:20], before)  # rows read before the update
+        np.testing.assert_array_equal(t.cache.contains(updated), np.zeros(5, bool))
+        np.testing.assert_array_equal(t.cache.contains(kept), np.ones(15, bool))
+        # a lookup that began just after the update, while a lagging tier still had the old
+        # row, is inside the grace period: not cached either
+        s._insert_locked(t, updated, vecs0[:5], (t.recent.epoch, time.monotonic()))
+        assert not t.cache.contains(updated).any()
+        # long after the update, rows are cached again
+        t.recent.grace = 0.0
+        s._insert_locked(t, updated, vecs0[:5] + 1, (t.recent.epoch, time.monotonic() + 1))
+        assert t.cache.contains(updated).all()
+        rows, hit = t.cache.find(updated)
+        np.testing.assert_array_equal(rows, vecs0[:5] + 1)

@@ -85,6 +85,7 @@ class CacheSink(Sink):
                 if t.store_name == table and t.cache is not None:
                     with t.cache_lock:
                         t.cache.assign(keys, vectors)
+                        t.recent.add(keys)  # fills racing this update must not cache old rows
 
     def dim(self, table: str) -> int | None:
         for s in list(self.server.sessions.values()):
@@ -329,7 +330,7 @@ def _text(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-SCOPES = ("all", "shared", "local")
+SCOPES = ("all", "shared", "local", "cache")
 
 
 def ingestor_for(
@@ -344,7 +345,9 @@ def ingestor_for(
     start_id: str = "0",
 ) -> Ingestor:
     """An ingestor for the tiers of a config: ``shared`` applies to the VDB, ``local`` to the
-    PDB and the server's L1 caches, ``all`` to every one of them (one group for a single node).
+    PDB and the server's L1 caches, ``cache`` to the L1 caches alone (a Triton instance whose
+    shared tiers another process updates), ``all`` to every one of them (one group for a single
+    node).
 
     The group defaults to ``update_source.group`` or ``hps:<scope>``; each store that must see
     every update needs its own group.
@@ -363,7 +366,7 @@ def ingestor_for(
         sinks.append(TierSink("pdb", pdb))
     if scope in ("all", "shared") and vdb is not None:
         sinks.append(TierSink("vdb", vdb))
-    if scope in ("all", "local") and server is not None:
+    if scope in ("all", "local", "cache") and server is not None:
         sinks.append(CacheSink(server))
     if not sinks:
         raise ConfigError("scope", scope, "a scope with at least one store enabled")

@@ -1,0 +1,274 @@
+"""Soak: the ensemble under load through Triton while updates stream in and parts fail.
+
+Real processes throughout: a 3-node Redis Cluster (the VDB), a standalone Redis (the update
+stream), ``hps ingest`` (applies updates to the VDB and RocksDB), tritonserver with our
+backends (instances follow RocksDB as secondaries and keep their L1 fresh). During the run a
+VDB node is killed and restarted, the ingestor is SIGKILLed and restarted, and a model is
+unloaded and loaded again. Asserted: no failed request (except to the unloaded model), no lost
+update (every key's last published row is what Triton serves at the end), predictions equal
+the numpy forward pass, host memory of the serving processes grows <= 5% after warm-up.
+
+``HPS_SOAK_SECONDS`` sets the run length: 45 s in the suite, e.g. 1800 for a manual long run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from hps_client import HPSClient
+
+from hps_core.config import load_config
+from hps_core.dense import dense_forward, load_dense_weights
+from hps_core.model_io import SparseTable
+from hps_core.repo import HPS_MODEL, serving, write_repository
+from hps_core.synth import criteo_vocab_sizes, make_model
+from hps_core.updates import Publisher, connect
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.redis]
+
+SECONDS = float(os.environ.get("HPS_SOAK_SECONDS", "45"))
+EVENTS = os.environ.get("HPS_SOAK_EVENTS", "node,ingestor,reload").split(",")
+DIM = 8
+
+_spec = importlib.util.spec_from_file_location(
+    "redis_local", Path(__file__).resolve().parent.parent / "redis" / "conftest.py"
+)
+_redis = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_redis)
+
+
+class Tables:
+    """The model's rows: the files, then every published update on top (the reference)."""
+
+    def __init__(self, config: Path):
+        m = load_config(config).models[0]
+        self.store = [f"hps_et.{m.model}.{name}" for name in m.embedding_table_names]
+        self.rows: list[dict[int, np.ndarray]] = []
+        self.keys: list[np.ndarray] = []
+        for _t, path in enumerate(m.sparse_files):
+            with SparseTable.open(path, DIM) as f:
+                k, v = f.read_all()
+            self.keys.append(k)
+            self.rows.append(dict(zip(k.tolist(), np.array(v), strict=True)))
+        self.lock = threading.Lock()
+        self.updated: list[set[int]] = [set() for _ in self.keys]
+        self.history: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def update(self, t: int, keys: np.ndarray, vectors: np.ndarray) -> None:
+        with self.lock:
+            for k, v in zip(keys.tolist(), vectors, strict=True):
+                self.history.setdefault((t, k), [self.rows[t][k]]).append(v)
+                self.rows[t][k] = v
+                self.updated[t].add(k)
+
+    def embed(self, cat: np.ndarray) -> np.ndarray:
+        with self.lock:
+            cols = [np.stack([self.rows[t][k] for k in cat[:, t].tolist()]) for t in range(26)]
+        return np.concatenate(cols, axis=1)
+
+    def sample(self, rng, batch: int) -> np.ndarray:
+        return np.stack([k[rng.integers(0, len(k), batch)] for k in self.keys], axis=1)
+
+
+def serving_memory(server) -> int:
+    procs = [psutil.Process(server.proc.pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(p.memory_info().rss for p in procs if p.is_running())
+
+
+def stale_by_tier(config: Path, tables: Tables, per_table: list, got: np.ndarray) -> str:
+    """Where the stale rows are: the served answer, the VDB and RocksDB, per table."""
+    from hps_core.server import build_pdb, build_vdb
+
+    cfg = load_config(config)
+    cfg.persistent_db = dataclasses.replace(cfg.persistent_db, read_only=True)
+    vdb, pdb = build_vdb(cfg), build_pdb(cfg)
+    out, start = [], 0
+    try:
+        for t, keys in enumerate(per_table):
+            if not len(keys):
+                continue
+            want = np.stack([tables.rows[t][k] for k in keys.tolist()])
+            served = got[start : start + len(keys) * DIM].reshape(-1, DIM)
+            start += len(keys) * DIM
+            v, vf = vdb.fetch(tables.store[t], keys)
+            p, pf = pdb.fetch(tables.store[t], keys)
+            n = int((served != want).any(axis=1).sum())
+            ages = []
+            for i in np.flatnonzero((v != want).any(axis=1) & vf)[:20]:
+                h = tables.history[(t, int(keys[i]))]
+                same = [j for j, x in enumerate(h) if np.array_equal(x, v[i])]
+                ages.append(f"{same[-1] if same else '?'}/{len(h) - 1}")
+            if n:
+                out.append(f"table {t} stale vdb rows are versions {ages}")
+                out.append(
+                    f"table {t}: {n} served stale; vdb holds {int(vf.sum())} of {len(keys)}, "
+                    f"{int(((v != want).any(axis=1) & vf).sum())} stale; pdb "
+                    f"{int(((p != want).any(axis=1) & pf).sum())} stale"
+                )
+    finally:
+        vdb.close()
+        pdb.close()
+    return "; ".join(out[:6])
+
+
+def start_ingest(config: Path, log: Path) -> subprocess.Popen:
+    hps = Path(sys.executable).parent / "hps"
+    return subprocess.Popen(
+        [str(hps), "ingest", str(config), "--scope", "all", "--consumer", "soak"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path):
+    vdb = _redis.LocalRedis(tmp_path / "vdb", _redis.free_ports(3))
+    stream = None
+    ingest = None
+    try:
+        stream = _redis.LocalRedis(tmp_path / "stream", _redis.free_ports(1))
+        model = make_model(tmp_path / "model", criteo_vocab_sizes(30_000), [DIM] * 26, name="soak")
+        raw = json.loads(Path(model.config_path).read_text())
+        raw["volatile_db"] = {"type": "redis_cluster", "address": vdb.address, "num_partitions": 4}
+        raw["update_source"] = {"type": "redis_stream", "brokers": stream.address}
+        raw["models"][0].update(max_batch_size=256, gpucacheper=0.2)
+        (tmp_path / "hps.json").write_text(json.dumps(raw))
+        spec = write_repository(tmp_path / "repo", config=tmp_path / "hps.json", max_batch_size=256)
+        tables = Tables(spec.config)
+        weights = load_dense_weights(spec.root / spec.dense / "1" / "model.onnx")
+
+        with serving(spec.root, ingest=False) as (spec, server):
+            ingest = start_ingest(spec.config, tmp_path / "ingest.log")
+            stop = threading.Event()
+            errors: list[str] = []
+            served = [0]
+
+            def client_loop(i: int) -> None:
+                rng = np.random.default_rng(i)
+                protocol = ("http", "grpc")[i % 2]
+                url = server.http_url if protocol == "http" else server.grpc_url
+                with HPSClient(url, protocol) as c:
+                    while not stop.is_set():
+                        batch = int(rng.integers(1, 48))
+                        cat = tables.sample(rng, batch)
+                        dense = rng.random((batch, spec.num_dense), dtype=np.float32)
+                        try:
+                            prob = c.predict(dense, cat, model=spec.ensemble)
+                            if prob.shape != (batch, 1) or not np.isfinite(prob).all():
+                                errors.append(f"client {i}: bad answer shape {prob.shape}")
+                            served[0] += 1
+                        except Exception as e:
+                            errors.append(f"client {i} ({protocol}): {e}")
+
+            pub = Publisher(
+                connect(stream.address), raw["update_source"].get("stream", "hps_updates")
+            )
+            published = [0]
+
+            def publish_loop() -> None:
+                rng = np.random.default_rng(99)
+                t = 0
+                while not stop.is_set():
+                    keys = np.unique(tables.keys[t][rng.integers(0, len(tables.keys[t]), 16)])
+                    vecs = rng.standard_normal((len(keys), DIM)).astype(np.float32)
+                    try:
+                        pub.publish(tables.store[t], keys, vecs)
+                        tables.update(t, keys, vecs)  # only what the stream accepted
+                        published[0] += len(keys)
+                    except Exception as e:
+                        errors.append(f"publisher: {e}")
+                    t = (t + 1) % 26
+                    time.sleep(0.02)
+
+            threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+            threads.append(threading.Thread(target=publish_loop))
+            for th in threads:
+                th.start()
+            t0 = time.monotonic()
+
+            def at(fraction: float) -> None:
+                time.sleep(max(0.0, t0 + fraction * SECONDS - time.monotonic()))
+
+            try:
+                at(0.15)
+                rss_warm = serving_memory(server)
+                at(0.2)
+                if "node" in EVENTS:
+                    vdb.kill(vdb.ports[1])
+                at(0.35)
+                if "node" in EVENTS:
+                    vdb.start(vdb.ports[1])
+                at(0.5)
+                if "ingestor" in EVENTS:
+                    ingest.send_signal(signal.SIGKILL)
+                    ingest.wait(10)
+                at(0.6)
+                if "ingestor" in EVENTS:
+                    ingest = start_ingest(spec.config, tmp_path / "ingest.log")
+                at(0.7)
+                with HPSClient(server.http_url) as c:
+                    c.unload_model(HPS_MODEL)
+                    deadline = time.monotonic() + 60
+                    while c.is_model_ready(HPS_MODEL) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    assert not c.is_model_ready(HPS_MODEL)
+                    c.load_model(HPS_MODEL)
+                    assert c.is_model_ready(HPS_MODEL)
+                at(1.0)
+                rss_end = serving_memory(server)
+            finally:
+                stop.set()
+                for th in threads:
+                    th.join(60)
+
+            assert not errors, errors[:5]
+            assert served[0] > 0 and published[0] > 0
+
+            # every update arrives (none lost, none rolled back): Triton serves the last rows
+            deadline, bad = time.monotonic() + 60, None
+            with HPSClient(server.grpc_url, "grpc") as c:
+                while time.monotonic() < deadline:
+                    per_table = [np.array(sorted(u), np.int64) for u in tables.updated]
+                    counts = np.array([len(k) for k in per_table], np.int32)
+                    got = c.lookup(np.concatenate(per_table), counts, model=HPS_MODEL)
+                    want = np.concatenate(
+                        [np.stack([tables.rows[t][k] for k in per_table[t].tolist()]).ravel()
+                         for t in range(26) if len(per_table[t])]
+                    )  # fmt: skip
+                    bad = int((got.reshape(-1, DIM) != want.reshape(-1, DIM)).any(axis=1).sum())
+                    if bad == 0:
+                        break
+                    time.sleep(1)
+                assert bad == 0, (
+                    f"{bad} of {int(counts.sum())} updated keys not served fresh; "
+                    + stale_by_tier(spec.config, tables, per_table, got)
+                )
+                rng = np.random.default_rng(5)
+                cat = tables.sample(rng, 200)
+                dense = rng.random((200, spec.num_dense), dtype=np.float32)
+                prob = c.predict(dense, cat, model=spec.ensemble)
+                want = dense_forward(weights, dense, tables.embed(cat))
+                assert np.max(np.abs(prob - want)) <= 1e-5
+            assert rss_end <= 1.05 * rss_warm, (rss_warm, rss_end)
+    finally:
+        if os.environ.get("HPS_SOAK_KEEP"):  # the ingestor's log, for a failed long run
+            shutil.copy(tmp_path / "ingest.log", os.environ["HPS_SOAK_KEEP"])
+        if ingest is not None and ingest.poll() is None:
+            ingest.terminate()
+            ingest.wait(30)
+        if stream is not None:
+            stream.stop()
+        vdb.stop()
