@@ -1,4 +1,4 @@
-"""The ``hps`` command: load, lookup, inspect, estimate, synth, demo."""
+"""The ``hps`` command: load, lookup, inspect, estimate, doctor, synth, demo, bench."""
 
 from __future__ import annotations
 
@@ -160,10 +160,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the environment (and a config) and say what to fix; exit 1 if anything failed."""
+    from .doctor import as_json, report, run_checks
+
+    checks = run_checks(args.config)
+    result = as_json(checks)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(checks, lambda line: console.print(line, highlight=False, soft_wrap=True))
+    return 0 if result["ok"] else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark module with the remaining arguments."""
     if args.which == "cache":
         from .bench.cache import main as bench
+    elif args.which == "memory":
+        from .bench.memory import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -234,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
 
+    s = sub.add_parser("doctor", help="check the environment (and a config); says what to fix")
+    s.add_argument("--config", help="also check this config: files, Redis, /dev/shm and memory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("synth", help="write a synthetic Criteo-like model")
     s.add_argument("out")
     s.add_argument("--rows", type=int, default=1_000_000, help="total rows over all tables")
@@ -269,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
-        "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"
+        "bench",
+        help="benchmarks: cache (L1), host-tier (VDB/PDB) or memory (estimate vs measured); "
+        "writes benchmarks/results/",
     )
-    s.add_argument("which", choices=["cache", "host-tier"])
+    s.add_argument("which", choices=["cache", "host-tier", "memory"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )
