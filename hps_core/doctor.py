@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class Check:
     status: str
     detail: str
     fix: str = ""
+    data: dict = field(default_factory=dict)  # the measured values, for --json
 
 
 def _version(dist: str) -> str:
@@ -66,13 +67,16 @@ def check_numpy() -> Check:
         return Check("numpy", FAIL, "not importable", "pip install 'numpy<2'")
     v = numpy.__version__
     if int(v.split(".")[0]) < 2:
-        return Check("numpy", OK, f"{v} (< 2, as the Triton 2.51 Python stub expects)")
+        return Check(
+            "numpy", OK, f"{v} (< 2, as the Triton 2.51 Python stub expects)", data={"version": v}
+        )
     return Check(
         "numpy",
         WARN,
         f"{v}: Triton 2.51's Python stub is built against numpy 1 and mishandles numpy 2 arrays "
         "in as_numpy()/Tensor(); our backends fall back to DLPack, other backends may break",
         "pip install 'numpy<2'",
+        data={"version": v},
     )
 
 
@@ -103,13 +107,16 @@ def check_numba() -> Check:
         return Check("numba", FAIL, f"{numba.__version__}: parallel kernel failed ({e})",
                      "pip install --force-reinstall numba")  # fmt: skip
     if layer in ("omp", "tbb"):
-        return Check("numba", OK, f"{numba.__version__}, threading layer {layer}")
+        return Check(
+            "numba", OK, f"{numba.__version__}, threading layer {layer}", data={"layer": layer}
+        )
     return Check(
         "numba",
         WARN,
         f"{numba.__version__}, threading layer {layer}: the VDB runs kernels from several "
         "threads at once, which workqueue does not allow (numba aborts)",
         "pip install tbb  (or apt-get install libgomp1 for omp)",
+        data={"layer": layer},
     )
 
 
@@ -159,6 +166,7 @@ def check_onnx(gpu_visible: bool) -> list[Check]:
                          "onnxruntime-gpu"))  # fmt: skip
     else:
         out.append(Check("onnxruntime", OK, detail + " (no GPU: CPU provider)"))
+    out[-1].data = {"providers": providers}
     return out
 
 
@@ -182,7 +190,9 @@ def check_cupy() -> Check:
     if n == 0:
         return Check("cupy", WARN, f"{cupy.__version__}, no CUDA device: CPU mode",
                      "check nvidia-smi and CUDA_VISIBLE_DEVICES")  # fmt: skip
-    return Check("cupy", OK, f"{cupy.__version__}, {n} GPU(s): " + "; ".join(devs))
+    return Check(
+        "cupy", OK, f"{cupy.__version__}, {n} GPU(s): " + "; ".join(devs), data={"devices": n}
+    )
 
 
 def find_nvcc() -> str | None:
@@ -221,11 +231,12 @@ def check_triton() -> list[Check]:
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     try:
         home = triton_home()
-        out.append(Check("triton server", OK, f"{home / 'bin' / 'tritonserver'} "
-                         f"(nvidia-pytriton {_version('nvidia-pytriton')})"))  # fmt: skip
+        binary = home / "bin" / "tritonserver"
+        out.append(Check("triton server", OK, f"{binary} (nvidia-pytriton "
+                         f"{_version('nvidia-pytriton')})", data={"path": str(binary)}))  # fmt: skip
         stub = home / "python_backend_stubs" / py / "triton_python_backend_stub"
         if stub.is_file():
-            out.append(Check("python stub", OK, str(stub)))
+            out.append(Check("python stub", OK, str(stub), data={"path": str(stub)}))
         else:
             have = sorted(p.name for p in (home / "python_backend_stubs").glob("*"))
             out.append(Check("python stub", FAIL, f"none for Python {py} (has {', '.join(have)})",
@@ -345,8 +356,10 @@ def check_redis_address(address: str, password: str = "", user: str = "default")
         return Check(name, FAIL, f"unreachable within {REDIS_TIMEOUT_S:.0f} s ({e})",
                      f"start it (redis-server --port {port}) or fix volatile_db.address")  # fmt: skip
     if reply == "+PONG":
-        return Check(name, OK, "PING -> PONG")
-    return Check(name, FAIL, f"PING -> {reply!r}", "set volatile_db.user_name / password")
+        return Check(name, OK, "PING -> PONG", data={"reply": reply})
+    return Check(
+        name, FAIL, f"PING -> {reply!r}", "set volatile_db.user_name / password", {"reply": reply}
+    )
 
 
 def check_config(path: str) -> list[Check]:
@@ -418,6 +431,7 @@ def check_memory(cfg) -> list[Check]:
         held = sum(f.stat().st_size for f in SHM.glob(prefix + "*") if f.is_file())
         have = free + held
         detail = f"{_gib(free)} free (+{_gib(held)} of its own tables), estimate {_gib(vdb)}"
+        data = {"free_bytes": free, "own_bytes": held, "estimate_bytes": vdb}
         if have < vdb:
             out.append(Check("/dev/shm", FAIL, detail, f"sudo mount -o remount,size="
                              f"{int(vdb * 1.2 / 2**30) + 1}G /dev/shm (docker: --shm-size)"))  # fmt: skip
@@ -426,6 +440,7 @@ def check_memory(cfg) -> list[Check]:
                              f"sudo mount -o remount,size={int(vdb * 1.5 / 2**30) + 1}G /dev/shm"))  # fmt: skip
         else:
             out.append(Check("/dev/shm", OK, detail))
+        out[-1].data = data
         vdb = 0  # not in the process's own memory
     need = vdb + host_l1
     avail = psutil.virtual_memory().available
@@ -435,6 +450,7 @@ def check_memory(cfg) -> list[Check]:
                          "storage_dtype float16, or a larger machine"))  # fmt: skip
     else:
         out.append(Check("host memory", OK, detail))
+    out[-1].data = {"available_bytes": avail, "estimate_bytes": need}
     return out
 
 
