@@ -27,6 +27,7 @@ class TableEstimate:
     l1_bytes: int
     l1_device: str
     pdb_bytes: int
+    pdb_host_bytes: int = 0
 
 
 def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
