@@ -68,7 +68,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
     t = Table(title="memory estimate (nothing loaded)")
-    for c in ("model", "table", "rows", "dim", "VDB host", "L1 (GPU or host)", "PDB disk"):
+    cols = ("model", "table", "rows", "dim", "VDB host", "L1 (GPU or host)", "PDB disk",
+            "PDB host (first load)")  # fmt: skip
+    for c in cols:
         t.add_column(c, justify="right" if c not in ("model", "table") else "left")
     for r in rows:
         t.add_row(
@@ -79,8 +81,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _mb(r.vdb_bytes),
             _mb(r.l1_bytes),
             _mb(r.pdb_bytes),
+            _mb(r.pdb_host_bytes),
         )
-    tot = [sum(getattr(r, a) for r in rows) for a in ("vdb_bytes", "l1_bytes", "pdb_bytes")]
+    attrs = ("vdb_bytes", "l1_bytes", "pdb_bytes", "pdb_host_bytes")
+    tot = [sum(getattr(r, a) for r in rows) for a in attrs]
     t.add_row("total", "", f"{sum(r.rows for r in rows):,}", "", *map(_mb, tot))
     console.print(t)
     return 0

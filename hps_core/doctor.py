@@ -422,6 +422,7 @@ def check_memory(cfg) -> list[Check]:
     est = estimate_config(cfg)
     vdb = sum(e.vdb_bytes for e in est)
     host_l1 = sum(e.l1_bytes for e in est if e.l1_device == "host")
+    memtables = sum(e.pdb_host_bytes for e in est)
     out = []
     if cfg.volatile_db.type == "multi_process_hash_map":
         st = os.statvfs(SHM)
@@ -442,9 +443,9 @@ def check_memory(cfg) -> list[Check]:
             out.append(Check("/dev/shm", OK, detail))
         out[-1].data = data
         vdb = 0  # not in the process's own memory
-    need = vdb + host_l1
+    need = vdb + host_l1 + memtables
     avail = psutil.virtual_memory().available
-    detail = f"{_gib(avail)} available, estimate {_gib(need)} (VDB + host L1)"
+    detail = f"{_gib(avail)} available, estimate {_gib(need)} (VDB + host L1 + RocksDB memtables)"
     if need > avail:
         out.append(Check("host memory", FAIL, detail, "lower initial_cache_rate, use "
                          "storage_dtype float16, or a larger machine"))  # fmt: skip

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from .common import RESULTS, machine, save
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 170)
 WARM_ROWS = 50_000
 TARGET = 0.10  # the estimate should be within 10% of the measured bytes
 
