@@ -368,10 +368,13 @@ def check_config(path: str) -> list[Check]:
     from .errors import HPSError, ModelFileError
     from .model_io import SparseTable
 
+    if not os.path.isfile(path):
+        return [Check("config", FAIL, f"{path}: no such file",
+                      "pass an existing hps.json/.yaml (hps synth DIR writes an example)")]  # fmt: skip
     try:
         cfg = load_config(path)
     except HPSError as e:
-        return [Check("config", FAIL, str(e), f"fix {path}")]
+        return [Check("config", FAIL, str(e), f"edit {path} (the field named above)")]
     out = [Check("config", OK, f"{path}: {len(cfg.models)} model(s)")]
     files_ok = True
     for m in cfg.models:
