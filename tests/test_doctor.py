@@ -136,12 +136,26 @@ def test_config_files_and_shared_memory_against_the_estimate(model, tmp_path):
     assert checks["rocksdb path"]["status"] == "WARN"  # not loaded yet: hps load creates it
     from hps_core.config import load_config
 
-    expect = sum(e.vdb_bytes for e in estimate_config(load_config(path)))
+    est = estimate_config(load_config(path))
+    expect = sum(e.vdb_bytes for e in est)
+    host = sum(e.pdb_host_bytes + (e.l1_bytes if e.l1_device == "host" else 0) for e in est)
+    assert checks["host memory"]["data"]["estimate_bytes"] == host  # the VDB is in /dev/shm
+    assert all(e.pdb_host_bytes > 0 for e in est)  # RocksDB memtables after a first load
     shm = checks["/dev/shm"]["data"]
     assert shm["estimate_bytes"] == expect and shm["own_bytes"] == 0
     st = os.statvfs("/dev/shm")
     assert abs(shm["free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20  # others write too
     assert checks["/dev/shm"]["status"] == ("OK" if shm["free_bytes"] > 1.2 * expect else "WARN")
+
+
+def test_invalid_config_fails_naming_the_field(model, tmp_path):
+    path = write_config(model, tmp_path, volatile_db={"overflow_policy": "evict_lru"})
+    rc, result = doctor("--config", path)
+    c = by_name(result)["config"]
+    assert rc == 1 and c["status"] == "FAIL"
+    assert "volatile_db.overflow_policy" in c["detail"] and "evict_lru" in c["detail"]
+    rc, result = doctor("--config", tmp_path / "missing.json")
+    assert rc == 1 and "no such file" in by_name(result)["config"]["detail"]
 
 
 def test_unreachable_redis_address_fails(model, tmp_path):
