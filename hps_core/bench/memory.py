@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tenth of the rows: a smoke run")
     ap.add_argument("--dir", help="where the synthetic models go (default: a temporary dir)")
     ap.add_argument("--name", default="memory", help="results/<name>.json and .png")
+    ap.add_argument("--only", help="comma-separated config numbers (1-3) to run, e.g. 3")
     ap.add_argument("--measure", nargs=2, metavar=("CONFIG", "WARM"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
@@ -224,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # no CuPy or no device: L1 in host memory
         pass
     try:
+        only = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3}
         for i, spec in enumerate(configs(0.1 if args.quick else 1.0)):
+            if i + 1 not in only:
+                continue
             console.print(f"measuring {spec['name']} ...")
             payload["results"].append(run_one({**spec, "index": i}, root))
     finally:
