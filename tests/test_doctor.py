@@ -174,7 +174,7 @@ def redis_port(tmp_path):
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     proc = subprocess.Popen(cmd + ["--appendonly", "no"], cwd=tmp_path, stdout=subprocess.DEVNULL)
     try:
-        from hps_core.doctor import redis_ping
+        from hps_core.doctor_config import redis_ping
 
         deadline = time.monotonic() + 10
         while True:
