@@ -1,4 +1,5 @@
-"""The ``hps`` command: load, lookup, inspect, estimate, synth, publish, ingest, bench, demo."""
+"""The ``hps`` command: load, lookup, inspect, estimate, doctor, synth, dense, repo, serve,
+publish, ingest, bench, demo."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
     t = Table(title="memory estimate (nothing loaded)")
-    for c in ("model", "table", "rows", "dim", "VDB host", "L1 (GPU or host)", "PDB disk"):
+    cols = ("model", "table", "rows", "dim", "VDB host", "L1 (GPU or host)", "PDB disk",
+            "PDB host (first load)")  # fmt: skip
+    for c in cols:
         t.add_column(c, justify="right" if c not in ("model", "table") else "left")
     for r in rows:
         t.add_row(
@@ -79,8 +82,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _mb(r.vdb_bytes),
             _mb(r.l1_bytes),
             _mb(r.pdb_bytes),
+            _mb(r.pdb_host_bytes),
         )
-    tot = [sum(getattr(r, a) for r in rows) for a in ("vdb_bytes", "l1_bytes", "pdb_bytes")]
+    attrs = ("vdb_bytes", "l1_bytes", "pdb_bytes", "pdb_host_bytes")
+    tot = [sum(getattr(r, a) for r in rows) for a in attrs]
     t.add_row("total", "", f"{sum(r.rows for r in rows):,}", "", *map(_mb, tot))
     console.print(t)
     return 0
@@ -231,12 +236,27 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the environment (and a config) and say what to fix; exit 1 if anything failed."""
+    from .doctor import as_json, report, run_checks
+
+    checks = run_checks(args.config)
+    result = as_json(checks)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(checks, lambda line: console.print(line, highlight=False, soft_wrap=True))
+    return 0 if result["ok"] else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark module with the remaining arguments."""
     if args.which == "cache":
         from .bench.cache import main as bench
     elif args.which == "redis":
         from .bench.redis import main as bench
+    elif args.which == "memory":
+        from .bench.memory import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -307,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
 
+    s = sub.add_parser("doctor", help="check the environment (and a config); says what to fix")
+    s.add_argument("--config", help="also check this config: files, Redis, /dev/shm and memory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("synth", help="write a synthetic Criteo-like model")
     s.add_argument("out")
     s.add_argument("--rows", type=int, default=1_000_000, help="total rows over all tables")
@@ -342,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
-        "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"
+        "bench",
+        help="benchmarks: cache (L1), host-tier (VDB/PDB), redis, memory (estimate vs measured); "
+        "writes benchmarks/results/",
     )
-    s.add_argument("which", choices=["cache", "host-tier", "redis"])
+    s.add_argument("which", choices=["cache", "host-tier", "redis", "memory"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )

@@ -12,6 +12,15 @@ from .model_io import SparseTable
 # lengths, and index/filter blocks. Measured ~20-30 B/row on tables of 1M rows.
 PDB_ENTRY_OVERHEAD = 24
 
+# Host memory of RocksDB after a first load: the rows written since the last flush sit in the
+# table's memtable (skiplist node, internal key, arena) at ~40 B per row beyond key + value
+# (36-46 B measured for dims 16/64, 10K-2M rows), plus ~80 KiB per column family. A memtable
+# is flushed to disk once it reaches write_buffer_size (RocksDB's default 64 MiB), so one
+# table holds up to about that much; a restart on an already loaded RocksDB holds none.
+MEMTABLE_ROW_OVERHEAD = 40
+MEMTABLE_BYTES = 64 << 20
+COLUMN_FAMILY_BYTES = 80 << 10
+
 
 @dataclass
 class TableEstimate:
@@ -27,10 +36,11 @@ class TableEstimate:
     l1_bytes: int
     l1_device: str
     pdb_bytes: int
+    pdb_host_bytes: int = 0  # RocksDB memtables right after a first load (host RAM)
 
 
 def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
-    """Per-table byte estimates for the VDB (host RAM), L1 (GPU, or host in CPU mode) and PDB (disk)."""
+    """Per-table bytes: VDB (host RAM), L1 (GPU, or host in CPU mode), PDB (disk, and host RAM)."""
     from .server import gpu_device, l1_capacity
     from .vdb.hashmap import estimate_table_bytes
 
@@ -52,12 +62,16 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             # The cache rounds its capacity up to whole sets of cache_ways slots.
             slots = math.ceil(l1_capacity(m, rows) / m.cache_ways) * m.cache_ways
             item = 4 if m.cache_storage_dtype == "float32" else 2
-            l1_bytes = slots * (8 + 8 + 1 + dim * item)  # key, stamp, occupancy, row
-            pdb = (
-                rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
-                if cfg.persistent_db.type != "disabled"
-                else 0
-            )
+            on_gpu = gpu_device(m) is not None
+            # per slot, host: key, stamp, occupancy byte; GPU: key, stamp, uint32 state
+            slot_bytes = 8 + 8 + (4 if on_gpu else 1)
+            l1_bytes = slots * (slot_bytes + dim * item)
+            pdb = pdb_host = 0
+            if cfg.persistent_db.type != "disabled":
+                pdb = rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
+                if not cfg.persistent_db.read_only:
+                    memtable = rows * (8 + 4 * dim + MEMTABLE_ROW_OVERHEAD)
+                    pdb_host = min(memtable, MEMTABLE_BYTES) + COLUMN_FAMILY_BYTES
             out.append(
                 TableEstimate(
                     model=m.model,
@@ -68,8 +82,9 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     vdb_bytes=vdb_bytes,
                     l1_rows=slots,
                     l1_bytes=l1_bytes,
-                    l1_device="gpu" if gpu_device(m) is not None else "host",
+                    l1_device="gpu" if on_gpu else "host",
                     pdb_bytes=pdb,
+                    pdb_host_bytes=pdb_host,
                 )
             )
     return out

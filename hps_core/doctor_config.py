@@ -1,0 +1,154 @@
+"""``hps doctor --config``: a config's files, Redis addresses and memory against its estimate."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from .doctor import FAIL, OK, WARN, Check
+
+REDIS_TIMEOUT_S = 1.0
+SHM = Path("/dev/shm")
+
+
+def redis_ping(host: str, port: int, password: str = "", user: str = "default",
+               timeout: float = REDIS_TIMEOUT_S) -> str:  # fmt: skip
+    """PING a Redis server over a raw socket; returns its reply line (``+PONG`` when healthy)."""
+
+    def command(*args: str) -> bytes:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            b = a.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(parts)
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        f = s.makefile("rb")
+        if password:
+            s.sendall(command("AUTH", user, password))
+            reply = f.readline().decode(errors="replace").strip()
+            if not reply.startswith("+"):
+                return reply
+        s.sendall(command("PING"))
+        return f.readline().decode(errors="replace").strip()
+
+
+def check_redis_address(address: str, password: str = "", user: str = "default") -> Check:
+    """One Redis endpoint answers PING within REDIS_TIMEOUT_S."""
+    host, _, port = address.rpartition(":")
+    name = f"redis {address}"
+    if not host or not port.isdigit():
+        return Check(name, FAIL, "not host:port", "set volatile_db.address to host:port[,...]")
+    try:
+        reply = redis_ping(host, int(port), password, user)
+    except OSError as e:
+        return Check(name, FAIL, f"unreachable within {REDIS_TIMEOUT_S:.0f} s ({e})",
+                     f"start it (redis-server --port {port}) or fix volatile_db.address")  # fmt: skip
+    if reply == "+PONG":
+        return Check(name, OK, "PING -> PONG", data={"reply": reply})
+    return Check(
+        name, FAIL, f"PING -> {reply!r}", "set volatile_db.user_name / password", {"reply": reply}
+    )
+
+
+def check_config(path: str) -> list[Check]:
+    """The config loads, its files and Redis addresses are there, its memory fits."""
+    from .config import load_config
+    from .errors import HPSError, ModelFileError
+    from .model_io import SparseTable
+
+    if not os.path.isfile(path):
+        return [Check("config", FAIL, f"{path}: no such file",
+                      "pass an existing hps.json/.yaml (hps synth DIR writes an example)")]  # fmt: skip
+    try:
+        cfg = load_config(path)
+    except HPSError as e:
+        return [Check("config", FAIL, str(e), f"edit {path} (the field named above)")]
+    out = [Check("config", OK, f"{path}: {len(cfg.models)} model(s)")]
+    files_ok = True
+    for m in cfg.models:
+        bad, rows = [], 0
+        for t, p in enumerate(m.sparse_files):
+            try:
+                with SparseTable.open(p, m.embedding_vecsize_per_table[t]) as f:
+                    rows += f.rows
+            except ModelFileError as e:
+                bad.append(str(e))
+        if bad:
+            files_ok = False
+            out.append(Check(f"sparse files {m.model}", FAIL, "; ".join(bad),
+                             f"fix sparse_files in {path} or write them (hps synth)"))  # fmt: skip
+        else:
+            out.append(Check(f"sparse files {m.model}", OK,
+                             f"{len(m.sparse_files)} tables, {rows:,} rows"))  # fmt: skip
+    p = cfg.persistent_db
+    if p.type != "disabled":
+        if os.path.isdir(p.path):
+            out.append(Check("rocksdb path", OK, p.path))
+        elif p.read_only:
+            out.append(Check("rocksdb path", FAIL, f"{p.path} missing and read_only is set",
+                             f"hps load {path}  (with read_only: false) or fix persistent_db.path"))  # fmt: skip
+        else:
+            parent = Path(p.path).parent
+            writable = next((d for d in (parent, *parent.parents) if d.exists()), Path("/"))
+            if os.access(writable, os.W_OK):
+                out.append(Check("rocksdb path", WARN, f"{p.path} missing: hps load creates it",
+                                 f"hps load {path}"))  # fmt: skip
+            else:
+                out.append(Check("rocksdb path", FAIL, f"{p.path} missing, {writable} not writable",
+                                 f"mkdir -p {p.path} (as a user who may) or fix persistent_db.path"))  # fmt: skip
+    v = cfg.volatile_db
+    if v.type == "redis_cluster":
+        out += [check_redis_address(a, v.password, v.user_name) for a in v.addresses()]
+    if files_ok:
+        out += check_memory(cfg)
+    return out
+
+
+def check_memory(cfg) -> list[Check]:
+    """/dev/shm (multi_process_hash_map) or host RAM against ``hps estimate``."""
+    import psutil
+
+    from .estimate import estimate_config
+
+    est = estimate_config(cfg)
+    vdb = sum(e.vdb_bytes for e in est)
+    host_l1 = sum(e.l1_bytes for e in est if e.l1_device == "host")
+    memtables = sum(e.pdb_host_bytes for e in est)
+    out = []
+    if cfg.volatile_db.type == "multi_process_hash_map":
+        st = os.statvfs(SHM)
+        free = st.f_bavail * st.f_frsize
+        # tables this config already put in /dev/shm are replaced, so their bytes count as free
+        prefix = cfg.volatile_db.shared_memory_name + "."
+        held = sum(f.stat().st_size for f in SHM.glob(prefix + "*") if f.is_file())
+        have = free + held
+        detail = f"{size(free)} free (+{size(held)} of its own tables), estimate {size(vdb)}"
+        data = {"free_bytes": free, "own_bytes": held, "estimate_bytes": vdb}
+        if have < vdb:
+            out.append(Check("/dev/shm", FAIL, detail, f"sudo mount -o remount,size="
+                             f"{int(vdb * 1.2 / 2**30) + 1}G /dev/shm (docker: --shm-size)"))  # fmt: skip
+        elif have < 1.2 * vdb:
+            out.append(Check("/dev/shm", WARN, detail + " (< 20% headroom)",
+                             f"sudo mount -o remount,size={int(vdb * 1.5 / 2**30) + 1}G /dev/shm"))  # fmt: skip
+        else:
+            out.append(Check("/dev/shm", OK, detail))
+        out[-1].data = data
+        vdb = 0  # not in the process's own memory
+    need = vdb + host_l1 + memtables
+    avail = psutil.virtual_memory().available
+    detail = f"{size(avail)} available, estimate {size(need)} (VDB + host L1 + RocksDB memtables)"
+    if need > avail:
+        out.append(Check("host memory", FAIL, detail, "lower initial_cache_rate, use "
+                         "storage_dtype float16, or a larger machine"))  # fmt: skip
+    else:
+        out.append(Check("host memory", OK, detail))
+    out[-1].data = {"available_bytes": avail, "estimate_bytes": need}
+    return out
+
+
+def size(n: float) -> str:
+    """Bytes as MiB below 1 GiB, else GiB."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
