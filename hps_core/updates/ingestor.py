@@ -51,11 +51,17 @@ class Sink:
 
 
 class TierSink(Sink):
-    """A VDB or PDB: rows are upserted into tables it holds (others are skipped)."""
+    """A VDB or PDB: rows are upserted into tables it holds (others are skipped).
 
-    def __init__(self, name: str, tier: object):
+    ``tables`` (store name -> (dim, dtype)), the config's tables: these are always written, and
+    created first if the tier lost them (a Redis node restarted empty took a table's metadata
+    with it); skipping them would leave the tier's old rows in place, silently stale.
+    """
+
+    def __init__(self, name: str, tier: object, tables: dict[str, tuple[int, str]] | None = None):
         self.name = name
         self.tier = tier
+        self.tables = tables or {}
         self._known: set[str] = set()
 
     def holds(self, table: str) -> bool:
@@ -64,10 +70,24 @@ class TierSink(Sink):
         return table in self._known
 
     def dim(self, table: str) -> int | None:
+        if table in self.tables:
+            return self.tables[table][0]
         return self.tier.dim(table) if self.holds(table) else None
 
     def apply(self, table, keys, vectors):
-        if self.holds(table):
+        if table in self.tables:
+            try:
+                self.tier.upsert(table, keys, vectors)
+                return
+            except KeyError:  # the tier lost the table: create it again, then write
+                dim, dtype = self.tables[table]
+                if self.name == "vdb":
+                    self.tier.create_table(table, dim, dtype=dtype)
+                else:
+                    self.tier.create_table(table, dim)
+                self._known.discard(table)
+            self.tier.upsert(table, keys, vectors)
+        elif self.holds(table):
             self.tier.upsert(table, keys, vectors)
 
 
@@ -362,10 +382,18 @@ def ingestor_for(
     if server is not None:
         vdb, pdb = server.vdb, server.pdb
     sinks: list[Sink] = []
+    from ..session import store_table_name
+
+    vdb_dtype = config.volatile_db.storage_dtype
+    dims = {
+        store_table_name(m.model, name): m.embedding_vecsize_per_table[t]
+        for m in config.models
+        for t, name in enumerate(m.embedding_table_names)
+    }
     if scope in ("all", "local") and pdb is not None and not getattr(pdb, "read_only", False):
-        sinks.append(TierSink("pdb", pdb))
+        sinks.append(TierSink("pdb", pdb, {k: (d, "float32") for k, d in dims.items()}))
     if scope in ("all", "shared") and vdb is not None:
-        sinks.append(TierSink("vdb", vdb))
+        sinks.append(TierSink("vdb", vdb, {k: (d, vdb_dtype) for k, d in dims.items()}))
     if scope in ("all", "local", "cache") and server is not None:
         sinks.append(CacheSink(server))
     if not sinks:

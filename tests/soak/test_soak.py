@@ -116,8 +116,8 @@ def stale_by_tier(config: Path, tables: Tables, per_table: list, got: np.ndarray
                 out.append(f"table {t} stale vdb rows are versions {ages}")
                 out.append(
                     f"table {t}: {n} served stale; vdb holds {int(vf.sum())} of {len(keys)}, "
-                    f"{int(((v != want).any(axis=1) & vf).sum())} stale; pdb "
-                    f"{int(((p != want).any(axis=1) & pf).sum())} stale"
+                    f"{int(((v != want).any(axis=1) & vf).sum())} stale; pdb holds "
+                    f"{int(pf.sum())}, {int(((p != want).any(axis=1) & pf).sum())} stale"
                 )
     finally:
         vdb.close()
