@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+REPO   ?= model_repository
 
-.PHONY: install test lint demo bench clean
-.PHONY: redis demo-redis
+.PHONY: install test lint demo serve perf bench clean redis demo-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@# The suite compile-checks the CUDA kernels; without a system nvcc, take CUDA 13's from pip.
 	@command -v nvcc >/dev/null || $(BIN)/python -m pip install --quiet nvidia-cuda-nvcc
+	@# Triton's Python-backend stub loads the shared libpython of this Python version.
+	@$(BIN)/python -c 'import ctypes, sys; ctypes.CDLL("libpython%d.%d.so.1.0" % sys.version_info[:2])' 2>/dev/null \
+		|| $(SUDO) apt-get install -y -q libpython$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -35,8 +39,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
+# Triton with the example ensemble on the embedded tiers; real requests over HTTP and gRPC.
 demo: $(STAMP)
-	$(BIN)/hps demo
+	$(BIN)/hps-client demo --repo $(REPO)
+
+# The same server, left running until Ctrl-C.
+serve: $(STAMP)
+	$(BIN)/hps serve $(REPO)
 
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier
@@ -51,4 +60,16 @@ demo-redis: $(STAMP) redis
 	  rc=$$?; deploy/redis/redis-local.sh stop $(REDIS_DEMO_DIR); exit $$rc
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PERF_VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# perf_analyzer lives only in tritonclient 2.50.0's wheel: its own venv, libb64 and a CUDA 12
+# runtime library from pip. Results: benchmarks/results/perf.json and perf.png.
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed:
+	@test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install --quiet 'tritonclient==2.50.0' nvidia-cuda-runtime-cu12
+	@ldconfig -p | grep -q libb64.so.0d || $(SUDO) apt-get install -y -q libb64-0d
+	@touch $@
+
+perf: $(STAMP) $(PERF_VENV)/.installed
+	$(BIN)/python -m hps_client.perf

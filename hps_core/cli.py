@@ -98,6 +98,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dense(args: argparse.Namespace) -> int:
+    """Write the DLRM dense network as an ONNX file, with weights from a seed."""
+    from .dense import describe_onnx, save_dense_model
+
+    save_dense_model(args.out, dim=args.dim, seed=args.seed, num_slots=args.slots)
+    io = describe_onnx(args.out)
+    sig = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in io.inputs + io.outputs)
+    console.print(f"wrote {args.out}: {sig}", highlight=False)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a model, serve it in process on the embedded default tiers, and show lookups."""
     from .demo import run_demo
@@ -110,6 +121,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         redis=args.redis,
     )
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    """Write a Triton model repository (embedding models, dense ONNX model, ensemble)."""
+    from .repo import write_repository
+
+    spec = write_repository(
+        args.out, config=args.config, onnx=args.onnx, name=args.name, rows=args.rows,
+        dim=args.dim, instances=args.instances, max_batch_size=args.max_batch_size,
+    )  # fmt: skip
+    console.print(
+        f"wrote {spec.root}: ensemble {spec.ensemble} (DENSE [B, {spec.num_dense}] + CAT "
+        f"[B, {spec.slots}] -> PROB), {spec.embedding}, {spec.dense}, hps_embedding; "
+        f"config {spec.config}",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Fill the shared tiers, start Triton on the repository and keep it running until Ctrl-C."""
+    import time
+
+    from .repo import serving
+
+    with serving(
+        args.repo, rows=args.rows, dim=args.dim, instances=args.instances, progress=True
+    ) as (
+        spec,
+        server,
+    ):
+        console.print(
+            f"serving {spec.root}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+            f"metrics {server.metrics_url}; log {server.log_path}. Ctrl-C stops it.",
+            highlight=False,
+        )
+        try:
+            while server.proc is not None and server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping")
+    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -262,6 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("dense", help="write the DLRM dense network as an ONNX file")
+    s.add_argument("--out", required=True, help="the .onnx file to write")
+    s.add_argument("--dim", type=int, default=16, help="embedding dim of every slot")
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights")
+    s.add_argument("--slots", type=int, default=26, help="categorical slots (tables)")
+    s.set_defaults(func=cmd_dense)
+
+    s = sub.add_parser("repo", help="write a Triton model repository for our backends")
+    s.add_argument("out", help="the repository directory")
+    s.add_argument("--config", help="an hps.json with sparse files (default: a synthetic model)")
+    s.add_argument("--onnx", help="the dense model (default: DLRM with seeded weights)")
+    s.add_argument("--name", default="dlrm", help="name of the ensemble")
+    s.add_argument("--rows", type=int, default=1_000_000, help="rows of a synthetic model")
+    s.add_argument("--dim", type=int, default=16, help="dim of a synthetic model")
+    s.add_argument("--instances", type=int, default=1, help="instances per model")
+    s.add_argument("--max-batch-size", type=int, default=4096)
+    s.set_defaults(func=cmd_repo)
+
+    s = sub.add_parser("serve", help="run Triton on a repository (written if missing) until Ctrl-C")
+    s.add_argument("repo", nargs="?", default="model_repository")
+    s.add_argument("--rows", type=int, default=1_000_000)
+    s.add_argument("--dim", type=int, default=16)
+    s.add_argument("--instances", type=int, default=1)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
         "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"

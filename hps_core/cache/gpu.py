@@ -12,6 +12,10 @@ Kernels (``kernels/cache.cu``, ``kernels/static_table.cu``, helpers in ``kernels
     ``find``: one warp per key; lane w reads way w's state word and key, ``__ballot_sync``
     picks the way, then the warp copies the row with 16-byte loads when ``dim`` is a multiple
     of 16 bytes' worth of elements and ``out`` is 16-byte aligned, element by element otherwise.
+    Rows of at most 32 such chunks (dim <= 128 fp32, 256 fp16/bf16) are held in registers, one
+    chunk a lane, and written to ``out`` once the seqlock check has passed
+    (``cache_find<S, O, 1>``, 32 registers: 64 warps per SM). An LRU hit whose stamp already
+    holds the call's clock (a hot key touched earlier in the call) is not stored again.
     ``insert``: a stable device argsort of the keys keeps each key's last occurrence; one warp
     per key overwrites and touches the cached ones (reference step 2); a stable argsort of the
     set indices then gives each set to one warp, which places that set's new keys in batch
@@ -25,7 +29,11 @@ Concurrency: a per-slot seqlock
     reader (find, contains) loads the word with ``ld.acquire``, ignores locked slots, loads key
     and row with ``ld.relaxed.gpu`` (L2-coherent, never a stale L1 line), ``fence.acq_rel``,
     and reloads the word: if any lane saw a different word it retries (up to 128 times, with a
-    nanosleep back-off) and then reports a miss. So ``find`` on one stream concurrent with
+    nanosleep back-off) and then reports a miss. The set-associative ``find`` probes all ways'
+    words and keys with relaxed loads at once (a hint) and then reads the matched slot as
+    above: every lane acquires its word (equal to the probed one), lane 0 loads the key again
+    with the row, and after the fence the hit stands only if the word is unchanged and the
+    key is still the one looked up. So ``find`` on one stream concurrent with
     ``insert``/``assign`` on another never returns a torn row or another key's row; a key
     being rewritten may read as a miss (its row of a caller's ``out`` is then zeroed). Stamps
     are outside the seqlock (a touch racing an eviction may land on the new key). Writers must
@@ -58,7 +66,7 @@ NVRTC_OPTIONS = ("-std=c++17",)
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}  # Kind in slot.cuh
 _VEC = {"float32": 4, "float16": 8, "bfloat16": 8}  # stored elements per 16 bytes
 _OCC, _FLAGS_BITS = 2, 3  # slot.cuh: OCC, and the version starts at bit 3
-_BLOCK = 256
+_BLOCK = 256  # threads per block; cache_find is compiled for at most 256 (__launch_bounds__)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -68,10 +76,11 @@ def _template(name: str, *params: tuple[int, ...]) -> list[str]:
 
 _S = [(s,) for s in range(3)]
 _SO = [(s, o) for s in range(3) for o in range(2)]
+_SOR = [(s, o, r) for s in range(3) for o in range(2) for r in range(2)]
 KERNELS: dict[str, tuple[list[str], list[str]]] = {
     # file -> (template instances as NVRTC name expressions, extern "C" kernels)
     "cache.cu": (
-        _template("cache_find", *_SO)
+        _template("cache_find", *_SOR)
         + [n for k in ("update", "place", "assign", "erase") for n in _template(f"cache_{k}", *_S)]
         + _template("gather_rows", *_S),
         ["cache_contains", "cache_set_index", "mark_last", "scatter_missing"],
@@ -119,6 +128,8 @@ def _import_cupy(device: int):
     return cupy
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+_I32 = (np.int32(0), np.int32(1))
 _modules: dict[str, object] = {}  # file -> cupy.RawModule (it compiles once per device)
 _functions: dict[tuple[str, str], object] = {}  # (file, name) -> cupy.RawKernel
 
@@ -170,6 +181,7 @@ class GPUCache(EmbeddingCache):
         self.clock = 0
         self._kind, self._lfu = _KIND[dtype], np.int32(policy == "lfu")
         self._out_kind = OUTPUT_DTYPES.index(output_dtype)
+        self._out_dt = np.dtype(output_dtype)
         storage = cp.float32 if dtype == "float32" else cp.uint16
         with cp.cuda.Device(self.device) as dev:
             self._max_blocks = dev.attributes["MultiProcessorCount"] * 32
@@ -193,6 +205,16 @@ class GPUCache(EmbeddingCache):
         self._view = (self._keys, self._state, self._aux, self._values, *where, np.int32(dim))
         self._file = "static_table.cu" if self.static else "cache.cu"
         self._prefix = "static" if self.static else "cache"
+        self._row_vec = self.dim % _VEC[dtype] == 0  # stored rows are whole 16-byte chunks
+        # find kernels by vec (rows copied 16 bytes at a time); cache_find's third parameter:
+        # 1 when a lane holds its row chunk in registers (vec and at most 32 chunks of 16 bytes)
+        if self.static:
+            names = [f"static_find<{self._kind}, {self._out_kind}>"] * 2
+        else:
+            regs = int(self._row_vec and self.dim // _VEC[dtype] <= 32)
+            names = [f"cache_find<{self._kind}, {self._out_kind}, {r}>" for r in (0, regs)]
+        self._find_names = names
+        self._find_fns: list = [None, None]  # their cupy functions, looked up at first use
         for file in {self._file, "cache.cu"}:
             if file not in _modules:
                 _modules[file] = cp.RawModule(
@@ -213,7 +235,10 @@ class GPUCache(EmbeddingCache):
         per_block = _BLOCK // 32 if per_warp else _BLOCK
         kernel((min(-(-items // per_block), self._max_blocks),), (_BLOCK,), args)
 
-    def _on(self, stream) -> contextlib.ExitStack:
+    def _on(self, stream):
+        """Context: this cache's device current, and stream (if given) the current stream."""
+        if self._cp.cuda.runtime.getDevice() == self.device:  # nothing to switch
+            return _NO_CONTEXT if stream is None else stream
         ctx = contextlib.ExitStack()
         ctx.enter_context(self._cp.cuda.Device(self.device))
         if stream is not None:
@@ -231,6 +256,8 @@ class GPUCache(EmbeddingCache):
             )
         if keys.ndim != 1:
             raise InvalidInputError("keys", f"shape {keys.shape}", "a 1-D array")
+        if keys.dtype == np.int64 and keys.flags.c_contiguous:
+            return keys, True  # what ascontiguousarray would return
         if keys.dtype == cp.uint64 and keys.size and bool((keys > _INT64_MAX).any()):
             raise InvalidInputError("keys", "a uint64 key >= 2**63", "keys that fit in int64")
         return cp.ascontiguousarray(keys, dtype=cp.int64), True
@@ -254,7 +281,7 @@ class GPUCache(EmbeddingCache):
 
     def _out_in(self, out, n: int, on_device: bool) -> tuple[object, int]:
         """(device rows to write, zero_miss): a fresh zeroed-on-miss array unless out is CuPy."""
-        cp, shape, dt = self._cp, (n, self.dim), np.dtype(self.output_dtype)
+        cp, shape, dt = self._cp, (n, self.dim), self._out_dt
         if out is not None:
             kind = cp.ndarray if on_device else np.ndarray
             if not isinstance(out, kind) or out.dtype != dt:
@@ -279,16 +306,25 @@ class GPUCache(EmbeddingCache):
     # -- find -------------------------------------------------------------------------------------
     def _find(self, keys, out):
         """(on_device, the caller's NumPy out or None, device rows, device hit): one lookup."""
+        cp = self._cp
         k, on_device = self._keys_in(keys)
         n = len(k)
         rows, zero_miss = self._out_in(out, n, on_device)
         self.clock += 1
-        hit = self._cp.empty(n, self._cp.bool_)
-        vec = np.int32(self.dim % _VEC[self.dtype] == 0 and rows.data.ptr % 16 == 0)
-        touch = () if self.static else (self._lfu, np.uint64(self.clock))
-        name = f"{self._prefix}_find<{self._kind}, {self._out_kind}>"
-        args = (k, np.int64(n), *self._view, rows, hit, vec, np.int32(zero_miss), *touch)
-        self._launch(name, n, True, *args)
+        hit = cp.empty(n, cp.bool_)
+        if n:
+            vec = int(self._row_vec and rows.data.ptr % 16 == 0)
+            kernel = self._find_fns[vec]
+            if kernel is None:
+                key = (self._file, self._find_names[vec])
+                kernel = _functions.get(key)
+                if kernel is None:
+                    kernel = _functions[key] = _modules[self._file].get_function(key[1])
+                self._find_fns[vec] = kernel
+            touch = () if self.static else (self._lfu, np.uint64(self.clock))
+            args = (k, np.int64(n), *self._view, rows, hit, _I32[vec], _I32[zero_miss], *touch)
+            blocks = min(-(-n // (_BLOCK // 32)), self._max_blocks)
+            kernel((blocks,), (_BLOCK,), args)  # as _launch(name, n, True, *args)
         return on_device, (None if on_device else out), rows, hit
 
     def _finish_find(self, on_device, host_out, rows, hit):

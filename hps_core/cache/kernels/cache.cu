@@ -102,43 +102,80 @@ __device__ int overwrite_if_cached(long long k, unsigned long long base, const l
 // Rows of hits go to out (converted to O), hit[i] says which; misses get a zero row when
 // zero_miss (out was freshly allocated), else keep theirs. A hit is touched once per
 // occurrence (LRU: stamp = tick; LFU: +1).
-template <int S, int O>
-__global__ void cache_find(const long long* __restrict__ query, long long n,
-                           const long long* keys, const unsigned* state,
-                           unsigned long long* stamp, const typename Storage<S>::T* values,
-                           unsigned long long num_sets, int ways, int dim,
-                           typename Output<O>::T* out, bool* hit, int vec, int zero_miss,
-                           int lfu, unsigned long long tick) {
+//
+// Each attempt: the warp loads every way's state word and key at once (relaxed: a hint), the
+// ballot picks way m, then the seqlock read of slot m: each lane acquires the slot's word (it
+// must equal the probed one), loads its part of the row and lane 0 the key again (relaxed),
+// fence, reloads the word: the hit stands if every lane saw the same word and the key is still
+// k. REGS = 1 (vec and at most 32 chunks of 16 bytes: dim <= 128 fp32, 256 fp16/bf16): each
+// lane holds its chunk in registers and writes it to out only after that check, so the fence
+// waits for no store. REGS = 0: the warp copies the row to out as it reads it (read_row).
+// LRU skips the stamp store when the stamp already holds tick (a hot key, touched earlier in
+// this call): the same result without a stream of stores to one address.
+// REGS = 1 fits 32 registers (8 blocks of 256 threads per SM; ptxas -v: 4 bytes of spill
+// loads), REGS = 0 48 (the unrolled read_row).
+template <int S, int O, int REGS>
+__launch_bounds__(256, REGS ? 8 : 5) __global__ void cache_find(
+    const long long* __restrict__ query, long long n, const long long* keys, const unsigned* state,
+    unsigned long long* stamp, const typename Storage<S>::T* values, unsigned long long num_sets,
+    int ways, int dim, typename Output<O>::T* out, bool* hit, int vec, int zero_miss, int lfu,
+    unsigned long long tick) {
+  constexpr int V = Storage<S>::VEC;
   const int lane = threadIdx.x & 31;
+  const unsigned long long magic = ~0ull / num_sets;  // for mod_by
   for (long long i = warp_id(); i < n; i += warp_count()) {
     const long long k = query[i];
     const unsigned long long base =
-        (splitmix64((unsigned long long)k) % num_sets) * (unsigned long long)ways;
+        mod_by(splitmix64((unsigned long long)k), num_sets, magic) * (unsigned long long)ways;
     typename Output<O>::T* dst = out + i * dim;
-    bool found = false, wrote = false;
+    unsigned r[4];
+    unsigned long long slot = 0;
+    bool found = false, tried = false;
     for (int attempt = 0; attempt < MAX_RETRIES; ++attempt) {
       if (attempt) backoff();
-      unsigned seen = 0;
-      bool busy;
-      const int m = probe_set(k, base, keys, state, ways, lane, &seen, &busy);
-      if (m < 0) {
-        if (busy) continue;  // k may be in a way a writer holds: look again
-        break;               // a miss
+      unsigned s = 0;
+      long long kk = 0;
+      if (lane < ways) {
+        s = ld_relaxed(state + base + lane);
+        kk = ld_relaxed(keys + base + lane);
       }
-      const unsigned long long slot = base + m;
-      // Every lane orders its own row loads after this acquire of the matched word.
+      const unsigned match =
+          __ballot_sync(FULL, lane < ways && (s & (OCC | LOCK)) == OCC && kk == k);
+      if (!match) {
+        if (__any_sync(FULL, (s & LOCK) != 0)) continue;  // k may be in a locked way
+        break;                                            // a miss
+      }
+      const int m = __ffs(match) - 1;
+      const unsigned seen = __shfl_sync(FULL, s, m);
+      slot = base + m;
+      unsigned long long old_stamp = 0;
+      if (lane == 0 && !lfu) old_stamp = ld_relaxed(stamp + slot);  // outside the seqlock
+      // Every lane orders its own loads of the slot after this acquire of the matched word.
       if (__any_sync(FULL, ld_acquire(state + slot) != seen)) continue;
-      read_row<S, O>(values + slot * dim, dst, dim, vec, lane);
-      wrote = true;
-      fence_acq_rel();  // row loads complete before the version is read again
-      if (__all_sync(FULL, ld_relaxed(state + slot) == seen)) {
+      tried = true;
+      const long long held = lane == 0 ? ld_relaxed(keys + slot) : k;
+      if constexpr (REGS) {
+        if (lane < dim / V) ld_relaxed_v4(values + slot * dim + (long long)lane * V, r);
+      } else {
+        read_row<S, O>(values + slot * dim, dst, dim, vec != 0, lane);
+      }
+      fence_acq_rel();  // key and row loads complete before the word is read again
+      if (__all_sync(FULL, ld_relaxed(state + slot) == seen && held == k)) {
         found = true;
-        if (lane == 0) touch(stamp + slot, lfu, tick);
+        if (lane == 0) {
+          if (lfu)
+            atomicAdd(stamp + slot, 1ull);  // once per occurrence: warps may share a slot
+          else if (old_stamp != tick)
+            *reinterpret_cast<volatile unsigned long long*>(stamp + slot) = tick;
+        }
         break;
       }
     }
+    if constexpr (REGS) {
+      if (found && lane < dim / V) store_chunk<S, O>(r, dst + (long long)lane * V);
+    }
     if (lane == 0) hit[i] = found;
-    if (!found && (zero_miss || wrote)) zero_row(dst, dim, lane);
+    if (!found && (zero_miss || tried)) zero_row(dst, dim, lane);
   }
 }
 

@@ -27,6 +27,16 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
   return z ^ (z >> 31);
 }
 
+// h % d without a 64-bit division: magic = ~0ull / d (once per thread), q = the high half of
+// h * magic is floor(h / d) or at most two below it (and never above), so r = h - q * d does
+// not wrap and at most two subtractions make it exact.
+__device__ __forceinline__ unsigned long long mod_by(unsigned long long h, unsigned long long d,
+                                                     unsigned long long magic) {
+  unsigned long long r = h - __umul64hi(h, magic) * d;
+  while (r >= d) r -= d;
+  return r;
+}
+
 // -- memory operations with explicit ordering ----------------------------------------------
 // Readers load slot data with ld.relaxed.gpu: coherent at GPU scope (served by L2, never by a
 // stale L1 line), so the seqlock's version check covers what was actually read.
@@ -51,6 +61,12 @@ __device__ __forceinline__ unsigned short ld_relaxed(const unsigned short* p) {
 
 __device__ __forceinline__ long long ld_relaxed(const long long* p) {
   long long v;
+  asm volatile("ld.relaxed.gpu.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
+  unsigned long long v;
   asm volatile("ld.relaxed.gpu.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
@@ -183,6 +199,39 @@ __device__ __forceinline__ unsigned pack16(unsigned short lo, unsigned short hi)
 // -- warp-wide row copies ----------------------------------------------------------------------
 // Every lane of the warp calls these; lanes take 16-byte chunks (vec) or elements in turn.
 
+// One 16-byte chunk of a stored row (Storage<S>::VEC elements) -> output elements at d,
+// converted to O: 16 bytes out (8 for fp32 storage to fp16 output).
+template <int S, int O>
+__device__ __forceinline__ void store_chunk(const unsigned (&r)[4], typename Output<O>::T* d) {
+  using St = Storage<S>;
+  using Out = Output<O>;
+  constexpr int V = St::VEC;
+  float f[V];
+  if constexpr (S == F32) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(r[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[2 * j] = St::decode((unsigned short)(r[j] & 0xFFFFu));
+      f[2 * j + 1] = St::decode((unsigned short)(r[j] >> 16));
+    }
+  }
+  if constexpr (O == F32) {
+#pragma unroll
+    for (int j = 0; j < V; j += 4)
+      st_v4(d + j, __float_as_uint(f[j]), __float_as_uint(f[j + 1]), __float_as_uint(f[j + 2]),
+            __float_as_uint(f[j + 3]));
+  } else if constexpr (V == 4) {  // fp32 storage -> fp16 output: 8 bytes
+    st_v2(d, pack16(Out::make(f[0]), Out::make(f[1])), pack16(Out::make(f[2]), Out::make(f[3])));
+  } else if constexpr (S == F16) {  // fp16 -> fp16: the stored bits as they are
+    st_v4(d, r[0], r[1], r[2], r[3]);
+  } else {
+    st_v4(d, pack16(Out::make(f[0]), Out::make(f[1])), pack16(Out::make(f[2]), Out::make(f[3])),
+          pack16(Out::make(f[4]), Out::make(f[5])), pack16(Out::make(f[6]), Out::make(f[7])));
+  }
+}
+
 // Stored row -> output row, reading with relaxed loads (the seqlock reader's side).
 // vec: dim % Storage<S>::VEC == 0 and dst 16-byte aligned (src always is: slots are
 // dim * itemsize apart from a 256-byte aligned base).
@@ -198,34 +247,7 @@ __device__ __forceinline__ void read_row(const typename Storage<S>::T* src,
     for (int c = lane; c < chunks; c += 32) {
       unsigned r[4];
       ld_relaxed_v4(src + (long long)c * V, r);
-      float f[V];
-      if constexpr (S == F32) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(r[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          f[2 * j] = St::decode((unsigned short)(r[j] & 0xFFFFu));
-          f[2 * j + 1] = St::decode((unsigned short)(r[j] >> 16));
-        }
-      }
-      typename Out::T* d = dst + (long long)c * V;
-      if constexpr (O == F32) {
-#pragma unroll
-        for (int j = 0; j < V; j += 4)
-          st_v4(d + j, __float_as_uint(f[j]), __float_as_uint(f[j + 1]),
-                __float_as_uint(f[j + 2]), __float_as_uint(f[j + 3]));
-      } else if constexpr (V == 4) {  // fp32 storage -> fp16 output: 8 bytes
-        st_v2(d, pack16(Out::make(f[0]), Out::make(f[1])),
-              pack16(Out::make(f[2]), Out::make(f[3])));
-      } else if constexpr (S == F16) {  // fp16 -> fp16: the stored bits as they are
-        st_v4(d, r[0], r[1], r[2], r[3]);
-      } else {
-        st_v4(d, pack16(Out::make(f[0]), Out::make(f[1])),
-              pack16(Out::make(f[2]), Out::make(f[3])),
-              pack16(Out::make(f[4]), Out::make(f[5])),
-              pack16(Out::make(f[6]), Out::make(f[7])));
-      }
+      store_chunk<S, O>(r, dst + (long long)c * V);
     }
   } else {
     for (int e = lane; e < dim; e += 32) dst[e] = Out::make(St::decode(ld_relaxed(src + e)));

@@ -1,0 +1,227 @@
+"""Start and stop a local Triton server (the pip-installed ``nvidia-pytriton`` build) with our backends.
+
+Triton's Python-based backends live in ``<backend-directory>/<name>/model.py`` beside the
+``python`` backend that runs them. We assemble such a directory per server (the pip build's
+``python`` backend, the stub for this interpreter, and ``backend/hps`` and ``backend/onnx``
+from the project), pick free loopback ports, wait for ``/v2/health/ready`` and stop the
+server (SIGINT, then SIGKILL) when done. Importing this module imports nothing of Triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import HPSError
+
+log = logging.getLogger(__name__)
+
+PROJECT_BACKENDS = Path(__file__).resolve().parent.parent / "backend"
+"""backend/hps and backend/onnx of the project (each a Triton Python-based backend)."""
+
+
+class ServerError(HPSError):
+    """The Triton server could not be found, started or reached."""
+
+
+def triton_home() -> Path:
+    """The pip-installed Triton build (``pytriton/tritonserver``)."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise ServerError(
+            "no Triton server: pip install nvidia-pytriton==0.7.0 (make installs it)"
+        ) from e
+    home = Path(pytriton.__file__).parent / "tritonserver"
+    if not (home / "bin" / "tritonserver").is_file():
+        raise ServerError(f"{home}/bin/tritonserver is missing: reinstall nvidia-pytriton")
+    return home
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback interface."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def backend_directory(dest: Path, backends: Path = PROJECT_BACKENDS) -> Path:
+    """Fill dest with the python backend, this interpreter's stub and our backends; returns dest."""
+    home = triton_home()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the Triton build has no Python backend stub for Python {py}")
+    shutil.copytree(home / "backends" / "python", dest / "python", dirs_exist_ok=True)
+    shutil.copy2(stub, dest / "python" / "triton_python_backend_stub")
+    for name in ("hps", "onnx"):
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(backends / name / "model.py", dest / name / "model.py")
+    return dest
+
+
+class TritonServer:
+    """A tritonserver process on loopback ports; a context manager that always stops it.
+
+    Args:
+        repository: the model repository.
+        models: models to load at start (EXPLICIT model control); None loads all of them.
+        instances_env: extra environment for the server and its backend stubs.
+        log_path: where the server's output goes (default: a file in its work directory).
+        args: more tritonserver arguments.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        models: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        args: list[str] | None = None,
+        ports: tuple[int, int, int] | None = None,
+    ):
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} is not a directory")
+        self.models = models
+        self.env = env or {}
+        self.extra_args = args or []
+        self.http_port, self.grpc_port, self.metrics_port = ports or free_ports(3)
+        self._work = Path(tempfile.mkdtemp(prefix="hps-triton-"))
+        self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        home = triton_home()
+        backends = backend_directory(self._work / "backends")
+        prefix = f"hps{os.getpid()}x{self.http_port}"
+        cmd = [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={home / 'caches'}",
+            "--backend-config=python,shm-region-prefix-name=" + prefix,
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--model-control-mode=explicit",
+            "--exit-timeout-secs=10",
+        ]
+        for m in self.models if self.models is not None else ["*"]:
+            cmd.append(f"--load-model={m}")
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        home = triton_home()
+        libs = home.parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        # the stub finds this environment's packages through the interpreter first on PATH
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        env.update(self.env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        """Start the server and wait until it is ready (every requested model loaded)."""
+        cmd = self.command()
+        log.info("starting %s", " ".join(cmd))
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.environment(),
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._cleanup()
+                raise ServerError(
+                    f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        """Whether /v2/health/ready answers 200."""
+        try:
+            url = f"http://{self.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server (SIGINT, then SIGKILL to its whole process group) and clean up."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s: killing it", timeout)
+        if p is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # stubs left behind, if any
+            p.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        log_file = getattr(self, "_log", None)
+        if log_file is not None and not log_file.closed:
+            log_file.close()
+        if self.log_path.parent != self._work:
+            shutil.rmtree(self._work, ignore_errors=True)
+        else:
+            shutil.rmtree(self._work / "backends", ignore_errors=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

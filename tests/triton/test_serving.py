@@ -1,0 +1,266 @@
+"""A real tritonserver (pip build) with our backends, a real client over HTTP and gRPC.
+
+Every answer is compared with numpy references built from the sparse files and the ONNX
+weights, or with the in-process ``HPS.lookup`` of the same tiers.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from hps_client import HPSClient
+
+from hps_core.config import load_config
+from hps_core.dense import dense_forward, load_dense_weights
+from hps_core.hps import HPS
+from hps_core.launcher import TritonServer
+from hps_core.model_io import SparseTable
+from hps_core.repo import preload, release_shared, write_repository
+from hps_core.serving import serving_config
+
+pytestmark = pytest.mark.triton
+
+PROTOCOLS = ["http", "grpc"]
+
+
+class FileTables:
+    """The model's tables straight from the sparse files: the reference for every lookup."""
+
+    def __init__(self, config_path):
+        self.model = load_config(config_path).models[0]
+        self.tables = []
+        for t, path in enumerate(self.model.sparse_files):
+            with SparseTable.open(path, self.model.embedding_vecsize_per_table[t]) as f:
+                keys, vecs = f.read_all()
+            order = np.argsort(keys)
+            self.tables.append((keys[order], np.array(vecs[order])))
+
+    def lookup(self, t: int, keys: np.ndarray) -> np.ndarray:
+        k, v = self.tables[t]
+        pos = np.clip(np.searchsorted(k, keys), 0, len(k) - 1)
+        hit = k[pos] == keys
+        out = np.full(
+            (len(keys), v.shape[1]), self.model.default_value_for_each_table[t], np.float32
+        )
+        out[hit] = v[pos[hit]]
+        return out
+
+    def embed(self, cat: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.lookup(t, cat[:, t]) for t in range(cat.shape[1])], axis=1)
+
+    def sample_cat(self, rng, batch: int, absent: float = 0.1) -> np.ndarray:
+        """[batch, slots] keys: present keys (Zipf-ish repeats) and some absent ones."""
+        cols = []
+        for k, _ in self.tables:
+            idx = np.minimum(rng.zipf(1.3, batch) - 1, len(k) - 1)
+            col = k[idx].copy()
+            miss = rng.random(batch) < absent
+            col[miss] = rng.integers(-(2**62), 2**62, int(miss.sum()))
+            cols.append(col)
+        return np.stack(cols, axis=1)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    spec = write_repository(root, rows=60_000, dim=8, instances=2, max_batch_size=512)
+    preload(spec.config)
+    server = TritonServer(root, models=[spec.ensemble, "hps_embedding"])
+    try:
+        server.start(timeout=240)
+        yield spec, server
+    finally:
+        server.stop()
+        release_shared(spec.config)
+
+
+@pytest.fixture(scope="module")
+def files(served):
+    return FileTables(served[0].config)
+
+
+@pytest.fixture(scope="module")
+def weights(served):
+    spec = served[0]
+    return load_dense_weights(spec.root / spec.dense / "1" / "model.onnx")
+
+
+def client(server: TritonServer, protocol: str) -> HPSClient:
+    return HPSClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("batch", [1, 7, 512])
+def test_ensemble_equals_numpy_forward(served, files, weights, protocol, batch):
+    spec, server = served
+    rng = np.random.default_rng(batch)
+    cat = files.sample_cat(rng, batch)
+    dense = rng.random((batch, spec.num_dense), dtype=np.float32) * 3
+    with client(server, protocol) as c:
+        prob = c.predict(dense, cat, model=spec.ensemble)
+        emb = c.embed(cat, model=spec.embedding)
+    want_emb = files.embed(cat)
+    np.testing.assert_array_equal(emb, want_emb)
+    want = dense_forward(weights, dense, want_emb)
+    assert prob.shape == (batch, 1)
+    assert np.max(np.abs(prob - want)) <= 1e-5
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_hps_io_equals_in_process_lookup(served, files, protocol):
+    spec, server = served
+    rng = np.random.default_rng(5)
+    cfg, model = serving_config(spec.config, spec.model, preloaded=True)
+    counts = rng.integers(0, 40, spec.slots).astype(np.int32)
+    counts[3] = 0  # a table with no keys
+    per_table = [files.sample_cat(rng, int(n))[:, t] for t, n in enumerate(counts)]
+    keys = np.concatenate(per_table)
+    with client(server, protocol) as c:
+        got = c.lookup(keys, counts)
+    with HPS(cfg) as hps:
+        want = np.concatenate([hps.lookup(k, model, t).ravel() for t, k in enumerate(per_table)])
+    from_files = np.concatenate([files.lookup(t, k).ravel() for t, k in enumerate(per_table)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, from_files)
+    # a batch of two rows is not HugeCTR's layout: a clear error, not a wrong answer
+    with client(server, protocol) as c:
+        two = {"KEYS": np.stack([keys, keys]), "NUMKEYS": np.stack([counts, counts])}
+        with pytest.raises(Exception, match="KEYS"):
+            c.infer("hps_embedding", two, "OUTPUT0")
+
+
+def _bad_requests(spec):
+    ok_keys = np.arange(5, dtype=np.int64)
+    counts = np.zeros(spec.slots, np.int32)
+    counts[0] = 5
+    neg = counts.copy()
+    neg[0], neg[1] = 7, -2
+    yield "sum", "hps_embedding", {"KEYS": ok_keys, "NUMKEYS": counts + 1}, "NUMKEYS"
+    yield "negative", "hps_embedding", {"KEYS": ok_keys, "NUMKEYS": neg}, "NUMKEYS"
+    yield (
+        "tables",
+        "hps_embedding",
+        {"KEYS": ok_keys, "NUMKEYS": np.array([5], np.int32)},
+        "NUMKEYS",
+    )
+    yield "unknown table", "hps_embedding", {"KEYS": ok_keys, "NUMKEYS": np.append(counts, 0).astype(np.int32)}, "NUMKEYS"  # fmt: skip
+    yield "dtype", "hps_embedding", {"KEYS": ok_keys.astype(np.float32)[None], "NUMKEYS": counts[None]}, "KEYS"  # fmt: skip
+    big = np.zeros(spec.max_batch_size * spec.slots + 1, np.int64)
+    many = np.zeros(spec.slots, np.int32)
+    many[0] = len(big)
+    yield "too many keys", "hps_embedding", {"KEYS": big, "NUMKEYS": many}, "KEYS"
+    yield "shape", spec.embedding, {"CAT": np.zeros((2, spec.slots - 1), np.int64)}, "CAT"
+    yield "cat dtype", spec.embedding, {"CAT": np.zeros((2, spec.slots), np.float32)}, "CAT"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bad_requests_get_invalid_arg_and_the_server_goes_on(served, files, protocol):
+    spec, server = served
+    rng = np.random.default_rng(9)
+    cat = files.sample_cat(rng, 4)
+    with client(server, protocol) as c:
+        for what, model, inputs, field in _bad_requests(spec):
+            if model == "hps_embedding":  # HugeCTR's [1, n] layout, so only our checks can object
+                inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+            output = "OUTPUT0" if model == "hps_embedding" else "EMB"
+            with pytest.raises(Exception) as err:
+                c.infer(model, inputs, output)
+            text = str(err.value)
+            assert field in text, (what, text)
+            if protocol == "grpc":
+                assert "INVALID_ARGUMENT" in text, (what, text)
+            else:
+                assert "[400]" in text or "400" in text, (what, text)
+            np.testing.assert_array_equal(c.embed(cat, model=spec.embedding), files.embed(cat))
+
+
+def test_load_and_unload_at_run_time(served, files):
+    spec, server = served
+    rng = np.random.default_rng(11)
+    keys = files.sample_cat(rng, 6)[:, 0]
+    counts = np.zeros(spec.slots, np.int32)
+    counts[0] = len(keys)
+    with client(server, "http") as c:
+        c.unload_model("hps_embedding")
+        deadline = time.monotonic() + 60
+        while c.is_model_ready("hps_embedding") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not c.is_model_ready("hps_embedding")
+        with pytest.raises(Exception, match="hps_embedding"):
+            c.lookup(keys, counts)
+        c.load_model("hps_embedding")
+        assert c.is_model_ready("hps_embedding")
+        np.testing.assert_array_equal(c.lookup(keys, counts), files.lookup(0, keys).ravel())
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_the_keys_of_each_table(served, files):
+    spec, server = served
+    rng = np.random.default_rng(13)
+    keys = np.unique(files.sample_cat(rng, 50)[:, 2])
+    counts = np.zeros(spec.slots, np.int32)
+    counts[2] = len(keys)
+
+    def scrape():
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+            return r.read().decode()
+
+    table = load_config(spec.config).models[0].embedding_table_names[2]
+    before = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+    with client(server, "http") as c:
+        c.lookup(keys, counts)
+    deadline = time.monotonic() + 10  # the backend publishes its metrics every 0.5 s
+    while True:
+        after = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+        if after != before or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after - before == len(keys)  # unique keys, summed over l1/vdb/pdb/default
+
+
+def test_concurrent_clients_over_both_protocols(served, files, weights):
+    """32 clients for 30 s against 2 instances per model: no error, every answer checked."""
+    spec, server = served
+    stop = time.monotonic() + 30
+    errors: list[str] = []
+    done = [0] * 32
+
+    def worker(i: int) -> None:
+        rng = np.random.default_rng(100 + i)
+        protocol = PROTOCOLS[i % 2]
+        try:
+            with client(server, protocol) as c:
+                while time.monotonic() < stop and not errors:
+                    batch = int(rng.integers(1, 64))
+                    cat = files.sample_cat(rng, batch)
+                    dense = rng.random((batch, spec.num_dense), dtype=np.float32)
+                    prob = c.predict(dense, cat, model=spec.ensemble)
+                    want = dense_forward(weights, dense, files.embed(cat))
+                    if prob.shape != (batch, 1) or np.max(np.abs(prob - want)) > 1e-5:
+                        errors.append(f"client {i}: wrong answer for batch {batch}")
+                    done[i] += 1
+        except Exception as e:
+            errors.append(f"client {i} ({protocol}): {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:5]
+    assert all(n > 0 for n in done), done
