@@ -174,15 +174,16 @@ class ParameterServer:
         self.sessions: dict[str, LookupSession] = {}
         self._files: dict[str, list[SparseTable]] = {}
         self._lock = threading.Lock()
-        self.ingestor = None
+        self.ingestors: list = []  # online updates (update_source: redis_stream)
+        self.ingestor = None  # the one applying updates to the stores, if any
         try:
             for m in self.config.models:
                 self.add_model(m)
             if self.config.update_source.type == "redis_stream":
-                from .updates.ingestor import ingestor_for
+                from .updates.ingestor import server_ingestors
 
-                u = self.config.update_source
-                self.ingestor = ingestor_for(self.config, server=self, scope=u.scope).start()
+                self.ingestors = [i.start() for i in server_ingestors(self)]
+                self.ingestor = self.ingestors[0] if self.ingestors else None
         except BaseException:
             self.close()
             raise
@@ -332,9 +333,9 @@ class ParameterServer:
 
     def close(self) -> None:
         """Stop background work and close the tiers."""
-        if self.ingestor is not None:
-            self.ingestor.stop()
-            self.ingestor = None
+        for ingestor in self.ingestors:
+            ingestor.stop()
+        self.ingestors, self.ingestor = [], None
         for s in list(self.sessions.values()):
             s.close()
         self.sessions.clear()

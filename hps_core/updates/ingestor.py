@@ -108,7 +108,7 @@ class Ingestor:
         self,
         client: redis.Redis,
         sinks: list[Sink],
-        versions: VersionStore,
+        versions: VersionStore | None,
         *,
         stream: str = DEFAULT_STREAM,
         group: str = "hps",
@@ -119,13 +119,23 @@ class Ingestor:
         claim_idle_ms: int = 30_000,
         failure_backoff_ms: int = 50,
         registry: Registry = REGISTRY,
+        label: str | None = None,
+        dead_letters: bool = True,
+        transient: bool = False,
     ):
+        """``versions`` None: apply in stream order without a version check (one consumer that
+        only overwrites L1 rows). ``label``: the metrics' group label (default ``group``).
+        ``dead_letters`` False: malformed entries are only skipped (another group reports them).
+        ``transient``: the group is this process's own and is deleted by ``stop()``."""
         self.client = client
         self.sinks = sinks
         self.versions = versions
         self.stream = stream
         self.dead = dead_letter_stream(stream)
         self.group = group
+        self.label = label or group
+        self.write_dead_letters = dead_letters
+        self.transient = transient
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.batch_entries = int(batch_entries)
         self.block_ms = int(block_ms)
@@ -175,7 +185,7 @@ class Ingestor:
                 return 0
             self._handle(entries)
         except (HPSError, redis.RedisError, OSError) as e:
-            self.failures.inc(group=self.group)
+            self.failures.inc(group=self.label)
             if not self._failing:
                 log.warning("ingestor %s: cannot apply updates, retrying: %s", self.group, e)
                 self._failing = True
@@ -247,8 +257,11 @@ class Ingestor:
             self._apply(table, b)
         now = time.time_ns()
         if stamps:
-            self.freshness.observe_many([(now - t) / 1e9 for t in stamps], group=self.group)
+            self.freshness.observe_many([(now - t) / 1e9 for t in stamps], group=self.label)
         for eid, table, reason, payload in dead:
+            if not self.write_dead_letters:
+                log.debug("update %s skipped: %s", _text(eid), reason)
+                continue
             self.client.xadd(
                 self.dead,
                 {
@@ -260,9 +273,9 @@ class Ingestor:
                 },
             )
             log.warning("update %s (table '%s') to dead letters: %s", _text(eid), table, reason)
-        self.dead_letters.inc(len(dead), group=self.group)
+        self.dead_letters.inc(len(dead), group=self.label)
         self.client.xack(self.stream, self.group, *[eid for eid, _ in entries])
-        self.entries.inc(len(entries), group=self.group)
+        self.entries.inc(len(entries), group=self.label)
 
     def _apply(self, table: str, b: _Batch) -> None:
         keys = np.concatenate(b.keys)
@@ -274,16 +287,17 @@ class Ingestor:
         last = len(pick) - 1 - np.unique(keys[pick][::-1], return_index=True)[1]
         pick = pick[last]  # each key's newest row
         keys, vecs, vers = keys[pick], vecs[pick], vers[pick]
-        fresh = vers >= self.versions.get(table, keys)
-        if not fresh.all():
-            self.rows_skipped.inc(int((~fresh).sum()), group=self.group)
-            keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
-        if not len(keys):
-            return
-        self.versions.put(table, keys, vers)  # first: a re-delivered older row is then refused
+        if self.versions is not None:
+            fresh = vers >= self.versions.get(table, keys)
+            if not fresh.all():
+                self.rows_skipped.inc(int((~fresh).sum()), group=self.label)
+                keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
+            if not len(keys):
+                return
+            self.versions.put(table, keys, vers)  # first: a re-delivered older row is refused
         for s in self.sinks:
             s.apply(table, keys, vecs)
-        self.rows_applied.inc(len(keys), group=self.group)
+        self.rows_applied.inc(len(keys), group=self.label)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -303,6 +317,12 @@ class Ingestor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.transient:
+            try:
+                self.client.xgroup_destroy(self.stream, self.group)
+            except (redis.RedisError, OSError) as e:
+                log.warning("ingestor %s: cannot delete its group: %s", self.group, e)
+            self.transient = False
         for r in self.owned:
             r.close()
         self.owned.clear()
@@ -330,6 +350,59 @@ def _text(v: object) -> str:
 
 
 SCOPES = ("all", "shared", "local")
+
+
+def server_ingestors(server: object) -> list[Ingestor]:
+    """The ingestors a server runs for ``update_source: redis_stream``, not started.
+
+    Stores shared between processes (Redis or shared-memory VDB, writable PDB) are written by
+    one ingestor in the shared group (``update_source.group``); the consumers of other
+    processes in that group split the entries. What only this process holds (its L1 caches, an
+    in-process hash-map VDB) must see every entry, so a second ingestor reads in a group of its
+    own (``hps:proc:<host>:<pid>``, entries after its start, deleted at close).
+    ``update_source.scope`` limits both: ``shared`` skips the process's and the PDB's part,
+    ``local`` the shared VDB.
+    """
+    import os
+
+    from ..errors import ConfigError
+    from ..vdb.hashmap import HashMapVDB
+
+    cfg = server.config
+    u = cfg.update_source
+    vdb = server.vdb
+    own_vdb = isinstance(vdb, HashMapVDB) and not vdb.shm_name
+    out = []
+    try:
+        out.append(ingestor_for(cfg, vdb=None if own_vdb else vdb, pdb=server.pdb, scope=u.scope))
+    except ConfigError:
+        log.info("update stream: no shared store to update in scope '%s'", u.scope)
+    if u.scope == "shared":
+        return out
+    sinks: list[Sink] = [TierSink("vdb", vdb)] if own_vdb else []
+    if any(t.cache is not None for s in server.sessions.values() for t in s.tables):
+        sinks.append(CacheSink(server))
+    if sinks:
+        from .stream import connect
+
+        out.append(
+            Ingestor(
+                connect(u.brokers, u.user_name, u.password),
+                sinks,
+                None,
+                stream=u.stream,
+                group=f"hps:proc:{socket.gethostname()}:{os.getpid()}",
+                start_id="$",
+                batch_entries=min(u.max_batch_size, 16),
+                block_ms=u.poll_timeout_ms,
+                claim_idle_ms=2**31 - 1,  # nobody else reads this group
+                failure_backoff_ms=u.failure_backoff_ms,
+                label="hps:proc",
+                dead_letters=False,
+                transient=True,
+            )
+        )
+    return out
 
 
 def ingestor_for(
