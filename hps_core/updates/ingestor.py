@@ -374,7 +374,7 @@ def server_ingestors(server: object) -> list[Ingestor]:
     own_vdb = isinstance(vdb, HashMapVDB) and not vdb.shm_name
     out = []
     try:
-        out.append(ingestor_for(cfg, vdb=None if own_vdb else vdb, pdb=server.pdb, scope=u.scope))
+        out.append(ingestor_for(cfg, vdb=vdb, pdb=server.pdb, scope=u.scope))
     except ConfigError:
         log.info("update stream: no shared store to update in scope '%s'", u.scope)
     if u.scope == "shared":
@@ -410,34 +410,33 @@ def ingestor_for(
     *,
     vdb: object | None = None,
     pdb: object | None = None,
-    server: object | None = None,
     scope: str = "all",
     group: str | None = None,
     consumer: str | None = None,
     start_id: str = "0",
 ) -> Ingestor:
-    """An ingestor for the tiers of a config: ``shared`` applies to the VDB, ``local`` to the
-    PDB and the server's L1 caches, ``all`` to every one of them (one group for a single node).
+    """An ingestor for the shared stores of a config: ``shared`` applies to the VDB, ``local``
+    to the (writable) PDB, ``all`` to both. An in-process hash-map VDB is skipped: only its own
+    process can update it (``server_ingestors``).
 
     The group defaults to ``update_source.group`` or ``hps:<scope>``; each store that must see
     every update needs its own group.
     """
     from ..errors import ConfigError
+    from ..vdb.hashmap import HashMapVDB
     from ..vdb.redis import RedisVDB
     from .stream import connect
 
     if scope not in SCOPES:
         raise ConfigError("scope", scope, f"one of {SCOPES}")
     u = config.update_source
-    if server is not None:
-        vdb, pdb = server.vdb, server.pdb
+    if isinstance(vdb, HashMapVDB) and not vdb.shm_name:
+        vdb = None
     sinks: list[Sink] = []
     if scope in ("all", "local") and pdb is not None and not getattr(pdb, "read_only", False):
         sinks.append(TierSink("pdb", pdb))
     if scope in ("all", "shared") and vdb is not None:
         sinks.append(TierSink("vdb", vdb))
-    if scope in ("all", "local") and server is not None:
-        sinks.append(CacheSink(server))
     if not sinks:
         raise ConfigError("scope", scope, "a scope with at least one store enabled")
     client = connect(u.brokers, u.user_name, u.password)
