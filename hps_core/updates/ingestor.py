@@ -334,7 +334,10 @@ class Ingestor:
             return 0
         pending = int(info[0].get("pending", 0))
         lag = info[0].get("lag")
-        return pending + int(lag or 0)
+        if lag is None:  # Redis could not tell (entries deleted...): count what is unread
+            last = _text(info[0]["last-delivered-id"])
+            lag = len(self.client.xrange(self.stream, f"({last}", "+", count=100_000))
+        return pending + int(lag)
 
 
 def _entries(got: object) -> list:
