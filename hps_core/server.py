@@ -178,7 +178,8 @@ class ParameterServer:
         self.sessions: dict[str, LookupSession] = {}
         self._files: dict[str, list[SparseTable]] = {}
         self._lock = threading.Lock()
-        self.ingestor = None
+        self.ingestors: list = []  # online updates (update_source: redis_stream)
+        self.ingestor = None  # the one applying updates to the stores, if any
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
         try:
@@ -190,10 +191,10 @@ class ParameterServer:
                 )
                 self._follower.start()
             if self.config.update_source.type == "redis_stream":
-                from .updates.ingestor import ingestor_for
+                from .updates.ingestor import server_ingestors
 
-                u = self.config.update_source
-                self.ingestor = ingestor_for(self.config, server=self, scope=u.scope).start()
+                self.ingestors = [i.start() for i in server_ingestors(self)]
+                self.ingestor = self.ingestors[0] if self.ingestors else None
         except BaseException:
             self.close()
             raise
@@ -360,9 +361,9 @@ class ParameterServer:
         if self._follower is not None:
             self._follower.join(10)
             self._follower = None
-        if self.ingestor is not None:
-            self.ingestor.stop()
-            self.ingestor = None
+        for ingestor in self.ingestors:
+            ingestor.stop()
+        self.ingestors, self.ingestor = [], None
         for s in list(self.sessions.values()):
             s.close()
         self.sessions.clear()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -75,13 +74,11 @@ def serving_config(
         if cfg.update_source.type == "redis_stream":
             # Another process (`hps ingest`, or the launcher) applies updates to the shared VDB
             # and RocksDB; this one follows RocksDB as a secondary and keeps its own L1 caches
-            # fresh through a consumer group of its own.
+            # fresh (scope "cache": a consumer group of its own, see server_ingestors).
             if cfg.persistent_db.type == "rocks_db" and not cfg.persistent_db.secondary_path:
                 secondary = tempfile.mkdtemp(prefix="hps-rocksdb-secondary-")
                 cfg.persistent_db = dataclasses.replace(cfg.persistent_db, secondary_path=secondary)
-            base = cfg.update_source.group or "hps"
-            group = f"{base}:l1:{model}:{socket.gethostname()}:{os.getpid()}"
-            cfg.update_source = dataclasses.replace(cfg.update_source, scope="cache", group=group)
+            cfg.update_source = dataclasses.replace(cfg.update_source, scope="cache")
     return cfg, model
 
 

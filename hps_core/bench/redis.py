@@ -107,6 +107,7 @@ def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int
     vdb.create_table("bench", dim)
     for s in range(0, rows, 65536):
         vdb.upsert("bench", keys[s : s + 65536], vecs[s : s + 65536])
+    held = vdb.memory_bytes("bench") / (keys.nbytes + vecs.nbytes)  # Redis bytes / raw bytes
     out = []
     for b in batches:
         idx = rng.integers(0, rows, b)
@@ -119,7 +120,7 @@ def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int
             min_seconds=0.5,
             max_reps=40,
         )
-        out.append({"mode": mode, "dim": dim, "batch": b, "keys_s": ks})
+        out.append({"mode": mode, "dim": dim, "batch": b, "keys_s": ks, "memory_over_raw": held})
     vdb.drop_table("bench")
     return out
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(
         title=f"Redis VDB fetch, dim {dim}, {args.rows:,} rows (redis-benchmark GET: {rb / 1e6:.2f} M req/s)"
     )
-    for c in ("mode", "batch", "M keys/s", "vs redis-benchmark per shard"):
+    for c in ("mode", "batch", "M keys/s", "vs redis-benchmark per shard", "Redis bytes / raw"):
         t.add_column(c, justify="right")
     for r in fetch:
         shards = 3 if r["mode"] == "cluster" else 1
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:,}",
             f"{r['keys_s'] / 1e6:.2f}",
             f"{r['vs_redis_benchmark_per_shard']:.2f}x",
+            f"{r['memory_over_raw']:.2f}x",
         )
     console.print(t)
     t = Table(title="update freshness (publish -> visible in the VDB)")

@@ -129,7 +129,7 @@ class Ingestor:
         self,
         client: redis.Redis,
         sinks: list[Sink],
-        versions: VersionStore,
+        versions: VersionStore | None,
         *,
         stream: str = DEFAULT_STREAM,
         group: str = "hps",
@@ -140,13 +140,23 @@ class Ingestor:
         claim_idle_ms: int = 30_000,
         failure_backoff_ms: int = 50,
         registry: Registry = REGISTRY,
+        label: str | None = None,
+        dead_letters: bool = True,
+        transient: bool = False,
     ):
+        """``versions`` None: apply in stream order without a version check (one consumer that
+        only overwrites L1 rows). ``label``: the metrics' group label (default ``group``).
+        ``dead_letters`` False: malformed entries are only skipped (another group reports them).
+        ``transient``: the group is this process's own and is deleted by ``stop()``."""
         self.client = client
         self.sinks = sinks
         self.versions = versions
         self.stream = stream
         self.dead = dead_letter_stream(stream)
         self.group = group
+        self.label = label or group
+        self.write_dead_letters = dead_letters
+        self.transient = transient
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.batch_entries = int(batch_entries)
         self.block_ms = int(block_ms)
@@ -196,7 +206,7 @@ class Ingestor:
                 return 0
             self._handle(entries)
         except (HPSError, redis.RedisError, OSError) as e:
-            self.failures.inc(group=self.group)
+            self.failures.inc(group=self.label)
             if not self._failing:
                 log.warning("ingestor %s: cannot apply updates, retrying: %s", self.group, e)
                 self._failing = True
@@ -268,8 +278,11 @@ class Ingestor:
             self._apply(table, b)
         now = time.time_ns()
         if stamps:
-            self.freshness.observe_many([(now - t) / 1e9 for t in stamps], group=self.group)
+            self.freshness.observe_many([(now - t) / 1e9 for t in stamps], group=self.label)
         for eid, table, reason, payload in dead:
+            if not self.write_dead_letters:
+                log.debug("update %s skipped: %s", _text(eid), reason)
+                continue
             self.client.xadd(
                 self.dead,
                 {
@@ -281,9 +294,9 @@ class Ingestor:
                 },
             )
             log.warning("update %s (table '%s') to dead letters: %s", _text(eid), table, reason)
-        self.dead_letters.inc(len(dead), group=self.group)
+        self.dead_letters.inc(len(dead), group=self.label)
         self.client.xack(self.stream, self.group, *[eid for eid, _ in entries])
-        self.entries.inc(len(entries), group=self.group)
+        self.entries.inc(len(entries), group=self.label)
 
     def _apply(self, table: str, b: _Batch) -> None:
         keys = np.concatenate(b.keys)
@@ -295,16 +308,17 @@ class Ingestor:
         last = len(pick) - 1 - np.unique(keys[pick][::-1], return_index=True)[1]
         pick = pick[last]  # each key's newest row
         keys, vecs, vers = keys[pick], vecs[pick], vers[pick]
-        fresh = vers >= self.versions.get(table, keys)
-        if not fresh.all():
-            self.rows_skipped.inc(int((~fresh).sum()), group=self.group)
-            keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
-        if not len(keys):
-            return
-        self.versions.put(table, keys, vers)  # first: a re-delivered older row is then refused
+        if self.versions is not None:
+            fresh = vers >= self.versions.get(table, keys)
+            if not fresh.all():
+                self.rows_skipped.inc(int((~fresh).sum()), group=self.label)
+                keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
+            if not len(keys):
+                return
+            self.versions.put(table, keys, vers)  # first: a re-delivered older row is refused
         for s in self.sinks:
             s.apply(table, keys, vecs)
-        self.rows_applied.inc(len(keys), group=self.group)
+        self.rows_applied.inc(len(keys), group=self.label)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -324,6 +338,12 @@ class Ingestor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.transient:
+            try:
+                self.client.xgroup_destroy(self.stream, self.group)
+            except (redis.RedisError, OSError) as e:
+                log.warning("ingestor %s: cannot delete its group: %s", self.group, e)
+            self.transient = False
         for r in self.owned:
             r.close()
         self.owned.clear()
@@ -335,7 +355,10 @@ class Ingestor:
             return 0
         pending = int(info[0].get("pending", 0))
         lag = info[0].get("lag")
-        return pending + int(lag or 0)
+        if lag is None:  # Redis could not tell (entries deleted...): count what is unread
+            last = _text(info[0]["last-delivered-id"])
+            lag = len(self.client.xrange(self.stream, f"({last}", "+", count=100_000))
+        return pending + int(lag)
 
 
 def _entries(got: object) -> list:
@@ -353,34 +376,87 @@ def _text(v: object) -> str:
 SCOPES = ("all", "shared", "local", "cache")
 
 
+def server_ingestors(server: object) -> list[Ingestor]:
+    """The ingestors a server runs for ``update_source: redis_stream``, not started.
+
+    Stores shared between processes (Redis or shared-memory VDB, writable PDB) are written by
+    one ingestor in the shared group (``update_source.group``); the consumers of other
+    processes in that group split the entries. What only this process holds (its L1 caches, an
+    in-process hash-map VDB) must see every entry, so a second ingestor reads in a group of its
+    own (``hps:proc:<host>:<pid>``, entries after its start, deleted at close).
+    ``update_source.scope`` limits both: ``shared`` skips the process's and the PDB's part,
+    ``local`` the shared VDB.
+    """
+    import os
+
+    from ..errors import ConfigError
+    from ..vdb.hashmap import HashMapVDB
+
+    cfg = server.config
+    u = cfg.update_source
+    vdb = server.vdb
+    own_vdb = isinstance(vdb, HashMapVDB) and not vdb.shm_name
+    out = []
+    try:
+        out.append(ingestor_for(cfg, vdb=vdb, pdb=server.pdb, scope=u.scope))
+    except ConfigError:
+        log.info("update stream: no shared store to update in scope '%s'", u.scope)
+    if u.scope == "shared":
+        return out
+    sinks: list[Sink] = [TierSink("vdb", vdb)] if own_vdb else []
+    if any(t.cache is not None for s in server.sessions.values() for t in s.tables):
+        sinks.append(CacheSink(server))
+    if sinks:
+        from .stream import connect
+
+        out.append(
+            Ingestor(
+                connect(u.brokers, u.user_name, u.password),
+                sinks,
+                None,
+                stream=u.stream,
+                group=f"hps:proc:{socket.gethostname()}:{os.getpid()}",
+                start_id="$",
+                batch_entries=min(u.max_batch_size, 16),
+                block_ms=u.poll_timeout_ms,
+                claim_idle_ms=2**31 - 1,  # nobody else reads this group
+                failure_backoff_ms=u.failure_backoff_ms,
+                label="hps:proc",
+                dead_letters=False,
+                transient=True,
+            )
+        )
+    return out
+
+
 def ingestor_for(
     config: object,
     *,
     vdb: object | None = None,
     pdb: object | None = None,
-    server: object | None = None,
     scope: str = "all",
     group: str | None = None,
     consumer: str | None = None,
     start_id: str = "0",
 ) -> Ingestor:
-    """An ingestor for the tiers of a config: ``shared`` applies to the VDB, ``local`` to the
-    PDB and the server's L1 caches, ``cache`` to the L1 caches alone (a Triton instance whose
-    shared tiers another process updates), ``all`` to every one of them (one group for a single
-    node).
+    """An ingestor for the shared stores of a config: ``shared`` applies to the VDB, ``local``
+    to the (writable) PDB, ``all`` to both. An in-process hash-map VDB is skipped: only its own
+    process can update it (``server_ingestors``). ``cache`` has no shared store: a Triton
+    instance whose shared tiers another process updates only keeps its L1 caches fresh.
 
     The group defaults to ``update_source.group`` or ``hps:<scope>``; each store that must see
     every update needs its own group.
     """
     from ..errors import ConfigError
+    from ..vdb.hashmap import HashMapVDB
     from ..vdb.redis import RedisVDB
     from .stream import connect
 
     if scope not in SCOPES:
         raise ConfigError("scope", scope, f"one of {SCOPES}")
     u = config.update_source
-    if server is not None:
-        vdb, pdb = server.vdb, server.pdb
+    if isinstance(vdb, HashMapVDB) and not vdb.shm_name:
+        vdb = None
     sinks: list[Sink] = []
     from ..session import store_table_name
 
@@ -394,8 +470,6 @@ def ingestor_for(
         sinks.append(TierSink("pdb", pdb, {k: (d, "float32") for k, d in dims.items()}))
     if scope in ("all", "shared") and vdb is not None:
         sinks.append(TierSink("vdb", vdb, {k: (d, vdb_dtype) for k, d in dims.items()}))
-    if scope in ("all", "local", "cache") and server is not None:
-        sinks.append(CacheSink(server))
     if not sinks:
         raise ConfigError("scope", scope, "a scope with at least one store enabled")
     client = connect(u.brokers, u.user_name, u.password)

@@ -111,3 +111,9 @@ def redis_cluster_own(tmp_path_factory):
 def redis_with_password(tmp_path_factory):
     """A standalone server that requires AUTH (password "s3cret" for the default user)."""
     yield from _start(tmp_path_factory, 1, "s3cret")
+
+
+@pytest.fixture
+def redis_standalone_own(tmp_path_factory):
+    """A standalone server of its own, for tests that kill it."""
+    yield from _start(tmp_path_factory, 1)

@@ -89,3 +89,38 @@ def test_node_killed_restarted_and_stalled(redis_cluster_own, tmp_path, caplog):
         finally:
             os.kill(pid, signal.SIGCONT)
         assert stats.errors["vdb"] == 0  # the VDB itself never raised into the lookup
+
+
+def test_standalone_server_killed_and_restarted(redis_standalone_own, tmp_path):
+    keys, vecs = make_model(tmp_path, rows=2000)
+    cfg = server_config(
+        tmp_path,
+        redis_standalone_own.address,
+        socket_timeout_ms=300,
+        connect_timeout_ms=200,
+        reconnect_backoff_ms=50,
+        reconnect_backoff_max_ms=200,
+    )
+    cfg["models"][0]["gpucache"] = False
+    rng = np.random.default_rng(1)
+    (port,) = redis_standalone_own.ports
+    with ParameterServer(cfg) as ps:
+        stats = ps.session("m").tables[0].stats
+        redis_standalone_own.kill(port)
+        lookups(ps, keys, vecs, rng, 0.5)  # everything from RocksDB now
+        assert ps.vdb.node_down(f"127.0.0.1:{port}") and stats.errors["vdb"] == 0
+        served = stats.hits["pdb"]
+        assert served > 0
+        with pytest.raises(StorageError, match=f"127.0.0.1:{port}"):
+            ps.vdb.upsert("hps_et.m.t0", keys[:5], vecs[:5])  # a write names the node
+        redis_standalone_own.start(port)
+        deadline = time.monotonic() + 10
+        while ps.vdb.node_down(f"127.0.0.1:{port}"):
+            assert time.monotonic() < deadline
+            lookups(ps, keys, vecs, rng, 0.05)
+        # The restarted server is empty and has no table metadata: a writer re-creates it.
+        ps.vdb.create_table("hps_et.m.t0", 8)
+        ps.vdb.upsert("hps_et.m.t0", keys, vecs)
+        before = stats.hits["pdb"]
+        lookups(ps, keys, vecs, rng, 0.3)
+        assert stats.hits["pdb"] == before and stats.hits["vdb"] > 0

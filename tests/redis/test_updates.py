@@ -86,7 +86,8 @@ def test_server_applies_updates_to_vdb_pdb_and_l1(redis_standalone, tmp_path):
         upd = rng.standard_normal((len(upd_keys), 8)).astype(np.float32)
         pub = Publisher(connect(redis_standalone.address))
         pub.publish("hps_et.m.t0", upd_keys, upd)
-        wait_for(lambda: ps.ingestor.lag() == 0)
+        assert len(ps.ingestors) == 2  # the stores' group and this process's own (L1)
+        wait_for(lambda: all(i.lag() == 0 for i in ps.ingestors))
         index = {k: i for i, k in enumerate(keys.tolist())}
         new = vecs.copy()
         new[[index[k] for k in upd_keys[:-1].tolist()]] = upd[:-1]
@@ -103,8 +104,12 @@ def test_server_applies_updates_to_vdb_pdb_and_l1(redis_standalone, tmp_path):
             np.testing.assert_array_equal(got, upd)
         assert fresh.count(group="hps:all") > seen
         assert 0 < fresh.quantile(0.99, group="hps:all") < 5
+        own = ps.ingestors[1].group
     text = REGISTRY.export_prometheus()
     assert 'hps_update_freshness_seconds_bucket{group="hps:all",le="+Inf"}' in text
+    assert 'hps_update_freshness_seconds_count{group="hps:proc"}' in text
+    groups = connect(redis_standalone.address).xinfo_groups("hps_updates")
+    assert own not in [g["name"].decode() for g in groups]  # deleted at close
 
 
 class FlakySink(TierSink):
@@ -218,10 +223,15 @@ def test_ingestor_killed_and_restarted_loses_and_rolls_back_nothing(redis_cluste
             time.sleep(0.01)
 
     def acked() -> int:
+        """Entries of the group delivered and acknowledged (exact, unlike XINFO entries-read)."""
         if not client.exists("hps_updates"):
             return 0
         groups = client.xinfo_groups("hps_updates")
-        return int(groups[0].get("entries-read") or 0) - int(groups[0]["pending"]) if groups else 0
+        if not groups:
+            return 0
+        last = groups[0]["last-delivered-id"]
+        delivered = len(client.xrange("hps_updates", "-", last)) if last != b"0-0" else 0
+        return delivered - int(groups[0]["pending"])
 
     first = ingestor("c1")
     producer = threading.Thread(target=publish_all)
@@ -236,14 +246,7 @@ def test_ingestor_killed_and_restarted_loses_and_rolls_back_nothing(redis_cluste
         second = ingestor("c2")  # another consumer: takes over c1's pending entries
         producer.join(30)
         try:
-            wait_for(
-                lambda: (
-                    len(client.xinfo_groups("hps_updates")) == 1
-                    and client.xinfo_groups("hps_updates")[0]["pending"] == 0
-                    and (client.xinfo_groups("hps_updates")[0].get("lag") or 0) == 0
-                ),
-                30,
-            )
+            wait_for(lambda: acked() == batches, 30)
         finally:
             second.send_signal(signal.SIGINT)
             assert second.wait(20) == 0, second.stderr.read().decode()[-2000:]
@@ -254,7 +257,7 @@ def test_ingestor_killed_and_restarted_loses_and_rolls_back_nothing(redis_cluste
         producer.join(30)
     consumers = {c["name"].decode(): c for c in client.xinfo_consumers("hps_updates", "hps:all")}
     assert set(consumers) == {"c1", "c2"} and consumers["c1"]["pending"] == 0
-    assert acked() == batches > done_by_first
+    assert acked() == client.xlen("hps_updates") == batches > done_by_first
     keys = np.array(sorted(latest))
     expect = np.array([latest[k] for k in keys.tolist()])
     got, found = vdb.fetch(table, keys)
@@ -284,3 +287,29 @@ def test_publish_command_writes_hctr_entries(redis_standalone, tmp_path):
     np.testing.assert_array_equal(np.concatenate([r.keys for r in rows]), keys)
     np.testing.assert_array_equal(np.concatenate([r.vectors for r in rows]), vecs)
     assert main(["publish", *args]) == 2  # neither --npz nor --random: an error, not a crash
+
+
+def test_process_local_hash_map_vdb_gets_every_update(redis_standalone, tmp_path):
+    """An in-process VDB is this process's own: its group sees every entry (as L1 does)."""
+    redis_standalone.flush()
+    keys, vecs = make_model(tmp_path, rows=1000)
+    cfg = server_config(tmp_path, redis_standalone.address)
+    cfg["volatile_db"] = {"type": "parallel_hash_map", "num_partitions": 2}
+    cfg["models"][0]["gpucache"] = False
+    cfg["update_source"] = {
+        "type": "redis_stream",
+        "brokers": redis_standalone.address,
+        "poll_timeout_ms": 50,
+    }
+    upd = np.random.default_rng(6).standard_normal((100, 8)).astype(np.float32)
+    with ParameterServer(cfg) as ps:
+        groups = [i.group for i in ps.ingestors]
+        assert groups[0] == "hps:all" and groups[1].startswith("hps:proc:")
+        assert [s.name for s in ps.ingestors[0].sinks] == ["pdb"]
+        assert [s.name for s in ps.ingestors[1].sinks] == ["vdb"]
+        Publisher(connect(redis_standalone.address)).publish("hps_et.m.t0", keys[:100], upd)
+        wait_for(lambda: all(i.lag() == 0 for i in ps.ingestors))
+        np.testing.assert_array_equal(ps.lookup(keys[:100], "m", "t0"), upd)
+        np.testing.assert_array_equal(ps.vdb.fetch("hps_et.m.t0", keys[:100])[0], upd)
+        np.testing.assert_array_equal(ps.pdb.fetch("hps_et.m.t0", keys[:100])[0], upd)
+        np.testing.assert_array_equal(ps.lookup(keys[100:], "m", "t0"), vecs[100:])
