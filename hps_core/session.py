@@ -55,29 +55,45 @@ class RecentUpdates:
     """Keys an online update changed lately, so a lookup never caches a row older than them.
 
     A lookup reads a row from the VDB/PDB, then inserts it into L1; an update may land in
-    between (its ``assign`` then finds nothing to overwrite), or a lagging tier (a RocksDB
-    secondary, a restarted Redis node) may still hold the old row. Cache fills therefore skip
-    keys updated after the lookup began or within ``grace`` seconds before it. Guarded by the
-    table's ``cache_lock``.
+    between (its ``assign`` then finds nothing to overwrite), or the shared tiers may still
+    hold the old row because the process that writes them lags (a RocksDB secondary, a
+    restarted Redis node, an ingestor catching up). Cache fills therefore skip keys updated
+    after the lookup began or within ``grace`` seconds before it: those keys are read from the
+    tiers again next time. Guarded by the table's ``cache_lock``.
     """
 
-    def __init__(self, grace: float = 2.0, keep: float = 30.0):
-        self.grace, self.keep = grace, keep
+    def __init__(self, grace: float = 30.0):
+        self.grace = grace
         self.epoch = 0
-        self._log: list[tuple[float, int, np.ndarray]] = []  # (time, epoch, sorted keys)
+        self._log: list[tuple[float, int, np.ndarray]] = []  # (time, epoch, unique keys)
+        self._merged: tuple[int, float, np.ndarray] | None = None  # (epoch, built, sorted keys)
 
     def add(self, keys: np.ndarray) -> None:
         now = time.monotonic()
         self.epoch += 1
-        self._log = [e for e in self._log if e[0] > now - self.keep]
+        self._log = [e for e in self._log if e[0] > now - self.grace - 1.0]
         self._log.append((now, self.epoch, np.unique(keys)))
 
     def fresh(self, keys: np.ndarray, since_epoch: int, since_time: float) -> np.ndarray:
         """bool [n]: keys no update touched after since_epoch or since_time - grace."""
-        recent = [k for tm, ep, k in self._log if ep > since_epoch or tm > since_time - self.grace]
-        if not recent:
+        recent = [
+            (ep, k) for tm, ep, k in self._log if ep > since_epoch or tm > since_time - self.grace
+        ]
+        if not recent or not len(keys):
             return np.ones(len(keys), bool)
-        return ~np.isin(keys, np.concatenate(recent))
+        now = time.monotonic()
+        m = self._merged
+        if m is None or m[1] < now - 1.0:
+            # one sorted array of the window's keys, rebuilt at most once a second; a superset
+            # is safe (it only skips more fills). Updates newer than it are checked one by one.
+            merged = np.unique(np.concatenate([k for _, _, k in self._log]))
+            self._merged = m = (self.epoch, now, merged)
+        pos = np.clip(np.searchsorted(m[2], keys), 0, len(m[2]) - 1)
+        updated = m[2][pos] == keys
+        newer = [k for _, ep, k in self._log if ep > m[0]]
+        if newer:
+            updated |= np.isin(keys, np.concatenate(newer))
+        return ~updated
 
 
 @dataclass

@@ -383,7 +383,7 @@ def server_ingestors(server: object) -> list[Ingestor]:
     one ingestor in the shared group (``update_source.group``); the consumers of other
     processes in that group split the entries. What only this process holds (its L1 caches, an
     in-process hash-map VDB) must see every entry, so a second ingestor reads in a group of its
-    own (``hps:proc:<host>:<pid>``, entries after its start, deleted at close).
+    own (``hps:proc:<host>:<pid>``, entries from a minute before its start, deleted at close).
     ``update_source.scope`` limits both: ``shared`` skips the process's and the PDB's part,
     ``local`` the shared VDB.
     """
@@ -416,7 +416,9 @@ def server_ingestors(server: object) -> list[Ingestor]:
                 None,
                 stream=u.stream,
                 group=f"hps:proc:{socket.gethostname()}:{os.getpid()}",
-                start_id="$",
+                # the last minute too: updates the shared stores may not have applied yet are
+                # then known to this process's L1 (see RecentUpdates)
+                start_id=f"{int(time.time() * 1000) - 60_000}-0",
                 batch_entries=min(u.max_batch_size, 16),
                 block_ms=u.poll_timeout_ms,
                 claim_idle_ms=2**31 - 1,  # nobody else reads this group
