@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InvalidInputError, ModelFileError
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20  # rows read per step: small next to a table, large enough to amortise
 FORMAT = "hugectr_sparse"
 KEY_DTYPES = {"int64": np.dtype("<i8"), "uint32": np.dtype("<u4")}
 _I64_MAX = np.iinfo(np.int64).max
