@@ -39,6 +39,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier
 	$(BIN)/hps bench cache
+	$(BIN)/hps bench e2e
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -164,6 +164,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark module with the remaining arguments."""
     if args.which == "cache":
         from .bench.cache import main as bench
+    elif args.which == "e2e":
+        from .bench.e2e import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -269,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
-        "bench", help="benchmarks: cache (L1) or host-tier (VDB/PDB); writes benchmarks/results/"
+        "bench",
+        help="benchmarks: cache (L1), host-tier (VDB/PDB) or e2e (lookup + dense model); "
+        "writes benchmarks/results/",
     )
-    s.add_argument("which", choices=["cache", "host-tier"])
+    s.add_argument("which", choices=["cache", "host-tier", "e2e"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )

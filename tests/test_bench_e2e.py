@@ -1,0 +1,101 @@
+"""The end-to-end benchmark's quick path on a tiny model, checked against direct computations."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from hps_core.bench.e2e import Bench, main, make_batches, reps_for
+from hps_core.cache.reference import ReferenceCache
+from hps_core.config import load_config
+from hps_core.dense import dense_forward, load_dense_weights
+from hps_core.repo import DATA_DIR
+from hps_core.server import l1_capacity
+from hps_core.synth import HOT_KEYS_IN_META, criteo_vocab_sizes, model_spec
+
+ROWS, DIM = 3000, 16
+ALPHAS, BATCHES, FRACTIONS, WARMUP = (1.05, 0.0), (1, 64), (0.1,), 512
+
+
+def reference_hit_rates(model, m, alpha: float, batch: int, fraction: float) -> tuple:
+    """(cold, warm) L1 hit rates of the benchmark's request sequence, replayed on the oracle."""
+    n = reps_for(batch, quick=True)
+    cold = make_batches(model, alpha, batch, min(n, 10), seed=1)
+    warm = make_batches(model, alpha, batch, n, seed=2)
+    chunk = max(batch, 4096)
+    warmup = make_batches(model, alpha, chunk, math.ceil(WARMUP / chunk), seed=3)
+    caches = []
+    for t, rows in enumerate(model.vocab_sizes):
+        cap = l1_capacity(dataclasses.replace(m, gpucacheper=fraction), rows)
+        c = ReferenceCache(cap, DIM, ways=m.cache_ways, policy=m.cache_policy)
+        hot = model.popularity_rank_to_key(t, np.arange(min(rows, HOT_KEYS_IN_META)))
+        k = np.unique(hot[: c.capacity])
+        c.insert(k, np.zeros((len(k), DIM), np.float32))
+        caches.append(c)
+
+    def run(batches) -> float:
+        hits = unique = 0
+        for b in batches:
+            for t, c in enumerate(caches):
+                u = np.unique(b.cat[:, t])
+                _, hit = c.find(u)
+                c.insert(u[~hit], np.zeros((int((~hit).sum()), DIM), np.float32))
+                hits, unique = hits + int(hit.sum()), unique + len(u)
+        return hits / unique
+
+    return run(cold), (run(warmup), run(warm))[1]
+
+
+def test_quick_path_hit_rates_speedups_and_predictions(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--quick", "--cpu", "--no-triton", "--rows", str(ROWS), "--work", str(work)]
+    argv += ["--out", str(out), "--warmup", str(WARMUP), "--hit-rate-threshold", "1"]
+    argv += ["--batches", *map(str, BATCHES), "--alphas", *map(str, ALPHAS)]
+    argv += ["--fractions", *map(str, FRACTIONS)]
+    assert main(argv) == 0
+    payload = json.loads((out / "e2e_quick.json").read_text())
+    assert (out / "e2e_quick.png").stat().st_size > 0
+    assert payload["device"] == "cpu" and payload["triton"] == {"skipped": "--no-triton"}
+
+    sizes = criteo_vocab_sizes(ROWS)
+    model = model_spec(work / DATA_DIR, sizes, [DIM] * len(sizes), seed=0, name="dlrm")
+    cfg = load_config(work / "e2e_hps.json")
+    m = cfg.models[0]
+    rows = payload["results"]
+    for alpha in ALPHAS:
+        for batch in BATCHES:
+            [base] = [r for r in rows if r["mode"] == "baseline_a" and r["alpha"] == alpha
+                      and r["batch"] == batch]  # fmt: skip
+            assert base["samples"] == batch * base["calls"] == batch * reps_for(batch, True)
+            for f in FRACTIONS:
+                cold, warm = reference_hit_rates(model, m, alpha, batch, f)
+                got = {
+                    r["phase"]: r
+                    for r in rows
+                    if r["mode"] == "ours_cpu" and r["alpha"] == alpha and r["batch"] == batch
+                    and r["cache_fraction"] == f
+                }  # fmt: skip
+                assert got["cold"]["l1_hit_rate"] == cold
+                assert got["warm"]["l1_hit_rate"] == warm
+                for r in got.values():
+                    assert r["speedup_vs_a"] == r["samples_s"] / base["samples_s"]
+                    assert r["emb_speedup_vs_a"] == r["emb_samples_s"] / base["emb_samples_s"]
+
+    # ours and baseline A return the table's rows, and the same predictions as the numpy model
+    onnx = work / "dlrm_dense" / "1" / "model.onnx"
+    bench = Bench(work / "e2e_hps.json", model, onnx, 4096)
+    try:
+        b = make_batches(model, 1.05, 50, 1, seed=9)[0]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        tables = [model.table(t)[1] for t in range(len(sizes))]
+        want = np.concatenate(
+            [tables[t][b.rows[:, t] - offsets[t]] for t in range(len(sizes))], axis=1
+        )
+        ours, base = bench.ours(b), bench.baseline_a(b)
+        assert np.array_equal(ours, want) and np.array_equal(base, want)
+        prob = dense_forward(load_dense_weights(onnx), b.dense, want)
+        np.testing.assert_allclose(bench.dense(b.dense, ours), prob, atol=1e-5)
+        np.testing.assert_allclose(bench.dense(b.dense, base), prob, atol=1e-5)
+    finally:
+        bench.close()
