@@ -3,8 +3,11 @@
 import dataclasses
 import json
 import math
+import sys
+import types
 
 import numpy as np
+from rich.progress import Progress
 
 from hps_core.bench.e2e import Bench, main, make_batches, reps_for
 from hps_core.cache.reference import ReferenceCache
@@ -97,5 +100,44 @@ def test_quick_path_hit_rates_speedups_and_predictions(tmp_path):
         prob = dense_forward(load_dense_weights(onnx), b.dense, want)
         np.testing.assert_allclose(bench.dense(b.dense, ours), prob, atol=1e-5)
         np.testing.assert_allclose(bench.dense(b.dense, base), prob, atol=1e-5)
+    finally:
+        bench.close()
+
+
+def test_gpu_ceiling_path_with_numpy_standing_in_for_cupy(tmp_path, monkeypatch):
+    """The GPU section's logic on any machine: CuPy replaced by NumPy arrays that have .get()."""
+
+    class DeviceArray(np.ndarray):
+        def get(self) -> np.ndarray:
+            return np.asarray(self)
+
+    fake = types.ModuleType("cupy")
+    fake.asarray = lambda a: np.asarray(a).view(DeviceArray)
+    fake.cuda = types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(synchronize=lambda: None)
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    from hps_core.bench.e2e import build_model
+    from hps_core.bench.e2e_gpu import measure_gpu_ceiling
+
+    cfg, model, onnx = build_model(tmp_path, ROWS, DIM, "cpu", 4096)
+    bench = Bench(cfg, model, onnx, 4096)
+    args = types.SimpleNamespace(batches=[1, 64], alphas=[1.2], quick=True)
+    try:
+        with Progress(transient=True) as progress:
+            rows = measure_gpu_ceiling(bench, args, progress, None, [])
+        assert [(r["mode"], r["batch"]) for r in rows] == [
+            (m, b) for b in (1, 64) for m in ("ours_gpu", "baseline_b", "device_resident")
+        ]
+        ours, base, dev = rows[3:]
+        assert ours["vs_b"] == ours["emb_samples_s"] / base["emb_samples_s"]
+        assert dev["vs_b"] == dev["ours_samples_s"] / dev["gather_samples_s"]
+        assert ours["samples"] == base["samples"] == 64 * reps_for(64, quick=True)
+        # the hit rate of the device-resident finds: what the caches hold of the replayed keys
+        first = make_batches(model, 1.2, 64, reps_for(64, quick=True), seed=4)[0]
+        caches = [t.cache for t in bench.session.tables]
+        held = sum(int(c.contains(first.cat[:, t]).sum()) for t, c in enumerate(caches))
+        assert dev["l1_hit_rate"] == held / first.cat.size
+        assert dev["l1_hit_rate"] > 0.9  # L1 holds 100% of each table
     finally:
         bench.close()

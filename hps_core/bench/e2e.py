@@ -227,18 +227,41 @@ def baseline_choice(bench: Bench, batch: int, reps: int) -> dict:
             fn(q)
             times.append(time.perf_counter() - t0)
         out[f"{label}_keys_s"] = batch / float(np.median(times))
+    # the VDB fetches serially below PARALLEL_MIN_KEYS keys and with numba threads from there
+    from ..vdb.hashmap import PARALLEL_MIN_KEYS as p
+
+    for n in (p - 1, p):
+        times = []
+        for q in qs:
+            t0 = time.perf_counter()
+            bench.vdb.fetch(name, q[:n])
+            times.append(time.perf_counter() - t0)
+        out[f"hashmap_vdb_{n}_keys_s"] = n / float(np.median(times))
     return out
 
 
 # -- the in-process measurement ------------------------------------------------------------------
 
 
-def measure(bench: Bench, args, device: str, progress: Progress) -> list[dict]:
+def out_of_time(deadline: float | None, skipped: list, **cell) -> bool:
+    """True (and the cell noted in ``skipped``) once ``--max-seconds`` has run out."""
+    if deadline is None or time.perf_counter() < deadline:
+        return False
+    skipped.append(cell)
+    return True
+
+
+def measure(
+    bench: Bench, args, device: str, progress: Progress, deadline: float | None, skipped: list
+) -> list[dict]:
     """Baseline A and ours (cold and warm, each L1 size) for every alpha and batch size."""
     rows: list[dict] = []
     task = progress.add_task("e2e cells", total=len(args.alphas) * len(args.batches))
     for alpha in args.alphas:
         for batch in args.batches:
+            if out_of_time(deadline, skipped, section="e2e", alpha=alpha, batch=batch):
+                progress.advance(task)
+                continue
             n = reps_for(batch, args.quick)
             n_cold = min(n, 10)
             cold = make_batches(bench.model, alpha, batch, n_cold, seed=1)
@@ -270,113 +293,6 @@ def speedup(r: dict, base: dict) -> dict:
         "speedup_vs_a": r["samples_s"] / base["samples_s"],
         "emb_speedup_vs_a": r["emb_samples_s"] / base["emb_samples_s"],
     }
-
-
-# -- GPU: all hits against the dense gather (baseline B) ------------------------------------------
-
-
-def measure_gpu_ceiling(bench: Bench, args, progress: Progress) -> list[dict]:
-    """Ours with every key in L1 vs one dense CuPy table gathered by row index, embeddings only."""
-    import cupy as cp
-
-    dims = set(bench.model.dims)
-    assert len(dims) == 1, "baseline B stacks the tables: one dim for all"
-    dim = dims.pop()
-    table = cp.asarray(
-        np.concatenate(
-            [
-                np.fromfile(Path(p) / "emb_vector", "<f4").reshape(-1, dim)
-                for p in bench.model.table_paths
-            ]
-        )
-    )
-
-    def gather_host(b: Batch) -> np.ndarray:
-        return table[cp.asarray(b.rows)].reshape(len(b), -1).get()
-
-    bench.set_l1(1.0)
-    caches = [t.cache for t in bench.session.tables]
-    rows: list[dict] = []
-    alpha = args.alphas[0]
-    task = progress.add_task("GPU all-hit vs dense gather", total=len(args.batches))
-    for batch in args.batches:
-        n = reps_for(batch, args.quick)
-        replay = make_batches(bench.model, alpha, batch, n, seed=4)
-        for b in replay:  # the first pass puts every key in L1; the timed pass replays
-            bench.ours(b)
-        bench.session.flush()
-        assert np.array_equal(bench.ours(replay[0]), gather_host(replay[0])), "ours != gather"
-        cell = {"alpha": alpha, "batch": batch, "phase": "all_hits", "cache_fraction": 1.0}
-        ours = bench.ours_timed(replay, dense=False)
-        base = timed(gather_host, None, replay)
-        dev = device_resident(caches, table, replay)
-        rows.append(
-            {
-                **cell,
-                "mode": "ours_gpu",
-                **ours,
-                "vs_b": ours["emb_samples_s"] / base["emb_samples_s"],
-            }
-        )
-        rows.append({**cell, "mode": "baseline_b", **base})
-        rows.append(
-            {
-                **cell,
-                "mode": "device_resident",
-                "ours_samples_s": dev["ours"]["emb_samples_s"],
-                "gather_samples_s": dev["gather"]["emb_samples_s"],
-                "ours_p50_ms": dev["ours"]["emb_p50_ms"],
-                "gather_p50_ms": dev["gather"]["emb_p50_ms"],
-                "l1_hit_rate": dev["hit_rate"],
-                "vs_b": dev["ours"]["emb_samples_s"] / dev["gather"]["emb_samples_s"],
-            }
-        )
-        progress.advance(task)
-    return rows
-
-
-def device_resident(caches: list, table, replay: list[Batch]) -> dict:
-    """Keys and row indices already on the GPU: ``GPUCache.find`` per table vs the gather."""
-    import cupy as cp
-
-    keys = [
-        [cp.asarray(np.ascontiguousarray(b.cat[:, t])) for t in range(len(caches))] for b in replay
-    ]
-    rows = [cp.asarray(b.rows) for b in replay]
-    found = sum(int(c.find(k)[1].sum()) for c, k in zip(caches, keys[0], strict=True))
-
-    def find(i: int) -> None:
-        for c, k in zip(caches, keys[i], strict=True):
-            c.find(k)
-
-    def gather(i: int) -> None:
-        table[rows[i]]
-
-    out = {"hit_rate": found / keys[0][0].size / len(caches)}
-    n, samples = len(replay), sum(len(b) for b in replay)
-    for label, fn in (("ours", find), ("gather", gather)):
-        fn(0)
-        times = np.zeros(n)
-        for i in range(n):
-            cp.cuda.Device().synchronize()
-            t0 = time.perf_counter()
-            fn(i)
-            cp.cuda.Device().synchronize()
-            times[i] = time.perf_counter() - t0
-        out[label] = summarize(times, np.zeros(n), samples)
-    return out
-
-
-def gpu_present() -> str | None:
-    """The name of CUDA device 0 when CuPy sees one; None on a machine without a GPU."""
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    except Exception:  # no CuPy, no driver, no device: the CPU benchmark
-        return None
 
 
 # -- Triton ---------------------------------------------------------------------------------------
@@ -435,6 +351,18 @@ def build_model(
     return cfg, model, root / spec.dense / "1" / "model.onnx"
 
 
+def gpu_present() -> str | None:
+    """The name of CUDA device 0 when CuPy sees one; None on a machine without a GPU."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    except Exception:  # no CuPy, no driver, no device: the CPU benchmark
+        return None
+
+
 def load_average() -> dict:
     one, five, fifteen = os.getloadavg()
     return {"time": time.strftime("%H:%M:%S"), "1m": one, "5m": five, "15m": fifteen}
@@ -456,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="HPS's hit_rate_threshold (default: the config's 0.9); 1 fills L1 synchronously "
         "on every miss, which makes hit rates reproducible",
+    )
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        help="time budget from the start: cells not begun by then are skipped (and listed)",
     )
     ap.add_argument("--cpu", action="store_true", help="CPU mode even when a GPU is present")
     ap.add_argument("--work", help="keep the model here (reused when rows/dim match)")
@@ -488,10 +421,16 @@ def main(argv: list[str] | None = None) -> int:
                 first = make_batches(model, 1.05, 64, 1, seed=0)[0]  # compile the numba/CUDA code
                 bench.dense(first.dense, bench.ours(first))
                 payload["baseline_choice"] = baseline_choice(bench, 65536, 3 if args.quick else 7)
-                payload["results"] = measure(bench, args, device, progress)
+                deadline = t_start + args.max_seconds if args.max_seconds else None
+                skipped = payload["skipped_cells"] = []
+                if gpu:  # first: the figure a GPU run is for
+                    from .e2e_gpu import measure_gpu_ceiling
+
+                    payload["gpu_ceiling"] = measure_gpu_ceiling(
+                        bench, args, progress, deadline, skipped
+                    )
+                payload["results"] = measure(bench, args, device, progress, deadline, skipped)
                 payload["load_average"].append(load_average())
-                if gpu:
-                    payload["gpu_ceiling"] = measure_gpu_ceiling(bench, args, progress)
             finally:
                 bench.close()
         if args.no_triton or gpu:

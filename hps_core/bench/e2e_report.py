@@ -48,6 +48,9 @@ def print_tables(console: Console, payload: dict) -> None:
                 mode = f"ours_{dev}"
                 c = _pick(rows, mode=mode, alpha=alpha, batch=batch, cache_fraction=f, phase="cold")
                 w = _pick(rows, mode=mode, alpha=alpha, batch=batch, cache_fraction=f, phase="warm")
+                if c is None or w is None:
+                    cells += ["-"] * 5
+                    continue
                 cells += [
                     f"{c['speedup_vs_a']:.2f} ({c['l1_hit_rate']:.0%})",
                     f"{w['samples_s']:,.0f}",
@@ -69,6 +72,8 @@ def print_tables(console: Console, payload: dict) -> None:
             o = _pick(g, mode="ours_gpu", batch=batch)
             b = _pick(g, mode="baseline_b", batch=batch)
             d = _pick(g, mode="device_resident", batch=batch)
+            if o is None or b is None or d is None:
+                continue
             t.add_row(
                 f"{batch:,}",
                 f"{o['emb_samples_s']:,.0f}",
@@ -80,6 +85,8 @@ def print_tables(console: Console, payload: dict) -> None:
                 f"{d['l1_hit_rate']:.1%}",
             )
         console.print(t)
+    if payload.get("skipped_cells"):
+        console.print(f"out of time (--max-seconds), not measured: {payload['skipped_cells']}")
     tr = payload.get("triton", {})
     if tr.get("skipped"):
         console.print(f"Triton variant skipped: {tr['skipped']}")
