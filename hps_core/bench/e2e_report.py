@@ -29,7 +29,7 @@ def print_tables(console: Console, payload: dict) -> None:
     s = payload["settings"]
     dev = payload["device"]
     t = Table(
-        title=f"end to end ({dev}): lookup of 26 tables + dense model (onnxruntime CPU), "
+        title=f"end to end ({dev}): lookup of 26 tables + dense model ({payload.get('dense')}), "
         f"{payload['rows']:,} rows; x = samples/s over baseline A (e2e / embedding only)"
     )
     cols = ["keys", "batch", "A samples/s", "A p50/p99 ms"]
