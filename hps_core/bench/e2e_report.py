@@ -95,6 +95,9 @@ def print_tables(console: Console, payload: dict) -> None:
         for c in ("batch", "samples/s", "p50 ms", "p99 ms", "in process samples/s", "ratio"):
             t.add_column(c, justify="right")
         for r in tr["rows"]:
+            if "error" in r:
+                t.add_row(f"{r['batch']:,}", "perf_analyzer failed", "-", "-", "-", "-")
+                continue
             ref = r["in_process_samples_s"]
             t.add_row(
                 f"{r['batch']:,}",
