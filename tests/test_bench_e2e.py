@@ -24,7 +24,7 @@ ALPHAS, BATCHES, FRACTIONS, WARMUP = (1.05, 0.0), (1, 64), (0.1,), 512
 def reference_hit_rates(model, m, alpha: float, batch: int, fraction: float) -> tuple:
     """(cold, warm) L1 hit rates of the benchmark's request sequence, replayed on the oracle."""
     n = reps_for(batch, quick=True)
-    cold = make_batches(model, alpha, batch, min(n, 10), seed=1)
+    cold = make_batches(model, alpha, batch, min(n, 8), seed=1)
     warm = make_batches(model, alpha, batch, n, seed=2)
     chunk = max(batch, 4096)
     warmup = make_batches(model, alpha, chunk, math.ceil(WARMUP / chunk), seed=3)
@@ -68,22 +68,22 @@ def test_quick_path_hit_rates_speedups_and_predictions(tmp_path):
     rows = payload["results"]
     for alpha in ALPHAS:
         for batch in BATCHES:
-            [base] = [r for r in rows if r["mode"] == "baseline_a" and r["alpha"] == alpha
-                      and r["batch"] == batch]  # fmt: skip
-            assert base["samples"] == batch * base["calls"] == batch * reps_for(batch, True)
             for f in FRACTIONS:
                 cold, warm = reference_hit_rates(model, m, alpha, batch, f)
-                got = {
-                    r["phase"]: r
-                    for r in rows
-                    if r["mode"] == "ours_cpu" and r["alpha"] == alpha and r["batch"] == batch
-                    and r["cache_fraction"] == f
-                }  # fmt: skip
-                assert got["cold"]["l1_hit_rate"] == cold
-                assert got["warm"]["l1_hit_rate"] == warm
-                for r in got.values():
-                    assert r["speedup_vs_a"] == r["samples_s"] / base["samples_s"]
-                    assert r["emb_speedup_vs_a"] == r["emb_samples_s"] / base["emb_samples_s"]
+                cell = {"alpha": alpha, "batch": batch, "cache_fraction": f}
+                for phase, hit_rate in (("cold", cold), ("warm", warm)):
+                    [ours] = [r for r in rows if r["mode"] == "ours_cpu" and r["phase"] == phase
+                              and r.items() >= cell.items()]  # fmt: skip
+                    [base] = [r for r in rows if r["mode"] == "baseline_a" and r["phase"] == phase
+                              and r.items() >= cell.items()]  # fmt: skip
+                    assert ours["l1_hit_rate"] == hit_rate
+                    calls = (
+                        reps_for(batch, True) if phase == "warm" else min(reps_for(batch, True), 8)
+                    )
+                    assert ours["samples"] == base["samples"] == batch * calls
+                    assert ours["calls"] == base["calls"] == calls
+                    assert ours["speedup_vs_a"] == ours["samples_s"] / base["samples_s"]
+                    assert ours["emb_speedup_vs_a"] == ours["emb_samples_s"] / base["emb_samples_s"]
 
     # ours and baseline A return the table's rows, and the same predictions as the numpy model
     onnx = work / "dlrm_dense" / "1" / "model.onnx"

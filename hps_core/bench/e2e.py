@@ -100,24 +100,32 @@ def make_batches(model: SyntheticModel, alpha: float, batch: int, n: int, seed: 
 
 
 def reps_for(batch: int, quick: bool) -> int:
-    """Timed calls per phase: many small requests, few large ones (~256K samples at most)."""
-    return int(np.clip((2**15 if quick else 2**18) // batch, 3, 12 if quick else 40))
+    """Timed calls per phase: many small requests, few large ones (~128K samples at most)."""
+    return int(np.clip((2**15 if quick else 2**17) // batch, 3, 12 if quick else 30))
 
 
 # -- timing ---------------------------------------------------------------------------------------
 
 
-def timed(embed: Callable, dense: Callable | None, batches: list[Batch]) -> dict:
-    """Each call timed on its own: lookup, then the dense model; summary of both and the sum."""
-    emb_s, dense_s = np.zeros(len(batches)), np.zeros(len(batches))
+def timed(paths: dict[str, Callable], dense: Callable | None, batches: list[Batch]) -> dict:
+    """Each call timed on its own: lookup, then the dense model; a summary per path.
+
+    With several paths the calls are paired: every batch goes through each path in turn (the
+    order alternating), so all of them see the same requests under the same machine load.
+    """
+    names = list(paths)
+    emb_s = {k: np.zeros(len(batches)) for k in names}
+    dense_s = {k: np.zeros(len(batches)) for k in names}
     for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        emb = embed(b)
-        t1 = time.perf_counter()
-        if dense is not None:
-            dense(b.dense, emb)
-        emb_s[i], dense_s[i] = t1 - t0, time.perf_counter() - t1
-    return summarize(emb_s, dense_s, sum(len(b) for b in batches))
+        for k in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            emb = paths[k](b)
+            t1 = time.perf_counter()
+            if dense is not None:
+                dense(b.dense, emb)
+            emb_s[k][i], dense_s[k][i] = t1 - t0, time.perf_counter() - t1
+    samples = sum(len(b) for b in batches)
+    return {k: summarize(emb_s[k], dense_s[k], samples) for k in names}
 
 
 def summarize(emb_s: np.ndarray, dense_s: np.ndarray, samples: int) -> dict:
@@ -198,12 +206,15 @@ class Bench:
         tables = self.session.tables
         return sum(t.stats.hits["l1"] for t in tables), sum(t.stats.unique_keys for t in tables)
 
-    def ours_timed(self, batches: list[Batch], dense: bool = True) -> dict:
+    def ours_timed(self, batches: list[Batch], other: tuple[str, Callable], dense: bool = True):
+        """(ours, other) summaries of paired calls; ours with its L1 hit rate over the calls."""
         h0, u0 = self.l1_counts()
-        r = timed(self.ours, self.dense_fn if dense else None, batches)
+        r = timed(
+            {"ours": self.ours, other[0]: other[1]}, self.dense_fn if dense else None, batches
+        )
         h1, u1 = self.l1_counts()
-        r["l1_hit_rate"] = (h1 - h0) / max(u1 - u0, 1)
-        return r
+        r["ours"]["l1_hit_rate"] = (h1 - h0) / max(u1 - u0, 1)
+        return r["ours"], r[other[0]]
 
     def close(self) -> None:
         self.svc.close()
@@ -272,7 +283,7 @@ def measure(
                 progress.advance(task)
                 continue
             n = reps_for(batch, args.quick)
-            n_cold = min(n, 10)
+            n_cold = min(n, 8)
             cold = make_batches(bench.model, alpha, batch, n_cold, seed=1)
             warm = make_batches(bench.model, alpha, batch, n, seed=2)
             chunk = max(batch, 4096)
@@ -280,19 +291,19 @@ def measure(
             cell = {"alpha": alpha, "batch": batch}
             same = np.array_equal(bench.ours(warm[0]), bench.baseline_a(warm[0]))
             assert same, f"ours and baseline A differ (alpha {alpha}, batch {batch})"
-            base = {**cell, "mode": "baseline_a", "phase": "warm", "device": "cpu"}
-            base.update(timed(bench.baseline_a, bench.dense_fn, warm))
-            rows.append(base)
             for fraction in args.fractions:
                 bench.set_l1(fraction)
-                common = {**cell, "mode": f"ours_{device}", "cache_fraction": fraction}
-                r = bench.ours_timed(cold)
-                rows.append({**common, "phase": "cold", **r, **speedup(r, base)})
-                for b in warmup:
-                    bench.ours(b)
-                bench.session.flush()
-                r = bench.ours_timed(warm)
-                rows.append({**common, "phase": "warm", **r, **speedup(r, base)})
+                common = {**cell, "cache_fraction": fraction}
+                for phase, batches in (("cold", cold), ("warm", warm)):
+                    if phase == "warm":
+                        for b in warmup:
+                            bench.ours(b)
+                        bench.session.flush()
+                    r, base = bench.ours_timed(batches, ("a", bench.baseline_a))
+                    rows.append({**common, "mode": "baseline_a", "phase": phase, **base})
+                    rows.append(
+                        {**common, "mode": f"ours_{device}", "phase": phase, **r} | speedup(r, base)
+                    )
             progress.advance(task)
     return rows
 

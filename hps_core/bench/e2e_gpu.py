@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from .e2e import Batch, Bench, make_batches, out_of_time, reps_for, summarize, timed
+from .e2e import Batch, Bench, make_batches, out_of_time, reps_for, summarize
 
 
 def measure_gpu_ceiling(
@@ -56,8 +56,7 @@ def measure_gpu_ceiling(
         bench.session.flush()
         assert np.array_equal(bench.ours(replay[0]), gather_host(replay[0])), "ours != gather"
         cell = {"alpha": alpha, "batch": batch, "phase": "all_hits", "cache_fraction": 1.0}
-        ours = bench.ours_timed(replay, dense=False)
-        base = timed(gather_host, None, replay)
+        ours, base = bench.ours_timed(replay, ("b", gather_host), dense=False)
         dev = device_resident(caches, table, replay)
         rows.append(
             {
