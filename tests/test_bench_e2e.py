@@ -9,8 +9,9 @@ import types
 import numpy as np
 from rich.progress import Progress
 
-from hps_core.bench.e2e import Bench, main, make_batches, reps_for
+from hps_core.bench.e2e import Bench, make_batches, reps_for
 from hps_core.cache.reference import ReferenceCache
+from hps_core.cli import main as cli_main
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
 from hps_core.repo import DATA_DIR
@@ -56,7 +57,7 @@ def test_quick_path_hit_rates_speedups_and_predictions(tmp_path):
     argv += ["--out", str(out), "--warmup", str(WARMUP), "--hit-rate-threshold", "1"]
     argv += ["--batches", *map(str, BATCHES), "--alphas", *map(str, ALPHAS)]
     argv += ["--fractions", *map(str, FRACTIONS)]
-    assert main(argv) == 0
+    assert cli_main(["bench", "e2e", *argv]) == 0  # through `hps bench e2e`
     payload = json.loads((out / "e2e_quick.json").read_text())
     assert (out / "e2e_quick.png").stat().st_size > 0
     assert payload["device"] == "cpu" and payload["triton"] == {"skipped": "--no-triton"}
