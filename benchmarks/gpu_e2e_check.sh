@@ -18,7 +18,7 @@ step env
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import sys, numpy, numba, cupy, onnxruntime; print(sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__, 'cupy', cupy.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 step "e2e benchmark (GPU)"
-timeout ${T_E2E:-165} python3 -m hps_core.cli bench e2e --rows ${ROWS:-10000000} \
-  --alphas 1.05 0 1.2 --max-seconds ${E2E_SECONDS:-120} --work /tmp/hps-e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -70
+timeout ${T_E2E:-170} python3 -m hps_core.cli bench e2e --rows ${ROWS:-10000000} \
+  --alphas 1.05 0 1.2 --max-seconds ${E2E_SECONDS:-130} --work /tmp/hps-e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -70
 echo "e2e exit: ${PIPESTATUS[0]}"
 step done

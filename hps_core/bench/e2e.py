@@ -9,8 +9,8 @@ CUDA provider). The lookup and the dense model are timed separately inside every
 embedding-only figures stand beside the end-to-end ones.
 
 - **baseline A**: each table's keys fetched from the in-process hash map, no cache: our numba
-  ``HashMapVDB`` (the same instance ours falls back to), the faster of the two CPU baselines the
-  brief allows (``baseline_choice`` in the JSON measures it against sorted keys + searchsorted).
+  ``HashMapVDB`` (the same instance ours falls back to), the faster of the two obvious CPU
+  baselines (``baseline_choice`` in the JSON measures it against sorted keys + searchsorted).
 - **ours**: the serving path of the Triton ``hps`` backend (``EmbeddingService.run_slots``):
   dedupe, L1 cache, VDB, PDB, L1 fill, with L1 holding 1% and 10% of each table
   (``gpucacheper``). On the CPU L1 is the host cache; with a GPU (CuPy sees a device) it is the
@@ -21,7 +21,10 @@ embedding-only figures stand beside the end-to-end ones.
   the keys already on the device (``GPUCache.find`` per table vs the gather).
 
 Cold: the first calls after L1 was built and pre-filled with the hot keys, as at load (code
-already compiled). Warm: after a warm-up of ``--warmup`` samples from the same stream.
+already compiled). Warm: after a warm-up of ``--warmup`` samples from the same stream. Ours and
+its baseline are timed in pairs on the same batches (order alternating), so a busy machine
+slows both; samples/s is samples over the summed call times, p50/p99 come from single calls.
+Fewer, larger calls for large batches (``reps_for``); ``--max-seconds`` bounds a run.
 The Triton variant runs perf_analyzer on the ``dlrm`` ensemble (batch 256/1024/4096, alpha
 1.05) via ``hps_core.repo.serving`` and ``hps_client.perf.run_perf``.
 
