@@ -7,8 +7,10 @@ import sys
 import types
 
 import numpy as np
+from rich.console import Console
 from rich.progress import Progress
 
+from hps_core.bench import e2e_report as report
 from hps_core.bench.e2e import Bench, make_batches, reps_for
 from hps_core.cache.reference import ReferenceCache
 from hps_core.cli import main as cli_main
@@ -140,5 +142,14 @@ def test_gpu_ceiling_path_with_numpy_standing_in_for_cupy(tmp_path, monkeypatch)
         held = sum(int(c.contains(first.cat[:, t]).sum()) for t, c in enumerate(caches))
         assert dev["l1_hit_rate"] == held / first.cat.size
         assert dev["l1_hit_rate"] > 0.9  # L1 holds 100% of each table
+        # the GPU table and plot of the report: the ratios as computed above
+        payload = {"results": [], "device": "gpu", "rows": ROWS, "gpu_ceiling": rows}
+        payload["settings"] = {"batches": [1, 64], "alphas": [1.2], "fractions": [0.1]}
+        console = Console(record=True, width=200)
+        report.print_tables(console, payload)
+        text = console.export_text()
+        assert f"{ours['vs_b']:.2f}" in text and f"{dev['vs_b']:.2f}" in text
+        report.plot(payload, tmp_path / "gpu.png")
+        assert (tmp_path / "gpu.png").stat().st_size > 0
     finally:
         bench.close()
