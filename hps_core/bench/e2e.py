@@ -409,12 +409,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000, help="rows of all 26 tables")
     ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument(
+        "--batches", type=int, nargs="+", default=list(BATCHES), help="samples per request"
+    )
     ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="0: uniform")
-    ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(FRACTIONS),
+        help="L1 sizes as shares of each table (gpucacheper)",
+    )
     ap.add_argument("--warmup", type=int, default=131072, help="warm-up samples per cell")
     ap.add_argument("--triton-batches", type=int, nargs="*", default=list(TRITON_BATCHES))
-    ap.add_argument("--triton-seconds", type=float, default=2.0, help="perf_analyzer window")
+    ap.add_argument(
+        "--triton-seconds",
+        type=float,
+        default=2.0,
+        help="perf_analyzer window (x batch/1024 above 1024)",
+    )
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton variant")
     ap.add_argument(
         "--hit-rate-threshold",
