@@ -50,6 +50,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/hps bench host-tier
 	$(BIN)/hps bench cache
+	$(BIN)/hps bench e2e
 	$(BIN)/hps bench redis --seconds 60
 
 # The demo on a local 3-node Redis Cluster (the VDB) with online updates from a Redis Stream.

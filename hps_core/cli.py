@@ -257,6 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.redis import main as bench
     elif args.which == "memory":
         from .bench.memory import main as bench
+    elif args.which == "e2e":
+        from .bench.e2e import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -368,10 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "bench",
-        help="benchmarks: cache (L1), host-tier (VDB/PDB), redis, memory (estimate vs measured); "
-        "writes benchmarks/results/",
+        help="benchmarks: cache (L1), host-tier (VDB/PDB), redis, memory (estimate vs "
+        "measured), e2e (lookup + dense model); writes benchmarks/results/",
     )
-    s.add_argument("which", choices=["cache", "host-tier", "redis", "memory"])
+    s.add_argument("which", choices=["cache", "host-tier", "redis", "memory", "e2e"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )

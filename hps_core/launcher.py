@@ -171,6 +171,9 @@ class TritonServer:
         )
         # the stub finds this environment's packages through the interpreter first on PATH
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        # numba's OpenMP workers spin while idle, which starves the other processes (stubs,
+        # the server) on a machine with few cores
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.env)
         return env
 

@@ -45,8 +45,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_perf_data(args: argparse.Namespace) -> int:
     from hps_core.repo import read_spec
-
-    from .requests import write_perf_data
+    from hps_core.workload import write_perf_data
 
     path = write_perf_data(read_spec(args.repo), args.out, args.entries, args.model)
     console.print(f"wrote {path}", highlight=False)

@@ -18,10 +18,10 @@ from rich.table import Table
 
 from hps_core.repo import HPS_MODEL, serving
 from hps_core.session import LEVELS
+from hps_core.workload import zipf_batches
 
 from .client import HPSClient
 from .reference import Reference
-from .requests import zipf_batches
 
 console = Console()
 

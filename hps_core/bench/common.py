@@ -29,7 +29,9 @@ def machine() -> dict:
     except OSError:
         pass
     versions = {}
-    for pkg in ("numpy", "numba", "rocksdict", "hps-core", "cupy-cuda12x", "onnxruntime"):
+    for pkg in (
+        "numpy", "numba", "rocksdict", "hps-core", "cupy-cuda12x", "cupy-cuda13x", "onnxruntime",
+    ):  # fmt: skip
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

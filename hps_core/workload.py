@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hps_core.repo import DATA_DIR, RepoSpec
-from hps_core.synth import RequestStream, model_spec
+from .repo import DATA_DIR, RepoSpec
+from .synth import RequestStream, model_spec
 
 
 def zipf_batches(
