@@ -25,6 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from hps_core.errors import HPSError
+from hps_core.metrics import REGISTRY
 from hps_core.serving import LEVELS, EmbeddingService
 
 log = logging.getLogger("hps.backend")
@@ -86,6 +87,17 @@ class Metrics:
         self.last = {
             t: (0, {lv: 0 for lv in LEVELS}, {lv: 0.0 for lv in LEVELS}) for t in self.reqs
         }
+        # online updates reaching this instance's L1 (publish -> applied), from hps_core.metrics
+        fresh = fam(
+            "hps_update_freshness_seconds_q",
+            "publish-to-L1 time of online updates in this model's instances (quantiles)",
+            fam.GAUGE,
+        )
+        self.families.append(fresh)
+        self.fresh = {
+            q: fresh.Metric(labels={"model": model, "quantile": q}) for q in ("0.5", "0.99")
+        }
+        self.fresh_count = 0
         self.pending: list[float] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -106,6 +118,11 @@ class Metrics:
     def publish(self) -> None:
         with self.lock:
             pending, self.pending = self.pending, []
+        hist = REGISTRY.get("hps_update_freshness_seconds")
+        if hist is not None and hist.count(group="hps:proc") != self.fresh_count:
+            self.fresh_count = hist.count(group="hps:proc")
+            for q, metric in self.fresh.items():
+                metric.set(hist.quantile(float(q), group="hps:proc"))
         if self.latency is not None:
             for s in pending:
                 self.latency.observe(s)

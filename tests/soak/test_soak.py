@@ -263,6 +263,19 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
                 want = dense_forward(weights, dense, tables.embed(cat))
                 assert np.max(np.abs(prob - want)) <= 1e-5
             assert rss_end <= 1.05 * rss_warm, (rss_warm, rss_end)
+            # publish -> L1 of the served instances, as Triton's /metrics reports it
+            import urllib.request
+
+            with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+                text = r.read().decode()
+            p50 = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("hps_update_freshness_seconds_q{")
+                and f'model="{spec.embedding}"' in line
+                and 'quantile="0.5"' in line
+            ]
+            assert len(p50) == 1 and 0 < p50[0] <= 1.0, p50
     finally:
         if os.environ.get("HPS_SOAK_KEEP"):  # the ingestor's log, for a failed long run
             shutil.copy(tmp_path / "ingest.log", os.environ["HPS_SOAK_KEEP"])

@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,68 @@ def test_concurrent_clients_over_both_protocols(served, files, weights):
         t.join(120)
     assert not errors, errors[:5]
     assert all(n > 0 for n in done), done
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_async_client_equals_numpy_forward(served, files, weights, protocol):
+    import asyncio
+
+    from hps_client import AsyncHPSClient
+
+    spec, server = served
+    rng = np.random.default_rng(21)
+    cats = [files.sample_cat(rng, n) for n in (1, 9, 40)]
+    denses = [rng.random((len(c), spec.num_dense), dtype=np.float32) for c in cats]
+
+    async def run():
+        c = AsyncHPSClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+        try:  # concurrent requests on one client
+            return await asyncio.gather(
+                *(c.predict(d, k, model=spec.ensemble) for d, k in zip(denses, cats, strict=True))
+            )
+        finally:
+            await c.close()
+
+    for prob, dense, cat in zip(asyncio.run(run()), denses, cats, strict=True):
+        assert np.max(np.abs(prob - dense_forward(weights, dense, files.embed(cat)))) <= 1e-5
+
+
+def test_criteo_tsv_through_the_client_command(served, files, weights, tmp_path):
+    """Criteo lines (label, 13 integers, 26 hex) -> predictions, checked by --check too."""
+    import subprocess
+    import sys
+
+    from hps_client.criteo import CriteoFormatError, parse_criteo_lines
+
+    spec, server = served
+    rng = np.random.default_rng(23)
+    cat = files.sample_cat(rng, 6)
+    cat[0, 4] = 0  # an empty field reads as key 0
+    ints = rng.integers(-3, 5000, (6, 13))
+    lines = []
+    for i in range(6):
+        dense = ["" if (i == 2 and j == 5) else str(v) for j, v in enumerate(ints[i])]
+        hexes = ["" if k == 0 else format(int(k) & (2**64 - 1), "x") for k in cat[i]]
+        lines.append("\t".join([str(i % 2), *dense, *hexes]))
+    path = tmp_path / "day.tsv"
+    path.write_text("\n".join(lines) + "\n")
+
+    labels, dense, got_cat = parse_criteo_lines(lines)
+    ints_clean = ints.astype(np.float64)
+    ints_clean[2, 5] = 0
+    np.testing.assert_array_equal(labels, np.arange(6) % 2)
+    np.testing.assert_allclose(dense, np.log1p(np.maximum(ints_clean, 0)), rtol=1e-6)
+    np.testing.assert_array_equal(got_cat, cat)
+    with pytest.raises(CriteoFormatError, match="line 1: C3"):
+        parse_criteo_lines(["\t".join(["1", *["0"] * 13, "a", "b", "xyz", *["c"] * 23])])
+
+    exe = str(Path(sys.executable).parent / "hps-client")
+    r = subprocess.run(
+        [exe, "predict", str(path), "--url", server.grpc_url, "--protocol", "grpc",
+         "--model", spec.ensemble, "--check", str(spec.root)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = [float(line.split("PROB")[1]) for line in r.stdout.splitlines() if "PROB" in line]
+    want = dense_forward(weights, dense, files.embed(cat))[:, 0]
+    np.testing.assert_allclose(printed, want, atol=1e-5)
