@@ -2,18 +2,7 @@
 # One device run: GPU tests, compute-sanitizer on the cache kernels, the cache benchmark and
 # the demo. Logs and results go to $OUT (default: benchmarks/results/gpu_check).
 # Wheels the image lacks (rocksdict) are installed from .whl/ when present.
-set -u
-OUT=${OUT:-benchmarks/results/gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
-step() { echo "=== $1 ($(date +%T))"; }
-step env
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import sys, numpy, numba, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__, 'cupy', cupy.__version__)"
+. "$(dirname "$0")/gpu_env.sh" gpu_check
 step "gpu tests"
 timeout ${T_TESTS:-200} python3 -m pytest -q -ra -p no:cacheprovider -n 4 --timeout 150 \
   tests/cache/test_gpu_cache.py tests/cache/test_conformance.py tests/test_hps_lookup.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

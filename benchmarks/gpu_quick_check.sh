@@ -6,18 +6,7 @@
 # memcheck of the find paths. Logs and results go to $OUT (default:
 # benchmarks/results/gpu_quick_check). T_TESTS, T_BENCH, T_SAN: time limits in seconds
 # (T_SAN=0 skips the memcheck). Wheels the image lacks (rocksdict) come from .whl/ if present.
-set -u
-OUT=${OUT:-benchmarks/results/gpu_quick_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
-step() { echo "=== $1 ($(date +%T))"; }
-step env
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import sys, numpy, numba, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__, 'cupy', cupy.__version__)"
+. "$(dirname "$0")/gpu_env.sh" gpu_quick_check
 git log -1 --format='commit %h %s' 2>/dev/null
 step "gpu tests"
 timeout ${T_TESTS:-100} python3 -m pytest -q -ra -p no:cacheprovider -n 4 \

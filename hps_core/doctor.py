@@ -201,7 +201,7 @@ def find_nvcc() -> str | None:
     candidates += ["/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"]
     for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         candidates += [f"{site}/nvidia/{d}/bin/nvcc" for d in ("cu13", "cu12", "cuda_nvcc")]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def check_nvcc() -> Check:
@@ -282,7 +282,7 @@ def find_perf_analyzer() -> str | None:
     for root in (Path.cwd(), PROJECT_ROOT, Path(sys.prefix).parent):
         candidates.append(str(root / ".venv-perf" / "bin" / "perf_analyzer"))
     candidates.append(shutil.which("perf_analyzer"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def check_perf() -> list[Check]:

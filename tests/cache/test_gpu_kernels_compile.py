@@ -9,16 +9,14 @@ to NVRTC. nvcc is looked up in $NVCC, $PATH, $CUDA_HOME/bin, /usr/local/cuda/bin
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
 from hps_core.cache.gpu import KERNEL_DIR, KERNELS, kernel_source
+from hps_core.doctor import find_nvcc
 from hps_core.errors import ConfigError
 
 NVCC_MISSING = (
@@ -27,20 +25,6 @@ NVCC_MISSING = (
     "`pip install nvidia-cuda-nvcc` (CUDA 13; it brings nvidia-cuda-crt, nvidia-cuda-runtime "
     "and nvidia-nvvm) or a CUDA toolkit. Note nvidia-cuda-nvcc-cu12 ships ptxas only."
 )
-
-
-def find_nvcc() -> str | None:
-    """Path of a usable nvcc, or None."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
-    candidates += [f"{home}/bin/nvcc"] if home else []
-    candidates += ["/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"]
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        candidates += [f"{site}/nvidia/{d}/bin/nvcc" for d in ("cu13", "cu12", "cuda_nvcc")]
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 @pytest.fixture(scope="module")
