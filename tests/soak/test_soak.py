@@ -37,9 +37,14 @@ from hps_core.repo import HPS_MODEL, serving, write_repository
 from hps_core.synth import criteo_vocab_sizes, make_model
 from hps_core.updates import Publisher, connect
 
-pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.redis]
-
 SECONDS = float(os.environ.get("HPS_SOAK_SECONDS", "45"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.triton,
+    pytest.mark.redis,
+    pytest.mark.timeout(int(SECONDS) + 420),  # set-up, convergence and teardown on top
+]
 EVENTS = os.environ.get("HPS_SOAK_EVENTS", "node,ingestor,reload").split(",")
 DIM = 8
 
