@@ -94,6 +94,19 @@ def serving_memory(server) -> int:
     return sum(p.memory_info().rss for p in procs if p.is_running())
 
 
+def served_rows(client, per_table: list, slots: int, model: str, chunk: int = 4096) -> list:
+    """Each table's rows for its keys through the HugeCTR-style model, in requests it accepts."""
+    out = []
+    for t, keys in enumerate(per_table):
+        parts = []
+        for s in range(0, len(keys), chunk):
+            counts = np.zeros(slots, np.int32)
+            counts[t] = len(keys[s : s + chunk])
+            parts.append(client.lookup(keys[s : s + chunk], counts, model=model).reshape(-1, DIM))
+        out.append(np.concatenate(parts) if parts else np.empty((0, DIM), np.float32))
+    return out
+
+
 def stale_by_tier(config: Path, tables: Tables, per_table: list, got: np.ndarray) -> str:
     """Where the stale rows are: the served answer, the VDB and RocksDB, per table."""
     from hps_core.server import build_pdb, build_vdb
@@ -101,14 +114,13 @@ def stale_by_tier(config: Path, tables: Tables, per_table: list, got: np.ndarray
     cfg = load_config(config)
     cfg.persistent_db = dataclasses.replace(cfg.persistent_db, read_only=True)
     vdb, pdb = build_vdb(cfg), build_pdb(cfg)
-    out, start = [], 0
+    out = []
     try:
         for t, keys in enumerate(per_table):
             if not len(keys):
                 continue
             want = np.stack([tables.rows[t][k] for k in keys.tolist()])
-            served = got[start : start + len(keys) * DIM].reshape(-1, DIM)
-            start += len(keys) * DIM
+            served = got[t]
             v, vf = vdb.fetch(tables.store[t], keys)
             p, pf = pdb.fetch(tables.store[t], keys)
             n = int((served != want).any(axis=1).sum())
@@ -248,12 +260,14 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
                 while time.monotonic() < deadline:
                     per_table = [np.array(sorted(u), np.int64) for u in tables.updated]
                     counts = np.array([len(k) for k in per_table], np.int32)
-                    got = c.lookup(np.concatenate(per_table), counts, model=HPS_MODEL)
-                    want = np.concatenate(
-                        [np.stack([tables.rows[t][k] for k in per_table[t].tolist()]).ravel()
-                         for t in range(26) if len(per_table[t])]
-                    )  # fmt: skip
-                    bad = int((got.reshape(-1, DIM) != want.reshape(-1, DIM)).any(axis=1).sum())
+                    got, bad = served_rows(c, per_table, spec.slots, HPS_MODEL), 0
+                    for t, keys in enumerate(per_table):
+                        want = (
+                            np.stack([tables.rows[t][k] for k in keys.tolist()])
+                            if len(keys)
+                            else np.empty((0, DIM), np.float32)
+                        )
+                        bad += int((got[t] != want).any(axis=1).sum())
                     if bad == 0:
                         break
                     time.sleep(1)
