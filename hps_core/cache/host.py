@@ -24,10 +24,9 @@ import math
 import numba
 import numpy as np
 
-from ..errors import ConfigError, InvalidInputError
+from ..errors import InvalidInputError
 from . import _host_kernels as kern
-from .base import EmbeddingCache
-from .reference import DTYPES, POLICIES, check_keys, check_vectors, from_bf16_bits, to_bf16_bits
+from .reference import SlotArrays, check_keys, check_vectors, to_bf16_bits
 
 PARALLEL_MIN_KEYS = 4096
 """Batches below this run serially: waking the thread pool costs more than it saves."""
@@ -49,7 +48,7 @@ def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
-class HostCache(EmbeddingCache):
+class HostCache(SlotArrays):
     """Set-associative LRU/LFU cache of one table's rows in host memory (numba kernels)."""
 
     def __init__(
@@ -62,25 +61,9 @@ class HostCache(EmbeddingCache):
         seed: int = 0,
         parallel_min_keys: int = PARALLEL_MIN_KEYS,
     ):
-        for field, value in (("capacity", capacity), ("dim", dim), ("ways", ways)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(field, value, "an integer >= 1")
-        if policy not in POLICIES:
-            raise ConfigError("policy", policy, f"one of {POLICIES}")
-        if dtype not in DTYPES:
-            raise ConfigError("dtype", dtype, f"one of {DTYPES}")
-        self.dim, self.ways, self.policy, self.dtype = int(dim), int(ways), policy, dtype
+        self._allocate(capacity, dim, ways, policy, dtype, zeros=_aligned_zeros)
         self.seed = seed  # no effect: both policies are deterministic (as in the reference)
         self.parallel_min_keys = int(parallel_min_keys)
-        self.num_sets = max(1, math.ceil(capacity / ways))
-        self.capacity = self.num_sets * self.ways
-        shape = (self.num_sets, self.ways)
-        storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
-        self.keys = _aligned_zeros(shape, np.int64)
-        self.occupied = _aligned_zeros(shape, np.bool_)
-        self.stamp = _aligned_zeros(shape, np.uint64)
-        self.values = _aligned_zeros((*shape, self.dim), storage)
-        self.clock = 0
         self._lfu = policy == "lfu"
         self._kind = _KIND[dtype]
         self._vals = self.values.view(np.uint16)  # what the kernels see
@@ -102,12 +85,6 @@ class HostCache(EmbeddingCache):
             with np.errstate(over="ignore"):  # overflow is inf, as in the reference
                 return np.ascontiguousarray(vectors.astype(np.float16).view(np.uint16))
         return np.ascontiguousarray(vectors).view(np.uint16)
-
-    def _decode(self, stored: np.ndarray) -> np.ndarray:
-        """Stored rows -> fp32 (a copy)."""
-        if self.dtype == "bfloat16":
-            return from_bf16_bits(stored)
-        return stored.astype(np.float32)
 
     @staticmethod
     def _keys(keys: object) -> np.ndarray:
@@ -203,30 +180,7 @@ class HostCache(EmbeddingCache):
 
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """All cached rows as (keys int64 [n], fp32 vectors [n, dim]), in slot order."""
-        return self.keys[self.occupied], self._decode(self.values[self.occupied])
-
-    def clear(self) -> None:
-        """Empty every slot (the clock keeps running)."""
-        for a in (self.keys, self.occupied, self.stamp, self.values):
-            a.fill(0)
-
-    def size(self) -> int:
-        """Number of cached rows."""
-        return int(np.count_nonzero(self.occupied))
-
-    def memory_bytes(self) -> int:
-        """Bytes of the slot arrays."""
-        return sum(a.nbytes for a in (self.keys, self.occupied, self.stamp, self.values))
-
-    def snapshot(self) -> dict[str, np.ndarray | int]:
-        """Copies of the slot state: keys, occupied, stamp [sets, ways], fp32 values, clock."""
-        return {
-            "keys": self.keys.copy(),
-            "occupied": self.occupied.copy(),
-            "stamp": self.stamp.copy(),
-            "values": self._decode(self.values),
-            "clock": self.clock,
-        }
+        return self.keys[self.occupied], self.decode(self.values[self.occupied])
 
     def __repr__(self) -> str:
         return (

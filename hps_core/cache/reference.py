@@ -106,7 +106,64 @@ def last_occurrences(keys: np.ndarray) -> np.ndarray:
     return np.sort(len(keys) - 1 - first_in_reversed)
 
 
-class ReferenceCache(EmbeddingCache):
+class SlotArrays(EmbeddingCache):
+    """The slot layout of the host-memory caches: keys, occupied, stamp [num_sets, ways] and
+    stored rows [num_sets, ways, dim], plus the clock. ReferenceCache defines the semantics on
+    it; HostCache runs numba kernels over the same arrays."""
+
+    def _allocate(
+        self, capacity: int, dim: int, ways: int, policy: str, dtype: str, zeros=np.zeros
+    ) -> None:
+        """Validate the options and allocate zeroed slot arrays with ``zeros(shape, dtype)``."""
+        for field, value in (("capacity", capacity), ("dim", dim), ("ways", ways)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(field, value, "an integer >= 1")
+        if policy not in POLICIES:
+            raise ConfigError("policy", policy, f"one of {POLICIES}")
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", dtype, f"one of {DTYPES}")
+        self.dim, self.ways, self.policy, self.dtype = int(dim), int(ways), policy, dtype
+        self.num_sets = max(1, math.ceil(capacity / ways))
+        self.capacity = self.num_sets * self.ways
+        storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+        shape = (self.num_sets, self.ways)
+        self.keys = zeros(shape, np.int64)
+        self.occupied = zeros(shape, np.bool_)
+        self.stamp = zeros(shape, np.uint64)
+        self.values = zeros((*shape, self.dim), storage)
+        self.clock = 0
+
+    def decode(self, stored: np.ndarray) -> np.ndarray:
+        """Stored rows -> fp32 (a copy)."""
+        if self.dtype == "bfloat16":
+            return from_bf16_bits(stored)
+        return stored.astype(np.float32)
+
+    def clear(self) -> None:
+        """Empty every slot (the clock keeps running)."""
+        for a in (self.keys, self.occupied, self.stamp, self.values):
+            a.fill(0)
+
+    def size(self) -> int:
+        """Number of cached rows."""
+        return int(np.count_nonzero(self.occupied))
+
+    def memory_bytes(self) -> int:
+        """Bytes of the slot arrays."""
+        return sum(a.nbytes for a in (self.keys, self.occupied, self.stamp, self.values))
+
+    def snapshot(self) -> dict[str, np.ndarray | int]:
+        """Copies of the slot state: keys, occupied, stamp [sets, ways], fp32 values, clock."""
+        return {
+            "keys": self.keys.copy(),
+            "occupied": self.occupied.copy(),
+            "stamp": self.stamp.copy(),
+            "values": self.decode(self.values),
+            "clock": self.clock,
+        }
+
+
+class ReferenceCache(SlotArrays):
     """Set-associative LRU/LFU cache in plain numpy: obviously correct first, `find` vectorised."""
 
     def __init__(
@@ -118,24 +175,8 @@ class ReferenceCache(EmbeddingCache):
         dtype: str = "float32",
         seed: int = 0,
     ):
-        for field, value in (("capacity", capacity), ("dim", dim), ("ways", ways)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(field, value, "an integer >= 1")
-        if policy not in POLICIES:
-            raise ConfigError("policy", policy, f"one of {POLICIES}")
-        if dtype not in DTYPES:
-            raise ConfigError("dtype", dtype, f"one of {DTYPES}")
-        self.dim, self.ways, self.policy, self.dtype = int(dim), int(ways), policy, dtype
+        self._allocate(capacity, dim, ways, policy, dtype)
         self.seed = seed  # no effect: both policies are deterministic; kept for future ones
-        self.num_sets = max(1, math.ceil(capacity / ways))
-        self.capacity = self.num_sets * self.ways
-        storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
-        shape = (self.num_sets, self.ways)
-        self.keys = np.zeros(shape, np.int64)
-        self.occupied = np.zeros(shape, bool)
-        self.stamp = np.zeros(shape, np.uint64)
-        self.values = np.zeros((*shape, self.dim), storage)
-        self.clock = 0
 
     # -- storage and lookup -------------------------------------------------------------------
     def encode(self, vectors: np.ndarray) -> np.ndarray:
@@ -144,12 +185,6 @@ class ReferenceCache(EmbeddingCache):
             return to_bf16_bits(vectors)
         with np.errstate(over="ignore"):  # fp16 overflow is inf, as on the device
             return vectors.astype(self.values.dtype)
-
-    def decode(self, stored: np.ndarray) -> np.ndarray:
-        """Stored rows -> fp32."""
-        if self.dtype == "bfloat16":
-            return from_bf16_bits(stored)
-        return stored.astype(np.float32)
 
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(set, way, hit) per key; way is meaningful only where hit."""
@@ -231,28 +266,3 @@ class ReferenceCache(EmbeddingCache):
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """All cached rows as (keys int64 [n], fp32 vectors [n, dim]), in slot order."""
         return self.keys[self.occupied].copy(), self.decode(self.values[self.occupied])
-
-    def clear(self) -> None:
-        """Empty every slot (the clock keeps running)."""
-        self.keys[:] = 0
-        self.occupied[:] = False
-        self.stamp[:] = 0
-        self.values[:] = 0
-
-    def size(self) -> int:
-        """Number of cached rows."""
-        return int(self.occupied.sum())
-
-    def memory_bytes(self) -> int:
-        """Bytes of the slot arrays."""
-        return sum(a.nbytes for a in (self.keys, self.occupied, self.stamp, self.values))
-
-    def snapshot(self) -> dict[str, np.ndarray | int]:
-        """Copies of the slot state: keys, occupied, stamp [sets, ways], fp32 values, clock."""
-        return {
-            "keys": self.keys.copy(),
-            "occupied": self.occupied.copy(),
-            "stamp": self.stamp.copy(),
-            "values": self.decode(self.values),
-            "clock": self.clock,
-        }
