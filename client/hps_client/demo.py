@@ -8,9 +8,7 @@ stream, prints predictions, latency and per-level hit rates from ``/metrics``, a
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import numpy as np
 from rich.console import Console
@@ -21,6 +19,7 @@ from hps_core.session import LEVELS
 from hps_core.workload import zipf_batches
 
 from .client import HPSClient
+from .metrics import samples, scrape
 from .reference import Reference
 
 console = Console()
@@ -104,13 +103,9 @@ def _load(spec, server, batches: int, batch_size: int) -> None:
 
 
 def _hit_rates(server, model: str) -> None:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
     keys = dict.fromkeys(LEVELS, 0.0)
-    for line in text.splitlines():
-        if line.startswith("hps_keys_total{") and f'model="{model}"' in line:
-            level = re.search(r'level="(\w+)"', line).group(1)
-            keys[level] += float(line.rsplit(" ", 1)[1])
+    for labels, value in samples(scrape(server.metrics_url), "hps_keys_total", model=model):
+        keys[labels["level"]] += value
     total = sum(keys.values()) or 1.0
     table = Table(title=f"unique keys served per level ({model}, from Triton's /metrics)")
     for level in LEVELS:

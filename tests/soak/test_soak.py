@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 from hps_client import HPSClient
+from hps_client.metrics import samples, scrape
+from hps_client.perf import serving_memory
 
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
@@ -86,12 +87,6 @@ class Tables:
 
     def sample(self, rng, batch: int) -> np.ndarray:
         return np.stack([k[rng.integers(0, len(k), batch)] for k in self.keys], axis=1)
-
-
-def serving_memory(server) -> int:
-    procs = [psutil.Process(server.proc.pid)]
-    procs += procs[0].children(recursive=True)
-    return sum(p.memory_info().rss for p in procs if p.is_running())
 
 
 def served_rows(client, per_table: list, slots: int, model: str, chunk: int = 4096) -> list:
@@ -221,7 +216,7 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
 
             try:
                 at(0.15)
-                rss_warm = serving_memory(server)
+                rss_warm = serving_memory(server)["rss_mib"]
                 at(0.2)
                 if "node" in EVENTS:
                     vdb.kill(vdb.ports[1])
@@ -245,7 +240,7 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
                     c.load_model(HPS_MODEL)
                     assert c.is_model_ready(HPS_MODEL)
                 at(1.0)
-                rss_end = serving_memory(server)
+                rss_end = serving_memory(server)["rss_mib"]
             finally:
                 stop.set()
                 for th in threads:
@@ -283,16 +278,14 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
                 assert np.max(np.abs(prob - want)) <= 1e-5
             assert rss_end <= 1.05 * rss_warm, (rss_warm, rss_end)
             # publish -> L1 of the served instances, as Triton's /metrics reports it
-            import urllib.request
-
-            with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-                text = r.read().decode()
             p50 = [
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("hps_update_freshness_seconds_q{")
-                and f'model="{spec.embedding}"' in line
-                and 'quantile="0.5"' in line
+                v
+                for _, v in samples(
+                    scrape(server.metrics_url),
+                    "hps_update_freshness_seconds_q",
+                    model=spec.embedding,
+                    quantile="0.5",
+                )
             ]
             assert len(p50) == 1 and 0 < p50[0] <= 1.0, p50
     finally:

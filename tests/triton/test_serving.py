@@ -6,15 +6,14 @@ weights, or with the in-process ``HPS.lookup`` of the same tiers.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hps_client import HPSClient
+from hps_client.metrics import scrape, total
 
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
@@ -199,17 +198,6 @@ def test_load_and_unload_at_run_time(served, files):
         np.testing.assert_array_equal(c.lookup(keys, counts), files.lookup(0, keys).ravel())
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_count_the_keys_of_each_table(served, files):
     spec, server = served
     rng = np.random.default_rng(13)
@@ -217,17 +205,15 @@ def test_metrics_count_the_keys_of_each_table(served, files):
     counts = np.zeros(spec.slots, np.int32)
     counts[2] = len(keys)
 
-    def scrape():
-        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-            return r.read().decode()
-
     table = load_config(spec.config).models[0].embedding_table_names[2]
-    before = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+    before = total(scrape(server.metrics_url), "hps_keys_total", model="hps_embedding", table=table)
     with client(server, "http") as c:
         c.lookup(keys, counts)
     deadline = time.monotonic() + 10  # the backend publishes its metrics every 0.5 s
     while True:
-        after = _metric(scrape(), "hps_keys_total", model="hps_embedding", table=table)
+        after = total(
+            scrape(server.metrics_url), "hps_keys_total", model="hps_embedding", table=table
+        )
         if after != before or time.monotonic() > deadline:
             break
         time.sleep(0.2)
