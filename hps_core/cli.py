@@ -206,33 +206,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import time
 
     from .config import load_config
-    from .server import build_pdb, build_vdb
-    from .updates.ingestor import ingestor_for
+    from .updates.ingestor import StoreIngestor
 
     cfg = load_config(args.config)
-    vdb, pdb = build_vdb(cfg), build_pdb(cfg)
+    store = StoreIngestor(
+        cfg,
+        scope=args.scope,
+        group=args.group,
+        consumer=args.consumer,
+        start_id="$" if args.new_only else "0",
+    )
+    ing = store.ingestor
+    end = time.monotonic() + args.seconds if args.seconds else None
+    console.print(f"ingesting {cfg.update_source.stream} as group {ing.group}")
     try:
-        ing = ingestor_for(
-            cfg,
-            vdb=vdb,
-            pdb=pdb,
-            scope=args.scope,
-            group=args.group,
-            consumer=args.consumer,
-            start_id="$" if args.new_only else "0",
-        )
-        end = time.monotonic() + args.seconds if args.seconds else None
-        console.print(f"ingesting {cfg.update_source.stream} as group {ing.group}")
-        try:
-            ing.run(until=(lambda: time.monotonic() > end) if end else None)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            ing.stop()
+        ing.run(until=(lambda: time.monotonic() > end) if end else None)
+    except KeyboardInterrupt:
+        pass
     finally:
-        for tier in (vdb, pdb):
-            if tier is not None:
-                tier.close()
+        store.close()
     return 0
 
 

@@ -275,7 +275,13 @@ def serving(
         spec = write_repository(root, rows=rows, dim=dim, instances=instances)
     preload(spec.config, progress=progress)
     server = TritonServer(spec.root, models=[spec.ensemble, HPS_MODEL])
-    updates = _ShareIngestor(spec.config) if ingest else None
+    cfg = load_config(spec.config)
+    updates = None
+    if ingest and cfg.update_source.type == "redis_stream":
+        from .updates.ingestor import StoreIngestor
+
+        updates = StoreIngestor(cfg, scope="all")
+        updates.ingestor.start()
     try:
         server.start(timeout=start_timeout)
         yield spec, server
@@ -284,30 +290,3 @@ def serving(
         if updates is not None:
             updates.close()
         release_shared(spec.config)
-
-
-class _ShareIngestor:
-    """The update stream applied to a config's VDB and RocksDB in this process (if it has one)."""
-
-    def __init__(self, config: Path):
-        from .server import build_pdb, build_vdb
-
-        cfg = load_config(config)
-        self.vdb = self.pdb = self.ingestor = None
-        if cfg.update_source.type != "redis_stream":
-            return
-        from .updates.ingestor import ingestor_for
-
-        self.vdb, self.pdb = build_vdb(cfg), build_pdb(cfg)
-        try:
-            self.ingestor = ingestor_for(cfg, vdb=self.vdb, pdb=self.pdb, scope="all").start()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self.ingestor is not None:
-            self.ingestor.stop()
-        for tier in (self.vdb, self.pdb):
-            if tier is not None:
-                tier.close()

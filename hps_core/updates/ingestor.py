@@ -505,3 +505,28 @@ def _addr(brokers: str) -> list[tuple[str, int]]:
         if p.isdigit():
             out.append((h, int(p)))
     return out
+
+
+class StoreIngestor:
+    """An ingestor together with the VDB and PDB it writes, opened from a config and closed with
+    it (``hps ingest``, and the launcher of ``hps serve``). ``ingestor`` is not started."""
+
+    def __init__(self, config: object, scope: str = "all", **kw):
+        from ..server import build_pdb, build_vdb
+
+        self.vdb, self.pdb = build_vdb(config), build_pdb(config)
+        try:
+            self.ingestor = ingestor_for(config, vdb=self.vdb, pdb=self.pdb, scope=scope, **kw)
+        except BaseException:
+            self._close_tiers()
+            raise
+
+    def _close_tiers(self) -> None:
+        for tier in (self.vdb, self.pdb):
+            if tier is not None:
+                tier.close()
+
+    def close(self) -> None:
+        """Stop the ingestor, then close the tiers."""
+        self.ingestor.stop()
+        self._close_tiers()
