@@ -24,9 +24,9 @@ other branch at compile time.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
-from ..hash_kernels import mix
+from ..hash_kernels import mix, prefetch
 from .shm import as_float32
 
 M32 = np.uint64(0xFFFFFFFF)
@@ -86,6 +86,15 @@ def probe(key, h, p, index, tkeys, icap, pcap, rbits):
     return -1, -1
 
 
+@njit(nogil=True, cache=True)
+def seq_clean(before, seq):
+    """Whether no partition's write sequence moved since ``before`` or was odd (mid-write)."""
+    for p in range(len(seq)):
+        if before[p] != seq[p] or before[p] & np.uint64(1):
+            return False
+    return True
+
+
 # Kernels off the hot read path run serially: a parallel kernel costs seconds more to compile.
 
 
@@ -116,22 +125,36 @@ def group_by_partition(keys, P):
     return order, starts
 
 
-BLOCK = 16  # keys whose probes and row copies are issued together
-CHUNK = 1024  # keys per parallel task
+BLOCK = 32  # keys whose cache lines are requested together before any of them is read
+CHUNK = 1024  # keys per parallel task, at most
+MIN_CHUNK = 256  # and at least
+
+
+def chunk_size(n: int) -> int:
+    """Keys per task of a parallel fetch: two tasks per thread, so a thread that finishes early
+    takes over part of a slow one's share."""
+    return max(MIN_CHUNK, min(CHUNK, -(-n // (2 * get_num_threads()))))
+
+
+LINE = 64  # bytes per cache line
 
 
 @njit(inline="always", cache=True)
 def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
                  icap, pcap, rbits, P, out, found, lut):  # fmt: skip
-    """fetch for sel[lo:hi], BLOCK keys at a time in stages.
+    """fetch for sel[lo:hi], BLOCK keys at a time in three passes over the block.
 
-    Each stage is a short loop over the block whose loads do not depend on each other, so the
-    CPU keeps a block's cache misses in flight together (one long loop per key would stall on
-    them one after the other): 1. hash, load the home slot, check its tag; 2. confirm the key in
-    the pool or probe on; 3. copy (and convert) the rows; 4. with a ``lut``, decode the copied
-    fp16 bits (a table lookup per element inside step 3 would serialise the misses).
+    A lookup is a chain of three misses (index slot -> pool key -> row), and a branch on a
+    missed load stalls the core until it arrives, so a loop that finishes one key before the
+    next waits for each miss in turn. Instead: 1. hash each key and prefetch its home index
+    slot; 2. scan each key's slots (now cached) to the first tag match and prefetch that pool
+    key and every line of the row; 3. confirm each key (a false tag match or a concurrent
+    write falls back to ``probe``) and copy its row, which has arrived by then. With a ``lut``
+    the copied fp16 bits are decoded in a fourth pass (a table lookup per element inside the
+    copy would serialise the misses again). ``values`` must be C-contiguous.
     """
     dim = values.shape[1]
+    step = max(1, LINE // values.itemsize)  # elements per cache line
     hs = np.empty(BLOCK, np.uint64)
     rows = np.empty(BLOCK, np.int64)
     raw = np.empty((BLOCK, dim), values.dtype)
@@ -139,24 +162,46 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
         b1 = min(hi, b0 + BLOCK)
         for j in range(b0, b1):
             h = mix(keys[sel[j]])
-            e = np.int64(index[partition_of(h, P) * icap + home_slot(h, icap)])
             hs[j - b0] = h
-            rows[j - b0] = entry_row(e, rbits) if (e >> rbits) == tag_of(h, rbits) else -1
+            prefetch(index, partition_of(h, P) * icap + home_slot(h, icap))
         for j in range(b0, b1):
-            key = keys[sel[j]]
             h = hs[j - b0]
             p = partition_of(h, P)
-            r = rows[j - b0]
-            if r < 0 or tkeys[p * pcap + r] != key:
-                _, r = probe(key, h, p, index, tkeys, icap, pcap, rbits)
-            rows[j - b0] = p * pcap + r if r >= 0 else -1
+            s = home_slot(h, icap)
+            t = tag_of(h, rbits)
+            g = -1
+            for _ in range(icap):  # bounded: a torn index under a writer is retried anyway
+                e = np.int64(index[p * icap + s])
+                if e == 0:
+                    break
+                if (e >> rbits) == t:
+                    g = p * pcap + entry_row(e, rbits)
+                    break
+                s += 1
+                if s == icap:
+                    s = 0
+            if g >= 0:
+                prefetch(tkeys, g)
+                for d in range(0, dim, step):
+                    prefetch(values, g * dim + d)
+                prefetch(values, g * dim + dim - 1)  # a row need not start on a line
+                if touch != 0:
+                    prefetch(meta, g)
+            rows[j - b0] = g
         for j in range(b0, b1):
             i = sel[j]
+            key = keys[i]
             row = rows[j - b0]
+            if row >= 0 and tkeys[row] != key:  # a false tag match: probe past it
+                h = hs[j - b0]
+                p = partition_of(h, P)
+                _, r = probe(key, h, p, index, tkeys, icap, pcap, rbits)
+                row = p * pcap + r if r >= 0 else -1
+                rows[j - b0] = row
             found[i] = row >= 0
             if row < 0:
                 continue
-            if lut is None:  # a short, vectorised loop per row: the rows' misses overlap
+            if lut is None:
                 for d in range(dim):
                     out[i, d] = as_float32(values[row, d])
             else:
@@ -177,19 +222,24 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
 
 @njit(parallel=True, nogil=True, cache=True)
 def fetch(
-    keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut
-):
-    """Rows of keys[sel] into out[sel] (fp16 decoded through lut); found[sel]; touch 0: no meta."""
+    keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut,
+    chunk,
+):  # fmt: skip
+    """Rows of keys[sel] into out[sel] (fp16 decoded through lut); found[sel]; touch 0: no meta.
+
+    ``chunk`` keys per parallel task (``chunk_size``)."""
     n = len(sel)
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        _fetch_chunk(c * CHUNK, min(n, (c + 1) * CHUNK), keys, sel, index, tkeys, values,
+    for c in prange((n + chunk - 1) // chunk):
+        _fetch_chunk(c * chunk, min(n, (c + 1) * chunk), keys, sel, index, tkeys, values,
                      meta, touch, tick, icap, pcap, rbits, P, out, found, lut)  # fmt: skip
 
 
-# Small batches run serially: waking the thread pool costs more than it saves below ~4K keys.
+# Small batches run serially: below a few hundred keys waking the thread pool costs more than
+# it saves.
 # (A second function, not njit(...) of the same one twice: numba's cache would mix them up.)
 @njit(nogil=True, cache=True)
-def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut):  # fmt: skip
+def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut, chunk):  # fmt: skip
+    """fetch on the calling thread (``chunk`` is unused: one signature for both)."""
     _fetch_chunk(0, len(sel), keys, sel, index, tkeys, values, meta, touch, tick,
                  icap, pcap, rbits, P, out, found, lut)  # fmt: skip
 

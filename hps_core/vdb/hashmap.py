@@ -65,7 +65,7 @@ MIN_SHARED_ROWS = 1024  # pool rows per partition when the capacity is fixed
 GROWTH = 1.5
 READ_RETRIES = 64
 READ_TIMEOUT_S = 10.0
-PARALLEL_MIN_KEYS = 4096
+PARALLEL_MIN_KEYS = 512
 
 
 class UnknownVDBTableError(HPSError, KeyError):
@@ -216,12 +216,14 @@ class HashMapVDB(VolatileDB):
         elif t.policy == "evict_oldest" and self.refresh_time_after_fetch:
             t.clock[0] += np.uint64(1)
             touch, tick = K.TOUCH_TICK, int(t.clock[0])
-        kernel = K.fetch if n >= PARALLEL_MIN_KEYS else K.fetch_serial
+        kernel, chunk = (
+            (K.fetch, K.chunk_size(n)) if n >= PARALLEL_MIN_KEYS else (K.fetch_serial, 0)
+        )
         lut = shm.HALF_TO_FLOAT if t.dtype == "float16" and not shm.NATIVE_HALF else None
 
         def run(a: TableArrays, sel: np.ndarray) -> None:
             kernel(k, sel, a.index, a.keys, a.values, a.meta, touch, tick,
-                   a.icap, a.pcap, a.rbits, t.P, out, found, lut)  # fmt: skip
+                   a.icap, a.pcap, a.rbits, t.P, out, found, lut, chunk)  # fmt: skip
 
         self._read(t, k, run)
         if fresh and not found.all():
@@ -244,15 +246,17 @@ class HashMapVDB(VolatileDB):
         """Run ``run(arrays, positions)`` under the seqlock until no writer overlapped it."""
         sel = np.arange(len(k), dtype=np.int64)
         parts = None
-        start = time.monotonic()
+        start = 0.0
         attempt = 0
         while True:
             before = t.seq.copy()
             run(t.arr, sel)
+            if K.seq_clean(before, t.seq):
+                return
+            if not start:
+                start = time.monotonic()
             after = t.seq.copy()
             dirty = (before != after) | ((before & np.uint64(1)) != 0)
-            if not dirty.any():
-                return
             if parts is None:
                 parts = K.partitions(k, t.P)
             sel = sel[dirty[parts[sel]]]
