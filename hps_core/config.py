@@ -193,6 +193,10 @@ class ModelConfig:
     # hottest first; "" for none), so the first requests are not cold.
     cache_prefill: bool = True
     hot_key_files: list[str] = field(default_factory=list)
+    # Extension: a missed key enters L1 only once it has been requested this many times
+    # (counted in a count-min sketch that halves as it ages); 1 admits every miss, as HPS.
+    # 2 keeps keys asked for once from evicting hot rows: see hps_core/cache/admission.py.
+    cache_admission_min_count: int = 1
 
     def validate(self, src: str | None, i: int) -> None:
         p = f"models[{i}]"
@@ -237,6 +241,14 @@ class ModelConfig:
         _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
         _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src)
         _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
+        _at_least(f"{p}.cache_admission_min_count", self.cache_admission_min_count, 1, src)
+        if self.cache_admission_min_count > 255:
+            raise ConfigError(
+                f"{p}.cache_admission_min_count",
+                self.cache_admission_min_count,
+                "at most 255 (the sketch counts to 255)",
+                src,
+            )
         if self.hot_key_files and len(self.hot_key_files) != n:
             raise ConfigError(
                 f"{p}.hot_key_files", self.hot_key_files, f"one entry per sparse file ({n})", src

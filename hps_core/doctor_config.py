@@ -116,7 +116,7 @@ def check_memory(cfg) -> list[Check]:
     est = estimate_config(cfg)
     vdb = sum(e.vdb_bytes for e in est)
     host_l1 = sum(e.l1_bytes for e in est if e.l1_device == "host")
-    memtables = sum(e.pdb_host_bytes for e in est)
+    memtables = sum(e.pdb_host_bytes + e.admission_bytes for e in est)
     out = []
     if cfg.volatile_db.type == "multi_process_hash_map":
         st = os.statvfs(SHM)

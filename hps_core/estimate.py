@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .cache.admission import sketch_bytes
 from .config import HPSConfig
 from .model_io import SparseTable
 
@@ -37,6 +38,7 @@ class TableEstimate:
     l1_device: str
     pdb_bytes: int
     pdb_host_bytes: int = 0  # RocksDB memtables right after a first load (host RAM)
+    admission_bytes: int = 0  # the L1 admission sketch (host RAM)
 
 
 def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
@@ -66,6 +68,9 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             # per slot, host: key, stamp, occupancy byte; GPU: key, stamp, uint32 state
             slot_bytes = 8 + 8 + (4 if on_gpu else 1)
             l1_bytes = slots * (slot_bytes + dim * item)
+            admission = 0
+            if slots and m.cache_admission_min_count > 1:
+                admission = sketch_bytes(l1_capacity(m, rows))
             pdb = pdb_host = 0
             if cfg.persistent_db.type != "disabled":
                 pdb = rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
@@ -85,6 +90,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     l1_device="gpu" if on_gpu else "host",
                     pdb_bytes=pdb,
                     pdb_host_bytes=pdb_host,
+                    admission_bytes=admission,
                 )
             )
     return out

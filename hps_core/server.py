@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .config import HPSConfig, ModelConfig, load_config
 from .errors import ConfigError, UnknownModelError
@@ -216,6 +217,8 @@ class ParameterServer:
                     default_value=m.default_value_for_each_table[t],
                     cache=build_cache(m, t, f.rows),
                 )
+                if rt.cache is not None and m.cache_admission_min_count > 1:
+                    rt.admission = Admission(rt.cache.capacity, m.cache_admission_min_count)
                 self._load_table(m, rt, f)
                 tables.append(rt)
         except BaseException:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .errors import InvalidInputError, StorageError, UnknownTableError
 from .pdb.base import PersistentDB
@@ -105,6 +106,7 @@ class TableRuntime:
     dim: int
     default_value: float
     cache: EmbeddingCache | None = None
+    admission: Admission | None = None  # None: every miss enters the cache
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
     stats: LookupStats = field(default_factory=LookupStats)
     recent: RecentUpdates = field(default_factory=RecentUpdates)
@@ -179,6 +181,8 @@ class LookupSession:
         t0 = time.perf_counter()
         uniq, inverse = np.unique(k, return_inverse=True)
         st.unique_keys = len(uniq)
+        if t.admission is not None:
+            t.admission.record(k)
         vec = np.empty((len(uniq), t.dim), dtype=np.float32)
         t1 = time.perf_counter()
         st.seconds["dedupe"] = t1 - t0
@@ -226,6 +230,8 @@ class LookupSession:
         ts = time.perf_counter()
         if t.cache is not None:
             fill = fill_idx[~missing[fill_idx]]  # default vectors are not cached
+            if t.admission is not None and len(fill):
+                fill = fill[t.admission.admit(uniq[fill])]
             if len(fill):
                 self._fill_cache(t, uniq[fill], vec[fill], st.hit_rate("l1"), since)
         t3 = time.perf_counter()

@@ -24,6 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..cache.admission import Admission
 from ..cache.reference import ReferenceCache
 from ..synth import oracle_top_c_hit_rate, zipf_ranks
 from .common import RESULTS, machine, save
@@ -188,6 +189,40 @@ def host_vs_numpy(capacity: int, dim: int, batch: int, reps: int) -> dict:
     }
 
 
+def ideal_online_lfu(
+    table_rows: int, alpha: float, cap: int, batch: int, warm: int, measure: int
+) -> float:
+    """Hit rate of the best an online cache can do on the same stream: a fully associative cache
+    that holds, before each batch, the ``cap`` keys requested most so far (exact counts of the
+    whole history). The oracle also knows the keys no request has shown yet."""
+    rng = np.random.default_rng(7)  # the stream hit_rates serves
+    counts = np.zeros(table_rows, np.int64)
+    cached = np.zeros(table_rows, bool)
+    hits = total = 0
+    for i in range(warm + measure):
+        q = zipf_ranks(table_rows, alpha, batch, rng)
+        if i >= warm:
+            hits += int(cached[q].sum())
+            total += len(q)
+        np.add.at(counts, q, 1)
+        cached[:] = False
+        if np.count_nonzero(counts) <= cap:
+            cached[counts > 0] = True
+        else:
+            cached[np.argpartition(-counts, cap)[:cap]] = True
+    return hits / total
+
+
+def hot_keys_from_log(table_rows: int, alpha: float, cap: int, draws: int) -> np.ndarray:
+    """The ``cap`` most requested keys of an independent sample of ``draws`` requests (as a
+    user's key-frequency list from past traffic), hottest first."""
+    counts = np.bincount(
+        zipf_ranks(table_rows, alpha, draws, np.random.default_rng(99)), minlength=table_rows
+    )
+    hot = np.argsort(-counts, kind="stable")[:cap]
+    return hot[counts[hot] > 0].astype(np.int64)
+
+
 def hit_rates(
     dev: Device,
     table_rows: int,
@@ -198,42 +233,62 @@ def hit_rates(
     warm_batches: int,
     measure_batches: int,
 ) -> list[dict]:
-    """Hit rate after warm-up, serving like the lookup session: find, then insert the misses."""
+    """Hit rate after warm-up, serving like the lookup session: find, then insert the misses.
+
+    Two ways to start: ``cold`` (empty cache, every miss admitted, as HPS) and ``prefill``
+    (filled at load with the hottest keys of an independent sample of 2x table-rows requests,
+    then misses admitted once the sketch has seen them twice: ``cache_admission_min_count: 2``).
+    Each is set against the oracle top-C and the ideal online LFU of the same stream.
+    """
     out = []
     for alpha in alphas:
         for frac in fractions:
             cap = int(table_rows * frac)
             oracle = oracle_top_c_hit_rate(table_rows, alpha, cap)
-            for policy in policies:
-                rng = np.random.default_rng(7)
-                cache = dev.cache_cls(cap, 1, ways=32 if dev.gpu else 8, policy=policy)
-                hits = total = 0
-                for i in range(warm_batches + measure_batches):
-                    q = zipf_ranks(table_rows, alpha, batch, rng).astype(np.int64)
-                    uq = np.unique(q)
-                    _, hit = cache.find(dev.xp.asarray(uq))
-                    hit = np.asarray(hit.get() if dev.gpu else hit)
-                    miss = uq[~hit]
-                    if len(miss):
+            ideal = ideal_online_lfu(table_rows, alpha, cap, batch, warm_batches, measure_batches)
+            hot = hot_keys_from_log(table_rows, alpha, cap, 2 * table_rows)
+            for start, min_count in (("cold", 1), ("prefill", 2)):
+                for policy in policies:
+                    rng = np.random.default_rng(7)
+                    cache = dev.cache_cls(cap, 1, ways=32 if dev.gpu else 8, policy=policy)
+                    if start == "prefill":
                         cache.insert(
-                            dev.xp.asarray(miss), dev.xp.zeros((len(miss), 1), dev.xp.float32)
+                            dev.xp.asarray(hot), dev.xp.zeros((len(hot), 1), dev.xp.float32)
                         )
-                    if i >= warm_batches:  # per key occurrence, as the oracle counts
-                        pos = np.searchsorted(uq, q)
-                        hits += int(hit[pos].sum())
-                        total += len(q)
-                rate = hits / total
-                out.append(
-                    {
-                        "alpha": alpha,
-                        "cache_fraction": frac,
-                        "policy": policy,
-                        "capacity": cap,
-                        "hit_rate": rate,
-                        "oracle_top_c": oracle,
-                        "of_oracle": rate / oracle,
-                    }
-                )
+                    admission = Admission(cap, min_count)
+                    hits = total = 0
+                    for i in range(warm_batches + measure_batches):
+                        q = zipf_ranks(table_rows, alpha, batch, rng).astype(np.int64)
+                        uq = np.unique(q)
+                        admission.record(q)
+                        _, hit = cache.find(dev.xp.asarray(uq))
+                        hit = np.asarray(hit.get() if dev.gpu else hit)
+                        miss = uq[~hit]
+                        miss = miss[admission.admit(miss)]
+                        if len(miss):
+                            cache.insert(
+                                dev.xp.asarray(miss), dev.xp.zeros((len(miss), 1), dev.xp.float32)
+                            )
+                        if i >= warm_batches:  # per key occurrence, as the oracle counts
+                            pos = np.searchsorted(uq, q)
+                            hits += int(hit[pos].sum())
+                            total += len(q)
+                    rate = hits / total
+                    out.append(
+                        {
+                            "alpha": alpha,
+                            "cache_fraction": frac,
+                            "policy": policy,
+                            "start": start,
+                            "admission_min_count": min_count,
+                            "capacity": cap,
+                            "hit_rate": rate,
+                            "oracle_top_c": oracle,
+                            "of_oracle": rate / oracle,
+                            "ideal_online_lfu": ideal,
+                            "of_ideal_online": rate / ideal,
+                        }
+                    )
     return out
 
 
@@ -294,10 +349,15 @@ def plot(payload: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     if hr:
         ax = axes[0][1]
-        labels = [f"a={r['alpha']} {r['cache_fraction']:.0%} {r['policy']}" for r in hr]
+        labels = [
+            f"a={r['alpha']} {r['cache_fraction']:.0%} {r['policy']} {r.get('start', 'cold')}"
+            for r in hr
+        ]
         x = np.arange(len(hr))
-        ax.bar(x - 0.2, [r["hit_rate"] for r in hr], 0.4, label="cache")
-        ax.bar(x + 0.2, [r["oracle_top_c"] for r in hr], 0.4, label="oracle top-C")
+        ax.bar(x - 0.27, [r["hit_rate"] for r in hr], 0.27, label="cache")
+        ax.bar(x, [r.get("ideal_online_lfu", np.nan) for r in hr], 0.27, label="ideal online LFU")
+        ax.bar(x + 0.27, [r["oracle_top_c"] for r in hr], 0.27, label="oracle top-C")
+        ax.set_ylim(min(r["hit_rate"] for r in hr) - 0.05, 1.0)
         ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")
         ax.set_ylabel("hit rate")
         ax.set_title("hit rate after warm-up vs oracle")
@@ -398,16 +458,22 @@ def main(argv: list[str] | None = None) -> int:
             f"numpy reference {h['numpy_keys_s'] / 1e6:.2f} M keys/s: {h['ratio']:.1f}x"
         )
     t = Table(title=f"hit rate after warm-up, {table_rows:,}-row table")
-    for c in ("alpha", "cache", "policy", "hit rate", "oracle top-C", "of oracle"):
+    cols = ("alpha", "cache", "policy", "start", "admit at", "hit rate", "oracle top-C",
+            "of oracle", "ideal online LFU", "of ideal")  # fmt: skip
+    for c in cols:
         t.add_column(c, justify="right")
     for r in payload.get("hit_rate", []):
         t.add_row(
             str(r["alpha"]),
             f"{r['cache_fraction']:.0%}",
             r["policy"],
+            r["start"],
+            str(r["admission_min_count"]),
             f"{r['hit_rate']:.3f}",
             f"{r['oracle_top_c']:.3f}",
             f"{r['of_oracle']:.1%}",
+            f"{r['ideal_online_lfu']:.3f}",
+            f"{r['of_ideal_online']:.1%}",
         )
     if "hit_rate" in payload:
         console.print(t)

@@ -131,7 +131,7 @@ def predicted(config: Path) -> dict:
     cfg = load_config(config)
     rows = estimate_config(cfg)
     shared = cfg.volatile_db.type == "multi_process_hash_map"
-    host = sum(r.pdb_host_bytes + (0 if shared else r.vdb_bytes) for r in rows)
+    host = sum(r.pdb_host_bytes + r.admission_bytes + (0 if shared else r.vdb_bytes) for r in rows)
     host += sum(r.l1_bytes for r in rows if r.l1_device == "host")
     return {
         "host": host,
