@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -147,8 +148,12 @@ class RedisNodes:
             self._rc.nodes_manager.create_redis_connections([n])
         return n.name, n.redis_connection
 
-    def run(self, cmds: list[Cmd]) -> list[object]:
-        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError)."""
+    def run(self, cmds: list[Cmd], read=None) -> list[object]:
+        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError).
+
+        ``read(conn, indices)``, if given, reads the replies of ``cmds[indices]`` from a node's
+        connection itself (see ``read_raw``) and returns one result per command; a command
+        redirected elsewhere (MOVED/ASK) is answered by a plain reply as without ``read``."""
         by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
         for i, c in enumerate(cmds):
             name, client = self._node(c.hkey)
@@ -156,7 +161,8 @@ class RedisNodes:
         out: list[object] = [None] * len(cmds)
 
         def one(name: str, client: redis.Redis, idx: list[int]) -> None:
-            replies = self._send(name, client, [cmds[i].wire for i in idx])
+            rd = (lambda conn: read(conn, idx)) if read is not None else None
+            replies = self._send(name, client, [cmds[i].wire for i in idx], rd)
             for i, r in zip(idx, replies, strict=True):
                 out[i] = r
 
@@ -189,15 +195,15 @@ class RedisNodes:
                 c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
         return c
 
-    def _send(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+    def _send(self, name: str, client: redis.Redis, wires: list[bytes], read=None) -> list:
         slots = self._slots.get(name)
         if slots is None:
             with self._lock:
                 slots = self._slots.setdefault(name, threading.BoundedSemaphore(self._per_node))
         with slots:
-            return self._send_now(name, client, wires)
+            return self._send_now(name, client, wires, read)
 
-    def _send_now(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+    def _send_now(self, name: str, client: redis.Redis, wires: list[bytes], read=None) -> list:
         h = self._health.setdefault(name, _Health())
         if h.down and time.monotonic() < h.retry_at:
             _failed.inc(node=name)
@@ -208,12 +214,15 @@ class RedisNodes:
         try:
             conn = _connection(pool)
             conn.send_packed_command([b"".join(wires)], check_health=False)
-            replies = []
-            for _ in wires:
-                try:
-                    replies.append(conn.read_response())
-                except ResponseError as e:
-                    replies.append(e)
+            if read is not None and _parser_idle(conn):
+                replies = read(conn)
+            else:
+                replies = []
+                for _ in wires:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as e:
+                        replies.append(e)
         except NODE_ERRORS as e:
             if conn is not None:
                 conn.disconnect()
@@ -265,6 +274,53 @@ class RedisNodes:
             self._rc.close()
         for c in self._redirect_clients.values():
             c.close()
+
+
+def _parser_idle(conn) -> bool:
+    """Whether the connection's reply parser holds no bytes already read from its socket, so
+    the next bytes on the socket are the next reply (always so between whole replies; checked
+    rather than assumed)."""
+    if getattr(conn, "_sock", None) is None:
+        return False
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    if reader is not None:  # hiredis
+        return not reader.has_data()
+    buf = getattr(parser, "_buffer", None)
+    return buf is None or not buf.unread_bytes()
+
+
+def reply_error(msg: str) -> Exception:
+    """The exception redis-py raises for an error reply ``msg`` (the text after '-')."""
+    kind, _, rest = msg.partition(" ")
+    if kind == "MOVED":
+        return MovedError(rest)
+    if kind == "ASK":
+        return AskError(rest)
+    return ResponseError(msg)
+
+
+def read_raw(conn, size: int, consume) -> None:
+    """Read replies from ``conn``'s socket into a buffer of ``size`` bytes, calling
+    ``consume(buf, end)`` after each read until it returns True. A connection error or
+    timeout raises as redis-py's own reads would (the caller marks the node down)."""
+    buf = np.empty(size, np.uint8)
+    view = memoryview(buf)
+    sock = conn._sock
+    end = 0
+    try:
+        while True:
+            if end == size:
+                raise redis.ConnectionError("reply larger than the replies asked for")
+            n = sock.recv_into(view[end:])
+            if n == 0:
+                raise redis.ConnectionError("connection closed by the server")
+            end += n
+            if consume(buf, end):
+                return
+    except BaseException:
+        conn.disconnect()  # a half-read reply leaves the connection unusable
+        raise
 
 
 def _connection(pool: redis.ConnectionPool):

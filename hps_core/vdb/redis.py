@@ -27,6 +27,7 @@ of the batch itself included), ``evict_oldest`` / ``evict_least_used`` pop the l
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..errors import ConfigError, InvalidInputError, StorageError
 from ..hashing import splitmix64
 from ..metrics import REGISTRY
 from . import _resp as R
-from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port
+from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port, read_raw, reply_error
 from .base import VolatileDB
 from .hashmap import _keys, _vectors
 
@@ -291,8 +292,11 @@ class RedisVDB(VolatileDB):
             wire = R.head(len(sel) + 2, "HMGET", hk) + R.fields(kb[sel])
             cmds.append(Cmd(hk, wire))
         dt = DTYPES[m.dtype]
+        direct = dt == np.float32 and out.flags.c_contiguous  # rows land in out itself
+        rows = out.view(np.uint8) if direct else np.empty((n, m.width), np.uint8)
+        read = functools.partial(self._read_rows, table, m, groups, rows, found)
         failed = False
-        for (p, sel), r in zip(groups, self.nodes.run(cmds), strict=True):
+        for (p, sel), r in zip(groups, self.nodes.run(cmds, read), strict=True):
             if isinstance(r, Exception):
                 # NodeDown was logged by the node; other errors (LOADING, CLUSTERDOWN...) are
                 # logged once per table and kind until a fetch of the table works again.
@@ -305,22 +309,59 @@ class RedisVDB(VolatileDB):
                 self.unavailable_keys += len(sel)
                 _unavailable.inc(len(sel), table=table)
                 continue
-            hit = np.fromiter((v is not None for v in r), bool, len(sel))
+            if r is True:  # read_rows put the rows in place
+                continue
+            hit = np.fromiter((v is not None for v in r), bool, len(sel))  # a redirected read
             if not hit.any():
                 continue
             buf = b"".join([v for v in r if v is not None])
             if len(buf) != int(hit.sum()) * m.width:
-                raise StorageError(
-                    f"Redis VDB table '{table}' partition {p}: stored rows are not "
-                    f"{m.width} bytes (dim {m.dim} {m.dtype}); was the table re-created?"
-                )
+                raise self._width_error(table, p, m)
             pos = sel[hit]
-            out[pos] = np.frombuffer(buf, dt).reshape(-1, m.dim)
+            rows[pos] = np.frombuffer(buf, np.uint8).reshape(-1, m.width)
             found[pos] = True
+        if not direct:
+            out[found] = rows[found].view(dt).astype(np.float32)
         if not failed and self._read_errors:
             self._read_errors = {e for e in self._read_errors if e[0] != table}
         self._touch(table, m, k, found)
         return out, found
+
+    @staticmethod
+    def _width_error(table: str, p: int, m: _Meta) -> StorageError:
+        return StorageError(
+            f"Redis VDB table '{table}' partition {p}: stored rows are not "
+            f"{m.width} bytes (dim {m.dim} {m.dtype}); was the table re-created?"
+        )
+
+    def _read_rows(self, table, m, groups, rows, found, conn, idx) -> list[object]:
+        """Read the HMGET replies of ``groups[idx]`` off ``conn`` straight into ``rows``."""
+        counts = np.array([len(groups[i][1]) for i in idx], np.int64)
+        sel = np.concatenate([groups[i][1] for i in idx])
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        state = np.array([0, -1, 0], np.int64)
+        err = np.full((len(idx), 2), -1, np.int64)
+
+        errors: dict[int, str] = {}
+
+        def consume(buf: np.ndarray, end: int) -> bool:
+            status = R.parse_rows(buf, end, state, counts, sel, starts, rows, found, err)
+            for c in np.flatnonzero(err[:, 0] >= 0):
+                if c not in errors:
+                    errors[c] = bytes(buf[err[c, 0] : err[c, 1]]).decode(errors="replace")
+            if status == R.BAD_WIDTH:
+                raise self._width_error(table, groups[idx[state[0]]][0], m)
+            if status == R.BAD:
+                p = groups[idx[state[0]]][0]
+                at = int(state[2])
+                got = bytes(buf[at : min(end, at + 40)])
+                raise StorageError(
+                    f"Redis VDB table '{table}' partition {p}: not an HMGET reply: {got!r}"
+                )
+            return status == R.DONE
+
+        read_raw(conn, R.reply_bytes(counts, m.width), consume)
+        return [reply_error(errors[c]) if c in errors else True for c in range(len(idx))]
 
     def _touch(self, table: str, m: _Meta, k: np.ndarray, found: np.ndarray) -> None:
         """Refresh recency (evict_oldest + refresh_time_after_fetch) or use counts (least_used)."""

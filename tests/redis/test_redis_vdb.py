@@ -68,6 +68,15 @@ def test_random_operations_match_a_dict(redis_any, dim, dtype, parts):
     other = RedisVDB(redis_any.address, num_partitions=1)
     assert other.dim("hps_et.m.t") == dim
     check(other, "hps_et.m.t", ref, dim, universe[:200])
+    # into a given out, contiguous or not: found rows written, the others left as they were
+    probe = universe[:300]
+    expect = np.array([ref.get(k, np.full(dim, 7.0, np.float32)) for k in probe.tolist()])
+    for out in (np.full((300, dim), 7.0, np.float32), np.full((300, 2 * dim), 7.0, np.float32)):
+        view = out[:, :dim]
+        got, found = vdb.fetch("hps_et.m.t", probe, out=view)
+        assert got is view
+        np.testing.assert_array_equal(found, [k in ref for k in probe.tolist()])
+        np.testing.assert_array_equal(view, expect.reshape(300, dim))
     with pytest.raises(Exception, match="exists with dim"):
         other.create_table("hps_et.m.t", dim + 1)
     vdb.drop_table("hps_et.m.t")
