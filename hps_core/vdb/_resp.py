@@ -11,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..hash_kernels import mix
+
 CRLF = b"\r\n"
 _FIELD_HEAD = np.frombuffer(b"$8\r\n", np.uint8)
 _CRLF = np.frombuffer(CRLF, np.uint8)
+FIELD_BYTES = 14  # one 8-byte field as a bulk string: $8 CRLF <8 bytes> CRLF
 
 
 def bulk(arg: bytes | str | int | float) -> bytes:
@@ -51,6 +54,26 @@ def fields(kb: np.ndarray, extra: bytes = b"") -> bytes:
     rec[:, e + 4 : e + 12] = kb
     rec[:, e + 12 :] = _CRLF
     return rec.tobytes()
+
+
+@njit(nogil=True, cache=True)
+def group_keys(keys, parts):
+    """Counting sort of key positions by Redis partition ``splitmix64(key) % parts``:
+    (order, starts[parts + 1]); batch order is kept within a partition."""
+    n = len(keys)
+    part = np.empty(n, np.int64)
+    starts = np.zeros(parts + 1, np.int64)
+    for i in range(n):
+        part[i] = np.int64(mix(keys[i]) % np.uint64(parts))
+        starts[part[i] + 1] += 1
+    for p in range(parts):
+        starts[p + 1] += starts[p]
+    fill = starts[:-1].copy()
+    order = np.empty(n, np.int64)
+    for i in range(n):
+        order[fill[part[i]]] = i
+        fill[part[i]] += 1
+    return order, starts
 
 
 def pairs(kb: np.ndarray, vb: np.ndarray) -> bytes:

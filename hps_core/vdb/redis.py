@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, InvalidInputError, StorageError
-from ..hashing import splitmix64
 from ..metrics import REGISTRY
 from . import _resp as R
 from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port, read_raw, reply_error
@@ -265,9 +264,7 @@ class RedisVDB(VolatileDB):
     # -- reads --------------------------------------------------------------------------------
     def _groups(self, m: _Meta, k: np.ndarray):
         """(partition, positions into k) chunks of at most max_batch_size keys."""
-        parts = (splitmix64(k) % np.uint64(m.partitions)).astype(np.int64)
-        order = np.argsort(parts, kind="stable")
-        bounds = np.searchsorted(parts[order], np.arange(m.partitions + 1))
+        order, bounds = R.group_keys(k, m.partitions)
         for p in range(m.partitions):
             sel = order[bounds[p] : bounds[p + 1]]
             for s in range(0, len(sel), self.max_batch_size):
@@ -284,13 +281,15 @@ class RedisVDB(VolatileDB):
         found = np.zeros(n, bool)
         if n == 0:
             return out, found
-        kb = R.key_bytes(k)
         groups = list(self._groups(m, k))
-        cmds = []
+        # every field record has one size: encode them all in group order, then slice
+        fields = R.fields(R.key_bytes(k[np.concatenate([sel for _, sel in groups])]))
+        cmds, at = [], 0
         for p, sel in groups:
             hk = _part_key(table, p, "v")
-            wire = R.head(len(sel) + 2, "HMGET", hk) + R.fields(kb[sel])
-            cmds.append(Cmd(hk, wire))
+            end = at + len(sel) * R.FIELD_BYTES
+            cmds.append(Cmd(hk, R.head(len(sel) + 2, "HMGET", hk) + fields[at:end]))
+            at = end
         dt = DTYPES[m.dtype]
         direct = dt == np.float32 and out.flags.c_contiguous  # rows land in out itself
         rows = out.view(np.uint8) if direct else np.empty((n, m.width), np.uint8)
