@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .hashing import GOLDEN_GAMMA, MIX_MUL_1, MIX_MUL_2
@@ -20,25 +21,26 @@ def mix(key):
 
 
 @intrinsic
-def prefetch(typingctx, arr, i):
-    """Ask for the cache line holding ``arr.flat[i]`` (a hint: no fault, no result).
+def prefetch(typingctx, arr, index):
+    """Ask the CPU to start loading the cache line of arr[index] (a tuple); no other effect.
 
     A kernel that prefetches the lines of a block of lookups before it reads any of them keeps
     many misses in flight; a load whose result a branch needs stalls on each miss in turn.
     """
-    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
-        return None
 
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
-        i32 = ir.IntType(32)
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        )
+    def codegen(context, builder, signature, args):
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [
+            context.cast(builder, v, t, types.intp)
+            for v, t in zip(cgutils.unpack_tuple(builder, args[1], len(idxty)), idxty, strict=True)
+        ]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         # read, high temporal locality, data cache
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
-    return types.void(arr, i), codegen
+    return types.void(arr, index), codegen

@@ -46,8 +46,8 @@ def _gather(vecs, rows, out):
         lo, hi = b * 32, min(len(rows), b * 32 + 32)
         for i in range(lo, hi):
             for d in range(0, dim, 16):
-                prefetch(vecs, rows[i] * dim + d)
-            prefetch(vecs, rows[i] * dim + dim - 1)
+                prefetch(vecs, (rows[i], d))
+            prefetch(vecs, (rows[i], dim - 1))
         for i in range(lo, hi):
             r = rows[i]
             for d in range(dim):

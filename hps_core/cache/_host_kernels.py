@@ -19,38 +19,13 @@ handles only the keys of its own sets, so each set sees its keys in batch order,
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from ..hash_kernels import mix
+from ..hash_kernels import mix, prefetch
 from ..hashing import GOLDEN_GAMMA as GOLDEN
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
 BLOCK = 16  # keys whose cache lines find requests together before it reads any of them
-
-
-@intrinsic
-def prefetch(typingctx, arr, index):
-    """Ask the CPU to start loading the cache line of arr[index] (a tuple); no other effect."""
-
-    def codegen(context, builder, signature, args):
-        aryty, idxty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [
-            context.cast(builder, v, t, types.intp)
-            for v, t in zip(cgutils.unpack_tuple(builder, args[1], len(idxty)), idxty, strict=True)
-        ]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, high temporal locality, data cache
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, index), codegen
 
 
 @njit(inline="always", cache=True)

@@ -151,7 +151,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     key and every line of the row; 3. confirm each key (a false tag match or a concurrent
     write falls back to ``probe``) and copy its row, which has arrived by then. With a ``lut``
     the copied fp16 bits are decoded in a fourth pass (a table lookup per element inside the
-    copy would serialise the misses again). ``values`` must be C-contiguous.
+    copy would serialise the misses again).
     """
     dim = values.shape[1]
     step = max(1, LINE // values.itemsize)  # elements per cache line
@@ -163,7 +163,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
         for j in range(b0, b1):
             h = mix(keys[sel[j]])
             hs[j - b0] = h
-            prefetch(index, partition_of(h, P) * icap + home_slot(h, icap))
+            prefetch(index, (partition_of(h, P) * icap + home_slot(h, icap),))
         for j in range(b0, b1):
             h = hs[j - b0]
             p = partition_of(h, P)
@@ -181,12 +181,12 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
                 if s == icap:
                     s = 0
             if g >= 0:
-                prefetch(tkeys, g)
+                prefetch(tkeys, (g,))
                 for d in range(0, dim, step):
-                    prefetch(values, g * dim + d)
-                prefetch(values, g * dim + dim - 1)  # a row need not start on a line
+                    prefetch(values, (g, d))
+                prefetch(values, (g, dim - 1))  # a row need not start on a line
                 if touch != 0:
-                    prefetch(meta, g)
+                    prefetch(meta, (g,))
             rows[j - b0] = g
         for j in range(b0, b1):
             i = sel[j]
