@@ -65,7 +65,7 @@ MIN_SHARED_ROWS = 1024  # pool rows per partition when the capacity is fixed
 GROWTH = 1.5
 READ_RETRIES = 64
 READ_TIMEOUT_S = 10.0
-PARALLEL_MIN_KEYS = 512
+PARALLEL_MIN_KEYS = 1024  # below, waking the thread pool (OMP_WAIT_POLICY=PASSIVE) costs more
 
 
 class UnknownVDBTableError(HPSError, KeyError):
