@@ -20,6 +20,32 @@ def mix(key):
     return z ^ (z >> np.uint64(31))
 
 
+@njit(nogil=True, cache=True)
+def dedupe(keys):
+    """(unique keys in order of first appearance, inverse) with keys == unique[inverse]: a
+    hash table of at least twice as many slots as keys, so O(n) where np.unique sorts."""
+    n = len(keys)
+    cap = 16
+    while cap < 2 * n:
+        cap <<= 1
+    mask = np.uint64(cap - 1)
+    slots = np.full(cap, -1, np.int64)  # position in uniq of the key hashed there
+    uniq = np.empty(n, np.int64)
+    inverse = np.empty(n, np.int64)
+    m = 0
+    for i in range(n):
+        k = keys[i]
+        s = np.int64(mix(k) & mask)
+        while slots[s] >= 0 and uniq[slots[s]] != k:
+            s = (s + 1) & (cap - 1)
+        if slots[s] < 0:
+            slots[s] = m
+            uniq[m] = k
+            m += 1
+        inverse[i] = slots[s]
+    return uniq[:m].copy(), inverse
+
+
 @intrinsic
 def prefetch(typingctx, arr, index):
     """Ask the CPU to start loading the cache line of arr[index] (a tuple); no other effect.

@@ -13,6 +13,7 @@ import numpy as np
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .errors import InvalidInputError, StorageError, UnknownTableError
+from .hash_kernels import dedupe
 from .pdb.base import PersistentDB
 from .vdb.base import VolatileDB
 
@@ -179,7 +180,7 @@ class LookupSession:
         st = LookupStats(requests=1, keys=len(k))
         since = (t.recent.epoch, time.monotonic())
         t0 = time.perf_counter()
-        uniq, inverse = np.unique(k, return_inverse=True)
+        uniq, inverse = dedupe(k)
         st.unique_keys = len(uniq)
         if t.admission is not None:
             t.admission.record(k)
@@ -197,9 +198,9 @@ class LookupSession:
         st.seconds["l1"] = t2 - t1
 
         fill_idx = np.flatnonzero(missing)  # rows to insert into L1 once found below
+        idx = fill_idx  # rows still missing
         for level, tier in (("vdb", self.vdb), ("pdb", self.pdb)):
             ts = time.perf_counter()
-            idx = np.flatnonzero(missing)
             if tier is not None and len(idx):
                 try:
                     rows, found = tier.fetch(t.store_name, uniq[idx])
@@ -210,6 +211,7 @@ class LookupSession:
                 got = idx[found]
                 vec[got] = rows[found]
                 missing[got] = False
+                idx = idx[~found]
                 st.hits[level] = len(got)
                 if (
                     level == "pdb"
@@ -221,7 +223,6 @@ class LookupSession:
             st.seconds[level] = time.perf_counter() - ts
 
         ts = time.perf_counter()
-        idx = np.flatnonzero(missing)
         if len(idx):
             vec[idx] = t.default_value
         st.hits["default"] = len(idx)
