@@ -16,6 +16,7 @@ from hps_core.cache.reference import ReferenceCache
 from hps_core.cli import main as cli_main
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
+from hps_core.hash_kernels import dedupe
 from hps_core.repo import DATA_DIR
 from hps_core.server import l1_capacity
 from hps_core.synth import HOT_KEYS_IN_META, criteo_vocab_sizes, model_spec
@@ -44,7 +45,7 @@ def reference_hit_rates(model, m, alpha: float, batch: int, fraction: float) -> 
         hits = unique = 0
         for b in batches:
             for t, c in enumerate(caches):
-                u = np.unique(b.cat[:, t])
+                u = dedupe(b.cat[:, t])[0]  # the session's dedupe: first-appearance order
                 _, hit = c.find(u)
                 c.insert(u[~hit], np.zeros((int((~hit).sum()), DIM), np.float32))
                 hits, unique = hits + int(hit.sum()), unique + len(u)
