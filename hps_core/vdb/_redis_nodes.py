@@ -61,6 +61,18 @@ class _Health:
 
 
 @dataclass
+class _Sent:
+    """Commands sent to a node whose replies are still to be read (see ``RedisNodes._begin``)."""
+
+    name: str
+    conn: object
+    pool: redis.ConnectionPool
+    health: _Health
+    slots: threading.BoundedSemaphore
+    count: int
+
+
+@dataclass
 class Cmd:
     """One command of a batch: its partition key (for routing) and its wire bytes."""
 
@@ -169,6 +181,25 @@ class RedisNodes:
         jobs = list(by_node.items())
         if len(jobs) == 1:
             one(jobs[0][0], *jobs[0][1])
+        elif read is not None:
+            # Reads: send to every node, then read each node's replies in turn. The nodes work
+            # at once, and no thread hand-off is paid (requests are small; replies wait in the
+            # sockets meanwhile).
+            sent = [(idx, self._begin(n, c, [cmds[i].wire for i in idx])) for n, (c, idx) in jobs]
+            try:
+                while sent:
+                    idx, p = sent.pop(0)
+                    replies = (
+                        p if isinstance(p, list) else self._finish(p, lambda c, x=idx: read(c, x))
+                    )
+                    for i, r in zip(idx, replies, strict=True):
+                        out[i] = r
+            finally:  # a read that raised leaves the other nodes' replies unread: drop them
+                for _, p in sent:
+                    if not isinstance(p, list):
+                        p.conn.disconnect()
+                        p.pool.release(p.conn)
+                        p.slots.release()
         else:
             for f in [self._pool.submit(one, n, c, idx) for n, (c, idx) in jobs]:
                 f.result()
@@ -196,16 +227,20 @@ class RedisNodes:
         return c
 
     def _send(self, name: str, client: redis.Redis, wires: list[bytes], read=None) -> list:
+        p = self._begin(name, client, wires)
+        return p if isinstance(p, list) else self._finish(p, read)
+
+    def _begin(self, name: str, client: redis.Redis, wires: list[bytes]) -> _Sent | list:
+        """Send ``wires`` to a node: what ``_finish`` needs to read the replies, or (the node is
+        down) one NodeDown per command. Holds one of the node's slots until ``_finish``."""
         slots = self._slots.get(name)
         if slots is None:
             with self._lock:
                 slots = self._slots.setdefault(name, threading.BoundedSemaphore(self._per_node))
-        with slots:
-            return self._send_now(name, client, wires, read)
-
-    def _send_now(self, name: str, client: redis.Redis, wires: list[bytes], read=None) -> list:
+        slots.acquire()
         h = self._health.setdefault(name, _Health())
         if h.down and time.monotonic() < h.retry_at:
+            slots.release()
             _failed.inc(node=name)
             err = NodeDown(f"Redis VDB node {name} is down (retrying in the background)")
             return [err] * len(wires)
@@ -214,30 +249,46 @@ class RedisNodes:
         try:
             conn = _connection(pool)
             conn.send_packed_command([b"".join(wires)], check_health=False)
+        except BaseException as e:
+            if conn is not None:
+                conn.disconnect()
+                pool.release(conn)
+            slots.release()
+            if not isinstance(e, NODE_ERRORS):
+                raise
+            return self._down(name, h, e, len(wires))
+        return _Sent(name, conn, pool, h, slots, len(wires))
+
+    def _finish(self, sent: _Sent, read=None) -> list:
+        """The replies of what ``_begin`` sent (``read(conn)`` reads them itself if given)."""
+        conn, h = sent.conn, sent.health
+        try:
             if read is not None and _parser_idle(conn):
                 replies = read(conn)
             else:
                 replies = []
-                for _ in wires:
+                for _ in range(sent.count):
                     try:
                         replies.append(conn.read_response())
                     except ResponseError as e:
                         replies.append(e)
         except NODE_ERRORS as e:
-            if conn is not None:
-                conn.disconnect()
-            self._mark_down(name, h, e)
-            _failed.inc(node=name)
-            return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * len(wires)
+            conn.disconnect()
+            return self._down(sent.name, h, e, sent.count)
         finally:
-            if conn is not None:
-                pool.release(conn)
+            sent.pool.release(conn)
+            sent.slots.release()
         if h.down:
             with h.lock:
                 if h.down:
                     h.down, h.backoff = False, 0.0
-                    log.warning("Redis VDB node %s is back", name)
+                    log.warning("Redis VDB node %s is back", sent.name)
         return replies
+
+    def _down(self, name: str, h: _Health, e: Exception, n: int) -> list:
+        self._mark_down(name, h, e)
+        _failed.inc(node=name)
+        return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * n
 
     def _mark_down(self, name: str, h: _Health, e: Exception) -> None:
         with h.lock:

@@ -217,3 +217,34 @@ def test_concurrent_lookups_share_a_small_pool(redis_any):
         assert all(pool.map(one, range(120)))
     assert vdb.unavailable_keys == 0
     vdb.close()
+
+
+def test_a_row_of_the_wrong_width_is_an_error_and_the_client_stays_usable(redis_any):
+    """A foreign write into a partition's hash: fetch names the table and partition; the
+    connections and node slots the failed read held are given back (later fetches work)."""
+    import redis as redis_py
+
+    from hps_core.hashing import splitmix64
+    from hps_core.vdb.redis import _part_key
+
+    vdb = RedisVDB(redis_any.address, num_partitions=6, num_node_connections=1)
+    vdb.create_table("w", 4)
+    keys = np.arange(600)
+    vecs = np.arange(2400, dtype=np.float32).reshape(600, 4)
+    vdb.upsert("w", keys, vecs)
+    client = (
+        redis_py.RedisCluster.from_url(f"redis://{redis_any.address.split(',')[0]}")
+        if redis_any.cluster
+        else redis_py.Redis.from_url(f"redis://{redis_any.address}")
+    )
+    bad = np.int64(-123456789)
+    part = int(splitmix64(np.array([bad]))[0] % np.uint64(6))
+    client.hset(_part_key("w", part, "v"), int(bad).to_bytes(8, "little", signed=True), b"x" * 5)
+    for _ in range(3):  # more than the one connection per node: nothing leaked
+        with pytest.raises(StorageError, match=rf"'w' partition {part}: stored rows are not 16 b"):
+            vdb.fetch("w", np.concatenate([keys, [bad]]))
+        got, found = vdb.fetch("w", keys)
+        assert found.all()
+        np.testing.assert_array_equal(got, vecs)
+    client.close()
+    vdb.close()
