@@ -274,7 +274,8 @@ class RedisVDB(VolatileDB):
         m = self._table(table)
         k = _keys(keys)
         n = len(k)
-        if out is None:
+        fresh = out is None
+        if fresh:
             out = np.zeros((n, m.dim), np.float32)
         elif out.shape != (n, m.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {m.dim}]")
@@ -307,6 +308,11 @@ class RedisVDB(VolatileDB):
                 failed = True
                 self.unavailable_keys += len(sel)
                 _unavailable.inc(len(sel), table=table)
+                # a read cut off mid-reply may have placed some whole rows: the keys of a
+                # failed command all fall through, as documented, and a fresh out stays zero
+                found[sel] = False
+                if fresh and direct:
+                    out[sel] = 0.0
                 continue
             if r is True:  # read_rows put the rows in place
                 continue
