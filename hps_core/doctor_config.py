@@ -116,7 +116,8 @@ def check_memory(cfg) -> list[Check]:
     est = estimate_config(cfg)
     vdb = sum(e.vdb_bytes for e in est)
     host_l1 = sum(e.l1_bytes for e in est if e.l1_device == "host")
-    memtables = sum(e.pdb_host_bytes + e.admission_bytes for e in est)
+    memtables = sum(e.pdb_host_bytes for e in est)
+    sketches = sum(e.admission_bytes for e in est)
     out = []
     if cfg.volatile_db.type == "multi_process_hash_map":
         st = os.statvfs(SHM)
@@ -137,9 +138,10 @@ def check_memory(cfg) -> list[Check]:
             out.append(Check("/dev/shm", OK, detail))
         out[-1].data = data
         vdb = 0  # not in the process's own memory
-    need = vdb + host_l1 + memtables
+    need = vdb + host_l1 + memtables + sketches
     avail = psutil.virtual_memory().available
-    detail = f"{size(avail)} available, estimate {size(need)} (VDB + host L1 + RocksDB memtables)"
+    parts = "VDB + host L1 + RocksDB memtables" + (" + L1 admission sketches" if sketches else "")
+    detail = f"{size(avail)} available, estimate {size(need)} ({parts})"
     if need > avail:
         out.append(Check("host memory", FAIL, detail, "lower initial_cache_rate, use "
                          "storage_dtype float16, or a larger machine"))  # fmt: skip

@@ -70,7 +70,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             l1_bytes = slots * (slot_bytes + dim * item)
             admission = 0
             if slots and m.cache_admission_min_count > 1:
-                admission = sketch_bytes(l1_capacity(m, rows))
+                admission = sketch_bytes(slots)  # the set-associative cache's slot count
             pdb = pdb_host = 0
             if cfg.persistent_db.type != "disabled":
                 pdb = rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)

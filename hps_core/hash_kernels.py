@@ -10,6 +10,8 @@ from numba.extending import intrinsic
 
 from .hashing import GOLDEN_GAMMA, MIX_MUL_1, MIX_MUL_2
 
+LINE = 64  # bytes per cache line
+
 
 @njit(inline="always", cache=True)
 def mix(key):
@@ -18,6 +20,24 @@ def mix(key):
     z = (z ^ (z >> np.uint64(30))) * MIX_MUL_1
     z = (z ^ (z >> np.uint64(27))) * MIX_MUL_2
     return z ^ (z >> np.uint64(31))
+
+
+@njit(nogil=True, cache=True)
+def order_by_part(parts, P):
+    """Counting sort of positions by part (``parts`` int64 in [0, P)): (order, starts[P+1]),
+    positions of part p at order[starts[p]:starts[p+1]], in their original order."""
+    starts = np.zeros(P + 1, np.int64)
+    for i in range(len(parts)):
+        starts[parts[i] + 1] += 1
+    for p in range(P):
+        starts[p + 1] += starts[p]
+    fill = starts[:-1].copy()
+    order = np.empty(len(parts), np.int64)
+    for i in range(len(parts)):
+        p = parts[i]
+        order[fill[p]] = i
+        fill[p] += 1
+    return order, starts
 
 
 @njit(nogil=True, cache=True)
@@ -70,3 +90,13 @@ def prefetch(typingctx, arr, index):
         return context.get_dummy_value()
 
     return types.void(arr, index), codegen
+
+
+@njit(inline="always", cache=True)
+def prefetch_row(values, r):
+    """Prefetch every cache line of row r of a 2-D array (its last element too: a row need
+    not start on a line)."""
+    dim = values.shape[1]
+    for d in range(0, dim, max(1, LINE // values.itemsize)):
+        prefetch(values, (r, d))
+    prefetch(values, (r, dim - 1))

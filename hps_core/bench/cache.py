@@ -189,18 +189,20 @@ def host_vs_numpy(capacity: int, dim: int, batch: int, reps: int) -> dict:
     }
 
 
-def ideal_online_lfu(
-    table_rows: int, alpha: float, cap: int, batch: int, warm: int, measure: int
-) -> float:
+def request_stream(table_rows: int, alpha: float, batch: int, batches: int) -> list[np.ndarray]:
+    """The Zipf request batches every hit-rate run of one alpha serves (the same for all)."""
+    rng = np.random.default_rng(7)
+    return [zipf_ranks(table_rows, alpha, batch, rng) for _ in range(batches)]
+
+
+def ideal_online_lfu(table_rows: int, cap: int, stream: list[np.ndarray], warm: int) -> float:
     """Hit rate of the best an online cache can do on the same stream: a fully associative cache
     that holds, before each batch, the ``cap`` keys requested most so far (exact counts of the
     whole history). The oracle also knows the keys no request has shown yet."""
-    rng = np.random.default_rng(7)  # the stream hit_rates serves
     counts = np.zeros(table_rows, np.int64)
     cached = np.zeros(table_rows, bool)
     hits = total = 0
-    for i in range(warm + measure):
-        q = zipf_ranks(table_rows, alpha, batch, rng)
+    for i, q in enumerate(stream):
         if i >= warm:
             hits += int(cached[q].sum())
             total += len(q)
@@ -242,10 +244,11 @@ def hit_rates(
     """
     out = []
     for alpha in alphas:
+        stream = request_stream(table_rows, alpha, batch, warm_batches + measure_batches)
         for frac in fractions:
             cap = int(table_rows * frac)
             oracle = oracle_top_c_hit_rate(table_rows, alpha, cap)
-            ideal = ideal_online_lfu(table_rows, alpha, cap, batch, warm_batches, measure_batches)
+            ideal = ideal_online_lfu(table_rows, cap, stream, warm_batches)
             hot = hot_keys_from_log(table_rows, alpha, cap, 2 * table_rows)
             # the host cache's default 8 ways, and the GPU cache's 32 (on the host the same
             # semantics: both pass the conformance suite against the reference)
@@ -256,14 +259,12 @@ def hit_rates(
                 for policy in policies
             ]
             for start, min_count, ways, policy in runs:
-                rng = np.random.default_rng(7)
                 cache = dev.cache_cls(cap, 1, ways=ways, policy=policy)
                 if start == "prefill":
                     cache.insert(dev.xp.asarray(hot), dev.xp.zeros((len(hot), 1), dev.xp.float32))
                 admission = Admission(cap, min_count)
                 hits = total = 0
-                for i in range(warm_batches + measure_batches):
-                    q = zipf_ranks(table_rows, alpha, batch, rng).astype(np.int64)
+                for i, q in enumerate(stream):
                     uq = np.unique(q)
                     admission.record(q)
                     _, hit = cache.find(dev.xp.asarray(uq))

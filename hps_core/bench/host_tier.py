@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from ..hash_kernels import prefetch
+from ..hash_kernels import prefetch_row
 from ..pdb.rocksdb import RocksDBPDB
 from ..vdb.hashmap import HashMapVDB
 from .common import RESULTS, machine, rate, save
@@ -45,9 +45,7 @@ def _gather(vecs, rows, out):
     for b in prange((len(rows) + 31) // 32):
         lo, hi = b * 32, min(len(rows), b * 32 + 32)
         for i in range(lo, hi):
-            for d in range(0, dim, 16):
-                prefetch(vecs, (rows[i], d))
-            prefetch(vecs, (rows[i], dim - 1))
+            prefetch_row(vecs, rows[i])
         for i in range(lo, hi):
             r = rows[i]
             for d in range(dim):

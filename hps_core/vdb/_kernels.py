@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ..hash_kernels import mix, prefetch
+from ..hash_kernels import mix, order_by_part, prefetch, prefetch_row
 from .shm import as_float32
 
 M32 = np.uint64(0xFFFFFFFF)
@@ -110,19 +110,7 @@ def partitions(keys, P):
 @njit(nogil=True, cache=True)
 def group_by_partition(keys, P):
     """Counting sort of key positions by partition: (order, starts[P+1]); batch order is kept."""
-    parts = partitions(keys, P)
-    starts = np.zeros(P + 1, np.int64)
-    for i in range(len(keys)):
-        starts[parts[i] + 1] += 1
-    for p in range(P):
-        starts[p + 1] += starts[p]
-    fill = starts[:-1].copy()
-    order = np.empty(len(keys), np.int64)
-    for i in range(len(keys)):
-        p = parts[i]
-        order[fill[p]] = i
-        fill[p] += 1
-    return order, starts
+    return order_by_part(partitions(keys, P), P)
 
 
 BLOCK = 32  # keys whose cache lines are requested together before any of them is read
@@ -134,9 +122,6 @@ def chunk_size(n: int) -> int:
     """Keys per task of a parallel fetch: two tasks per thread, so a thread that finishes early
     takes over part of a slow one's share."""
     return max(MIN_CHUNK, min(CHUNK, -(-n // (2 * get_num_threads()))))
-
-
-LINE = 64  # bytes per cache line
 
 
 @njit(inline="always", cache=True)
@@ -154,7 +139,6 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     copy would serialise the misses again).
     """
     dim = values.shape[1]
-    step = max(1, LINE // values.itemsize)  # elements per cache line
     hs = np.empty(BLOCK, np.uint64)
     rows = np.empty(BLOCK, np.int64)
     raw = np.empty((BLOCK, dim), values.dtype)
@@ -182,9 +166,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
                     s = 0
             if g >= 0:
                 prefetch(tkeys, (g,))
-                for d in range(0, dim, step):
-                    prefetch(values, (g, d))
-                prefetch(values, (g, dim - 1))  # a row need not start on a line
+                prefetch_row(values, g)
                 if touch != 0:
                     prefetch(meta, (g,))
             rows[j - b0] = g

@@ -71,6 +71,14 @@ class _Sent:
     slots: threading.BoundedSemaphore
     count: int
 
+    def release(self, drop: bool = False) -> None:
+        """Give the connection and the node slot back (``drop``: close it first, its replies
+        unread)."""
+        if drop:
+            self.conn.disconnect()
+        self.pool.release(self.conn)
+        self.slots.release()
+
 
 @dataclass
 class Cmd:
@@ -197,9 +205,7 @@ class RedisNodes:
             finally:  # a read that raised leaves the other nodes' replies unread: drop them
                 for _, p in sent:
                     if not isinstance(p, list):
-                        p.conn.disconnect()
-                        p.pool.release(p.conn)
-                        p.slots.release()
+                        p.release(drop=True)
         else:
             for f in [self._pool.submit(one, n, c, idx) for n, (c, idx) in jobs]:
                 f.result()
@@ -276,8 +282,7 @@ class RedisNodes:
             conn.disconnect()
             return self._down(sent.name, h, e, sent.count)
         finally:
-            sent.pool.release(conn)
-            sent.slots.release()
+            sent.release()
         if h.down:
             with h.lock:
                 if h.down:
@@ -339,16 +344,6 @@ def _parser_idle(conn) -> bool:
         return not reader.has_data()
     buf = getattr(parser, "_buffer", None)
     return buf is None or not buf.unread_bytes()
-
-
-def reply_error(msg: str) -> Exception:
-    """The exception redis-py raises for an error reply ``msg`` (the text after '-')."""
-    kind, _, rest = msg.partition(" ")
-    if kind == "MOVED":
-        return MovedError(rest)
-    if kind == "ASK":
-        return AskError(rest)
-    return ResponseError(msg)
 
 
 def read_raw(conn, size: int, consume) -> None:

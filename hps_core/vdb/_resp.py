@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..hash_kernels import mix
+from ..hash_kernels import mix, order_by_part
 
 CRLF = b"\r\n"
 _FIELD_HEAD = np.frombuffer(b"$8\r\n", np.uint8)
@@ -60,20 +60,10 @@ def fields(kb: np.ndarray, extra: bytes = b"") -> bytes:
 def group_keys(keys, parts):
     """Counting sort of key positions by Redis partition ``splitmix64(key) % parts``:
     (order, starts[parts + 1]); batch order is kept within a partition."""
-    n = len(keys)
-    part = np.empty(n, np.int64)
-    starts = np.zeros(parts + 1, np.int64)
-    for i in range(n):
+    part = np.empty(len(keys), np.int64)
+    for i in range(len(keys)):
         part[i] = np.int64(mix(keys[i]) % np.uint64(parts))
-        starts[part[i] + 1] += 1
-    for p in range(parts):
-        starts[p + 1] += starts[p]
-    fill = starts[:-1].copy()
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        order[fill[part[i]]] = i
-        fill[part[i]] += 1
-    return order, starts
+    return order_by_part(part, parts)
 
 
 def pairs(kb: np.ndarray, vb: np.ndarray) -> bytes:

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import ConfigError, InvalidInputError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
-from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port, read_raw, reply_error
+from ._redis_nodes import NODE_ERRORS, Cmd, NodeDown, RedisNodes, host_port, read_raw
 from .base import VolatileDB
 from .hashmap import _keys, _vectors
 
@@ -366,7 +366,9 @@ class RedisVDB(VolatileDB):
             return status == R.DONE
 
         read_raw(conn, R.reply_bytes(counts, m.width), consume)
-        return [reply_error(errors[c]) if c in errors else True for c in range(len(idx))]
+        # an error reply becomes the exception redis-py's own parser would have raised
+        parse_error = conn._parser.parse_error
+        return [parse_error(errors[c]) if c in errors else True for c in range(len(idx))]
 
     def _touch(self, table: str, m: _Meta, k: np.ndarray, found: np.ndarray) -> None:
         """Refresh recency (evict_oldest + refresh_time_after_fetch) or use counts (least_used)."""
