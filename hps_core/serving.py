@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import buffers
 from .config import HPSConfig, load_config
 from .errors import ConfigError, HPSError, InvalidInputError
 from .server import ParameterServer
@@ -179,7 +180,7 @@ class EmbeddingService:
         return cat.astype(np.int64, copy=False)
 
     def _lookup_slots(self, cat: np.ndarray) -> np.ndarray:
-        out = np.empty((len(cat), sum(self.dims)), np.float32)
+        out = buffers.empty((len(cat), sum(self.dims)), np.float32)
         col = 0
         for t, dim in enumerate(self.dims):
             out[:, col : col + dim] = self.session.lookup(np.ascontiguousarray(cat[:, t]), t)

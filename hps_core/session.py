@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import buffers
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .errors import InvalidInputError, StorageError, UnknownTableError
@@ -184,7 +185,7 @@ class LookupSession:
         st.unique_keys = len(uniq)
         if t.admission is not None:
             t.admission.record(k)
-        vec = np.empty((len(uniq), t.dim), dtype=np.float32)
+        vec = buffers.empty((len(uniq), t.dim), np.float32)
         t1 = time.perf_counter()
         st.seconds["dedupe"] = t1 - t0
 
@@ -238,7 +239,8 @@ class LookupSession:
         t3 = time.perf_counter()
         st.seconds["insert"] = t3 - ts
 
-        out = vec[inverse]
+        out = buffers.empty((len(k), t.dim), np.float32)
+        np.take(vec, inverse, axis=0, out=out, mode="clip")  # clip: no buffered copy of out
         t4 = time.perf_counter()
         st.seconds["expand"] = t4 - t3
         st.seconds["total"] = t4 - t0

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from .. import buffers
 from ..hash_kernels import prefetch_row
 from ..pdb.rocksdb import RocksDBPDB
 from ..vdb.hashmap import HashMapVDB
@@ -55,7 +56,7 @@ def _gather(vecs, rows, out):
 def gather_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The memory ceiling of a fetch: rows copied by known position (no hashing), in parallel,
     into a fresh array as a fetch returns."""
-    out = np.empty((len(rows), vecs.shape[1]), vecs.dtype)
+    out = buffers.empty((len(rows), vecs.shape[1]), vecs.dtype)
     _gather(vecs, rows, out)
     return out
 

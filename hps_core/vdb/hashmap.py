@@ -47,6 +47,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .. import buffers
 from ..errors import ConfigError, HPSError, InvalidInputError, StorageError
 from . import _kernels as K
 from . import shm
@@ -203,8 +204,8 @@ class HashMapVDB(VolatileDB):
         k = _keys(keys)
         n = len(k)
         fresh = out is None
-        if fresh:  # np.empty gets huge pages (np.zeros does not): far fewer page faults
-            out = np.empty((n, t.dim), np.float32)
+        if fresh:  # not zeroed: misses are zeroed below
+            out = buffers.empty((n, t.dim), np.float32)
         elif out.shape != (n, t.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {t.dim}]")
         found = np.zeros(n, bool)
