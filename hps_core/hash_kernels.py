@@ -40,18 +40,17 @@ def order_by_part(parts, P):
     return order, starts
 
 
-@njit(nogil=True, cache=True)
-def dedupe(keys):
-    """(unique keys in order of first appearance, inverse) with keys == unique[inverse]: a
-    hash table of at least twice as many slots as keys, so O(n) where np.unique sorts."""
+@njit(inline="always", cache=True)
+def dedupe_into(keys, uniq, first, inverse):
+    """Unique keys in order of first appearance into uniq[:m] (m returned), the position of
+    each one's first appearance into first[:m], and inverse[:n] with keys == uniq[inverse]:
+    a hash table of at least twice as many slots as keys, so O(n) where np.unique sorts."""
     n = len(keys)
     cap = 16
     while cap < 2 * n:
         cap <<= 1
     mask = np.uint64(cap - 1)
     slots = np.full(cap, -1, np.int64)  # position in uniq of the key hashed there
-    uniq = np.empty(n, np.int64)
-    inverse = np.empty(n, np.int64)
     m = 0
     for i in range(n):
         k = keys[i]
@@ -61,8 +60,20 @@ def dedupe(keys):
         if slots[s] < 0:
             slots[s] = m
             uniq[m] = k
+            first[m] = i
             m += 1
         inverse[i] = slots[s]
+    return m
+
+
+@njit(nogil=True, cache=True)
+def dedupe(keys):
+    """(unique keys in order of first appearance, inverse) with keys == unique[inverse]."""
+    n = len(keys)
+    uniq = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    inverse = np.empty(n, np.int64)
+    m = dedupe_into(keys, uniq, first, inverse)
     return uniq[:m].copy(), inverse
 
 

@@ -9,7 +9,8 @@ Two kinds of I/O (the model parameter ``io``):
 ``slots``
     for an ensemble: categorical features ``[B, slots]`` INT64 (slot j is looked up in table j)
     -> embeddings ``[B, sum of the tables' dims]`` FP32, ready for the dense model. Requests
-    that Triton's dynamic batcher hands over together are answered with one lookup per table.
+    that Triton's dynamic batcher hands over together are answered with one lookup for all
+    (``LookupSession.lookup_columns``).
 
 The backend's ``execute`` is a loop over requests calling :meth:`EmbeddingService.run`; bad
 requests come back as :class:`~hps_core.errors.InvalidInputError` (Triton: ``INVALID_ARG``)
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import buffers
 from .config import HPSConfig, load_config
 from .errors import ConfigError, HPSError, InvalidInputError
 from .server import ParameterServer
@@ -143,11 +143,11 @@ class EmbeddingService:
         # HugeCTR clients send [1, n] tensors: any leading dimensions of size 1 are dropped
         keys = _squeeze("KEYS", keys)
         num_keys = _squeeze("NUMKEYS", num_keys)
-        out, _ = self.session.lookup_concatenated(keys, num_keys)
+        out, _ = self.session.lookup_concatenated(keys, num_keys, stats=False)
         return out
 
     def run_slots(self, batches: list[np.ndarray]) -> list[np.ndarray | HPSError]:
-        """Each request's CAT [B, slots] -> [B, sum(dims)] float32, one lookup per table for all.
+        """Each request's CAT [B, slots] -> [B, sum(dims)] float32, one lookup for all requests.
 
         A bad request gets its error in its place in the list; the others are answered.
         """
@@ -180,12 +180,7 @@ class EmbeddingService:
         return cat.astype(np.int64, copy=False)
 
     def _lookup_slots(self, cat: np.ndarray) -> np.ndarray:
-        out = buffers.empty((len(cat), sum(self.dims)), np.float32)
-        col = 0
-        for t, dim in enumerate(self.dims):
-            out[:, col : col + dim] = self.session.lookup(np.ascontiguousarray(cat[:, t]), t)
-            col += dim
-        return out
+        return self.session.lookup_columns(cat)
 
     # -- metrics ------------------------------------------------------------------------------
     def table_stats(self) -> dict[str, LookupStats]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -14,44 +15,14 @@ from . import buffers
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .errors import InvalidInputError, StorageError, UnknownTableError
+from .fused import FusedLookup
 from .hash_kernels import dedupe
+from .lookup_stats import LEVELS as LEVELS
+from .lookup_stats import LookupStats as LookupStats
 from .pdb.base import PersistentDB
 from .vdb.base import VolatileDB
 
 log = logging.getLogger(__name__)
-
-LEVELS = ("l1", "vdb", "pdb", "default")
-
-
-@dataclass
-class LookupStats:
-    """What one lookup (or a sum of lookups) did: keys served per level and seconds per stage."""
-
-    requests: int = 0
-    keys: int = 0
-    unique_keys: int = 0
-    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
-    # Failed tier reads (a Redis node down...): the keys fell through to the next level.
-    errors: dict[str, int] = field(default_factory=lambda: {"vdb": 0, "pdb": 0})
-    seconds: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("dedupe", *LEVELS, "insert", "expand", "total"), 0.0)
-    )
-
-    def hit_rate(self, level: str) -> float:
-        """Fraction of unique keys answered by ``level`` (l1, vdb, pdb or default)."""
-        return self.hits[level] / self.unique_keys if self.unique_keys else 0.0
-
-    def add(self, other: LookupStats) -> None:
-        """Accumulate another lookup's statistics into this one."""
-        self.requests += other.requests
-        self.keys += other.keys
-        self.unique_keys += other.unique_keys
-        for k, v in other.hits.items():
-            self.hits[k] += v
-        for k, v in other.seconds.items():
-            self.seconds[k] += v
-        for k, v in other.errors.items():
-            self.errors[k] += v
 
 
 class RecentUpdates:
@@ -76,6 +47,11 @@ class RecentUpdates:
         self.epoch += 1
         self._log = [e for e in self._log if e[0] > now - self.grace - 1.0]
         self._log.append((now, self.epoch, np.unique(keys)))
+
+    def quiet(self, since_epoch: int, since_time: float) -> bool:
+        """True when no update counts for a lookup that began at (since_epoch, since_time):
+        ``fresh`` would pass every key."""
+        return not any(ep > since_epoch or tm > since_time - self.grace for tm, ep, _ in self._log)
 
     def fresh(self, keys: np.ndarray, since_epoch: int, since_time: float) -> np.ndarray:
         """bool [n]: keys no update touched after since_epoch or since_time - grace."""
@@ -110,8 +86,17 @@ class TableRuntime:
     cache: EmbeddingCache | None = None
     admission: Admission | None = None  # None: every miss enters the cache
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
-    stats: LookupStats = field(default_factory=LookupStats)
     recent: RecentUpdates = field(default_factory=RecentUpdates)
+    _stats: LookupStats = field(default_factory=LookupStats, repr=False)
+    # Folds the fused path's pending counts into _stats (set by the session that serves it).
+    fold: Callable[[], None] | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> LookupStats:
+        """What lookups of this table did since it was loaded (keys per level, seconds)."""
+        if self.fold is not None:
+            self.fold()
+        return self._stats
 
 
 def store_table_name(model: str, table: str) -> str:
@@ -158,6 +143,7 @@ class LookupSession:
         self._by_name = {t.name: i for i, t in enumerate(tables)}
         self._inserter = ThreadPoolExecutor(1, thread_name_prefix=f"hps-l1-fill-{model}")
         self._pending: list[Future] = []
+        self.fused = FusedLookup(self)
 
     def table(self, table: int | str) -> TableRuntime:
         """A table by index or name."""
@@ -199,29 +185,9 @@ class LookupSession:
         st.seconds["l1"] = t2 - t1
 
         fill_idx = np.flatnonzero(missing)  # rows to insert into L1 once found below
-        idx = fill_idx  # rows still missing
-        for level, tier in (("vdb", self.vdb), ("pdb", self.pdb)):
-            ts = time.perf_counter()
-            if tier is not None and len(idx):
-                try:
-                    rows, found = tier.fetch(t.store_name, uniq[idx])
-                except StorageError as e:  # a failing tier never fails the lookup
-                    st.errors[level] += 1
-                    _log_tier_failure(level, t.store_name, e)
-                    continue
-                got = idx[found]
-                vec[got] = rows[found]
-                missing[got] = False
-                idx = idx[~found]
-                st.hits[level] = len(got)
-                if (
-                    level == "pdb"
-                    and self.promoter is not None
-                    and self.vdb is not None
-                    and len(got)
-                ):
-                    self.promoter.submit(t.store_name, uniq[got], rows[found], copy=False)
-            st.seconds[level] = time.perf_counter() - ts
+        idx = self.from_tiers(t, uniq, vec, fill_idx, st, (("vdb", self.vdb), ("pdb", self.pdb)))
+        missing[fill_idx] = False
+        missing[idx] = True
 
         ts = time.perf_counter()
         if len(idx):
@@ -230,12 +196,8 @@ class LookupSession:
         st.seconds["default"] = time.perf_counter() - ts
 
         ts = time.perf_counter()
-        if t.cache is not None:
-            fill = fill_idx[~missing[fill_idx]]  # default vectors are not cached
-            if t.admission is not None and len(fill):
-                fill = fill[t.admission.admit(uniq[fill])]
-            if len(fill):
-                self._fill_cache(t, uniq[fill], vec[fill], st.hit_rate("l1"), since)
+        fill = fill_idx[~missing[fill_idx]]  # default vectors are not cached
+        self.fill(t, uniq[fill], vec[fill], st, since)
         t3 = time.perf_counter()
         st.seconds["insert"] = t3 - ts
 
@@ -244,13 +206,65 @@ class LookupSession:
         t4 = time.perf_counter()
         st.seconds["expand"] = t4 - t3
         st.seconds["total"] = t4 - t0
-        t.stats.add(st)
+        t._stats.add(st)
         return out, st
 
+    def from_tiers(
+        self,
+        t: TableRuntime,
+        keys: np.ndarray,
+        vec: np.ndarray,
+        idx: np.ndarray,
+        st: LookupStats,
+        tiers: tuple,
+    ) -> np.ndarray:
+        """Rows of keys[idx] from each (level, tier) in turn into vec[idx]; returns the idx
+        that none holds. A failing tier is counted and skipped, never fails the lookup."""
+        for level, tier in tiers:
+            ts = time.perf_counter()
+            if tier is not None and len(idx):
+                try:
+                    rows, found = tier.fetch(t.store_name, keys[idx])
+                except StorageError as e:
+                    st.errors[level] += 1
+                    _log_tier_failure(level, t.store_name, e)
+                    continue
+                got = idx[found]
+                vec[got] = rows[found]
+                idx = idx[~found]
+                st.hits[level] += len(got)
+                if (
+                    level == "pdb"
+                    and self.promoter is not None
+                    and self.vdb is not None
+                    and len(got)
+                ):
+                    self.promoter.submit(t.store_name, keys[got], rows[found], copy=False)
+            st.seconds[level] += time.perf_counter() - ts
+        return idx
+
+    def fill(
+        self,
+        t: TableRuntime,
+        keys: np.ndarray,
+        rows: np.ndarray,
+        st: LookupStats,
+        since: tuple[int, float],
+    ) -> None:
+        """Insert rows the lower levels returned into L1, through the admission filter."""
+        if t.cache is None or not len(keys):
+            return
+        if t.admission is not None:
+            ok = t.admission.admit(keys)
+            keys, rows = keys[ok], rows[ok]
+        if len(keys):
+            self._fill_cache(t, keys, rows, st.hit_rate("l1"), since)
+
     def lookup_concatenated(
-        self, keys: object, num_keys: object
+        self, keys: object, num_keys: object, stats: bool = True
     ) -> tuple[np.ndarray, list[LookupStats]]:
-        """HPS backend I/O: keys of all tables concatenated + a count per table -> flat vectors."""
+        """HPS backend I/O: keys of all tables concatenated + a count per table -> flat vectors,
+        and what each table's lookup did (an empty list with ``stats=False``)."""
         k = as_keys(keys, "KEYS")
         n = np.asarray(num_keys)
         if n.dtype.kind not in "iu" or n.ndim != 1:
@@ -267,13 +281,43 @@ class LookupSession:
             raise InvalidInputError(
                 "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
             )
-        parts, stats, start = [], [], 0
+        if len(k) and self.fused.worth(n):
+            dims = np.array([t.dim for t in self.tables], np.int64)
+            counts = n.astype(np.int64)
+            starts, obase = np.zeros(len(n), np.int64), np.zeros(len(n), np.int64)
+            np.cumsum(counts[:-1], out=starts[1:])
+            np.cumsum((counts * dims)[:-1], out=obase[1:])
+            out = buffers.empty(int((counts * dims).sum()), np.float32)
+            delta = self.fused.run(k, starts, np.ones(len(n), np.int64), counts, out, obase, dims)
+            if delta is not None:
+                return out, self.fused.stats(delta) if stats else []
+        parts, per_table, start = [], [], 0
         for i, c in enumerate(n.tolist()):
             vec, st = self.lookup_with_stats(k[start : start + c], i)
             parts.append(vec.ravel())
-            stats.append(st)
+            per_table.append(st)
             start += c
-        return np.concatenate(parts) if parts else np.empty(0, np.float32), stats
+        return np.concatenate(parts) if parts else np.empty(0, np.float32), per_table
+
+    def lookup_columns(self, cat: np.ndarray) -> np.ndarray:
+        """int64 [B, tables] (one key per table per sample) -> float32 [B, sum(dims)]."""
+        B, T = cat.shape
+        dims = [t.dim for t in self.tables]
+        out = buffers.empty((B, sum(dims)), np.float32)
+        n = np.full(T, B, np.int64)
+        if B and self.fused.worth(n):
+            cols = np.zeros(T, np.int64)
+            np.cumsum(dims[:-1], out=cols[1:])
+            delta = self.fused.run(np.ascontiguousarray(cat, np.int64).reshape(-1), np.arange(T),
+                                   np.full(T, T, np.int64), n, out.reshape(-1), cols,
+                                   np.full(T, out.shape[1], np.int64))  # fmt: skip
+            if delta is not None:
+                return out
+        col = 0
+        for t, dim in enumerate(dims):
+            out[:, col : col + dim] = self.lookup(np.ascontiguousarray(cat[:, t]), t)
+            col += dim
+        return out
 
     def prefill(self, table: int | str, keys: object) -> int:
         """Warm the L1 cache of a table with ``keys`` (hottest first): rows come from the VDB/PDB.

@@ -1,0 +1,310 @@
+"""Fused CPU lookup: every table of a request in one kernel call, for host caches over the
+in-process hash-map VDB.
+
+A per-table lookup costs tens of microseconds of Python per table (dedupe, find, fetch,
+fill, expand, statistics), so a 26-table request of one sample took about 1 ms although its
+26 rows are a few hundred bytes. Here one numba call (``_fused_kernels.lookup_tables``)
+dedupes, finds in L1, fetches the L1 misses from the VDB and writes every row to the output,
+for all tables, tables in parallel. Python is left with what is rare once warm: keys the VDB
+does not hold (the PDB, then the default vector, through ``LookupSession.from_tiers``), the
+L1 fill of rows the VDB returned (``LookupSession.fill``: admission, recent updates, the
+hit-rate threshold, all as in a per-table lookup), and the counters.
+
+The cache sees exactly what a per-table lookup shows it (unique keys in first-appearance
+order, one clock tick per table and call, the same fills); ``tests/test_fused.py`` checks
+outputs and cache slots against per-table lookups. Eligible: every table's L1 is a
+``HostCache`` or none, and the VDB is a ``HashMapVDB`` with fp32 rows (or none); otherwise
+``run`` returns False and the session looks tables up one by one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+from numba import typed
+
+from . import _fused_kernels as FK
+from .cache._host_kernels import KIND_F32
+from .cache.host import PARALLEL_MIN_KEYS, HostCache
+from .lookup_stats import LEVELS, LookupStats
+from .vdb import _kernels as VK
+from .vdb.hashmap import HashMapVDB
+
+if TYPE_CHECKING:
+    from .session import LookupSession, TableRuntime
+
+# Columns of the pending counters: requests, keys, unique keys, then hits per level.
+_REQ, _KEYS, _UNIQ = 0, 1, 2
+_HIT = {level: 3 + i for i, level in enumerate(LEVELS)}
+_FIELDS = 3 + len(LEVELS)
+
+
+class _Layout:
+    """The arrays of every table as the kernel takes them, for one set of caches/VDB arrays."""
+
+    def __init__(self, session: LookupSession, ident: tuple):
+        vdb = session.vdb
+        T = len(session.tables)
+        self.ident = ident
+        self.dims = np.array([t.dim for t in session.tables], np.int64)
+        self.has_cache = np.zeros(T, np.bool_)
+        self.lfu = np.zeros(T, np.bool_)
+        self.kind = np.zeros(T, np.int64)
+        self.has_vdb = np.zeros(T, np.bool_)
+        self.icap, self.pcap, self.rbits, self.P, self.touch = (
+            np.zeros(T, np.int64) for _ in range(5)
+        )
+        self.tick_tables: list[int] = []  # VDB tables whose fetch stamps rows with the VDB clock
+        self.caches, self.vdb_tables = typed.List(), typed.List()
+        stand_in = HostCache(1, 1)
+        vdb_stand_in = _vdb_stand_in(_pairs(ident))
+        for i, (cache, vt, arr) in enumerate(_pairs(ident)):
+            c = cache if cache is not None else stand_in
+            self.has_cache[i] = cache is not None
+            self.lfu[i], self.kind[i] = c._lfu, c._kind
+            self.caches.append((c.keys, c.occupied, c.stamp, c._vals))
+            if vt is None:
+                self.vdb_tables.append(vdb_stand_in)
+                self.P[i] = 1
+                continue
+            self.has_vdb[i] = True
+            self.icap[i], self.pcap[i], self.rbits[i] = arr.icap, arr.pcap, arr.rbits
+            self.P[i] = vt.P
+            if vt.policy == "evict_least_used":
+                self.touch[i] = VK.TOUCH_COUNT
+            elif vt.policy == "evict_oldest" and vdb.refresh_time_after_fetch:
+                self.touch[i] = VK.TOUCH_TICK
+                self.tick_tables.append(i)
+            self.vdb_tables.append((arr.index, arr.keys, arr.values, arr.meta, vt.seq))
+        self.cached = [i for i in range(T) if self.has_cache[i]]
+        # L1 fills the kernel may do itself: fp32 rows, no admission filter (and, per call,
+        # no recent online update of the table)
+        self.fill_ok = np.zeros(T, np.bool_)
+        for i, t in enumerate(session.tables):
+            self.fill_ok[i] = self.has_cache[i] and self.kind[i] == KIND_F32 and t.admission is None
+        self.fill_ok_tables = [i for i in range(T) if self.fill_ok[i]]
+
+
+def _pairs(ident: tuple) -> list[tuple]:
+    """(cache, VDB table, VDB arrays) per table."""
+    return [ident[i : i + 3] for i in range(0, len(ident), 3)]
+
+
+def _vdb_stand_in(pairs: list[tuple]) -> tuple:
+    """Arrays for a table the VDB lacks, typed as the real ones (read-only where they are, as
+    in a reader's mapping of shared memory), so that one typed list holds them all."""
+    real = next(((arr.index, arr.keys, arr.values, arr.meta, vt.seq)
+                 for _, vt, arr in pairs if vt is not None), None)  # fmt: skip
+    shapes = ((1,), (1,), (1, 1), (1,), (1,))
+    dtypes = (np.uint32, np.int64, np.float32, np.uint32, np.uint64)
+    out = []
+    for j, (shape, dt) in enumerate(zip(shapes, dtypes, strict=True)):
+        a = np.zeros(shape, dt)
+        if real is not None and not real[j].flags.writeable:
+            a.setflags(write=False)
+        out.append(a)
+    return tuple(out)
+
+
+class FusedLookup:
+    """The fused path of one session (CPU host caches over a HashMapVDB)."""
+
+    def __init__(self, session: LookupSession):
+        self.session = session
+        self._layout: _Layout | None = None
+        self.pending = np.zeros((len(session.tables), _FIELDS), np.int64)
+        self.pending_seconds = np.zeros(len(session.tables))
+        self._lock = threading.Lock()  # guards pending against a concurrent fold
+        for t in session.tables:
+            t.fold = self.fold
+
+    def worth(self, n: np.ndarray) -> bool:
+        """Whether a request of n[t] keys per table is faster fused: many tables, or too few
+        keys per table for the per-table kernels to use several threads."""
+        return len(n) >= 2 * numba.get_num_threads() or int(n.max()) < PARALLEL_MIN_KEYS
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _ident(self) -> tuple | None:
+        """The identity of every array the kernel reads, or None where a table is ineligible."""
+        s = self.session
+        vdb = s.vdb
+        if vdb is not None and type(vdb) is not HashMapVDB:
+            return None
+        held = vdb._tables if vdb is not None else {}
+        ident = []
+        for t in s.tables:
+            c = t.cache
+            if c is not None and type(c) is not HostCache:
+                return None
+            vt = held.get(t.store_name)
+            if vt is not None and (vt.dtype != "float32" or vt.clock[1]):
+                return None  # fp16 rows, or a table the writer dropped: per-table lookups
+            ident += (c, vt, vt.arr if vt is not None else None)
+        return tuple(ident)
+
+    def layout(self) -> _Layout | None:
+        """The kernel's view of the tables now (rebuilt when a cache or VDB array changed)."""
+        ident = self._ident()
+        if ident is None:
+            return None
+        lay = self._layout
+        if (
+            lay is None
+            or len(lay.ident) != len(ident)
+            or any(a is not b for a, b in zip(lay.ident, ident, strict=True))
+        ):
+            lay = self._layout = _Layout(self.session, ident)
+        return lay
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def run(
+        self,
+        kflat: np.ndarray,
+        kbase: np.ndarray,
+        kstride: np.ndarray,
+        n: np.ndarray,
+        out: np.ndarray,
+        obase: np.ndarray,
+        ostride: np.ndarray,
+    ) -> np.ndarray | None:
+        """Table t's keys kflat[kbase[t] + i * kstride[t]], i < n[t], into out (float32, flat)
+        from obase[t] with ostride[t] per key. Returns the call's counters per table (see
+        ``stats``); None (nothing done) where not eligible."""
+        lay = self.layout()
+        if lay is None:
+            return None
+        s = self.session
+        tables = s.tables
+        T = len(tables)
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        since = [(t.recent.epoch, now) for t in tables]
+        koff = np.zeros(T + 1, np.int64)
+        np.cumsum(n, out=koff[1:])
+        N = int(koff[-1])
+        uniq, first, inverse = (np.empty(N, np.int64) for _ in range(3))
+        status = np.empty(N, np.int8)
+        ucount = np.zeros(T, np.int64)
+        counts = np.zeros((T, 2), np.int64)
+        dirty = np.zeros(T, np.bool_)
+        for i, t in enumerate(tables):
+            if t.admission is not None:
+                t.admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
+        vtick = np.zeros(T, np.int64)
+        for i in lay.tick_tables:
+            vt = lay.ident[3 * i + 1]
+            vt.clock[0] += np.uint64(1)
+            vtick[i] = int(vt.clock[0])
+        fill_ok = lay.fill_ok.copy()
+        filled = np.zeros(T, np.bool_)
+        clocks = np.zeros(T, np.int64)
+        locks = [tables[i].cache_lock for i in lay.cached]
+        for lk in locks:  # in table order; every other holder takes one lock at a time
+            lk.acquire()
+        try:
+            for i in lay.cached:
+                clocks[i] = tables[i].cache.clock
+            for i in lay.fill_ok_tables:  # under the cache locks, which updates take to record
+                fill_ok[i] = tables[i].recent.quiet(*since[i])
+            kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
+            kernel(
+                kflat, kbase, kstride, n, out, obase, ostride, lay.dims,
+                lay.caches, lay.has_cache, lay.lfu, lay.kind, clocks, fill_ok, s.hit_rate_threshold,
+                lay.vdb_tables, lay.has_vdb,
+                lay.icap, lay.pcap, lay.rbits, lay.P, lay.touch, vtick,
+                koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+            )  # fmt: skip
+            for i in lay.cached:
+                tables[i].cache.clock = int(clocks[i])
+        finally:
+            for lk in reversed(locks):
+                lk.release()
+        delta = np.zeros((T, _FIELDS), np.int64)
+        delta[:, _REQ] = 1
+        delta[:, _KEYS] = n
+        delta[:, _UNIQ] = ucount
+        delta[:, _HIT["l1"]] = counts[:, 0]
+        delta[:, _HIT["vdb"]] = counts[:, 1]
+        rest = ucount - counts.sum(1)
+        for i in np.flatnonzero(((counts[:, 1] > 0) & ~filled) | (rest > 0)).tolist():
+            lo, m = int(koff[i]), int(ucount[i])
+            rows_t = out[obase[i] :].view()  # table i's output rows, strided
+            view = np.lib.stride_tricks.as_strided(
+                rows_t, (int(n[i]), lay.dims[i]), (int(ostride[i]) * 4, 4), writeable=True
+            )
+            self._finish_table(
+                tables[i], uniq[lo : lo + m], first[lo : lo + m], inverse[lo : lo + n[i]],
+                status[lo : lo + m], view, bool(dirty[i] or not lay.has_vdb[i]), since[i], delta[i],
+            )  # fmt: skip
+        with self._lock:
+            self.pending += delta
+            self.pending_seconds += (time.perf_counter() - t0) / T
+        return delta
+
+    @staticmethod
+    def stats(delta: np.ndarray) -> list[LookupStats]:
+        """One LookupStats per table from the counters ``run`` returned."""
+        out = []
+        for row in delta.tolist():
+            st = LookupStats(requests=row[_REQ], keys=row[_KEYS], unique_keys=row[_UNIQ])
+            st.hits = {level: row[col] for level, col in _HIT.items()}
+            out.append(st)
+        return out
+
+    def _finish_table(
+        self,
+        t: TableRuntime,
+        uniq: np.ndarray,
+        first: np.ndarray,
+        inverse: np.ndarray,
+        status: np.ndarray,
+        out: np.ndarray,
+        reread_vdb: bool,
+        since: tuple[int, float],
+        delta: np.ndarray,
+    ) -> None:
+        """Keys the kernel left MISSING (lower tiers, then the default) and the L1 fill."""
+        s = self.session
+        st = LookupStats(unique_keys=len(uniq))
+        st.hits["l1"] = int(delta[_HIT["l1"]])
+        vec = out[first]  # each unique key's row (a copy; MISSING ones are set below)
+        miss = np.flatnonzero(status == FK.MISSING)
+        if len(miss):
+            tiers = ((("vdb", s.vdb),) if reread_vdb else ()) + (("pdb", s.pdb),)
+            left = s.from_tiers(t, uniq, vec, miss, st, tiers)
+            vec[left] = t.default_value
+            st.hits["default"] = len(left)
+            occ = np.flatnonzero(status[inverse] == FK.MISSING)
+            out[occ] = vec[inverse[occ]]
+            for level in ("vdb", "pdb", "default"):
+                delta[_HIT[level]] += st.hits[level]
+            status = status.copy()
+            status[miss] = FK.VDB  # found below the kernel: filled like the VDB's rows
+            status[left] = FK.MISSING  # default vectors are not cached
+        fill = np.flatnonzero(status == FK.VDB)  # ascending, as a per-table lookup fills
+        s.fill(t, uniq[fill], vec[fill], st, since)
+        if st.errors["vdb"] or st.errors["pdb"] or any(st.seconds.values()):
+            with self._lock:
+                t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
+
+    def fold(self) -> None:
+        """Move the pending counters into each table's LookupStats."""
+        with self._lock:
+            if not self.pending[:, _REQ].any():
+                return
+            pend, secs = self.pending.copy(), self.pending_seconds.copy()
+            self.pending[:] = 0
+            self.pending_seconds[:] = 0
+        for t, row, sec in zip(self.session.tables, pend.tolist(), secs.tolist(), strict=True):
+            st = t._stats
+            st.requests += row[_REQ]
+            st.keys += row[_KEYS]
+            st.unique_keys += row[_UNIQ]
+            for level, col in _HIT.items():
+                st.hits[level] += row[col]
+            st.seconds["fused"] = st.seconds.get("fused", 0.0) + sec
+            st.seconds["total"] += sec

@@ -1,0 +1,219 @@
+"""The fused CPU lookup against per-table lookups: the same vectors, the same cache slots and
+clocks, the same counters, request after request; and both against the files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from hps_core import ParameterServer
+from hps_core.model_io import write_table
+
+I64 = np.iinfo(np.int64)
+DIMS = [8, 4, 16]
+DEFAULTS = [0.5, -1.0, 2.0]
+ROWS = 2000
+
+
+def make_files(root):
+    rng = np.random.default_rng(7)
+    tables = []
+    for t, dim in enumerate(DIMS):
+        keys = np.unique(rng.integers(I64.min, I64.max, size=ROWS, dtype=np.int64))
+        keys = np.unique(np.concatenate([keys, [I64.min, I64.max, 0, -1]]))
+        rng.shuffle(keys)
+        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+        write_table(root / f"t{t}_sparse_0.model", keys, vecs)
+        tables.append((keys, vecs))
+    return tables
+
+
+def config(root, name, policy, dtype, admit, threshold):
+    return {
+        "supportlonglong": True,
+        "volatile_db": {"type": "parallel_hash_map", "num_partitions": 4},
+        "persistent_db": {"type": "rocks_db", "path": str(root / f"rocksdb_{name}")},
+        "models": [
+            {
+                "model": "m",
+                "sparse_files": [str(root / f"t{t}_sparse_0.model") for t in range(len(DIMS))],
+                "embedding_table_names": ["a", "b", "c"],
+                "embedding_vecsize_per_table": DIMS,
+                "maxnum_catfeature_query_per_table_per_sample": [1, 1, 1],
+                "default_value_for_each_table": DEFAULTS,
+                "gpucacheper": 0.05,
+                "cache_policy": policy,
+                "cache_storage_dtype": dtype,
+                "cache_admission_min_count": admit,
+                "cache_prefill": False,
+                "hit_rate_threshold": threshold,
+            }
+        ],
+    }
+
+
+def reference(tables, t, keys):
+    ref_keys, ref_vecs = tables[t]
+    order = np.argsort(ref_keys)
+    sk = ref_keys[order]
+    pos = np.clip(np.searchsorted(sk, keys), 0, len(sk) - 1)
+    found = sk[pos] == keys
+    out = np.full((len(keys), DIMS[t]), DEFAULTS[t], np.float32)
+    out[found] = ref_vecs[order[pos[found]]]
+    return out
+
+
+def request(rng, tables, batch):
+    """[batch, 3] keys: Zipf-hot file keys, keys in no file, repeats within the batch."""
+    cols = []
+    for keys, _ in tables:
+        rank = np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)
+        col = keys[rank]
+        absent = rng.random(batch) < 0.05
+        col[absent] = rng.integers(I64.min, I64.max, absent.sum(), dtype=np.int64)
+        cols.append(col)
+    return np.stack(cols, axis=1)
+
+
+def snapshot(ps):
+    return [t.cache.snapshot() for t in ps.session("m").tables]
+
+
+def assert_same_state(fused, plain):
+    for a, b in zip(snapshot(fused), snapshot(plain), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for ta, tb in zip(fused.session("m").tables, plain.session("m").tables, strict=True):
+        sa, sb = ta.stats, tb.stats
+        assert (sa.requests, sa.keys, sa.unique_keys, sa.hits) == (
+            sb.requests,
+            sb.keys,
+            sb.unique_keys,
+            sb.hits,
+        )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    return root, make_files(root)
+
+
+@pytest.mark.parametrize(
+    "policy,dtype,admit,threshold",
+    [
+        ("lru", "float32", 1, 1.0),  # every fill inside the kernel
+        ("lfu", "float32", 1, 1.0),
+        ("lru", "float16", 1, 1.0),  # fills through the session (fp16 encoding)
+        ("lfu", "float32", 2, 1.0),  # admission filter: fills through the session
+        ("lru", "float32", 1, 0.6),  # above the threshold: background fills
+    ],
+)
+def test_fused_matches_per_table_lookups(files, policy, dtype, admit, threshold):
+    root, tables = files
+    name = f"{policy}{dtype}{admit}{threshold}"
+    fused = ParameterServer(config(root, name + "f", policy, dtype, admit, threshold))
+    plain = ParameterServer(config(root, name + "p", policy, dtype, admit, threshold))
+    try:
+        plain.session("m").fused.run = lambda *a: None  # per-table lookups only
+        # a share of each table lives only in RocksDB: the kernel leaves those to the session
+        rng = np.random.default_rng(1)
+        for ps in (fused, plain):
+            for t, (keys, _) in enumerate(tables):
+                store = ps.session("m").tables[t].store_name
+                ps.vdb.evict(store, keys[np.random.default_rng(t).random(len(keys)) < 0.1])
+        for batch in [1, 1, 3, 17, 64, 250, 1, 2000, 5, 40]:
+            cat = request(rng, tables, batch)
+            got = fused.session("m").lookup_columns(cat)
+            want = plain.session("m").lookup_columns(cat)
+            np.testing.assert_array_equal(got, want)
+            ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+            if dtype == "float32":
+                np.testing.assert_array_equal(got, ref)
+            else:  # L1 rows are rounded to fp16
+                np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+            fused.session("m").flush()
+            plain.session("m").flush()
+            assert_same_state(fused, plain)
+        # HPS I/O: concatenated keys with a count per table, a zero count included
+        for counts in ([5, 0, 9], [1, 1, 1], [300, 20, 0]):
+            keys = np.concatenate(
+                [request(rng, tables, c)[:, t] for t, c in enumerate(counts)]
+            ).astype(np.int64)
+            got, st_got = fused.session("m").lookup_concatenated(keys, np.array(counts))
+            want, st_want = plain.session("m").lookup_concatenated(keys, np.array(counts))
+            np.testing.assert_array_equal(got, want)
+            assert [(s.keys, s.unique_keys, s.hits) for s in st_got] == [
+                (s.keys, s.unique_keys, s.hits) for s in st_want
+            ]
+            fused.session("m").flush()
+            plain.session("m").flush()
+            assert_same_state(fused, plain)
+    finally:
+        fused.close()
+        plain.close()
+
+
+def test_a_write_in_progress_sends_the_table_back_to_the_seqlocked_read(files):
+    """An odd VDB sequence number (a writer mid-batch) makes the kernel's read of that table
+    dirty: its rows are read again through HashMapVDB.fetch, and the answer is still right."""
+    root, tables = files
+    ps = ParameterServer(config(root, "dirty", "lru", "float32", 1, 1.0))
+    try:
+        vt = ps.vdb._table(ps.session("m").tables[1].store_name)
+        cat = request(np.random.default_rng(3), tables, 50)
+        reads = []
+        fetch = ps.vdb.fetch
+        ps.vdb.fetch = lambda table, keys: reads.append(table) or fetch(table, keys)
+        vt.seq[:] += np.uint64(1)  # every partition "being written"
+        got = ps.session("m").lookup_columns(cat)
+        vt.seq[:] += np.uint64(1)
+        assert reads == [ps.session("m").tables[1].store_name]
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(got, ref)
+    finally:
+        ps.close()
+
+
+def test_a_reader_of_shared_memory_serves_fused_lookups(files):
+    """Read-only mappings of a writer's tables (a Triton instance's view) through the kernel;
+    one table without an L1 cache."""
+    from hps_core.cache.host import HostCache
+    from hps_core.session import LookupSession, TableRuntime
+    from hps_core.vdb import shm
+    from hps_core.vdb.hashmap import HashMapVDB
+
+    _, tables = files
+    name = f"hps_test_fused_{os.getpid()}"
+    writer = HashMapVDB(num_partitions=4, overflow_policy="evict_least_used",
+                        shared_memory_name=name)  # fmt: skip
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    try:
+        for t in range(3):
+            writer.create_table(f"t{t}", DIMS[t], capacity_hint=len(tables[t][0]))
+            writer.upsert(f"t{t}", *tables[t])
+        runtimes = [
+            TableRuntime(f"t{t}", f"t{t}", DIMS[t], DEFAULTS[t], cache=HostCache(64, DIMS[t]))
+            for t in range(2)
+        ]
+        runtimes.append(TableRuntime("t2", "t2", DIMS[2], DEFAULTS[2], cache=None))
+        session = LookupSession("m", runtimes, reader, None, hit_rate_threshold=1.0)
+        rng = np.random.default_rng(5)
+        for batch in (1, 30, 400):
+            cat = request(rng, tables, batch)
+            got = session.lookup_columns(cat)
+            ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+            np.testing.assert_array_equal(got, ref)
+        assert session.fused.layout() is not None  # read-only arrays, served fused
+        stats = [t.stats for t in runtimes]
+        assert stats[0].hits["vdb"] > 0 and stats[0].hits["l1"] > 0
+        assert stats[2].hits["l1"] == 0 and stats[2].hits["default"] > 0
+        session.close()
+    finally:
+        reader.close()
+        writer.unlink()
+        for p in shm.SHM_DIR.glob(f"{name}.*"):
+            p.unlink()
