@@ -6,10 +6,11 @@ host cache, so stamps and the clock move exactly as in a per-table lookup), fetc
 misses from the hash-map VDB (its ``_fetch_chunk``, under the VDB's seqlock check), then copy
 each key's row to every place the key occurs in the output. Keys neither level holds are left
 to the caller (status MISSING), as is a table whose VDB partitions a writer changed during the
-read (``dirty``: its VDB rows are re-read through ``HashMapVDB.fetch``). Where the caller
+read or dropped (flag DIRTY: its rows are re-read through ``HashMapVDB.fetch``). Where the caller
 allows it (``fill_ok``: fp32 L1, no admission filter, no recent online update) and the
 table's hit rate is below the threshold, the rows the VDB returned are inserted into L1 here
-(``filled``), as the session's synchronous fill would; every other fill is the caller's.
+(flag FILLED), as the session's synchronous fill would; every other fill is the caller's
+(flag FINISH).
 
 Arrays of all tables travel in two numba typed lists of tuples (the L1's, the VDB's), built
 once per layout; a table without a cache or a VDB table gets a stand-in and a False flag.
@@ -21,10 +22,21 @@ import numpy as np
 from numba import njit, prange
 
 from .cache._host_kernels import find_serial, insert_serial
-from .hash_kernels import dedupe_into
+from .hash_kernels import dedupe_into, dedupe_slots_jit
 from .vdb._kernels import _fetch_chunk, seq_clean
 
 L1, VDB, MISSING = 0, 1, 2  # status of a unique key: where its row came from
+# Columns of the per-table counters (fused.py): requests, keys, unique keys, hits per level
+REQ, KEYS, UNIQ, HIT_L1, HIT_VDB = 0, 1, 2, 3, 4
+# flags per table: the VDB read overlapped a write; the kernel filled L1; the caller has work
+DIRTY, FILLED, FINISH = 1, 2, 4
+
+
+@njit(inline="always", cache=True)
+def _scratch(n, dim):
+    """Per-table work arrays for up to n keys of dim floats."""
+    return (np.empty(n * dim, np.float32), np.empty(n, np.bool_), np.empty(n, np.bool_),
+            np.empty(n, np.int64), np.empty(dedupe_slots_jit(n), np.int64))  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
@@ -32,36 +44,39 @@ def _one_table(
     t, kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
     vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
-    koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+    koff, uniq, first, inverse, status, delta, flags, scratch,
 ):  # fmt: skip
     nt = n[t]
     base = koff[t]
     dim = dims[t]
+    rows_buf, hit, found, sel, slots = scratch
     keys = kflat[kbase[t] : kbase[t] + nt * kstride[t] : kstride[t]]
     u_keys = uniq[base : base + nt]
-    u_first = first[base : base + nt]
     inv = inverse[base : base + nt]
-    m = dedupe_into(keys, u_keys, u_first, inv)
-    ucount[t] = m
+    m = dedupe_into(keys, u_keys, first[base : base + nt], inv, slots)
     u_keys = u_keys[:m]
     st = status[base : base + m]
-    rows = np.empty((m, dim), np.float32)
-    hit = np.zeros(m, np.bool_)
+    rows = rows_buf[: m * dim].reshape((m, dim))
+    hit[:m] = False
+    found[:m] = False
     c_keys, c_occ, c_stamp, c_vals = caches[t]
     if has_cache[t] and m:  # a find advances the cache's clock, as HostCache.find does
         clocks[t] += 1
         find_serial(u_keys, c_keys, c_occ, c_stamp, c_vals, rows.view(np.uint16),
-                    rows.view(np.uint32), hit, clocks[t], lfu[t], kind[t], False)  # fmt: skip
-    sel = np.flatnonzero(~hit)
-    found = np.zeros(m, np.bool_)
-    if has_vdb[t] and len(sel):
-        index, v_keys, values, meta, seq = vdb_tables[t]
+                    rows.view(np.uint32), hit[:m], clocks[t], lfu[t], kind[t], False)  # fmt: skip
+    ms = 0
+    for u in range(m):
+        if not hit[u]:
+            sel[ms] = u
+            ms += 1
+    if has_vdb[t] and ms:
+        index, v_keys, values, meta, seq, clock = vdb_tables[t]
         before = seq.copy()
-        _fetch_chunk(0, len(sel), u_keys, sel, index, v_keys, values, meta, touch[t], vtick[t],
-                     icap[t], pcap[t], rbits[t], P[t], rows, found, None)  # fmt: skip
-        if not seq_clean(before, seq):
-            dirty[t] = True
-            found[:] = False
+        _fetch_chunk(0, ms, u_keys, sel[:ms], index, v_keys, values, meta, touch[t], vtick[t],
+                     icap[t], pcap[t], rbits[t], P[t], rows, found[:m], None)  # fmt: skip
+        if clock[1] != 0 or not seq_clean(before, seq):  # dropped, or a write overlapped
+            flags[t] |= DIRTY
+            found[:m] = False
     l1 = 0
     vdb = 0
     for u in range(m):
@@ -73,21 +88,25 @@ def _one_table(
             vdb += 1
         else:
             st[u] = MISSING
-    counts[t, 0] = l1
-    counts[t, 1] = vdb
+    delta[t, REQ] = 1
+    delta[t, KEYS] = nt
+    delta[t, UNIQ] = m
+    delta[t, HIT_L1] = l1
+    delta[t, HIT_VDB] = vdb
     if fill_ok[t] and vdb and l1 + vdb == m and l1 < threshold * m:
         # below the hit-rate threshold the session fills L1 before it answers: same keys, same
         # order (ascending unique index) as LookupSession.fill, one clock tick as an insert
-        got = np.empty(vdb, np.int64)
         j = 0
         for u in range(m):
             if st[u] == VDB:
-                got[j] = u
+                sel[j] = u
                 j += 1
         clocks[t] += 1
-        insert_serial(u_keys[got], rows[got].view(np.uint16), c_keys, c_occ, c_stamp, c_vals,
-                      clocks[t], lfu[t])  # fmt: skip
-        filled[t] = True
+        insert_serial(u_keys[sel[:j]], rows[sel[:j]].view(np.uint16), c_keys, c_occ, c_stamp,
+                      c_vals, clocks[t], lfu[t])  # fmt: skip
+        flags[t] |= FILLED
+    elif l1 < m and (has_cache[t] or l1 + vdb < m):
+        flags[t] |= FINISH
     o0 = obase[t]
     stride = ostride[t]
     for i in range(nt):
@@ -103,33 +122,36 @@ def lookup_tables(
     kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
     vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
-    koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+    koff, uniq, first, inverse, status, delta, flags,
 ):  # fmt: skip
     """Table t's keys are kflat[kbase[t] + i * kstride[t]] for i < n[t]; row i of its output
     starts at out[obase[t] + i * ostride[t]]. Per unique key (table t's at koff[t]): the key,
-    its first position, its status; inverse maps each key to its unique index."""
+    its first position, its status; inverse maps each key to its unique index. Per table:
+    counters (``delta``) and ``flags``."""
     for t in prange(len(n)):
         _one_table(
             np.int64(t), kflat, kbase, kstride, n, out, obase, ostride, dims,
             caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
             vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
-            koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+            koff, uniq, first, inverse, status, delta, flags, _scratch(n[t], dims[t]),
         )  # fmt: skip
 
 
-# Small requests run on the calling thread: waking the thread pool costs more than it saves.
+# Small requests run on the calling thread (waking the thread pool costs more than it saves),
+# with one set of work arrays for all tables.
 @njit(nogil=True, cache=True)
 def lookup_tables_serial(
     kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
     vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
-    koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+    koff, uniq, first, inverse, status, delta, flags,
 ):  # fmt: skip
     """lookup_tables on the calling thread."""
+    scratch = _scratch(n.max(), dims.max())
     for t in range(len(n)):
         _one_table(
             t, kflat, kbase, kstride, n, out, obase, ostride, dims,
             caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
             vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
-            koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+            koff, uniq, first, inverse, status, delta, flags, scratch,
         )  # fmt: skip

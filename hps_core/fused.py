@@ -37,70 +37,78 @@ from .vdb.hashmap import HashMapVDB
 if TYPE_CHECKING:
     from .session import LookupSession, TableRuntime
 
-# Columns of the pending counters: requests, keys, unique keys, then hits per level.
-_REQ, _KEYS, _UNIQ = 0, 1, 2
-_HIT = {level: 3 + i for i, level in enumerate(LEVELS)}
+# Columns of the counters: requests, keys, unique keys, then hits per level (as the kernel's).
+_REQ, _KEYS, _UNIQ = FK.REQ, FK.KEYS, FK.UNIQ
+_HIT = {level: FK.HIT_L1 + i for i, level in enumerate(LEVELS)}
 _FIELDS = 3 + len(LEVELS)
 
 
 class _Layout:
-    """The arrays of every table as the kernel takes them, for one set of caches/VDB arrays."""
+    """The arrays of every table as the kernel takes them, for one set of caches/VDB arrays;
+    ``eligible`` False where some table cannot be served fused."""
 
     def __init__(self, session: LookupSession, ident: tuple):
-        vdb = session.vdb
-        T = len(session.tables)
         self.ident = ident
-        self.dims = np.array([t.dim for t in session.tables], np.int64)
-        self.has_cache = np.zeros(T, np.bool_)
+        tables, vdb = session.tables, session.vdb
+        T = len(tables)
+        self.held = [t.cache for t in tables]  # alive, so the ids in ident stay theirs
+        held = vdb._tables if type(vdb) is HashMapVDB else {}
+        vts = [held.get(t.store_name) for t in tables]
+        self.eligible = (vdb is None or type(vdb) is HashMapVDB) and all(
+            (c is None or type(c) is HostCache) and (vt is None or vt.dtype == "float32")
+            for c, vt in zip(self.held, vts, strict=True)
+        )
+        if not self.eligible:
+            return
+        self.dims = np.array([t.dim for t in tables], np.int64)
+        self.has_cache = np.array([c is not None for c in self.held], np.bool_)
+        self.has_vdb = np.array([vt is not None for vt in vts], np.bool_)
         self.lfu = np.zeros(T, np.bool_)
         self.kind = np.zeros(T, np.int64)
-        self.has_vdb = np.zeros(T, np.bool_)
         self.icap, self.pcap, self.rbits, self.P, self.touch = (
             np.zeros(T, np.int64) for _ in range(5)
         )
-        self.tick_tables: list[int] = []  # VDB tables whose fetch stamps rows with the VDB clock
+        self.tick_tables: list[tuple[int, object]] = []  # (table, VDB table) stamping fetches
         self.caches, self.vdb_tables = typed.List(), typed.List()
         stand_in = HostCache(1, 1)
-        vdb_stand_in = _vdb_stand_in(_pairs(ident))
-        for i, (cache, vt, arr) in enumerate(_pairs(ident)):
+        vdb_stand_in = _vdb_stand_in(vts)
+        for i, (cache, vt) in enumerate(zip(self.held, vts, strict=True)):
             c = cache if cache is not None else stand_in
-            self.has_cache[i] = cache is not None
             self.lfu[i], self.kind[i] = c._lfu, c._kind
             self.caches.append((c.keys, c.occupied, c.stamp, c._vals))
             if vt is None:
                 self.vdb_tables.append(vdb_stand_in)
                 self.P[i] = 1
                 continue
-            self.has_vdb[i] = True
+            arr = vt.arr
             self.icap[i], self.pcap[i], self.rbits[i] = arr.icap, arr.pcap, arr.rbits
             self.P[i] = vt.P
             if vt.policy == "evict_least_used":
                 self.touch[i] = VK.TOUCH_COUNT
             elif vt.policy == "evict_oldest" and vdb.refresh_time_after_fetch:
                 self.touch[i] = VK.TOUCH_TICK
-                self.tick_tables.append(i)
-            self.vdb_tables.append((arr.index, arr.keys, arr.values, arr.meta, vt.seq))
-        self.cached = [i for i in range(T) if self.has_cache[i]]
-        # L1 fills the kernel may do itself: fp32 rows, no admission filter (and, per call,
-        # no recent online update of the table)
-        self.fill_ok = np.zeros(T, np.bool_)
-        for i, t in enumerate(session.tables):
-            self.fill_ok[i] = self.has_cache[i] and self.kind[i] == KIND_F32 and t.admission is None
-        self.fill_ok_tables = [i for i in range(T) if self.fill_ok[i]]
+                self.tick_tables.append((i, vt))
+            self.vdb_tables.append((arr.index, arr.keys, arr.values, arr.meta, vt.seq, vt.clock))
+        self.cached = np.flatnonzero(self.has_cache)
+        self.cached_objs = [c for c in self.held if c is not None]
+        self.locks = [tables[i].cache_lock for i in self.cached]
+        self.admitting = [(i, t.admission) for i, t in enumerate(tables) if t.admission]
+        # L1 fills the kernel may do itself: fp32 rows and no admission filter (and, checked
+        # per call, no recent online update of the table)
+        self.fill_ok = np.array(
+            [bool(h) and k == KIND_F32 and t.admission is None
+             for h, k, t in zip(self.has_cache, self.kind, tables, strict=True)], np.bool_
+        )  # fmt: skip
+        self.fill_ok_tables = [(i, tables[i].recent) for i in np.flatnonzero(self.fill_ok)]
 
 
-def _pairs(ident: tuple) -> list[tuple]:
-    """(cache, VDB table, VDB arrays) per table."""
-    return [ident[i : i + 3] for i in range(0, len(ident), 3)]
-
-
-def _vdb_stand_in(pairs: list[tuple]) -> tuple:
+def _vdb_stand_in(vts: list) -> tuple:
     """Arrays for a table the VDB lacks, typed as the real ones (read-only where they are, as
     in a reader's mapping of shared memory), so that one typed list holds them all."""
-    real = next(((arr.index, arr.keys, arr.values, arr.meta, vt.seq)
-                 for _, vt, arr in pairs if vt is not None), None)  # fmt: skip
-    shapes = ((1,), (1,), (1, 1), (1,), (1,))
-    dtypes = (np.uint32, np.int64, np.float32, np.uint32, np.uint64)
+    real = next(((vt.arr.index, vt.arr.keys, vt.arr.values, vt.arr.meta, vt.seq, vt.clock)
+                 for vt in vts if vt is not None), None)  # fmt: skip
+    shapes = ((1,), (1,), (1, 1), (1,), (1,), (2,))
+    dtypes = (np.uint32, np.int64, np.float32, np.uint32, np.uint64, np.uint64)
     out = []
     for j, (shape, dt) in enumerate(zip(shapes, dtypes, strict=True)):
         a = np.zeros(shape, dt)
@@ -128,37 +136,16 @@ class FusedLookup:
         return len(n) >= 2 * numba.get_num_threads() or int(n.max()) < PARALLEL_MIN_KEYS
 
     # -- layout ---------------------------------------------------------------------------------
-    def _ident(self) -> tuple | None:
-        """The identity of every array the kernel reads, or None where a table is ineligible."""
+    def layout(self) -> _Layout | None:
+        """The kernel's view of the tables now, None where they cannot be served fused. Rebuilt
+        when a table's cache object or the VDB's tables (``generation``) changed."""
         s = self.session
         vdb = s.vdb
-        if vdb is not None and type(vdb) is not HashMapVDB:
-            return None
-        held = vdb._tables if vdb is not None else {}
-        ident = []
-        for t in s.tables:
-            c = t.cache
-            if c is not None and type(c) is not HostCache:
-                return None
-            vt = held.get(t.store_name)
-            if vt is not None and (vt.dtype != "float32" or vt.clock[1]):
-                return None  # fp16 rows, or a table the writer dropped: per-table lookups
-            ident += (c, vt, vt.arr if vt is not None else None)
-        return tuple(ident)
-
-    def layout(self) -> _Layout | None:
-        """The kernel's view of the tables now (rebuilt when a cache or VDB array changed)."""
-        ident = self._ident()
-        if ident is None:
-            return None
+        ident = (getattr(vdb, "generation", None), *[id(t.cache) for t in s.tables])
         lay = self._layout
-        if (
-            lay is None
-            or len(lay.ident) != len(ident)
-            or any(a is not b for a, b in zip(lay.ident, ident, strict=True))
-        ):
-            lay = self._layout = _Layout(self.session, ident)
-        return lay
+        if lay is None or lay.ident != ident:
+            lay = self._layout = _Layout(s, ident)
+        return lay if lay.eligible else None
 
     # -- lookup ---------------------------------------------------------------------------------
     def run(
@@ -182,63 +169,51 @@ class FusedLookup:
         T = len(tables)
         t0 = time.perf_counter()
         now = time.monotonic()
-        since = [(t.recent.epoch, now) for t in tables]
+        epochs = [t.recent.epoch for t in tables]  # updates after these: no fill from this call
         koff = np.zeros(T + 1, np.int64)
         np.cumsum(n, out=koff[1:])
         N = int(koff[-1])
         uniq, first, inverse = (np.empty(N, np.int64) for _ in range(3))
         status = np.empty(N, np.int8)
-        ucount = np.zeros(T, np.int64)
-        counts = np.zeros((T, 2), np.int64)
-        dirty = np.zeros(T, np.bool_)
-        for i, t in enumerate(tables):
-            if t.admission is not None:
-                t.admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
+        delta = np.zeros((T, _FIELDS), np.int64)
+        flags = np.zeros(T, np.int8)
+        for i, admission in lay.admitting:
+            admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
         vtick = np.zeros(T, np.int64)
-        for i in lay.tick_tables:
-            vt = lay.ident[3 * i + 1]
+        for i, vt in lay.tick_tables:
             vt.clock[0] += np.uint64(1)
             vtick[i] = int(vt.clock[0])
         fill_ok = lay.fill_ok.copy()
-        filled = np.zeros(T, np.bool_)
         clocks = np.zeros(T, np.int64)
-        locks = [tables[i].cache_lock for i in lay.cached]
-        for lk in locks:  # in table order; every other holder takes one lock at a time
+        for lk in lay.locks:  # in table order; every other holder takes one lock at a time
             lk.acquire()
         try:
-            for i in lay.cached:
-                clocks[i] = tables[i].cache.clock
-            for i in lay.fill_ok_tables:  # under the cache locks, which updates take to record
-                fill_ok[i] = tables[i].recent.quiet(*since[i])
+            clocks[lay.cached] = [c.clock for c in lay.cached_objs]
+            for i, recent in lay.fill_ok_tables:  # under the cache locks, as updates record
+                if recent._log and not recent.quiet(epochs[i], now):
+                    fill_ok[i] = False
             kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
             kernel(
                 kflat, kbase, kstride, n, out, obase, ostride, lay.dims,
                 lay.caches, lay.has_cache, lay.lfu, lay.kind, clocks, fill_ok, s.hit_rate_threshold,
-                lay.vdb_tables, lay.has_vdb,
-                lay.icap, lay.pcap, lay.rbits, lay.P, lay.touch, vtick,
-                koff, uniq, first, inverse, status, ucount, counts, dirty, filled,
+                lay.vdb_tables, lay.has_vdb, lay.icap, lay.pcap, lay.rbits, lay.P, lay.touch, vtick,
+                koff, uniq, first, inverse, status, delta, flags,
             )  # fmt: skip
-            for i in lay.cached:
-                tables[i].cache.clock = int(clocks[i])
+            for c, clock in zip(lay.cached_objs, clocks[lay.cached].tolist(), strict=True):
+                c.clock = clock
         finally:
-            for lk in reversed(locks):
+            for lk in reversed(lay.locks):
                 lk.release()
-        delta = np.zeros((T, _FIELDS), np.int64)
-        delta[:, _REQ] = 1
-        delta[:, _KEYS] = n
-        delta[:, _UNIQ] = ucount
-        delta[:, _HIT["l1"]] = counts[:, 0]
-        delta[:, _HIT["vdb"]] = counts[:, 1]
-        rest = ucount - counts.sum(1)
-        for i in np.flatnonzero(((counts[:, 1] > 0) & ~filled) | (rest > 0)).tolist():
-            lo, m = int(koff[i]), int(ucount[i])
+        for i in np.flatnonzero(flags & FK.FINISH).tolist():
+            lo, m = int(koff[i]), int(delta[i, _UNIQ])
             rows_t = out[obase[i] :].view()  # table i's output rows, strided
             view = np.lib.stride_tricks.as_strided(
                 rows_t, (int(n[i]), lay.dims[i]), (int(ostride[i]) * 4, 4), writeable=True
             )
+            reread = bool(flags[i] & FK.DIRTY) or not lay.has_vdb[i]
             self._finish_table(
                 tables[i], uniq[lo : lo + m], first[lo : lo + m], inverse[lo : lo + n[i]],
-                status[lo : lo + m], view, bool(dirty[i] or not lay.has_vdb[i]), since[i], delta[i],
+                status[lo : lo + m], view, reread, (epochs[i], now), delta[i],
             )  # fmt: skip
         with self._lock:
             self.pending += delta

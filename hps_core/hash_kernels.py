@@ -40,19 +40,28 @@ def order_by_part(parts, P):
     return order, starts
 
 
-@njit(inline="always", cache=True)
-def dedupe_into(keys, uniq, first, inverse):
-    """Unique keys in order of first appearance into uniq[:m] (m returned), the position of
-    each one's first appearance into first[:m], and inverse[:n] with keys == uniq[inverse]:
-    a hash table of at least twice as many slots as keys, so O(n) where np.unique sorts."""
-    n = len(keys)
+def dedupe_slots(n: int) -> int:
+    """Hash slots ``dedupe_into`` needs for n keys: a power of two, at least 2n and 16."""
     cap = 16
     while cap < 2 * n:
         cap <<= 1
+    return cap
+
+
+dedupe_slots_jit = njit(inline="always", cache=True)(dedupe_slots)
+
+
+@njit(inline="always", cache=True)
+def dedupe_into(keys, uniq, first, inverse, slots):
+    """Unique keys in order of first appearance into uniq[:m] (m returned), the position of
+    each one's first appearance into first[:m], and inverse[:n] with keys == uniq[inverse]:
+    a hash table of ``slots`` (``dedupe_slots(n)`` entries or more, a power of two), so O(n)
+    where np.unique sorts."""
+    cap = dedupe_slots_jit(len(keys))
     mask = np.uint64(cap - 1)
-    slots = np.full(cap, -1, np.int64)  # position in uniq of the key hashed there
+    slots[:cap] = -1  # position in uniq of the key hashed there
     m = 0
-    for i in range(n):
+    for i in range(len(keys)):
         k = keys[i]
         s = np.int64(mix(k) & mask)
         while slots[s] >= 0 and uniq[slots[s]] != k:
@@ -73,7 +82,7 @@ def dedupe(keys):
     uniq = np.empty(n, np.int64)
     first = np.empty(n, np.int64)
     inverse = np.empty(n, np.int64)
-    m = dedupe_into(keys, uniq, first, inverse)
+    m = dedupe_into(keys, uniq, first, inverse, np.empty(dedupe_slots_jit(n), np.int64))
     return uniq[:m].copy(), inverse
 
 

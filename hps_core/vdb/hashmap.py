@@ -112,6 +112,9 @@ class HashMapVDB(VolatileDB):
         self.seed = int(seed)
         self._tables: dict[str, Table] = {}
         self._lock = threading.RLock()  # guards the table dict; attaching re-enters it
+        # Counts changes to which arrays serve a table (created, attached, dropped, grown):
+        # the fused lookup keeps views of them while this number stays the same.
+        self.generation = 0
 
     # -- tables -------------------------------------------------------------------------------
     def create_table(self, table, dim, dtype="float32", capacity_hint=0):
@@ -137,11 +140,13 @@ class HashMapVDB(VolatileDB):
             self._tables[table] = shm.create_table(
                 self.shm_name, table, P, int(dim), dtype, pcap, self.policy
             )
+            self.generation += 1
 
     def _attach(self, table: str) -> Table | None:
         t = shm.attach(self.shm_name, table, self.readonly, K.rehash) if self.shm_name else None
         if t is not None:
             self._tables[table] = t
+            self.generation += 1
         return t
 
     def _table(self, table: str) -> Table:
@@ -150,6 +155,7 @@ class HashMapVDB(VolatileDB):
             with self._lock:
                 if self._tables.get(table) is t:
                     del self._tables[table]
+                    self.generation += 1
             t = None
         if t is None:
             with self._lock:
@@ -167,6 +173,7 @@ class HashMapVDB(VolatileDB):
         with self._lock:
             t = self._table(table)
             del self._tables[table]
+            self.generation += 1
             if self.shm_name:
                 t.clock[1] = 1  # readers in other processes let go of their mappings
                 shm.remove_table(self.shm_name, table)
@@ -362,6 +369,7 @@ class HashMapVDB(VolatileDB):
         g = shm.copy_pools(t.arr, t.count, t.dtype, pcap)
         K.rehash(g.index, g.keys, t.count, g.icap, g.pcap, g.rbits, t.P)
         t.arr = g
+        self.generation += 1
         log.debug("VDB table %s: grew to %d rows per partition", table, pcap)
 
     def evict(self, table, keys):
@@ -383,6 +391,7 @@ class HashMapVDB(VolatileDB):
         """Detach (shared tables stay in /dev/shm for other processes until ``unlink``)."""
         with self._lock:
             self._tables.clear()
+            self.generation += 1
 
     def unlink(self) -> None:
         """Remove every shared table of this map from /dev/shm (the writer, at shutdown)."""
