@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from file_reference import file_rows
 
 from hps_core import ParameterServer
 from hps_core.model_io import write_table
@@ -55,14 +56,8 @@ def config(root, name, policy, dtype, admit, threshold):
 
 
 def reference(tables, t, keys):
-    ref_keys, ref_vecs = tables[t]
-    order = np.argsort(ref_keys)
-    sk = ref_keys[order]
-    pos = np.clip(np.searchsorted(sk, keys), 0, len(sk) - 1)
-    found = sk[pos] == keys
-    out = np.full((len(keys), DIMS[t]), DEFAULTS[t], np.float32)
-    out[found] = ref_vecs[order[pos[found]]]
-    return out
+    """Numpy reference: the file's row for known keys, the table default otherwise."""
+    return file_rows(*tables[t], keys, DEFAULTS[t])
 
 
 def request(rng, tables, batch):

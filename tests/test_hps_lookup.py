@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from file_reference import file_rows
 
 from hps_core import (
     HPS,
@@ -61,14 +62,7 @@ def config(root, **vdb):
 
 def reference(tables, t, keys):
     """Numpy reference: the file's row for known keys, the table default otherwise."""
-    ref_keys, ref_vecs = tables[t]
-    order = np.argsort(ref_keys)
-    sk = ref_keys[order]
-    pos = np.clip(np.searchsorted(sk, keys), 0, len(sk) - 1)
-    found = sk[pos] == keys
-    out = np.full((len(keys), DIMS[t]), DEFAULTS[t], dtype=np.float32)
-    out[found] = ref_vecs[order[pos[found]]]
-    return out
+    return file_rows(*tables[t], keys, DEFAULTS[t])
 
 
 @pytest.fixture(scope="module")
