@@ -26,6 +26,7 @@ from rich.table import Table
 
 from ..cache.admission import Admission
 from ..cache.reference import ReferenceCache
+from ..hash_kernels import dedupe
 from ..synth import oracle_top_c_hit_rate, zipf_ranks
 from .common import RESULTS, machine, save
 
@@ -265,7 +266,7 @@ def hit_rates(
                 admission = Admission(cap, min_count)
                 hits = total = 0
                 for i, q in enumerate(stream):
-                    uq = np.unique(q)
+                    uq, inverse = dedupe(q)  # first-appearance order, as the session's
                     admission.record(q)
                     _, hit = cache.find(dev.xp.asarray(uq))
                     hit = np.asarray(hit.get() if dev.gpu else hit)
@@ -276,8 +277,7 @@ def hit_rates(
                             dev.xp.asarray(miss), dev.xp.zeros((len(miss), 1), dev.xp.float32)
                         )
                     if i >= warm_batches:  # per key occurrence, as the oracle counts
-                        pos = np.searchsorted(uq, q)
-                        hits += int(hit[pos].sum())
+                        hits += int(hit[inverse].sum())
                         total += len(q)
                 rate = hits / total
                 out.append(
