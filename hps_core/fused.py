@@ -30,6 +30,7 @@ from numba import typed
 from . import _fused_kernels as FK
 from .cache._host_kernels import KIND_F32
 from .cache.host import PARALLEL_MIN_KEYS, HostCache
+from .errors import StorageError
 from .lookup_stats import LEVELS, LookupStats
 from .vdb import _kernels as VK
 from .vdb.hashmap import HashMapVDB
@@ -54,7 +55,10 @@ class _Layout:
         self.held = [t.cache for t in tables]  # alive, so the ids in ident stay theirs
         held = vdb._tables if type(vdb) is HashMapVDB else {}
         vts = [held.get(t.store_name) for t in tables]
-        self.eligible = (vdb is None or type(vdb) is HashMapVDB) and all(
+        # a VDB other than the hash map (Redis) is read after the kernel, all tables at once
+        self.eligible = (
+            vdb is None or type(vdb) is HashMapVDB or hasattr(vdb, "fetch_many")
+        ) and all(
             (c is None or type(c) is HostCache) and (vt is None or vt.dtype == "float32")
             for c, vt in zip(self.held, vts, strict=True)
         )
@@ -204,16 +208,19 @@ class FusedLookup:
         finally:
             for lk in reversed(lay.locks):
                 lk.release()
-        for i in np.flatnonzero(flags & FK.FINISH).tolist():
+        todo = np.flatnonzero(flags & FK.FINISH).tolist()
+        reread = [i for i in todo if flags[i] & FK.DIRTY or not lay.has_vdb[i]]
+        fetched = self._fetch_many(reread, koff, delta, uniq, status) if reread else {}
+        for i in todo:
             lo, m = int(koff[i]), int(delta[i, _UNIQ])
             rows_t = out[obase[i] :].view()  # table i's output rows, strided
             view = np.lib.stride_tricks.as_strided(
                 rows_t, (int(n[i]), lay.dims[i]), (int(ostride[i]) * 4, 4), writeable=True
             )
-            reread = bool(flags[i] & FK.DIRTY) or not lay.has_vdb[i]
             self._finish_table(
                 tables[i], uniq[lo : lo + m], first[lo : lo + m], inverse[lo : lo + n[i]],
-                status[lo : lo + m], view, reread, (epochs[i], now), delta[i],
+                status[lo : lo + m], view, i in reread, fetched.get(i), (epochs[i], now),
+                delta[i],
             )  # fmt: skip
         with self._lock:
             self.pending += delta
@@ -230,6 +237,25 @@ class FusedLookup:
             out.append(st)
         return out
 
+    def _fetch_many(self, reread: list[int], koff, delta, uniq, status) -> dict[int, tuple]:
+        """The VDB rows of the MISSING keys of tables ``reread``, in one ``fetch_many`` where
+        the VDB has it (Redis: one round trip for all tables); {} otherwise or on a failure,
+        and then each table reads its own through ``LookupSession.from_tiers``."""
+        s = self.session
+        if s.vdb is None or not hasattr(s.vdb, "fetch_many"):
+            return {}
+        keys = []
+        for i in reread:
+            lo, m = int(koff[i]), int(delta[i, _UNIQ])
+            keys.append(uniq[lo : lo + m][status[lo : lo + m] == FK.MISSING])
+        try:
+            got = s.vdb.fetch_many(
+                [(s.tables[i].store_name, k, None) for i, k in zip(reread, keys, strict=True)]
+            )
+        except StorageError:  # e.g. a table's metadata unreadable: per table, counted there
+            return {}
+        return dict(zip(reread, got, strict=True))
+
     def _finish_table(
         self,
         t: TableRuntime,
@@ -239,18 +265,26 @@ class FusedLookup:
         status: np.ndarray,
         out: np.ndarray,
         reread_vdb: bool,
+        fetched: tuple[np.ndarray, np.ndarray] | None,
         since: tuple[int, float],
         delta: np.ndarray,
     ) -> None:
-        """Keys the kernel left MISSING (lower tiers, then the default) and the L1 fill."""
+        """Keys the kernel left MISSING (the VDB again where ``reread_vdb``, its rows already
+        ``fetched`` for some VDBs; the PDB; the default) and the L1 fill."""
         s = self.session
         st = LookupStats(unique_keys=len(uniq))
         st.hits["l1"] = int(delta[_HIT["l1"]])
         vec = out[first]  # each unique key's row (a copy; MISSING ones are set below)
         miss = np.flatnonzero(status == FK.MISSING)
         if len(miss):
-            tiers = ((("vdb", s.vdb),) if reread_vdb else ()) + (("pdb", s.pdb),)
-            left = s.from_tiers(t, uniq, vec, miss, st, tiers)
+            left = miss
+            if fetched is not None:  # the VDB's rows of uniq[miss], read with other tables'
+                rows, found = fetched
+                vec[miss[found]] = rows[found]
+                st.hits["vdb"] = int(found.sum())
+                left = miss[~found]
+            vdb_tier = (("vdb", s.vdb),) if reread_vdb and fetched is None else ()
+            left = s.from_tiers(t, uniq, vec, left, st, (*vdb_tier, ("pdb", s.pdb)))
             vec[left] = t.default_value
             st.hits["default"] = len(left)
             occ = np.flatnonzero(status[inverse] == FK.MISSING)

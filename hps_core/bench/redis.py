@@ -6,6 +6,8 @@ run from the repository root), so every number comes from one run on one machine
 - fetch: ``RedisVDB.fetch`` keys/s (dim 64 fp32, random keys of a loaded table) per batch size,
   standalone and cluster, next to ``redis-benchmark -P 16 -t get`` requests/s on the same
   standalone server (one shard; target: ours >= 1x that);
+- multi-table lookups: 26 tables through a lookup session, fused (one Redis pipeline for every
+  table's L1 misses) against one table at a time, p50 latency per batch;
 - freshness: a publisher process sends row updates at ``--rate`` rows/s for ``--seconds``; an
   ingestor applies them to the standalone VDB; publish-to-visible p50/p99 and the rows/s
   actually sustained.
@@ -127,6 +129,58 @@ def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int
     return out
 
 
+def bench_tables(addr: str, tables: int, rows: int, dim: int, batches: list[int]) -> list[dict]:
+    """p50 latency of a lookup of ``tables`` tables through a session over this Redis (host L1
+    of 10% per table, Zipf 1.05 keys, warm): fused (L1 for all tables in one call, then one
+    pipeline for every table's misses) against one table at a time. Same keys, calls paired."""
+    from ..cache.host import HostCache
+    from ..session import LookupSession, TableRuntime
+
+    vdb = RedisVDB(addr, num_partitions=8)
+    rng = np.random.default_rng(5)
+    names = [f"hps_et.bench.t{t}" for t in range(tables)]
+    for name in names:
+        vdb.create_table(name, dim)
+        keys = np.arange(rows, dtype=np.int64)
+        vdb.upsert(name, keys, rng.standard_normal((rows, dim)).astype(np.float32))
+
+    def session(label: str) -> LookupSession:
+        runtimes = [
+            TableRuntime(n, n, dim, 0.0, cache=HostCache(max(8, rows // 10), dim)) for n in names
+        ]
+        return LookupSession(label, runtimes, vdb, None)
+
+    fused, per_table = session("fused"), session("per_table")
+    per_table.fused.run = lambda *a: None  # one table at a time
+    out = []
+    for b in batches:
+        cats = [np.minimum(rng.zipf(1.05, (b, tables)) - 1, rows - 1) for _ in range(300)]
+        times: dict[str, list[float]] = {"fused": [], "per_table": []}
+        for i, cat in enumerate(cats):
+            for label, s in (("fused", fused), ("per_table", per_table)):
+                t0 = time.perf_counter()
+                s.lookup_columns(cat)
+                if i >= 100:  # the first 100 calls warm the caches
+                    times[label].append(time.perf_counter() - t0)
+        p50 = {k: float(np.median(v)) for k, v in times.items()}
+        out.append(
+            {
+                "tables": tables,
+                "dim": dim,
+                "batch": b,
+                "fused_p50_ms": p50["fused"] * 1e3,
+                "per_table_p50_ms": p50["per_table"] * 1e3,
+                "speedup": p50["per_table"] / p50["fused"],
+            }
+        )
+    for s in (fused, per_table):
+        s.close()
+    for name in names:
+        vdb.drop_table(name)
+    vdb.close()
+    return out
+
+
 def bench_freshness(addr: str, dim: int, rows_s: float, seconds: float, rows: int) -> dict:
     client = connect(addr)
     client.delete("hps_updates", "hps_updates:dead")
@@ -233,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             fetch += bench_fetch(
                 RedisVDB(cluster, num_partitions=24), "cluster", args.rows, dim, args.batches
             )
+            multi = bench_tables(single, 26, 20_000 if not args.quick else 2_000, 16, [1, 32, 256])
             fresh = bench_freshness(single, dim, args.rate, args.seconds, args.rows)
         finally:
             for d in ("s", "c"):
@@ -258,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['memory_over_raw']:.2f}x",
         )
     console.print(t)
+    t = Table(title="26-table lookups over standalone Redis, p50 latency (host L1 10%, warm)")
+    for c in ("batch", "fused ms", "one table at a time ms", "speedup"):
+        t.add_column(c, justify="right")
+    for r in multi:
+        t.add_row(
+            f"{r['batch']:,}",
+            f"{r['fused_p50_ms']:.2f}",
+            f"{r['per_table_p50_ms']:.2f}",
+            f"{r['speedup']:.1f}x",
+        )
+    console.print(t)
     t = Table(title="update freshness (publish -> visible in the VDB)")
     for c in ("target rows/s", "published rows/s", "seconds", "entries", "p50 ms", "p99 ms"):
         t.add_column(c, justify="right")
@@ -279,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis_benchmark_cluster_get_rps": rb_cluster,
             "redis_benchmark": "redis-benchmark -P 16 -t set,get -d 256 -r 100000 (standalone)",
             "fetch": fetch,
+            "multi_table": multi,
             "freshness": fresh,
             "targets": {
                 "fetch_vs_redis_benchmark_per_shard": ">= 1x",

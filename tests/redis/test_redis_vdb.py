@@ -248,3 +248,39 @@ def test_a_row_of_the_wrong_width_is_an_error_and_the_client_stays_usable(redis_
         np.testing.assert_array_equal(got, vecs)
     client.close()
     vdb.close()
+
+
+def test_fetch_many_reads_several_tables_in_one_pipeline(redis_any):
+    """Tables of other dims and dtypes fetched together give what each fetch alone gives,
+    and one pipeline per node carries them all."""
+    rng = np.random.default_rng(11)
+    vdb = RedisVDB(redis_any.address, num_partitions=4, max_batch_size=50)
+    specs = [
+        ("hps_et.m.a", 8, "float32"),
+        ("hps_et.m.b", 16, "float16"),
+        ("hps_et.m.c", 4, "float32"),
+    ]
+    refs = []
+    for table, dim, dtype in specs:
+        vdb.create_table(table, dim, dtype=dtype)
+        keys = np.concatenate([EXTREMES, rng.integers(I64.min, I64.max, 500)])
+        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+        vdb.upsert(table, keys, vecs)
+        refs.append(dict(zip(keys.tolist(), stored(vecs, dtype), strict=True)))
+    probes = [rng.choice(np.array(list(ref)), 300) for ref in refs]
+    probes[1] = np.concatenate([probes[1], rng.integers(I64.min, I64.max, 40)])  # absent keys
+    probes[2] = probes[2][:0]  # an empty request among them
+    sent = []
+    run = vdb.nodes.run
+    vdb.nodes.run = lambda cmds, read=None: sent.append(len(cmds)) or run(cmds, read)
+    got = vdb.fetch_many([(t, p, None) for (t, _, _), p in zip(specs, probes, strict=True)])
+    assert len(sent) == 1  # one pipeline per node for all tables
+    for (table, dim, _), probe, ref, (rows, found) in zip(specs, probes, refs, got, strict=True):
+        want_rows, want_found = vdb.fetch(table, probe)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(found, [k in ref for k in probe.tolist()])
+        zero = np.zeros(dim, np.float32)
+        np.testing.assert_array_equal(
+            rows, np.array([ref.get(k, zero) for k in probe.tolist()]).reshape(len(probe), dim)
+        )
