@@ -1,20 +1,22 @@
-"""Fused CPU lookup: every table of a request in one kernel call, for host caches over the
-in-process hash-map VDB.
+"""Fused CPU lookup: every table of a request in one kernel call, for host L1 caches over the
+in-process hash-map VDB or over Redis.
 
 A per-table lookup costs tens of microseconds of Python per table (dedupe, find, fetch,
 fill, expand, statistics), so a 26-table request of one sample took about 1 ms although its
 26 rows are a few hundred bytes. Here one numba call (``_fused_kernels.lookup_tables``)
-dedupes, finds in L1, fetches the L1 misses from the VDB and writes every row to the output,
-for all tables, tables in parallel. Python is left with what is rare once warm: keys the VDB
-does not hold (the PDB, then the default vector, through ``LookupSession.from_tiers``), the
-L1 fill of rows the VDB returned (``LookupSession.fill``: admission, recent updates, the
+dedupes, finds in L1, fetches the L1 misses from the hash-map VDB and writes every row to the
+output, for all tables, tables in parallel. Python is left with what is rare once warm, or
+cannot run in the kernel: keys the kernel did not find (from Redis, all tables in one
+``fetch_many``; then the PDB and the default vector, through ``LookupSession.from_tiers``),
+the L1 fill of rows found below L1 (``LookupSession.fill``: admission, recent updates, the
 hit-rate threshold, all as in a per-table lookup), and the counters.
 
 The cache sees exactly what a per-table lookup shows it (unique keys in first-appearance
-order, one clock tick per table and call, the same fills); ``tests/test_fused.py`` checks
-outputs and cache slots against per-table lookups. Eligible: every table's L1 is a
-``HostCache`` or none, and the VDB is a ``HashMapVDB`` with fp32 rows (or none); otherwise
-``run`` returns False and the session looks tables up one by one.
+order, one clock tick per table and call, the same fills); ``tests/test_fused.py`` and
+``tests/redis/test_redis_fused.py`` check outputs, cache slots and counters against per-table
+lookups. Eligible: every table's L1 is a ``HostCache`` or none, and the VDB is none, a
+``HashMapVDB`` with fp32 rows, or one with ``fetch_many``; otherwise ``run`` returns None and
+the session looks tables up one by one.
 """
 
 from __future__ import annotations

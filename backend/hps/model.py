@@ -77,6 +77,8 @@ class Metrics:
                 self.keys[table, level] = keys.Metric(labels=labels)
                 self.secs[table, level] = secs.Metric(labels=labels)
                 self.rate[table, level] = rate.Metric(labels=labels)
+            # a fused lookup (all tables in one call, CPU) times its L1 and VDB work together
+            self.secs[table, "fused"] = secs.Metric(labels={**base, "level": "fused"})
         self.latency = None
         try:
             hist = fam("hps_request_seconds", "request latency in the backend", fam.HISTOGRAM)
@@ -85,7 +87,8 @@ class Metrics:
         except Exception as e:  # a server build without histogram metrics
             log.warning("no request latency histogram: %s", e)
         self.last = {
-            t: (0, {lv: 0 for lv in LEVELS}, {lv: 0.0 for lv in LEVELS}) for t in self.reqs
+            t: (0, {lv: 0 for lv in LEVELS}, {lv: 0.0 for lv in (*LEVELS, "fused")})
+            for t in self.reqs
         }
         # online updates reaching this instance's L1 (publish -> applied), from hps_core.metrics
         fresh = fam(
@@ -136,6 +139,8 @@ class Metrics:
                     self.keys[table, level].increment(st.hits[level] - hits[level])
                     self.secs[table, level].increment(st.seconds[level] - secs[level])
                 self.rate[table, level].set(st.hit_rate(level))
+            if st.seconds["fused"] != secs["fused"]:
+                self.secs[table, "fused"].increment(st.seconds["fused"] - secs["fused"])
             self.last[table] = (st.requests, dict(st.hits), dict(st.seconds))
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import pytest
 from hps_client import HPSClient
 from hps_client.metrics import scrape, total
 
+from hps_core.bench.e2e import gpu_present
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
 from hps_core.hps import HPS
@@ -206,7 +207,11 @@ def test_metrics_count_the_keys_of_each_table(served, files):
     counts[2] = len(keys)
 
     table = load_config(spec.config).models[0].embedding_table_names[2]
-    before = total(scrape(server.metrics_url), "hps_keys_total", model="hps_embedding", table=table)
+    labels = {"model": "hps_embedding", "table": table}
+    before = total(scrape(server.metrics_url), "hps_keys_total", **labels)
+    fused_before = total(
+        scrape(server.metrics_url), "hps_lookup_seconds_total", **labels, level="fused"
+    )
     with client(server, "http") as c:
         c.lookup(keys, counts)
     deadline = time.monotonic() + 10  # the backend publishes its metrics every 0.5 s
@@ -218,6 +223,11 @@ def test_metrics_count_the_keys_of_each_table(served, files):
             break
         time.sleep(0.2)
     assert after - before == len(keys)  # unique keys, summed over l1/vdb/pdb/default
+    if gpu_present() is None:  # on a CPU all tables go in one fused call, timed as "fused"
+        fused = total(
+            scrape(server.metrics_url), "hps_lookup_seconds_total", **labels, level="fused"
+        )
+        assert fused > fused_before
 
 
 def test_concurrent_clients_over_both_protocols(served, files, weights):
