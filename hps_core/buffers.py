@@ -21,9 +21,24 @@ import threading
 
 import numpy as np
 
+from .errors import ConfigError
+
 RECYCLE_MIN_BYTES = 8 << 20
 """Smaller arrays come from np.empty: the allocator already reuses blocks of that size."""
-POOL_MAX_BYTES = int(os.environ.get("HPS_BUFFER_POOL_MB", "256")) << 20
+
+
+def _pool_mb() -> int:
+    raw = os.environ.get("HPS_BUFFER_POOL_MB", "256")
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ConfigError("HPS_BUFFER_POOL_MB", raw, "a whole number of MiB >= 0")
+    return mb
+
+
+POOL_MAX_BYTES = _pool_mb() << 20
 """Free buffers kept for reuse per process (``HPS_BUFFER_POOL_MB``); 0 turns recycling off."""
 _GRAIN = 2 << 20  # sizes round up to a huge page, so similar requests share buffers
 

@@ -55,3 +55,17 @@ def test_pool_keeps_at_most_its_limit(monkeypatch):
     assert buffers.pooled_bytes() == held
     del big  # over the limit with it: the oldest free buffers go
     assert buffers.pooled_bytes() <= 3 * buffers.RECYCLE_MIN_BYTES
+
+
+def test_a_bad_pool_size_names_the_variable():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", "import hps_core.buffers"],
+        env={"HPS_BUFFER_POOL_MB": "lots", "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0
+    assert "HPS_BUFFER_POOL_MB" in r.stderr and "'lots'" in r.stderr
