@@ -215,10 +215,10 @@ class FusedLookup:
         fetched = self._fetch_many(reread, koff, delta, uniq, status) if reread else {}
         for i in todo:
             lo, m = int(koff[i]), int(delta[i, _UNIQ])
-            rows_t = out[obase[i] :].view()  # table i's output rows, strided
-            view = np.lib.stride_tricks.as_strided(
-                rows_t, (int(n[i]), lay.dims[i]), (int(ostride[i]) * 4, 4), writeable=True
-            )
+            view = np.ndarray(  # table i's output rows, strided
+                (int(n[i]), int(lay.dims[i])), np.float32, out, int(obase[i]) * 4,
+                (int(ostride[i]) * 4, 4),
+            )  # fmt: skip
             self._finish_table(
                 tables[i], uniq[lo : lo + m], first[lo : lo + m], inverse[lo : lo + n[i]],
                 status[lo : lo + m], view, i in reread, fetched.get(i), (epochs[i], now),

@@ -221,25 +221,21 @@ class LookupSession:
         """Rows of keys[idx] from each (level, tier) in turn into vec[idx]; returns the idx
         that none holds. A failing tier is counted and skipped, never fails the lookup."""
         for level, tier in tiers:
+            if tier is None or not len(idx):
+                continue
             ts = time.perf_counter()
-            if tier is not None and len(idx):
-                try:
-                    rows, found = tier.fetch(t.store_name, keys[idx])
-                except StorageError as e:
-                    st.errors[level] += 1
-                    _log_tier_failure(level, t.store_name, e)
-                    continue
-                got = idx[found]
-                vec[got] = rows[found]
-                idx = idx[~found]
-                st.hits[level] += len(got)
-                if (
-                    level == "pdb"
-                    and self.promoter is not None
-                    and self.vdb is not None
-                    and len(got)
-                ):
-                    self.promoter.submit(t.store_name, keys[got], rows[found], copy=False)
+            try:
+                rows, found = tier.fetch(t.store_name, keys[idx])
+            except StorageError as e:
+                st.errors[level] += 1
+                _log_tier_failure(level, t.store_name, e)
+                continue
+            got = idx[found]
+            vec[got] = rows[found]
+            idx = idx[~found]
+            st.hits[level] += len(got)
+            if level == "pdb" and self.promoter is not None and self.vdb is not None and len(got):
+                self.promoter.submit(t.store_name, keys[got], rows[found], copy=False)
             st.seconds[level] += time.perf_counter() - ts
         return idx
 
