@@ -212,3 +212,72 @@ def test_a_reader_of_shared_memory_serves_fused_lookups(files):
         writer.unlink()
         for p in shm.SHM_DIR.glob(f"{name}.*"):
             p.unlink()
+
+
+def test_no_torn_or_foreign_row_under_concurrent_vdb_writes(tmp_path):
+    """Fused lookups in two threads while a writer rewrites the VDB rows: every row a lookup
+    returns is whole (one version of one key's row), never a mix of two writes or another
+    key's row, and the writer's growth of the tables (new keys) is followed."""
+    import threading
+
+    from hps_core.cache.host import HostCache
+    from hps_core.session import LookupSession, TableRuntime
+    from hps_core.vdb.hashmap import HashMapVDB
+
+    dim, rows = 32, 4000
+    vdb = HashMapVDB(num_partitions=4)
+    keys = np.arange(1, rows + 1, dtype=np.int64) * 7919
+
+    def row(k: np.ndarray, version: int) -> np.ndarray:
+        r = np.full((len(k), dim), float(version), np.float32)
+        r[:, 0] = (k % 100_003).astype(np.float32)  # which key the row belongs to
+        return r
+
+    for t in range(3):
+        vdb.create_table(f"t{t}", dim, capacity_hint=rows)
+        vdb.upsert(f"t{t}", keys, row(keys, 0))
+    runtimes = [
+        TableRuntime(f"t{t}", f"t{t}", dim, -1.0, cache=HostCache(256, dim)) for t in range(3)
+    ]
+    session = LookupSession("m", runtimes, vdb, None, hit_rate_threshold=1.0)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        rng = np.random.default_rng(0)
+        version, extra = 1, rows
+        while not stop.is_set():
+            for t in range(3):
+                k = keys[rng.integers(0, rows, 500)]
+                vdb.upsert(f"t{t}", k, row(k, version))
+            extra += 50  # new keys make the tables grow: readers must follow the new arrays
+            new = np.arange(extra - 49, extra + 1, dtype=np.int64) * 7919
+            vdb.upsert("t0", new, row(new, version))
+            version += 1
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(150):
+                cat = keys[rng.integers(0, rows, (int(rng.integers(1, 300)), 3))]
+                out = session.lookup_columns(cat).reshape(len(cat), 3, dim)
+                ids = (cat % 100_003).astype(np.float32)
+                if not np.array_equal(out[:, :, 0], ids):
+                    errors.append("a row of another key")
+                if not (out[:, :, 1:] == out[:, :, 1:2]).all():
+                    errors.append("a torn row")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    w = threading.Thread(target=writer)
+    readers = [threading.Thread(target=reader, args=(s,)) for s in (1, 2)]
+    w.start()
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    stop.set()
+    w.join()
+    session.close()
+    assert not errors, errors[:3]
+    assert runtimes[0].stats.requests == 300 and runtimes[0].stats.hits["vdb"] > 0
