@@ -155,3 +155,47 @@ def lookup_tables_serial(
             vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
             koff, uniq, first, inverse, status, delta, flags, scratch,
         )  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def finish_fetched(
+    tables, koff, n, out, obase, ostride, dims, uniq, inverse, status, delta, flags,
+    caches, lfu, clocks, fill_ok, threshold, frows, roff,
+):  # fmt: skip
+    """For each table of ``tables``, whose MISSING keys a VDB read after the kernel found all
+    of (rows in frows from roff[t], ascending unique index): mark them VDB, count them, write
+    their rows to every place they occur, and fill L1 below the hit-rate threshold where
+    ``fill_ok`` (the same keys, order and clock tick as the session's synchronous fill)."""
+    for t in tables:
+        base = koff[t]
+        m = delta[t, UNIQ]
+        dim = dims[t]
+        st = status[base : base + m]
+        pos = np.full(m, -1, np.int64)
+        k = 0
+        for u in range(m):
+            if st[u] == MISSING:
+                pos[u] = k
+                st[u] = VDB
+                k += 1
+        delta[t, HIT_VDB] += k
+        rows = frows[roff[t] : roff[t] + k * dim].reshape((k, dim))
+        o0 = obase[t]
+        inv = inverse[base : base + n[t]]
+        for i in range(n[t]):
+            j = pos[inv[i]]
+            if j >= 0:
+                o = o0 + i * ostride[t]
+                for d in range(dim):
+                    out[o + d] = rows[j, d]
+        l1 = delta[t, HIT_L1]
+        if fill_ok[t] and k and l1 < threshold * m:
+            got = np.empty(k, np.int64)
+            for u in range(m):
+                if pos[u] >= 0:
+                    got[pos[u]] = uniq[base + u]
+            c_keys, c_occ, c_stamp, c_vals = caches[t]
+            clocks[t] += 1
+            insert_serial(got, rows.view(np.uint16), c_keys, c_occ, c_stamp, c_vals, clocks[t],
+                          lfu[t])  # fmt: skip
+            flags[t] |= FILLED

@@ -213,7 +213,11 @@ class FusedLookup:
         todo = np.flatnonzero(flags & FK.FINISH).tolist()
         reread = [i for i in todo if flags[i] & FK.DIRTY or not lay.has_vdb[i]]
         fetched = self._fetch_many(reread, koff, delta, uniq, status) if reread else {}
+        done = self._finish_fetched(lay, fetched, koff, n, out, obase, ostride, uniq, inverse,
+                                    status, delta, flags, epochs, now)  # fmt: skip
         for i in todo:
+            if i in done:
+                continue
             lo, m = int(koff[i]), int(delta[i, _UNIQ])
             view = np.ndarray(  # table i's output rows, strided
                 (int(n[i]), int(lay.dims[i])), np.float32, out, int(obase[i]) * 4,
@@ -221,8 +225,8 @@ class FusedLookup:
             )  # fmt: skip
             self._finish_table(
                 tables[i], uniq[lo : lo + m], first[lo : lo + m], inverse[lo : lo + n[i]],
-                status[lo : lo + m], view, i in reread, fetched.get(i), (epochs[i], now),
-                delta[i],
+                status[lo : lo + m], view, i in reread,
+                fetched[i][1:3] if i in fetched else None, (epochs[i], now), delta[i],
             )  # fmt: skip
         with self._lock:
             self.pending += delta
@@ -241,8 +245,10 @@ class FusedLookup:
 
     def _fetch_many(self, reread: list[int], koff, delta, uniq, status) -> dict[int, tuple]:
         """The VDB rows of the MISSING keys of tables ``reread``, in one ``fetch_many`` where
-        the VDB has it (Redis: one round trip for all tables); {} otherwise or on a failure,
-        and then each table reads its own through ``LookupSession.from_tiers``."""
+        the VDB has it (Redis: one round trip for all tables): {table: (keys, rows, found,
+        flat, start)}, the rows of all tables in one buffer ``flat``, table's from ``start``;
+        {} otherwise or on a failure, and then each table reads its own through
+        ``LookupSession.from_tiers``."""
         s = self.session
         if s.vdb is None or not hasattr(s.vdb, "fetch_many"):
             return {}
@@ -250,13 +256,66 @@ class FusedLookup:
         for i in reread:
             lo, m = int(koff[i]), int(delta[i, _UNIQ])
             keys.append(uniq[lo : lo + m][status[lo : lo + m] == FK.MISSING])
+        sizes = [len(k) * s.tables[i].dim for i, k in zip(reread, keys, strict=True)]
+        flat = np.empty(sum(sizes), np.float32)
+        outs, at = [], 0
+        for i, k, size in zip(reread, keys, sizes, strict=True):
+            outs.append(flat[at : at + size].reshape(len(k), s.tables[i].dim))
+            at += size
         try:
             got = s.vdb.fetch_many(
-                [(s.tables[i].store_name, k, None) for i, k in zip(reread, keys, strict=True)]
+                [(s.tables[i].store_name, k, o) for i, k, o in zip(reread, keys, outs, strict=True)]
             )
         except StorageError:  # e.g. a table's metadata unreadable: per table, counted there
             return {}
-        return dict(zip(reread, got, strict=True))
+        starts = np.cumsum([0, *sizes[:-1]])
+        return {
+            i: (k, rows, found, flat, int(start))
+            for i, k, (rows, found), start in zip(reread, keys, got, starts, strict=True)
+        }
+
+    def _finish_fetched(
+        self, lay, fetched, koff, n, out, obase, ostride, uniq, inverse, status, delta, flags,
+        epochs, now,
+    ) -> set[int]:  # fmt: skip
+        """Finish in one kernel call the tables whose missing keys the VDB read found all of
+        (``FK.finish_fetched``), then hand the fills the kernel did not do (admission,
+        background, fp16 L1) to the session. Returns those tables."""
+        quick = [i for i, f in fetched.items() if f[2].all()]
+        if not quick:
+            return set()
+        s = self.session
+        tables = s.tables
+        frows = fetched[quick[0]][3]
+        roff = np.zeros(len(tables), np.int64)
+        for i in quick:
+            roff[i] = fetched[i][4]
+        fill_ok = lay.fill_ok.copy()
+        clocks = np.zeros(len(tables), np.int64)
+        for lk in lay.locks:  # the fills change the caches: under their locks, as any insert
+            lk.acquire()
+        try:
+            clocks[lay.cached] = [c.clock for c in lay.cached_objs]
+            for i, recent in lay.fill_ok_tables:
+                if recent._log and not recent.quiet(epochs[i], now):
+                    fill_ok[i] = False
+            FK.finish_fetched(
+                np.array(quick, np.int64), koff, n, out, obase, ostride, lay.dims, uniq, inverse,
+                status, delta, flags, lay.caches, lay.lfu, clocks, fill_ok, s.hit_rate_threshold,
+                frows, roff,
+            )  # fmt: skip
+            for c, clock in zip(lay.cached_objs, clocks[lay.cached].tolist(), strict=True):
+                c.clock = clock
+        finally:
+            for lk in reversed(lay.locks):
+                lk.release()
+        for i in quick:
+            t = tables[i]
+            if t.cache is not None and not flags[i] & FK.FILLED and len(fetched[i][0]):
+                st = LookupStats(unique_keys=int(delta[i, _UNIQ]))
+                st.hits["l1"] = int(delta[i, _HIT["l1"]])
+                s.fill(t, fetched[i][0], fetched[i][1], st, (epochs[i], now))
+        return set(quick)
 
     def _finish_table(
         self,

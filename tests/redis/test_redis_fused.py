@@ -27,7 +27,7 @@ def make_files(root):
     return tables
 
 
-def config(root, address, name):
+def config(root, address, name, threshold=1.0, admit=1):
     return {
         "supportlonglong": True,
         "volatile_db": {"type": "redis_cluster", "address": address, "num_partitions": 4},
@@ -42,18 +42,30 @@ def config(root, address, name):
                 "default_value_for_each_table": DEFAULTS,
                 "gpucacheper": 0.05,
                 "cache_prefill": False,
-                "hit_rate_threshold": 1.0,
+                "hit_rate_threshold": threshold,
+                "cache_admission_min_count": admit,
                 "deployed_device_list": [],
             }
         ],
     }
 
 
-def test_fused_lookups_over_redis_match_per_table_ones(redis_any, tmp_path):
+@pytest.mark.parametrize(
+    "absent,threshold,admit",
+    [
+        (0.1, 1.0, 1),  # keys in no tier: those tables finish in Python (RocksDB, default)
+        (0.0, 1.0, 1),  # every miss in Redis: finished and filled in the second kernel call
+        (0.0, 0.6, 1),  # above the threshold: background fills
+        (0.0, 1.0, 2),  # admission filter: fills through the session
+    ],
+)
+def test_fused_lookups_over_redis_match_per_table_ones(
+    redis_any, tmp_path, absent, threshold, admit
+):
     tables = make_files(tmp_path)
     address = redis_any.address
-    fused = ParameterServer(config(tmp_path, address, "f"))
-    plain = ParameterServer(config(tmp_path, address, "p"))
+    fused = ParameterServer(config(tmp_path, address, "f", threshold, admit))
+    plain = ParameterServer(config(tmp_path, address, "p", threshold, admit))
     try:
         plain.session("p").fused.run = lambda *a: None  # per-table lookups only
         assert fused.session("f").fused.layout() is not None  # Redis: served fused
@@ -65,12 +77,14 @@ def test_fused_lookups_over_redis_match_per_table_ones(redis_any, tmp_path):
             cols = []
             for keys, _ in tables:
                 col = keys[np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)]
-                col[rng.random(batch) < 0.1] = rng.integers(10**16, 10**17)  # in no tier
+                col[rng.random(batch) < absent] = rng.integers(10**16, 10**17)  # in no tier
                 cols.append(col)
             cat = np.stack(cols, axis=1)
             runs.clear()
             got = fused.session("f").lookup_columns(cat)
             want = plain.session("p").lookup_columns(cat)
+            fused.session("f").flush()
+            plain.session("p").flush()
             np.testing.assert_array_equal(got, want)
             # all tables' misses travel in one pipelined read (touches and metadata aside)
             assert sum(r is not None for r in runs) <= 1
