@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numba
@@ -189,15 +190,7 @@ class FusedLookup:
         for i, vt in lay.tick_tables:
             vt.clock[0] += np.uint64(1)
             vtick[i] = int(vt.clock[0])
-        fill_ok = lay.fill_ok.copy()
-        clocks = np.zeros(T, np.int64)
-        for lk in lay.locks:  # in table order; every other holder takes one lock at a time
-            lk.acquire()
-        try:
-            clocks[lay.cached] = [c.clock for c in lay.cached_objs]
-            for i, recent in lay.fill_ok_tables:  # under the cache locks, as updates record
-                if recent._log and not recent.quiet(epochs[i], now):
-                    fill_ok[i] = False
+        with _caches_held(lay, epochs, now) as (clocks, fill_ok):
             kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
             kernel(
                 kflat, kbase, kstride, n, out, obase, ostride, lay.dims,
@@ -205,11 +198,6 @@ class FusedLookup:
                 lay.vdb_tables, lay.has_vdb, lay.icap, lay.pcap, lay.rbits, lay.P, lay.touch, vtick,
                 koff, uniq, first, inverse, status, delta, flags,
             )  # fmt: skip
-            for c, clock in zip(lay.cached_objs, clocks[lay.cached].tolist(), strict=True):
-                c.clock = clock
-        finally:
-            for lk in reversed(lay.locks):
-                lk.release()
         todo = np.flatnonzero(flags & FK.FINISH).tolist()
         reread = [i for i in todo if flags[i] & FK.DIRTY or not lay.has_vdb[i]]
         fetched = self._fetch_many(reread, koff, delta, uniq, status) if reread else {}
@@ -290,25 +278,13 @@ class FusedLookup:
         roff = np.zeros(len(tables), np.int64)
         for i in quick:
             roff[i] = fetched[i][4]
-        fill_ok = lay.fill_ok.copy()
-        clocks = np.zeros(len(tables), np.int64)
-        for lk in lay.locks:  # the fills change the caches: under their locks, as any insert
-            lk.acquire()
-        try:
-            clocks[lay.cached] = [c.clock for c in lay.cached_objs]
-            for i, recent in lay.fill_ok_tables:
-                if recent._log and not recent.quiet(epochs[i], now):
-                    fill_ok[i] = False
+        # the fills change the caches: under their locks, as any insert
+        with _caches_held(lay, epochs, now) as (clocks, fill_ok):
             FK.finish_fetched(
                 np.array(quick, np.int64), koff, n, out, obase, ostride, lay.dims, uniq, inverse,
                 status, delta, flags, lay.caches, lay.lfu, clocks, fill_ok, s.hit_rate_threshold,
                 frows, roff,
             )  # fmt: skip
-            for c, clock in zip(lay.cached_objs, clocks[lay.cached].tolist(), strict=True):
-                c.clock = clock
-        finally:
-            for lk in reversed(lay.locks):
-                lk.release()
         for i in quick:
             t = tables[i]
             if t.cache is not None and not flags[i] & FK.FILLED and len(fetched[i][0]):
@@ -378,3 +354,26 @@ class FusedLookup:
                 st.hits[level] += row[col]
             st.seconds["fused"] = st.seconds.get("fused", 0.0) + sec
             st.seconds["total"] += sec
+
+
+@contextmanager
+def _caches_held(lay: _Layout, epochs: list[int], now: float):
+    """Hold every cache's lock (in table order; every other holder takes one at a time) and
+    yield (clocks, fill_ok) for a kernel: the caches' clocks, written back afterwards, and
+    where the kernel may fill L1 itself (not where an online update is recent: checked under
+    the locks, which updates take to record themselves)."""
+    fill_ok = lay.fill_ok.copy()
+    clocks = np.zeros(len(lay.dims), np.int64)
+    for lk in lay.locks:
+        lk.acquire()
+    try:
+        clocks[lay.cached] = [c.clock for c in lay.cached_objs]
+        for i, recent in lay.fill_ok_tables:
+            if recent._log and not recent.quiet(epochs[i], now):
+                fill_ok[i] = False
+        yield clocks, fill_ok
+        for c, clock in zip(lay.cached_objs, clocks[lay.cached].tolist(), strict=True):
+            c.clock = clock
+    finally:
+        for lk in reversed(lay.locks):
+            lk.release()
