@@ -39,6 +39,23 @@ def _scratch(n, dim):
             np.empty(n, np.int64), np.empty(dedupe_slots_jit(n), np.int64))  # fmt: skip
 
 
+@njit(inline="always", cache=True)
+def _fills_now(ok, l1, found, m, threshold):
+    """Whether the kernel fills L1 with the ``found`` rows read below it: allowed (``ok``)
+    and below the hit-rate threshold, where the session fills before it answers."""
+    return ok and found > 0 and l1 < threshold * m
+
+
+@njit(inline="always", cache=True)
+def _fill(t, keys, rows, caches, lfu, clocks, flags):
+    """Insert fp32 rows into table t's L1 as the session's synchronous fill does: the keys in
+    ascending unique index, one clock tick as HostCache.insert."""
+    c_keys, c_occ, c_stamp, c_vals = caches[t]
+    clocks[t] += 1
+    insert_serial(keys, rows.view(np.uint16), c_keys, c_occ, c_stamp, c_vals, clocks[t], lfu[t])
+    flags[t] |= FILLED
+
+
 @njit(nogil=True, cache=True)
 def _one_table(
     t, kflat, kbase, kstride, n, out, obase, ostride, dims,
@@ -93,18 +110,13 @@ def _one_table(
     delta[t, UNIQ] = m
     delta[t, HIT_L1] = l1
     delta[t, HIT_VDB] = vdb
-    if fill_ok[t] and vdb and l1 + vdb == m and l1 < threshold * m:
-        # below the hit-rate threshold the session fills L1 before it answers: same keys, same
-        # order (ascending unique index) as LookupSession.fill, one clock tick as an insert
+    if l1 + vdb == m and _fills_now(fill_ok[t], l1, vdb, m, threshold):
         j = 0
         for u in range(m):
             if st[u] == VDB:
                 sel[j] = u
                 j += 1
-        clocks[t] += 1
-        insert_serial(u_keys[sel[:j]], rows[sel[:j]].view(np.uint16), c_keys, c_occ, c_stamp,
-                      c_vals, clocks[t], lfu[t])  # fmt: skip
-        flags[t] |= FILLED
+        _fill(t, u_keys[sel[:j]], rows[sel[:j]], caches, lfu, clocks, flags)
     elif l1 < m and (has_cache[t] or l1 + vdb < m):
         flags[t] |= FINISH
     o0 = obase[t]
@@ -188,14 +200,9 @@ def finish_fetched(
                 o = o0 + i * ostride[t]
                 for d in range(dim):
                     out[o + d] = rows[j, d]
-        l1 = delta[t, HIT_L1]
-        if fill_ok[t] and k and l1 < threshold * m:
+        if _fills_now(fill_ok[t], delta[t, HIT_L1], k, m, threshold):
             got = np.empty(k, np.int64)
             for u in range(m):
                 if pos[u] >= 0:
                     got[pos[u]] = uniq[base + u]
-            c_keys, c_occ, c_stamp, c_vals = caches[t]
-            clocks[t] += 1
-            insert_serial(got, rows.view(np.uint16), c_keys, c_occ, c_stamp, c_vals, clocks[t],
-                          lfu[t])  # fmt: skip
-            flags[t] |= FILLED
+            _fill(t, got, rows, caches, lfu, clocks, flags)

@@ -90,10 +90,8 @@ class _Layout:
             arr = vt.arr
             self.icap[i], self.pcap[i], self.rbits[i] = arr.icap, arr.pcap, arr.rbits
             self.P[i] = vt.P
-            if vt.policy == "evict_least_used":
-                self.touch[i] = VK.TOUCH_COUNT
-            elif vt.policy == "evict_oldest" and vdb.refresh_time_after_fetch:
-                self.touch[i] = VK.TOUCH_TICK
+            self.touch[i] = vdb.fetch_touch(vt)
+            if self.touch[i] == VK.TOUCH_TICK:
                 self.tick_tables.append((i, vt))
             self.vdb_tables.append((arr.index, arr.keys, arr.values, arr.meta, vt.seq, vt.clock))
         self.cached = np.flatnonzero(self.has_cache)
@@ -188,8 +186,7 @@ class FusedLookup:
             admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
         vtick = np.zeros(T, np.int64)
         for i, vt in lay.tick_tables:
-            vt.clock[0] += np.uint64(1)
-            vtick[i] = int(vt.clock[0])
+            vtick[i] = HashMapVDB.next_tick(vt)
         with _caches_held(lay, epochs, now) as (clocks, fill_ok):
             kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
             kernel(

@@ -204,6 +204,21 @@ class HashMapVDB(VolatileDB):
         return sum(t.nbytes() for t in self._tables.values())
 
     # -- reads --------------------------------------------------------------------------------
+    def fetch_touch(self, t: Table) -> int:
+        """What a fetch records on the rows it returns: a use count (evict_least_used), the
+        batch tick (evict_oldest with refresh_time_after_fetch), or nothing (0)."""
+        if t.policy == "evict_least_used":
+            return K.TOUCH_COUNT
+        if t.policy == "evict_oldest" and self.refresh_time_after_fetch:
+            return K.TOUCH_TICK
+        return 0
+
+    @staticmethod
+    def next_tick(t: Table) -> int:
+        """Advance a table's batch clock (the evict_oldest age) and return the new tick."""
+        t.clock[0] += np.uint64(1)
+        return int(t.clock[0])
+
     def fetch(self, table, keys, out=None):
         """Rows of keys as float32. Into a given ``out``, a row whose key a concurrent evict
         removes mid-read may be written although ``found[i]`` ends up False."""
@@ -218,12 +233,8 @@ class HashMapVDB(VolatileDB):
         found = np.zeros(n, bool)
         if n == 0:
             return out, found
-        touch, tick = 0, 0
-        if t.policy == "evict_least_used":
-            touch = K.TOUCH_COUNT
-        elif t.policy == "evict_oldest" and self.refresh_time_after_fetch:
-            t.clock[0] += np.uint64(1)
-            touch, tick = K.TOUCH_TICK, int(t.clock[0])
+        touch = self.fetch_touch(t)
+        tick = self.next_tick(t) if touch == K.TOUCH_TICK else 0
         kernel, chunk = (
             (K.fetch, K.chunk_size(n)) if n >= PARALLEL_MIN_KEYS else (K.fetch_serial, 0)
         )

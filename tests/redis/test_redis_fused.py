@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from file_reference import file_rows
 
 from hps_core import ParameterServer
 from hps_core.model_io import write_table
@@ -89,11 +90,7 @@ def test_fused_lookups_over_redis_match_per_table_ones(
             # all tables' misses travel in one pipelined read (touches and metadata aside)
             assert sum(r is not None for r in runs) <= 1
             for t, ((keys, vecs), col) in enumerate(zip(tables, cols, strict=True)):
-                ref = np.full((batch, DIMS[t]), DEFAULTS[t], np.float32)
-                pos = {k: i for i, k in enumerate(keys.tolist())}
-                for i, k in enumerate(col.tolist()):
-                    if k in pos:
-                        ref[i] = vecs[pos[k]]
+                ref = file_rows(keys, vecs, col, DEFAULTS[t])
                 lo = sum(DIMS[:t])
                 np.testing.assert_array_equal(got[:, lo : lo + DIMS[t]], ref)
             for a, b in zip(fused.session("f").tables, plain.session("p").tables, strict=True):
