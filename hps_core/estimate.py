@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .cache.admission import sketch_bytes
 from .config import HPSConfig
 from .model_io import SparseTable
+from .pdb.rocksdb import TOTAL_WRITE_BUFFER_BYTES, WRITE_BUFFER_BYTES
 
 # RocksDB per-entry overhead beyond key + value: internal key (sequence/type, 8 B), varint
 # lengths, and index/filter blocks. Measured ~20-30 B/row on tables of 1M rows.
@@ -16,10 +17,10 @@ PDB_ENTRY_OVERHEAD = 24
 # Host memory of RocksDB after a first load: the rows written since the last flush sit in the
 # table's memtable (skiplist node, internal key, arena) at ~40 B per row beyond key + value
 # (36-46 B measured for dims 16/64, 10K-2M rows), plus ~80 KiB per column family. A memtable
-# is flushed to disk once it reaches write_buffer_size (RocksDB's default 64 MiB), so one
-# table holds up to about that much; a restart on an already loaded RocksDB holds none.
+# is flushed to disk once it reaches the PDB's write buffer size, and all of them together
+# once they reach its total, so one table holds up to the first and all tables up to the
+# second; a restart on an already loaded RocksDB holds none.
 MEMTABLE_ROW_OVERHEAD = 40
-MEMTABLE_BYTES = 64 << 20
 COLUMN_FAMILY_BYTES = 80 << 10
 
 
@@ -76,7 +77,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                 pdb = rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
                 if not cfg.persistent_db.read_only:
                     memtable = rows * (8 + 4 * dim + MEMTABLE_ROW_OVERHEAD)
-                    pdb_host = min(memtable, MEMTABLE_BYTES) + COLUMN_FAMILY_BYTES
+                    pdb_host = min(memtable, WRITE_BUFFER_BYTES)
             out.append(
                 TableEstimate(
                     model=m.model,
@@ -93,4 +94,9 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     admission_bytes=admission,
                 )
             )
+    memtables = sum(e.pdb_host_bytes for e in out)
+    scale = min(1.0, TOTAL_WRITE_BUFFER_BYTES / memtables) if memtables else 1.0
+    for e in out:  # all memtables together are held to the total (the largest flushed first)
+        if e.pdb_host_bytes:
+            e.pdb_host_bytes = int(e.pdb_host_bytes * scale) + COLUMN_FAMILY_BYTES
     return out

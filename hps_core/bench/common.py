@@ -67,6 +67,19 @@ def rate(
     return items / float(np.median(times))
 
 
+def paired(
+    measure: Callable[[], dict[str, float]], rounds: int, num: str, den: str
+) -> tuple[dict[str, float], list[dict[str, float]], tuple[float, float]]:
+    """``rounds`` rounds of ``measure``, which measures every contender once, back to back, and
+    returns their rates by name. A ratio taken within a round keeps a shared machine's swings
+    (which last seconds) out of it. Returns the round whose ``num / den`` is the median, all
+    rounds, and that ratio's (min, max) over the rounds."""
+    runs = [measure() for _ in range(rounds)]
+    r = np.array([x[num] / x[den] for x in runs])
+    mid = runs[int(np.argsort(r)[len(r) // 2])]
+    return mid, runs, (float(r.min()), float(r.max()))
+
+
 def save(name: str, payload: dict) -> Path:
     """Write results/<name>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)

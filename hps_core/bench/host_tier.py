@@ -3,7 +3,8 @@
 Beside the dict baseline, VDB fetch is also set against its memory ceiling: the same rows
 copied by known position (no hashing, no probing) in parallel into a fresh array.
 
-All ratios are taken in one run on one machine. Prints a table, writes
+All ratios are taken in one run on one machine; VDB fetch, the dict and the ceiling are timed
+back to back in each of three rounds, and the table gives the median round's ratio [min-max]. Prints a table, writes
 benchmarks/results/host_tier.json and host_tier.png.
 """
 
@@ -25,7 +26,7 @@ from .. import buffers
 from ..hash_kernels import prefetch_row
 from ..pdb.rocksdb import RocksDBPDB
 from ..vdb.hashmap import HashMapVDB
-from .common import RESULTS, machine, rate, save
+from .common import RESULTS, machine, paired, rate, save
 
 console = Console()
 
@@ -61,7 +62,9 @@ def gather_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def bench_vdb(keys, vecs, batches, rng) -> list[dict]:
+def bench_vdb(keys, vecs, batches, rng, rounds: int = 3) -> list[dict]:
+    """VDB fetch, the dict baseline and the gather ceiling, back to back in each of ``rounds``
+    rounds; the ratios of the median round (``common.paired``) with their spread."""
     dim = vecs.shape[1]
     vdb = HashMapVDB(num_partitions=8)
     vdb.create_table("t", dim, capacity_hint=len(keys))
@@ -74,6 +77,12 @@ def bench_vdb(keys, vecs, batches, rng) -> list[dict]:
         out[idx < 0] = 0
         return out
 
+    def vdb_fetch(q):
+        return vdb.fetch("t", q)
+
+    def gather(rows):
+        return gather_rows(vecs, rows)
+
     rows = []
     for b in batches:
         q = keys[rng.integers(0, len(keys), b)]
@@ -82,22 +91,30 @@ def bench_vdb(keys, vecs, batches, rng) -> list[dict]:
             "VDB result differs from the dict"
         )
         batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
-        ours = rate(lambda x: vdb.fetch("t", x), batch, b, max_reps=100)
-        base = rate(dict_fetch, batch, b, max_reps=100)
-        ceiling = rate(
-            lambda x: gather_rows(vecs, x), lambda b=b: rng.integers(0, len(keys), b), b, 0.3, 100
-        )
+
+        def measure(b=b, batch=batch) -> dict[str, float]:
+            return {
+                "ours": rate(vdb_fetch, batch, b, max_reps=100),
+                "base": rate(dict_fetch, batch, b, max_reps=100),
+                "ceiling": rate(gather, lambda b=b: rng.integers(0, len(keys), b), b, 0.3, 100),
+            }
+
+        mid, runs, (lo, hi) = paired(measure, rounds, "ours", "base")
+        of_ceiling = sorted(x["ours"] / x["ceiling"] for x in runs)
         rows.append(
             {
                 "tier": "vdb",
                 "dim": dim,
                 "batch": b,
-                "ours_keys_s": ours,
-                "baseline_keys_s": base,
+                "ours_keys_s": mid["ours"],
+                "baseline_keys_s": mid["base"],
                 "baseline": "python dict + numpy take",
-                "ratio": ours / base,
-                "gather_ceiling_keys_s": ceiling,
-                "of_ceiling": ours / ceiling,
+                "ratio": mid["ours"] / mid["base"],
+                "ratio_range": [lo, hi],
+                "gather_ceiling_keys_s": mid["ceiling"],
+                "of_ceiling": float(np.median(of_ceiling)),
+                "of_ceiling_range": [of_ceiling[0], of_ceiling[-1]],
+                "rounds": runs,
             }
         )
     vdb.close()
@@ -279,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         for dim in track(args.dims, description="fetch benchmarks"):
             keys, vecs = make_rows(args.rows, dim, seed=dim)
-            fetch_rows += bench_vdb(keys, vecs, args.batches, rng)
+            fetch_rows += bench_vdb(keys, vecs, args.batches, rng, 2 if args.quick else 3)
             fetch_rows += bench_pdb(keys, vecs, args.batches, rng, root)
         for dim in track(args.dims, description="load memory"):
             load_rows += bench_load(args.load_rows, dim, root)
@@ -296,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:,}",
             f"{r['ours_keys_s'] / 1e6:.2f}",
             f"{r['baseline_keys_s'] / 1e6:.2f}",
-            f"{r['ratio']:.1f}x",
+            f"{r['ratio']:.1f}x"
+            + (" [{:.1f}-{:.1f}]".format(*r["ratio_range"]) if "ratio_range" in r else ""),
             f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else "-",
         )
     console.print(t)

@@ -4,8 +4,11 @@ Starts a local standalone Redis and a local 3-node Redis Cluster (deploy/redis/r
 run from the repository root), so every number comes from one run on one machine:
 
 - fetch: ``RedisVDB.fetch`` keys/s (dim 64 fp32, random keys of a loaded table) per batch size,
-  standalone and cluster, next to ``redis-benchmark -P 16 -t get`` requests/s on the same
-  standalone server (one shard; target: ours >= 1x that);
+  standalone and cluster, each measurement paired with a ``redis-benchmark -P 16 -t get`` run
+  on the same server(s) just before it (one shard; target: ours >= 1x that), over a few rounds:
+  the ratio of the median round and the spread. One caller (a fetch at a time, the harder
+  case), and ``CALLERS`` concurrent callers as model instances sharing a Redis issue them
+  (redis-benchmark itself runs 50 clients);
 - multi-table lookups: 26 tables through a lookup session, fused (one Redis pipeline for every
   table's L1 misses) against one table at a time, p50 latency per batch;
 - freshness: a publisher process sends row updates at ``--rate`` rows/s for ``--seconds``; an
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from ..updates import connect
 from ..updates.ingestor import Ingestor, TierSink
 from ..updates.versions import VersionStore
 from ..vdb.redis import RedisVDB
-from .common import RESULTS, machine, rate, save
+from .common import RESULTS, machine, paired, rate, save
 
 console = Console()
 SCRIPT = Path("deploy") / "redis" / "redis-local.sh"
@@ -104,7 +108,41 @@ def redis_benchmark(port: int, requests: int, cluster: bool = False) -> float:
     return float("nan")
 
 
-def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int]) -> list[dict]:
+CALLERS = 2  # concurrent fetch callers in the second measurement (redis-benchmark runs 50)
+
+
+def callers_rate(fetch, make_input, items: int, callers: int, calls: int) -> float:
+    """Items per second of ``callers`` threads each making ``calls`` calls of fetch (fresh
+    inputs), as several model instances share one Redis."""
+    inputs = [[make_input() for _ in range(calls)] for _ in range(callers)]
+    failed: list[BaseException] = []
+
+    def work(xs):
+        try:
+            for x in xs:
+                fetch(x)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failed.append(e)
+
+    threads = [threading.Thread(target=work, args=(xs,)) for xs in inputs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    return callers * calls * items / (time.perf_counter() - t0)
+
+
+def bench_fetch(
+    vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int], rb_port: int,
+    rounds: int = 3, rb_requests: int = 200_000,
+) -> list[dict]:  # fmt: skip
+    """Fetch keys/s per batch size, each measurement paired with a redis-benchmark run on the
+    same server(s) just before it: ``rounds`` rounds of (redis-benchmark, one caller,
+    ``CALLERS`` callers), the ratio taken within each round, reported as the median round
+    with the spread. Pairing keeps a shared machine's swings out of the ratio."""
     rng = np.random.default_rng(1)
     keys = np.arange(rows, dtype=np.int64) * 7919 - rows
     vecs = rng.standard_normal((rows, dim)).astype(np.float32)
@@ -112,19 +150,47 @@ def bench_fetch(vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int
     for s in range(0, rows, 65536):
         vdb.upsert("bench", keys[s : s + 65536], vecs[s : s + 65536])
     held = vdb.memory_bytes("bench") / (keys.nbytes + vecs.nbytes)  # Redis bytes / raw bytes
+    fetch = lambda q: vdb.fetch("bench", q)  # noqa: E731
     out = []
     for b in batches:
         idx = rng.integers(0, rows, b)
         got, found = vdb.fetch("bench", keys[idx])
         assert found.all() and np.array_equal(got, vecs[idx]), "Redis VDB rows differ"
-        ks = rate(
-            lambda q: vdb.fetch("bench", q),
-            lambda b=b: keys[rng.integers(0, rows, b)],
-            b,
-            min_seconds=0.5,
-            max_reps=40,
+        batch = lambda b=b: keys[rng.integers(0, rows, b)]  # noqa: E731
+
+        def measure(b=b, batch=batch) -> dict[str, float]:
+            return {
+                "rb": redis_benchmark(rb_port, rb_requests, cluster=mode == "cluster"),
+                "one": rate(fetch, batch, b, min_seconds=0.5, max_reps=40),
+                "many": callers_rate(fetch, batch, b, CALLERS, max(4, 40_000 // b)),
+            }
+
+        mid, runs, (lo, hi) = paired(measure, rounds, "one", "rb")
+        many = sorted(x["many"] / x["rb"] for x in runs)
+        out.append(
+            {
+                "mode": mode,
+                "dim": dim,
+                "batch": b,
+                "keys_s": mid["one"],
+                "redis_benchmark_rps": mid["rb"],
+                "vs_redis_benchmark_same_shards": mid["one"] / mid["rb"],
+                "vs_redis_benchmark_same_shards_range": [lo, hi],
+                "callers": CALLERS,
+                "callers_keys_s": float(np.median([x["many"] for x in runs])),
+                "callers_vs_redis_benchmark_same_shards": float(np.median(many)),
+                "callers_vs_redis_benchmark_same_shards_range": [many[0], many[-1]],
+                "rounds": [
+                    {
+                        "redis_benchmark_rps": x["rb"],
+                        "keys_s": x["one"],
+                        "callers_keys_s": x["many"],
+                    }
+                    for x in runs
+                ],
+                "memory_over_raw": held,
+            }
         )
-        out.append({"mode": mode, "dim": dim, "batch": b, "keys_s": ks, "memory_over_raw": held})
     vdb.drop_table("bench")
     return out
 
@@ -278,38 +344,50 @@ def main(argv: list[str] | None = None) -> int:
             redis_local("cluster", f"{tmp}/c", *map(str, ports[1:]))
             single = f"127.0.0.1:{ports[0]}"
             cluster = ",".join(f"127.0.0.1:{p}" for p in ports[1:])
-            rb = redis_benchmark(ports[0], 300_000)
-            # the same tool on the same three shards: what a Redis client gets from them here
-            rb_cluster = redis_benchmark(ports[1], 300_000, cluster=True)
+            rounds, rb_n = (2, 100_000) if args.quick else (3, 200_000)
+            # paired with redis-benchmark on the same server(s): one shard, then the same tool
+            # on the same three shards (what a Redis client gets from them here)
             fetch = bench_fetch(
-                RedisVDB(single, num_partitions=8), "standalone", args.rows, dim, args.batches
-            )
+                RedisVDB(single, num_partitions=8), "standalone", args.rows, dim, args.batches,
+                ports[0], rounds, rb_n,
+            )  # fmt: skip
             fetch += bench_fetch(
-                RedisVDB(cluster, num_partitions=24), "cluster", args.rows, dim, args.batches
-            )
+                RedisVDB(cluster, num_partitions=24), "cluster", args.rows, dim, args.batches,
+                ports[1], rounds, rb_n,
+            )  # fmt: skip
             multi = bench_tables(single, 26, 20_000 if not args.quick else 2_000, 16, [1, 32, 256])
             fresh = bench_freshness(single, dim, args.rate, args.seconds, args.rows)
         finally:
             for d in ("s", "c"):
                 subprocess.run([str(SCRIPT), "stop", f"{tmp}/{d}"], capture_output=True)
+    rb = float(np.median([r["redis_benchmark_rps"] for r in fetch if r["mode"] == "standalone"]))
+    rb_cluster = float(
+        np.median([r["redis_benchmark_rps"] for r in fetch if r["mode"] == "cluster"])
+    )
     t = Table(
-        title=f"Redis VDB fetch, dim {dim}, {args.rows:,} rows (redis-benchmark GET: "
-        f"{rb / 1e6:.2f} M req/s standalone, {rb_cluster / 1e6:.2f} M on the 3-node cluster)"
+        title=f"Redis VDB fetch, dim {dim}, {args.rows:,} rows (redis-benchmark GET, median: "
+        f"{rb / 1e6:.2f} M req/s standalone, {rb_cluster / 1e6:.2f} M on the 3-node cluster; "
+        "ratios paired with the run just before, median round [min-max])"
     )
     cols = ("mode", "batch", "M keys/s", "vs redis-benchmark per shard")
-    for c in (*cols, "vs redis-benchmark, same shards", "Redis bytes / raw"):
+    cols += ("vs redis-benchmark, same shards", f"{CALLERS} callers, same shards")
+    for c in (*cols, "Redis bytes / raw"):
         t.add_column(c, justify="right")
     for r in fetch:
         shards = 3 if r["mode"] == "cluster" else 1
-        r["vs_redis_benchmark_per_shard"] = r["keys_s"] / shards / rb
-        same = rb_cluster if r["mode"] == "cluster" else rb
-        r["vs_redis_benchmark_same_shards"] = r["keys_s"] / same
+        # a cluster shard's rate is the standalone server's (the same binary, machine, tool)
+        r["vs_redis_benchmark_per_shard"] = (
+            r["keys_s"] / shards / rb if shards > 1 else r["vs_redis_benchmark_same_shards"]
+        )
+        lo, hi = r["vs_redis_benchmark_same_shards_range"]
+        clo, chi = r["callers_vs_redis_benchmark_same_shards_range"]
         t.add_row(
             r["mode"],
             f"{r['batch']:,}",
             f"{r['keys_s'] / 1e6:.2f}",
             f"{r['vs_redis_benchmark_per_shard']:.2f}x",
-            f"{r['vs_redis_benchmark_same_shards']:.2f}x",
+            f"{r['vs_redis_benchmark_same_shards']:.2f}x [{lo:.2f}-{hi:.2f}]",
+            f"{r['callers_vs_redis_benchmark_same_shards']:.2f}x [{clo:.2f}-{chi:.2f}]",
             f"{r['memory_over_raw']:.2f}x",
         )
     console.print(t)
@@ -343,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "redis_benchmark_get_rps": rb,
             "redis_benchmark_cluster_get_rps": rb_cluster,
-            "redis_benchmark": "redis-benchmark -P 16 -t set,get -d 256 -r 100000 (standalone)",
+            "redis_benchmark": "redis-benchmark -P 16 -t set,get -d 256 -r 100000, run just "
+            "before each fetch measurement on the same server(s); the get_rps fields are medians",
             "fetch": fetch,
             "multi_table": multi,
             "freshness": fresh,
