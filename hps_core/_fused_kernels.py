@@ -60,7 +60,7 @@ def _fill(t, keys, rows, caches, lfu, clocks, flags):
 def _one_table(
     t, kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
-    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
+    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick, lut,
     koff, uniq, first, inverse, status, delta, flags, scratch,
 ):  # fmt: skip
     nt = n[t]
@@ -90,7 +90,7 @@ def _one_table(
         index, v_keys, values, meta, seq, clock = vdb_tables[t]
         before = seq.copy()
         _fetch_chunk(0, ms, u_keys, sel[:ms], index, v_keys, values, meta, touch[t], vtick[t],
-                     icap[t], pcap[t], rbits[t], P[t], rows, found[:m], None)  # fmt: skip
+                     icap[t], pcap[t], rbits[t], P[t], rows, found[:m], lut)  # fmt: skip
         if clock[1] != 0 or not seq_clean(before, seq):  # dropped, or a write overlapped
             flags[t] |= DIRTY
             found[:m] = False
@@ -133,18 +133,19 @@ def _one_table(
 def lookup_tables(
     kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
-    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
+    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick, lut,
     koff, uniq, first, inverse, status, delta, flags,
 ):  # fmt: skip
     """Table t's keys are kflat[kbase[t] + i * kstride[t]] for i < n[t]; row i of its output
     starts at out[obase[t] + i * ostride[t]]. Per unique key (table t's at koff[t]): the key,
     its first position, its status; inverse maps each key to its unique index. Per table:
-    counters (``delta``) and ``flags``."""
+    counters (``delta``) and ``flags``. ``lut``: fp16 VDB rows decoded through this table (None:
+fp32 rows, or fp16 ones the CPU converts natively)."""
     for t in prange(len(n)):
         _one_table(
             np.int64(t), kflat, kbase, kstride, n, out, obase, ostride, dims,
             caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
-            vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
+            vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick, lut,
             koff, uniq, first, inverse, status, delta, flags, _scratch(n[t], dims[t]),
         )  # fmt: skip
 
@@ -155,7 +156,7 @@ def lookup_tables(
 def lookup_tables_serial(
     kflat, kbase, kstride, n, out, obase, ostride, dims,
     caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
-    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
+    vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick, lut,
     koff, uniq, first, inverse, status, delta, flags,
 ):  # fmt: skip
     """lookup_tables on the calling thread."""
@@ -164,7 +165,7 @@ def lookup_tables_serial(
         _one_table(
             t, kflat, kbase, kstride, n, out, obase, ostride, dims,
             caches, has_cache, lfu, kind, clocks, fill_ok, threshold,
-            vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick,
+            vdb_tables, has_vdb, icap, pcap, rbits, P, touch, vtick, lut,
             koff, uniq, first, inverse, status, delta, flags, scratch,
         )  # fmt: skip
 

@@ -15,7 +15,8 @@ The cache sees exactly what a per-table lookup shows it (unique keys in first-ap
 order, one clock tick per table and call, the same fills); ``tests/test_fused.py`` and
 ``tests/redis/test_redis_fused.py`` check outputs, cache slots and counters against per-table
 lookups. Eligible: every table's L1 is a ``HostCache`` or none, and the VDB is none, a
-``HashMapVDB`` with fp32 rows, or one with ``fetch_many``; otherwise ``run`` returns None and
+``HashMapVDB`` (fp32 or fp16 rows, one dtype for all tables), or one with ``fetch_many``;
+otherwise ``run`` returns None and
 the session looks tables up one by one.
 """
 
@@ -36,6 +37,7 @@ from .cache.host import PARALLEL_MIN_KEYS, HostCache
 from .errors import StorageError
 from .lookup_stats import LEVELS, LookupStats
 from .vdb import _kernels as VK
+from .vdb import shm
 from .vdb.hashmap import HashMapVDB
 
 if TYPE_CHECKING:
@@ -59,14 +61,16 @@ class _Layout:
         held = vdb._tables if type(vdb) is HashMapVDB else {}
         vts = [held.get(t.store_name) for t in tables]
         # a VDB other than the hash map (Redis) is read after the kernel, all tables at once
+        # one storage dtype for every VDB table: their arrays share one typed list
+        dtypes = {vt.dtype for vt in vts if vt is not None}
         self.eligible = (
-            vdb is None or type(vdb) is HashMapVDB or hasattr(vdb, "fetch_many")
-        ) and all(
-            (c is None or type(c) is HostCache) and (vt is None or vt.dtype == "float32")
-            for c, vt in zip(self.held, vts, strict=True)
+            (vdb is None or type(vdb) is HashMapVDB or hasattr(vdb, "fetch_many"))
+            and len(dtypes) <= 1
+            and all(c is None or type(c) is HostCache for c in self.held)
         )
         if not self.eligible:
             return
+        self.half = dtypes == {"float16"}  # rows decoded from fp16 bits while fetched
         self.dims = np.array([t.dim for t in tables], np.int64)
         self.has_cache = np.array([c is not None for c in self.held], np.bool_)
         self.has_vdb = np.array([vt is not None for vt in vts], np.bool_)
@@ -116,7 +120,7 @@ def _vdb_stand_in(vts: list) -> tuple:
     dtypes = (np.uint32, np.int64, np.float32, np.uint32, np.uint64, np.uint64)
     out = []
     for j, (shape, dt) in enumerate(zip(shapes, dtypes, strict=True)):
-        a = np.zeros(shape, dt)
+        a = np.zeros(shape, real[j].dtype if real is not None else dt)  # fp16 rows: uint16
         if real is not None and not real[j].flags.writeable:
             a.setflags(write=False)
         out.append(a)
@@ -187,13 +191,14 @@ class FusedLookup:
         vtick = np.zeros(T, np.int64)
         for i, vt in lay.tick_tables:
             vtick[i] = HashMapVDB.next_tick(vt)
+        lut = shm.HALF_TO_FLOAT if lay.half and not shm.NATIVE_HALF else None
         with _caches_held(lay, epochs, now) as (clocks, fill_ok):
             kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
             kernel(
                 kflat, kbase, kstride, n, out, obase, ostride, lay.dims,
                 lay.caches, lay.has_cache, lay.lfu, lay.kind, clocks, fill_ok, s.hit_rate_threshold,
                 lay.vdb_tables, lay.has_vdb, lay.icap, lay.pcap, lay.rbits, lay.P, lay.touch, vtick,
-                koff, uniq, first, inverse, status, delta, flags,
+                lut, koff, uniq, first, inverse, status, delta, flags,
             )  # fmt: skip
         todo = np.flatnonzero(flags & FK.FINISH).tolist()
         reread = [i for i in todo if flags[i] & FK.DIRTY or not lay.has_vdb[i]]

@@ -31,10 +31,14 @@ def make_files(root):
     return tables
 
 
-def config(root, name, policy, dtype, admit, threshold):
+def config(root, name, policy, dtype, admit, threshold, vdb_dtype="float32"):
     return {
         "supportlonglong": True,
-        "volatile_db": {"type": "parallel_hash_map", "num_partitions": 4},
+        "volatile_db": {
+            "type": "parallel_hash_map",
+            "num_partitions": 4,
+            "storage_dtype": vdb_dtype,
+        },
         "persistent_db": {"type": "rocks_db", "path": str(root / f"rocksdb_{name}")},
         "models": [
             {
@@ -98,21 +102,33 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "policy,dtype,admit,threshold",
+    "policy,dtype,admit,threshold,vdb_dtype",
     [
-        ("lru", "float32", 1, 1.0),  # every fill inside the kernel
-        ("lfu", "float32", 1, 1.0),
-        ("lru", "float16", 1, 1.0),  # fills through the session (fp16 encoding)
-        ("lfu", "float32", 2, 1.0),  # admission filter: fills through the session
-        ("lru", "float32", 1, 0.6),  # above the threshold: background fills
+        ("lru", "float32", 1, 1.0, "float32"),  # every fill inside the kernel
+        ("lfu", "float32", 1, 1.0, "float32"),
+        ("lru", "float16", 1, 1.0, "float32"),  # fills through the session (fp16 encoding)
+        ("lfu", "float32", 2, 1.0, "float32"),  # admission filter: fills through the session
+        ("lru", "float32", 1, 0.6, "float32"),  # above the threshold: background fills
+        ("lru", "float32", 1, 1.0, "float16"),  # fp16 VDB rows decoded in the kernel
+        ("lru", "float32", 1, 1.0, "float16-lut"),  # ... through the table, as without F16C
     ],
 )
-def test_fused_matches_per_table_lookups(files, policy, dtype, admit, threshold):
+def test_fused_matches_per_table_lookups(
+    files, monkeypatch, policy, dtype, admit, threshold, vdb_dtype
+):
     root, tables = files
-    name = f"{policy}{dtype}{admit}{threshold}"
-    fused = ParameterServer(config(root, name + "f", policy, dtype, admit, threshold))
-    plain = ParameterServer(config(root, name + "p", policy, dtype, admit, threshold))
+    if vdb_dtype == "float16-lut":
+        from hps_core.vdb import shm
+
+        monkeypatch.setattr(shm, "NATIVE_HALF", False)
+        vdb_dtype = "float16"
+    name = f"{policy}{dtype}{admit}{threshold}{vdb_dtype}"
+    fused, plain = (
+        ParameterServer(config(root, name + s, policy, dtype, admit, threshold, vdb_dtype))
+        for s in "fp"
+    )
     try:
+        assert fused.session("m").fused.layout() is not None  # served fused, not per table
         plain.session("m").fused.run = lambda *a: None  # per-table lookups only
         # a share of each table lives only in RocksDB: the kernel leaves those to the session
         rng = np.random.default_rng(1)
@@ -120,19 +136,22 @@ def test_fused_matches_per_table_lookups(files, policy, dtype, admit, threshold)
             for t, (keys, _) in enumerate(tables):
                 store = ps.session("m").tables[t].store_name
                 ps.vdb.evict(store, keys[np.random.default_rng(t).random(len(keys)) < 0.1])
+        rounded = False
         for batch in [1, 1, 3, 17, 64, 250, 1, 2000, 5, 40]:
             cat = request(rng, tables, batch)
             got = fused.session("m").lookup_columns(cat)
             want = plain.session("m").lookup_columns(cat)
             np.testing.assert_array_equal(got, want)
             ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
-            if dtype == "float32":
+            if dtype == vdb_dtype == "float32":
                 np.testing.assert_array_equal(got, ref)
-            else:  # L1 rows are rounded to fp16
+            else:  # L1 or VDB rows are rounded to fp16
                 np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+                rounded |= not np.array_equal(got, ref)
             fused.session("m").flush()
             plain.session("m").flush()
             assert_same_state(fused, plain)
+        assert rounded == (dtype != "float32" or vdb_dtype != "float32")  # fp16 rows were served
         # HPS I/O: concatenated keys with a count per table, a zero count included
         for counts in ([5, 0, 9], [1, 1, 1], [300, 20, 0]):
             keys = np.concatenate(

@@ -275,3 +275,40 @@ def test_promoter_drops_instead_of_blocking_and_survives_failures():
     assert p.flush(timeout=10)
     assert p.failed == 1 and seen == [3, 3] and p.promoted == 6
     p.close()
+
+
+def _memtable_bytes(pdb: RocksDBPDB) -> int:
+    return sum(cf.property_int_value("rocksdb.cur-size-all-mem-tables") for cf in pdb._cfs.values())
+
+
+def test_memtables_are_held_to_the_write_buffer_sizes(tmp_path):
+    """Four tables of ~2.4 MiB each: with 1 MiB per table and 2 MiB in all the memtables are
+    flushed on the way (RocksDB's defaults would hold all of it), and every row reads back."""
+    rng = np.random.default_rng(3)
+    held = {}
+    for name, kw in (
+        ("small", {"write_buffer_bytes": 1 << 20, "total_write_buffer_bytes": 2 << 20}),
+        ("large", {"write_buffer_bytes": 64 << 20, "total_write_buffer_bytes": 1 << 30}),
+    ):
+        pdb = RocksDBPDB(tmp_path / name, **kw)
+        ref = {}
+        for t in range(4):
+            keys = rng.integers(0, 2**62, 8000)
+            vecs = rng.standard_normal((8000, 64)).astype(np.float32)
+            pdb.create_table(f"t{t}", 64)
+            for s in range(0, 8000, 1000):
+                pdb.upsert(f"t{t}", keys[s : s + 1000], vecs[s : s + 1000])
+            ref[t] = (keys, vecs)
+        held[name] = _memtable_bytes(pdb)
+        for t, (keys, vecs) in ref.items():
+            got, found = pdb.fetch(f"t{t}", keys)
+            assert found.all() and np.array_equal(got, vecs)
+        pdb.close()
+    assert held["large"] > 8 << 20  # all ~10 MiB of rows still in memtables
+    assert held["small"] < 4 << 20, held
+
+
+@pytest.mark.parametrize("field", ["write_buffer_bytes", "total_write_buffer_bytes"])
+def test_a_too_small_write_buffer_is_an_error_naming_it(tmp_path, field):
+    with pytest.raises(InvalidInputError, match=field):
+        RocksDBPDB(tmp_path / "db", **{field: 1000})

@@ -91,19 +91,20 @@ def free_ports(n: int) -> list[int]:
     return out
 
 
-def redis_benchmark(port: int, requests: int, cluster: bool = False) -> float:
-    """GET requests/s of redis-benchmark with 16 pipelined requests, 256-byte values
-    (``--cluster``: against every shard of the cluster that ``port`` belongs to)."""
+def redis_benchmark(port: int, requests: int, cluster: bool = False, test: str = "get") -> float:
+    """Requests/s of redis-benchmark ``-t test`` with 16 pipelined requests and 256-byte values
+    over 100K keys (``--cluster``: against every shard of the cluster ``port`` belongs to).
+    GETs read the values an earlier ``test="set"`` run wrote."""
     exe = shutil.which("redis-benchmark")
     if exe is None:
         return float("nan")
-    cmd = [exe, "-p", str(port), "-P", "16", "-t", "set,get", "-d", "256", "-r", "100000"]
+    cmd = [exe, "-p", str(port), "-P", "16", "-t", test, "-d", "256", "-r", "100000"]
     cmd += ["--cluster"] if cluster else []
     out = subprocess.run(
         [*cmd, "-n", str(requests), "--csv"], check=True, capture_output=True, text=True
     ).stdout
     for row in csv.reader(io.StringIO(out)):
-        if row and row[0] == "GET":
+        if row and row[0] == test.upper():
             return float(row[1])
     return float("nan")
 
@@ -137,7 +138,7 @@ def callers_rate(fetch, make_input, items: int, callers: int, calls: int) -> flo
 
 def bench_fetch(
     vdb: RedisVDB, mode: str, rows: int, dim: int, batches: list[int], rb_port: int,
-    rounds: int = 3, rb_requests: int = 200_000,
+    rounds: int = 3, rb_requests: int = 400_000,
 ) -> list[dict]:  # fmt: skip
     """Fetch keys/s per batch size, each measurement paired with a redis-benchmark run on the
     same server(s) just before it: ``rounds`` rounds of (redis-benchmark, one caller,
@@ -150,6 +151,8 @@ def bench_fetch(
     for s in range(0, rows, 65536):
         vdb.upsert("bench", keys[s : s + 65536], vecs[s : s + 65536])
     held = vdb.memory_bytes("bench") / (keys.nbytes + vecs.nbytes)  # Redis bytes / raw bytes
+    cluster = mode == "cluster"
+    redis_benchmark(rb_port, 400_000, cluster, test="set")  # the values its GETs read
     fetch = lambda q: vdb.fetch("bench", q)  # noqa: E731
     out = []
     for b in batches:
@@ -160,7 +163,7 @@ def bench_fetch(
 
         def measure(b=b, batch=batch) -> dict[str, float]:
             return {
-                "rb": redis_benchmark(rb_port, rb_requests, cluster=mode == "cluster"),
+                "rb": redis_benchmark(rb_port, rb_requests * (3 if cluster else 1), cluster),
                 "one": rate(fetch, batch, b, min_seconds=0.5, max_reps=40),
                 "many": callers_rate(fetch, batch, b, CALLERS, max(4, 40_000 // b)),
             }
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             redis_local("cluster", f"{tmp}/c", *map(str, ports[1:]))
             single = f"127.0.0.1:{ports[0]}"
             cluster = ",".join(f"127.0.0.1:{p}" for p in ports[1:])
-            rounds, rb_n = (2, 100_000) if args.quick else (3, 200_000)
+            # runs of under a second gave erratic rates (--cluster most of all)
+            rounds, rb_n = (2, 200_000) if args.quick else (3, 400_000)
             # paired with redis-benchmark on the same server(s): one shard, then the same tool
             # on the same three shards (what a Redis client gets from them here)
             fetch = bench_fetch(
@@ -421,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "redis_benchmark_get_rps": rb,
             "redis_benchmark_cluster_get_rps": rb_cluster,
-            "redis_benchmark": "redis-benchmark -P 16 -t set,get -d 256 -r 100000, run just "
-            "before each fetch measurement on the same server(s); the get_rps fields are medians",
+            "redis_benchmark": "redis-benchmark -P 16 -t get -d 256 -r 100000 (values written "
+            "by -t set first), run just before each fetch measurement on the same server(s) "
+            "(400K requests, 1.2M on the cluster); the get_rps fields are medians",
             "fetch": fetch,
             "multi_table": multi,
             "freshness": fresh,
