@@ -139,8 +139,8 @@ def lookup_tables(
     """Table t's keys are kflat[kbase[t] + i * kstride[t]] for i < n[t]; row i of its output
     starts at out[obase[t] + i * ostride[t]]. Per unique key (table t's at koff[t]): the key,
     its first position, its status; inverse maps each key to its unique index. Per table:
-    counters (``delta``) and ``flags``. ``lut``: fp16 VDB rows decoded through this table (None:
-fp32 rows, or fp16 ones the CPU converts natively)."""
+    counters (``delta``) and ``flags``. ``lut``: fp16 VDB rows are decoded through it (None:
+    fp32 rows, or fp16 ones the CPU converts natively)."""
     for t in prange(len(n)):
         _one_table(
             np.int64(t), kflat, kbase, kstride, n, out, obase, ostride, dims,

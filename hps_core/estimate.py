@@ -96,7 +96,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             )
     memtables = sum(e.pdb_host_bytes for e in out)
     scale = min(1.0, TOTAL_WRITE_BUFFER_BYTES / memtables) if memtables else 1.0
-    for e in out:  # all memtables together are held to the total (the largest flushed first)
+    for e in out:  # all memtables together are held to about the total
         if e.pdb_host_bytes:
             e.pdb_host_bytes = int(e.pdb_host_bytes * scale) + COLUMN_FAMILY_BYTES
     return out

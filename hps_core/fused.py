@@ -16,8 +16,7 @@ order, one clock tick per table and call, the same fills); ``tests/test_fused.py
 ``tests/redis/test_redis_fused.py`` check outputs, cache slots and counters against per-table
 lookups. Eligible: every table's L1 is a ``HostCache`` or none, and the VDB is none, a
 ``HashMapVDB`` (fp32 or fp16 rows, one dtype for all tables), or one with ``fetch_many``;
-otherwise ``run`` returns None and
-the session looks tables up one by one.
+otherwise ``run`` returns None and the session looks tables up one by one.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ EXACT_SIZE_LIMIT = 1_000_000
 PARALLEL_MIN_KEYS = 4096
 # Memtables: a table's is flushed to disk at WRITE_BUFFER_BYTES (RocksDB's default, 64 MiB,
 # made a bulk load hold ~45 MiB more at its peak and was no faster), and all tables' together
-# are held to TOTAL_WRITE_BUFFER_BYTES (the largest is flushed first), so a model of many
-# tables does not keep up to two full memtables per table in RAM.
+# are held to about TOTAL_WRITE_BUFFER_BYTES (past 90% of it RocksDB flushes the table with the
+# oldest memtable), so a model of many tables does not keep two full memtables per table.
 WRITE_BUFFER_BYTES = 32 << 20
 TOTAL_WRITE_BUFFER_BYTES = 256 << 20
 
