@@ -15,7 +15,7 @@ The cache sees exactly what a per-table lookup shows it (unique keys in first-ap
 order, one clock tick per table and call, the same fills); ``tests/test_fused.py`` and
 ``tests/redis/test_redis_fused.py`` check outputs, cache slots and counters against per-table
 lookups. Eligible: every table's L1 is a ``HostCache`` or none, and the VDB is none, a
-``HashMapVDB`` (fp32 or fp16 rows, one dtype for all tables), or one with ``fetch_many``;
+``HashMapVDB`` (fp32, fp16 or bf16 rows, one dtype for all tables), or one with ``fetch_many``;
 otherwise ``run`` returns None and the session looks tables up one by one.
 """
 
@@ -69,7 +69,7 @@ class _Layout:
         )
         if not self.eligible:
             return
-        self.half = dtypes == {"float16"}  # rows decoded from fp16 bits while fetched
+        self.vdb_dtype = dtypes.pop() if dtypes else "float32"  # 16-bit rows decoded in fetch
         self.dims = np.array([t.dim for t in tables], np.int64)
         self.has_cache = np.array([c is not None for c in self.held], np.bool_)
         self.has_vdb = np.array([vt is not None for vt in vts], np.bool_)
@@ -190,7 +190,7 @@ class FusedLookup:
         vtick = np.zeros(T, np.int64)
         for i, vt in lay.tick_tables:
             vtick[i] = HashMapVDB.next_tick(vt)
-        lut = shm.HALF_TO_FLOAT if lay.half and not shm.NATIVE_HALF else None
+        lut = shm.lut_for(lay.vdb_dtype)
         with _caches_held(lay, epochs, now) as (clocks, fill_ok):
             kernel = FK.lookup_tables if N >= PARALLEL_MIN_KEYS else FK.lookup_tables_serial
             kernel(

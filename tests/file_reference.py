@@ -1,6 +1,18 @@
-"""The numpy reference of a lookup: a table file's row for its keys, the default otherwise."""
+"""The numpy reference of a lookup: a table file's row for its keys, the default otherwise;
+and what a VDB returns for a row it stores in a 16-bit dtype."""
 
 import numpy as np
+
+from hps_core.cache.reference import from_bf16_bits, to_bf16_bits
+
+
+def stored(v: np.ndarray, dtype: str) -> np.ndarray:
+    """What a VDB returns for vectors v: float32, cast through the storage dtype (bf16: the L1
+    reference's round-to-nearest-even)."""
+    v = np.asarray(v, np.float32)
+    if dtype == "bfloat16":
+        return from_bf16_bits(to_bf16_bits(v))
+    return v.astype(dtype).astype(np.float32)
 
 
 def file_rows(keys: np.ndarray, vecs: np.ndarray, query: np.ndarray, default: float) -> np.ndarray:

@@ -184,6 +184,12 @@ def mutate(path, value):
             "between 0 and 1",
         ),
         (("persistent_db", "type"), "leveldb", "persistent_db.type", "rocks_db"),
+        (
+            ("volatile_db", "storage_dtype"),
+            "int8",
+            "volatile_db.storage_dtype",
+            "'float32', 'float16', 'bfloat16'",
+        ),
         (("persistent_db", "read_only"), "yes", "persistent_db.read_only", "true or false"),
         (
             ("models", 0, "embedding_vecsize_per_table"),

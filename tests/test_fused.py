@@ -111,6 +111,7 @@ def files(tmp_path_factory):
         ("lru", "float32", 1, 0.6, "float32"),  # above the threshold: background fills
         ("lru", "float32", 1, 1.0, "float16"),  # fp16 VDB rows decoded in the kernel
         ("lru", "float32", 1, 1.0, "float16-lut"),  # ... through the table, as without F16C
+        ("lfu", "float32", 1, 1.0, "bfloat16"),  # bf16 VDB rows (always through a table)
     ],
 )
 def test_fused_matches_per_table_lookups(
@@ -145,8 +146,9 @@ def test_fused_matches_per_table_lookups(
             ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
             if dtype == vdb_dtype == "float32":
                 np.testing.assert_array_equal(got, ref)
-            else:  # L1 or VDB rows are rounded to fp16
-                np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+            else:  # L1 or VDB rows are rounded to fp16 (11 significant bits) or bf16 (8)
+                tol = 2**-8 if vdb_dtype == "bfloat16" else 1e-3
+                np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
                 rounded |= not np.array_equal(got, ref)
             fused.session("m").flush()
             plain.session("m").flush()

@@ -15,12 +15,28 @@ import numpy as np
 from ..errors import InvalidInputError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
+from . import shm
 from ._redis_nodes import Cmd, NodeDown, read_raw
 from .hashmap import _keys
 
 log = logging.getLogger("hps_core.vdb.redis")
 
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+# Row bytes on the wire and in Redis: little-endian fp32, or the bits of fp16 / bf16 rows
+# (encoded and decoded as the hash map's, ``shm.encode`` / ``shm.decode``).
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"), "bfloat16": np.dtype("<u2")}
+
+
+def encode_rows(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float rows -> uint8 [n, width]: the bytes Redis keeps per row."""
+    bits = np.ascontiguousarray(shm.encode(v, dtype), dtype=DTYPES[dtype])
+    return bits.view(np.uint8).reshape(len(v), -1)
+
+
+def decode_rows(raw: np.ndarray, dtype: str, dim: int) -> np.ndarray:
+    """Row bytes (uint8 or bytes) -> float32 [n, dim]."""
+    bits = np.frombuffer(raw, DTYPES[dtype]).reshape(-1, dim)
+    return shm.decode(bits.astype(DTYPES[dtype].newbyteorder("=")), dtype)
+
 
 _unavailable = REGISTRY.counter(
     "hps_vdb_redis_unavailable_keys_total",
@@ -145,7 +161,7 @@ class RedisReads:
 
     def _done(self, pl: _Fetch) -> tuple[np.ndarray, np.ndarray]:
         if not pl.direct:
-            pl.out[pl.found] = pl.rows[pl.found].view(DTYPES[pl.m.dtype]).astype(np.float32)
+            pl.out[pl.found] = decode_rows(pl.rows[pl.found], pl.m.dtype, pl.m.dim)
         if not pl.failed and self._read_errors:
             self._read_errors = {e for e in self._read_errors if e[0] != pl.table}
         if len(pl.k):

@@ -238,7 +238,7 @@ class HashMapVDB(VolatileDB):
         kernel, chunk = (
             (K.fetch, K.chunk_size(n)) if n >= PARALLEL_MIN_KEYS else (K.fetch_serial, 0)
         )
-        lut = shm.HALF_TO_FLOAT if t.dtype == "float16" and not shm.NATIVE_HALF else None
+        lut = shm.lut_for(t.dtype)
 
         def run(a: TableArrays, sel: np.ndarray) -> None:
             kernel(k, sel, a.index, a.keys, a.values, a.meta, touch, tick,

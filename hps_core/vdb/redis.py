@@ -37,7 +37,7 @@ from ..errors import ConfigError, InvalidInputError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
 from ._redis_nodes import NODE_ERRORS, Cmd, RedisNodes, host_port
-from ._redis_reads import DTYPES, RedisReads, _Meta, _part_key
+from ._redis_reads import DTYPES, RedisReads, _Meta, _part_key, decode_rows, encode_rows
 from .base import VolatileDB
 from .hashmap import _keys, _vectors
 
@@ -285,8 +285,7 @@ class RedisVDB(RedisReads, VolatileDB):
                 ks.append(f)
                 vs.append(v)
         keys = np.frombuffer(b"".join(ks), "<i8").astype(np.int64)
-        vecs = np.frombuffer(b"".join(vs), DTYPES[m.dtype]).reshape(len(vs), m.dim)
-        return keys, vecs.astype(np.float32)
+        return keys, decode_rows(b"".join(vs), m.dtype, m.dim)
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
@@ -298,7 +297,7 @@ class RedisVDB(RedisReads, VolatileDB):
         if len(np.unique(k)) != len(k):  # later duplicates win: keep each key's last row
             last = len(k) - 1 - np.unique(k[::-1], return_index=True)[1]
             k, v = k[last], v[last]
-        vb = np.ascontiguousarray(v, dtype=DTYPES[m.dtype]).view(np.uint8).reshape(len(k), -1)
+        vb = encode_rows(v, m.dtype)
         kb = R.key_bytes(k)
         cmds, touched = [], set()
         score = {

@@ -1,8 +1,9 @@
-"""Storage of a hash-map table: its arrays, their fp16 format, and where they live.
+"""Storage of a hash-map table: its arrays, their 16-bit row formats, and where they live.
 
-Arrays live in process memory, or in POSIX shared memory for many processes. fp16 rows are
-kept as their uint16 bits (numba has no float16 type) and decoded by ``as_float32`` or,
-where this CPU lacks a conversion instruction, through the ``HALF_TO_FLOAT`` table.
+Arrays live in process memory, or in POSIX shared memory for many processes. fp16 and bf16
+rows are kept as their uint16 bits (numba has no 16-bit float type). fp16 is decoded by
+``as_float32`` or, where this CPU lacks a conversion instruction, through the
+``HALF_TO_FLOAT`` table; bf16 through ``BF16_TO_FLOAT`` (``lut_for`` picks).
 
 In shared memory each array is a file ``/dev/shm/<name>.<table>.<array>`` mapped with numpy,
 and a JSON header ``/dev/shm/<name>.tables.json`` describes the tables (dim, dtype, partitions,
@@ -28,10 +29,13 @@ from llvmlite import binding, ir
 from numba import types
 from numba.extending import intrinsic
 
+from ..cache.reference import from_bf16_bits, to_bf16_bits
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
-DTYPES = {"float32": np.float32, "float16": np.uint16}  # fp16 rows are kept as their bits
+# fp16 and bf16 rows are kept as their bits
+DTYPES = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
 LOAD_FACTOR = 0.8
 MIN_ROWS = 64  # pool rows per partition, at least
 MAX_ROWS = 2**31 - 2  # pool rows per partition: 32-bit index entries hold row + 1
@@ -58,16 +62,23 @@ def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, polic
 
 
 def encode(v: np.ndarray, dtype: str) -> np.ndarray:
-    """float vectors -> the table's storage array (fp16 as its bits)."""
+    """float vectors -> the table's storage array (fp16 / bf16 as their bits; bf16 rounded to
+    nearest even, as the L1 cache rounds it)."""
     if dtype == "float16":
         with np.errstate(over="ignore"):
             return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
+    if dtype == "bfloat16":
+        return to_bf16_bits(v)
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
 def decode(v: np.ndarray, dtype: str) -> np.ndarray:
     """Storage rows -> float32."""
-    return v.view(np.float16).astype(np.float32) if dtype == "float16" else v.astype(np.float32)
+    if dtype == "float16":
+        return v.view(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return from_bf16_bits(v)
+    return v.astype(np.float32)
 
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -88,6 +99,19 @@ def _native_half() -> bool:
 
 NATIVE_HALF = _native_half()
 """Decode fp16 rows with ``as_float32`` (else through ``HALF_TO_FLOAT``); read per fetch."""
+
+BF16_TO_FLOAT = from_bf16_bits(np.arange(65536, dtype=np.uint16))
+"""bf16 bits -> float32 (exact; 256 KiB, as HALF_TO_FLOAT)."""
+
+
+def lut_for(dtype: str) -> np.ndarray | None:
+    """The table a fetch decodes rows of ``dtype`` through; None where it copies (fp32) or
+    converts them (fp16 with NATIVE_HALF)."""
+    if dtype == "bfloat16":
+        return BF16_TO_FLOAT
+    if dtype == "float16" and not NATIVE_HALF:
+        return HALF_TO_FLOAT
+    return None
 
 
 @intrinsic

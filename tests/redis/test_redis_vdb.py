@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from file_reference import stored
 from served_model import make_model, reference, server_config
 
 from hps_core import ConfigError, ParameterServer, StorageError
@@ -16,10 +17,6 @@ pytestmark = pytest.mark.redis
 
 I64 = np.iinfo(np.int64)
 EXTREMES = np.array([I64.min, I64.max, 0, -1, 1, I64.min + 1, 256, -256], np.int64)
-
-
-def stored(v: np.ndarray, dtype: str) -> np.ndarray:
-    return np.asarray(v, np.float32).astype(dtype).astype(np.float32)
 
 
 def check(vdb: RedisVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> None:
@@ -32,7 +29,9 @@ def check(vdb: RedisVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> 
     assert vdb.size(table) == len(ref)
 
 
-@pytest.mark.parametrize("dim,dtype,parts", [(16, "float16", 3), (64, "float32", 8)])
+@pytest.mark.parametrize(
+    "dim,dtype,parts", [(16, "float16", 3), (64, "float32", 8), (8, "bfloat16", 5)]
+)
 def test_random_operations_match_a_dict(redis_any, dim, dtype, parts):
     rng = np.random.default_rng(dim + parts)
     vdb = RedisVDB(redis_any.address, num_partitions=parts, max_batch_size=97)
@@ -259,6 +258,7 @@ def test_fetch_many_reads_several_tables_in_one_pipeline(redis_any):
         ("hps_et.m.a", 8, "float32"),
         ("hps_et.m.b", 16, "float16"),
         ("hps_et.m.c", 4, "float32"),
+        ("hps_et.m.d", 8, "bfloat16"),
     ]
     refs = []
     for table, dim, dtype in specs:

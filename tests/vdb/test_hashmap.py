@@ -7,18 +7,15 @@ import time
 
 import numpy as np
 import pytest
+from file_reference import stored
 
+from hps_core.cache.reference import from_bf16_bits
 from hps_core.errors import HPSError, InvalidInputError, StorageError
 from hps_core.vdb import shm
 from hps_core.vdb.hashmap import HashMapVDB, estimate_table_bytes
 
 I64 = np.iinfo(np.int64)
 EXTREMES = np.array([I64.min, I64.max, 0, -1, 1, I64.min + 1, I64.max - 1], np.int64)
-
-
-def stored(v: np.ndarray, dtype: str) -> np.ndarray:
-    """What the table returns for vector v: float32, cast through the storage dtype."""
-    return np.asarray(v, np.float32).astype(dtype).astype(np.float32)
 
 
 def check_against(vdb: HashMapVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> None:
@@ -33,7 +30,13 @@ def check_against(vdb: HashMapVDB, table: str, ref: dict, dim: int, probe: np.nd
 
 @pytest.mark.parametrize(
     "dim,dtype,parts",
-    [(1, "float32", 1), (16, "float16", 4), (64, "float32", 7), (16, "float32", 16)],
+    [
+        (1, "float32", 1),
+        (16, "float16", 4),
+        (64, "float32", 7),
+        (16, "float32", 16),
+        (8, "bfloat16", 5),
+    ],
 )
 def test_random_operations_match_a_dict(dim, dtype, parts):
     rng = np.random.default_rng(dim * 100 + parts)
@@ -99,6 +102,30 @@ def test_every_fp16_value_comes_back_exactly(native, monkeypatch):
         assert found.all() and (np.isnan(got) == nan).all()
         # bit for bit: signed zeros, subnormals and infinities included
         np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
+
+
+def test_every_bf16_value_comes_back_exactly():
+    """Each of the 65,536 bf16 bit patterns, stored from its exact fp32 value, is fetched
+    bit for bit (NaNs as NaN); fp32 values in between round to nearest even."""
+    vdb = HashMapVDB(num_partitions=3)
+    vdb.create_table("t", 64, dtype="bfloat16")
+    vecs = from_bf16_bits(np.arange(65536, dtype=np.uint16)).reshape(-1, 64)
+    keys = np.arange(len(vecs)) - 512
+    vdb.upsert("t", keys, vecs)
+    for probe in (keys[::-7], np.tile(keys, 5)):  # the serial and the parallel kernel
+        got, found = vdb.fetch("t", probe)
+        expect = vecs[probe + 512]
+        nan = np.isnan(expect)
+        assert found.all() and (np.isnan(got) == nan).all()
+        np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
+    # 1 + 2**-8 is halfway between two bf16 values: it rounds to the even one (1.0);
+    # 1 + 3 * 2**-8 rounds up to 1 + 2**-6, and a value just above halfway rounds up
+    x = np.array([[1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -3.0]], np.float32)
+    vdb.upsert("t", [7], np.repeat(x, 16, axis=0).reshape(1, 64))
+    got, _ = vdb.fetch("t", [7])
+    np.testing.assert_array_equal(got[0, :4], [1.0, 1 + 2**-6, 1 + 2**-7, -3.0])
+    dk, dv = vdb.dump("t")
+    np.testing.assert_array_equal(dv[dk == 7], got)
 
 
 def fill(vdb: HashMapVDB, keys, value) -> None:
@@ -291,7 +318,7 @@ def assert_untorn(rows: np.ndarray, found: np.ndarray, last_seen: np.ndarray) ->
     last_seen[found] = version
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_readers_never_see_torn_rows_while_a_thread_writes(dtype):
     dim, n = 64, 20_000
     vdb = HashMapVDB(num_partitions=4, overflow_policy="evict_least_used")
@@ -303,7 +330,9 @@ def test_readers_never_see_torn_rows_while_a_thread_writes(dtype):
 
     def writer():
         v = 1
-        while not stop.is_set() and v < 2000:  # fp16 holds integers exactly up to 2048
+        # fp16 holds integers exactly up to 2048; bf16 up to 256, then neighbouring versions
+        # share a value (rounding keeps them in order, so "never older" still holds)
+        while not stop.is_set() and v < 2000:
             part = keys[: min(n, n // 8 + v * 500)]
             vdb.upsert("t", part, np.full((len(part), dim), v, np.float32))
             gone = rng.choice(keys, 50)
