@@ -85,39 +85,38 @@ def test_fetch_leaves_missing_rows_of_out_untouched_and_widens_unsigned_keys():
     assert found[0] and (got[0] == [1, 2, 3]).all()
 
 
+def every_value_back(dtype: str, values: np.ndarray) -> HashMapVDB:
+    """Store every 16-bit pattern's exact fp32 value (``values``) in a table of ``dtype`` and
+    fetch them bit for bit, signed zeros, subnormals and infinities included (NaNs as NaN),
+    through the serial and the parallel kernel. Returns the VDB (table "t")."""
+    vdb = HashMapVDB(num_partitions=3)
+    vdb.create_table("t", 64, dtype=dtype)
+    vecs = values.reshape(-1, 64)
+    keys = np.arange(len(vecs)) - 512
+    vdb.upsert("t", keys, vecs)
+    for probe in (keys[::-7], np.tile(keys, 5)):
+        got, found = vdb.fetch("t", probe)
+        expect = vecs[probe + 512]
+        nan = np.isnan(expect)
+        assert found.all() and (np.isnan(got) == nan).all()
+        np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
+    return vdb
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["cpu-fp16", "table"])
 def test_every_fp16_value_comes_back_exactly(native, monkeypatch):
     if native and not shm.NATIVE_HALF:
         pytest.skip("this CPU has no fp16 conversion instruction: the table path serves fp16")
     monkeypatch.setattr(shm, "NATIVE_HALF", native)
-    vdb = HashMapVDB(num_partitions=3)
-    vdb.create_table("t", 64, dtype="float16")
-    vecs = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32).reshape(-1, 64)
-    keys = np.arange(len(vecs)) - 512
-    vdb.upsert("t", keys, vecs)
-    for probe in (keys[::-7], np.tile(keys, 5)):  # the serial and the parallel kernel
-        got, found = vdb.fetch("t", probe)
-        expect = vecs[probe + 512]
-        nan = np.isnan(expect)
-        assert found.all() and (np.isnan(got) == nan).all()
-        # bit for bit: signed zeros, subnormals and infinities included
-        np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
+    every_value_back(
+        "float16", np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    )
 
 
 def test_every_bf16_value_comes_back_exactly():
-    """Each of the 65,536 bf16 bit patterns, stored from its exact fp32 value, is fetched
-    bit for bit (NaNs as NaN); fp32 values in between round to nearest even."""
-    vdb = HashMapVDB(num_partitions=3)
-    vdb.create_table("t", 64, dtype="bfloat16")
-    vecs = from_bf16_bits(np.arange(65536, dtype=np.uint16)).reshape(-1, 64)
-    keys = np.arange(len(vecs)) - 512
-    vdb.upsert("t", keys, vecs)
-    for probe in (keys[::-7], np.tile(keys, 5)):  # the serial and the parallel kernel
-        got, found = vdb.fetch("t", probe)
-        expect = vecs[probe + 512]
-        nan = np.isnan(expect)
-        assert found.all() and (np.isnan(got) == nan).all()
-        np.testing.assert_array_equal(got.view(np.uint32)[~nan], expect.view(np.uint32)[~nan])
+    """Each of the 65,536 bf16 bit patterns comes back exactly; fp32 values in between round
+    to nearest even."""
+    vdb = every_value_back("bfloat16", from_bf16_bits(np.arange(65536, dtype=np.uint16)))
     # 1 + 2**-8 is halfway between two bf16 values: it rounds to the even one (1.0);
     # 1 + 3 * 2**-8 rounds up to 1 + 2**-6, and a value just above halfway rounds up
     x = np.array([[1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -3.0]], np.float32)
