@@ -7,18 +7,19 @@ Layout of a table with P partitions, each owning ``icap`` index slots and ``pcap
   sentinel key). ``rbits`` = pcap.bit_length() bits hold the row; the other ``32 - rbits``
   bits hold a tag from the key's hash, checked before touching the pool, so a probe costs one
   pool access (the match) instead of one per slot it passes;
-- ``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 *bits* as uint16: numba
-  has no float16 type). Fetch converts fp16 with the CPU's instruction (x86 F16C, AArch64)
-  through an LLVM ``fpext``, or, where LLVM would need a runtime helper numba cannot link,
-  through a 65536-entry table (``lut``). Kernels that only move rows take ``values`` viewed as
-  uint16 whatever the dtype, so they compile once;
+- ``keys`` int64 [P*pcap], ``values`` [P*pcap, dim] (float32, or fp16 / bf16 *bits* as
+  uint16: numba has no 16-bit float type). Fetch converts fp16 with the CPU's instruction (x86
+  F16C, AArch64) through an LLVM ``fpext``, or, where LLVM would need a runtime helper numba
+  cannot link, through a 65536-entry table (``lut``); bf16 by a 16-bit shift (``lut`` is then
+  the ``shm.BF16`` marker). Kernels that only move rows take ``values`` viewed as uint16
+  whatever the dtype, so they compile once;
 - ``meta`` uint32 [P*pcap] (access count or last-touched tick), empty for ``evict_random``;
 - ``count`` int64 [P]: rows used in each pool (pools are dense: deletion swap-removes).
 
 Hash bits: the partition comes from the low 32 bits of splitmix64(key), the home slot from the
 high 32 bits (multiply-shift, so capacities need not be powers of two), the tag from the
-lowest bits. Fetch's ``lut`` is None unless fp16 goes through the table; numba prunes the
-other branch at compile time.
+lowest bits. Fetch's ``lut`` is None for fp32 and natively converted fp16; numba prunes the
+other branches at compile time (``shm.widens`` is a constant).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..hash_kernels import mix, order_by_part, prefetch, prefetch_row
-from .shm import as_float32
+from .shm import widen, widens
 
 M32 = np.uint64(0xFFFFFFFF)
 U32_MAX = np.uint32(0xFFFFFFFF)
@@ -134,9 +135,9 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     next waits for each miss in turn. Instead: 1. hash each key and prefetch its home index
     slot; 2. scan each key's slots (now cached) to the first tag match and prefetch that pool
     key and every line of the row; 3. confirm each key (a false tag match or a concurrent
-    write falls back to ``probe``) and copy its row, which has arrived by then. With a ``lut``
-    the copied fp16 bits are decoded in a fourth pass (a table lookup per element inside the
-    copy would serialise the misses again).
+    write falls back to ``probe``) and copy its row, which has arrived by then. With the fp16
+    table as ``lut`` the copied bits are decoded in a fourth pass (a table lookup per element
+    inside the copy would serialise the misses again).
     """
     dim = values.shape[1]
     hs = np.empty(BLOCK, np.uint64)
@@ -185,7 +186,10 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
                 continue
             if lut is None:
                 for d in range(dim):
-                    out[i, d] = as_float32(values[row, d])
+                    out[i, d] = widen(values[row, d], lut)
+            elif widens(lut):  # bf16
+                for d in range(dim):
+                    out[i, d] = widen(values[row, d], lut)
             else:
                 for d in range(dim):
                     raw[j - b0, d] = values[row, d]
@@ -195,11 +199,12 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
             elif touch == TOUCH_TICK:
                 meta[row] = np.uint32(tick)
         if lut is not None:
-            for j in range(b0, b1):
-                if rows[j - b0] >= 0:
-                    i = sel[j]
-                    for d in range(dim):
-                        out[i, d] = lut[raw[j - b0, d]]
+            if not widens(lut):
+                for j in range(b0, b1):
+                    if rows[j - b0] >= 0:
+                        i = sel[j]
+                        for d in range(dim):
+                            out[i, d] = lut[raw[j - b0, d]]
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -207,7 +212,8 @@ def fetch(
     keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut,
     chunk,
 ):  # fmt: skip
-    """Rows of keys[sel] into out[sel] (fp16 decoded through lut); found[sel]; touch 0: no meta.
+    """Rows of keys[sel] into out[sel] (16-bit rows decoded as ``lut`` says, see ``shm.lut_for``);
+    found[sel]; touch 0: no meta.
 
     ``chunk`` keys per parallel task (``chunk_size``)."""
     n = len(sel)

@@ -2,8 +2,8 @@
 
 Arrays live in process memory, or in POSIX shared memory for many processes. fp16 and bf16
 rows are kept as their uint16 bits (numba has no 16-bit float type). fp16 is decoded by
-``as_float32`` or, where this CPU lacks a conversion instruction, through the
-``HALF_TO_FLOAT`` table; bf16 through ``BF16_TO_FLOAT`` (``lut_for`` picks).
+``widen`` (an instruction) or, where this CPU lacks one, through the ``HALF_TO_FLOAT`` table;
+bf16 by ``widen`` too (a shift). ``lut_for`` picks.
 
 In shared memory each array is a file ``/dev/shm/<name>.<table>.<array>`` mapped with numpy,
 and a JSON header ``/dev/shm/<name>.tables.json`` describes the tables (dim, dtype, partitions,
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from llvmlite import binding, ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..cache.reference import from_bf16_bits, to_bf16_bits
 
@@ -98,34 +98,83 @@ def _native_half() -> bool:
 
 
 NATIVE_HALF = _native_half()
-"""Decode fp16 rows with ``as_float32`` (else through ``HALF_TO_FLOAT``); read per fetch."""
+"""Decode fp16 rows with ``widen`` (else through ``HALF_TO_FLOAT``); read per fetch."""
 
-BF16_TO_FLOAT = from_bf16_bits(np.arange(65536, dtype=np.uint16))
-"""bf16 bits -> float32 (exact; 256 KiB, as HALF_TO_FLOAT)."""
+BF16 = np.zeros(0, np.uint32)
+"""A fetch's ``lut`` for bf16 rows: not a table but a marker (its type) that has ``widen``
+shift the bits into place, which is exact and as cheap as a copy."""
 
 
 def lut_for(dtype: str) -> np.ndarray | None:
-    """The table a fetch decodes rows of ``dtype`` through; None where it copies (fp32) or
-    converts them (fp16 with NATIVE_HALF)."""
+    """What a fetch decodes rows of ``dtype`` with: None where it copies them (fp32) or
+    converts them with an instruction (fp16 with NATIVE_HALF), the ``BF16`` marker, or
+    ``HALF_TO_FLOAT``."""
     if dtype == "bfloat16":
-        return BF16_TO_FLOAT
+        return BF16
     if dtype == "float16" and not NATIVE_HALF:
         return HALF_TO_FLOAT
     return None
 
 
+def _is_bf16_marker(lut) -> bool:
+    return isinstance(lut, types.Array) and lut.dtype == types.uint32
+
+
 @intrinsic
-def as_float32(typingctx, x):
-    """float32 as is; uint16 fp16 bits converted exactly (needs NATIVE_HALF)."""
+def _fp16_to_float32(typingctx, x):
+    """uint16 fp16 bits -> float32, exactly (an instruction where NATIVE_HALF)."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _bf16_to_float32(typingctx, x):
+    """uint16 bf16 bits -> float32: the bits in the high half, exact."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), i32(16)), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+def widen(x, lut):
+    """A stored element as float32: float32 as is; uint16 bits with ``lut`` None as fp16
+    (needs NATIVE_HALF), with the ``BF16`` marker as bf16, else through the table ``lut``.
+    Compiled code only (numba picks the case from the types)."""
+    raise NotImplementedError("widen runs in numba-compiled code only")
+
+
+@overload(widen, inline="always")
+def _widen(x, lut):
     if x == types.float32:
-        return types.float32(x), lambda context, builder, sig, args: args[0]
-    if x == types.uint16:
+        return lambda x, lut: x
+    if x != types.uint16:
+        return None
+    if isinstance(lut, types.NoneType):
+        return lambda x, lut: _fp16_to_float32(x)
+    if _is_bf16_marker(lut):
+        return lambda x, lut: _bf16_to_float32(x)
+    return lambda x, lut: lut[x]
 
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-        return types.float32(x), codegen
-    return None
+def widens(lut) -> bool:
+    """Whether a fetch with this ``lut`` decodes rows with ``widen`` (None, the BF16 marker)
+    rather than through the table; a constant in compiled code."""
+    return lut is None or lut is BF16
+
+
+@overload(widens, inline="always")
+def _widens(lut):
+    flag = isinstance(lut, types.NoneType) or _is_bf16_marker(lut)
+    return lambda lut: flag
 
 
 @dataclass(frozen=True)
