@@ -401,6 +401,7 @@ def _progress(enabled: bool, what: str, total: int):
         return nullcontext(lambda n: None)
     from contextlib import contextmanager
 
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     @contextmanager
@@ -411,6 +412,7 @@ def _progress(enabled: bool, what: str, total: int):
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             transient=True,
+            console=Console(stderr=True),  # stdout stays the command's output (tables, JSON)
         ) as p:
             task = p.add_task(what, total=total)
             yield lambda n: p.advance(task, n)

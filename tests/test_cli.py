@@ -40,6 +40,9 @@ def test_synth_estimate_load_inspect_lookup(model):
 
     hps("load", cfg)
     info = json.loads(hps("inspect", cfg, "--json", "--quiet").stdout)
+    # with the load progress bar on, stdout still holds the JSON alone (the bar is on stderr)
+    out = hps("inspect", cfg, "--json").stdout
+    assert out.startswith("[") and json.loads(out) == info
     assert [i["rows"] for i in info] == [f.rows for f in files]
     assert [i["pdb_rows"] for i in info] == [f.rows for f in files]
     assert all(i["vdb_rows"] == i["rows"] and i["dim"] == 8 for i in info)
