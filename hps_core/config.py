@@ -25,7 +25,7 @@ VDB_TYPES = ("hash_map", "parallel_hash_map", "multi_process_hash_map", "redis_c
 PDB_TYPES = ("rocks_db", "disabled")
 UPDATE_SOURCE_TYPES = ("null", "kafka_message_queue", "redis_stream")
 OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("lru", "lfu")
 MAX_SIZE_T = 2**63 - 1  # HPS used SIZE_MAX for "no limit"; int64 max keeps numpy happy
@@ -69,8 +69,10 @@ class VolatileDBConfig:
     # Promote rows found only in the PDB into the VDB (in the background).
     cache_missed_embeddings: bool = False
     update_filters: list[str] = field(default_factory=lambda: ["^hps_.+$"])
-    # Extension: storage dtype of VDB rows ("float32", "float16" or "bfloat16": half the
-    # memory; bf16 keeps fp32's range, fp16 more mantissa bits); lookups return float32.
+    # Extension: storage dtype of VDB rows ("float32"; "float16" or "bfloat16": half the
+    # memory, bf16 keeps fp32's range, fp16 more mantissa bits; "int8": a quarter plus a
+    # 4-byte scale per row, each element within half a step of max |x| / 127 of its row);
+    # lookups return float32.
     storage_dtype: str = "float32"
 
     def validate(self, src: str | None) -> None:

@@ -144,7 +144,7 @@ def check_memory(cfg) -> list[Check]:
     detail = f"{size(avail)} available, estimate {size(need)} ({parts})"
     if need > avail:
         out.append(Check("host memory", FAIL, detail, "lower initial_cache_rate, use "
-                         "storage_dtype float16 or bfloat16, or a larger machine"))  # fmt: skip
+                         "storage_dtype float16, bfloat16 or int8, or a larger machine"))  # fmt: skip
     else:
         out.append(Check("host memory", OK, detail))
     out[-1].data = {"available_bytes": avail, "estimate_bytes": need}

@@ -186,9 +186,9 @@ def mutate(path, value):
         (("persistent_db", "type"), "leveldb", "persistent_db.type", "rocks_db"),
         (
             ("volatile_db", "storage_dtype"),
-            "int8",
+            "int4",
             "volatile_db.storage_dtype",
-            "'float32', 'float16', 'bfloat16'",
+            "'float32', 'float16', 'bfloat16', 'int8'",
         ),
         (("persistent_db", "read_only"), "yes", "persistent_db.read_only", "true or false"),
         (

@@ -111,7 +111,8 @@ def files(tmp_path_factory):
         ("lru", "float32", 1, 0.6, "float32"),  # above the threshold: background fills
         ("lru", "float32", 1, 1.0, "float16"),  # fp16 VDB rows decoded in the kernel
         ("lru", "float32", 1, 1.0, "float16-lut"),  # ... through the table, as without F16C
-        ("lfu", "float32", 1, 1.0, "bfloat16"),  # bf16 VDB rows (always through a table)
+        ("lfu", "float32", 1, 1.0, "bfloat16"),  # bf16 VDB rows (widened by a shift)
+        ("lru", "float32", 1, 1.0, "int8"),  # int8 VDB rows and their scales
     ],
 )
 def test_fused_matches_per_table_lookups(
@@ -146,6 +147,10 @@ def test_fused_matches_per_table_lookups(
             ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
             if dtype == vdb_dtype == "float32":
                 np.testing.assert_array_equal(got, ref)
+            elif vdb_dtype == "int8":  # within half a step (a row's max |x| / 127, at most)
+                step = np.abs(ref).max() / 127
+                np.testing.assert_allclose(got, ref, rtol=0, atol=step / 2 * (1 + 1e-5))
+                rounded |= not np.array_equal(got, ref)
             else:  # L1 or VDB rows are rounded to fp16 (11 significant bits) or bf16 (8)
                 tol = 2**-8 if vdb_dtype == "bfloat16" else 1e-3
                 np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
@@ -153,7 +158,8 @@ def test_fused_matches_per_table_lookups(
             fused.session("m").flush()
             plain.session("m").flush()
             assert_same_state(fused, plain)
-        assert rounded == (dtype != "float32" or vdb_dtype != "float32")  # fp16 rows were served
+        # 16-bit or int8 rows were served
+        assert rounded == (dtype != "float32" or vdb_dtype != "float32")
         # HPS I/O: concatenated keys with a count per table, a zero count included
         for counts in ([5, 0, 9], [1, 1, 1], [300, 20, 0]):
             keys = np.concatenate(

@@ -28,7 +28,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..hash_kernels import mix, order_by_part, prefetch, prefetch_row
-from .shm import widen, widens
+from .shm import row_scale, widen, widens
 
 M32 = np.uint64(0xFFFFFFFF)
 U32_MAX = np.uint32(0xFFFFFFFF)
@@ -139,7 +139,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     table as ``lut`` the copied bits are decoded in a fourth pass (a table lookup per element
     inside the copy would serialise the misses again).
     """
-    dim = values.shape[1]
+    dim = out.shape[1]  # the row's elements (an int8 row's scale follows them in values)
     hs = np.empty(BLOCK, np.uint64)
     rows = np.empty(BLOCK, np.int64)
     raw = np.empty((BLOCK, dim), values.dtype)
@@ -187,9 +187,10 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
             if lut is None:
                 for d in range(dim):
                     out[i, d] = widen(values[row, d], lut)
-            elif widens(lut):  # bf16
+            elif widens(lut):  # bf16, int8
+                scale = row_scale(values, row, dim, lut)
                 for d in range(dim):
-                    out[i, d] = widen(values[row, d], lut)
+                    out[i, d] = widen(values[row, d], lut) * scale
             else:
                 for d in range(dim):
                     raw[j - b0, d] = values[row, d]

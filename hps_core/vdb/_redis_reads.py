@@ -21,9 +21,14 @@ from .hashmap import _keys
 
 log = logging.getLogger("hps_core.vdb.redis")
 
-# Row bytes on the wire and in Redis: little-endian fp32, or the bits of fp16 / bf16 rows
-# (encoded and decoded as the hash map's, ``shm.encode`` / ``shm.decode``).
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"), "bfloat16": np.dtype("<u2")}
+# Row bytes on the wire and in Redis: little-endian fp32, the bits of fp16 / bf16 rows, or an
+# int8 row and its scale (encoded and decoded as the hash map's, ``shm.encode`` / ``decode``).
+DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<u2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("u1"),
+}
 
 
 def encode_rows(v: np.ndarray, dtype: str) -> np.ndarray:
@@ -34,8 +39,8 @@ def encode_rows(v: np.ndarray, dtype: str) -> np.ndarray:
 
 def decode_rows(raw: np.ndarray, dtype: str, dim: int) -> np.ndarray:
     """Row bytes (uint8 or bytes) -> float32 [n, dim]."""
-    bits = np.frombuffer(raw, DTYPES[dtype]).reshape(-1, dim)
-    return shm.decode(bits.astype(DTYPES[dtype].newbyteorder("=")), dtype)
+    bits = np.frombuffer(raw, DTYPES[dtype]).reshape(-1, shm.value_columns(dim, dtype))
+    return shm.decode(bits.astype(DTYPES[dtype].newbyteorder("=")), dtype, dim)
 
 
 _unavailable = REGISTRY.counter(
@@ -53,7 +58,7 @@ class _Meta:
 
     @property
     def width(self) -> int:
-        return self.dim * DTYPES[self.dtype].itemsize
+        return shm.row_bytes(self.dim, self.dtype)
 
 
 def _part_key(table: str, p: int, suffix: str) -> str:

@@ -322,7 +322,7 @@ class HashMapVDB(VolatileDB):
     def _dump_rows(t: Table, a: TableArrays, parts) -> tuple[np.ndarray, np.ndarray]:
         rows = [p * a.pcap + np.arange(int(t.count[p])) for p in parts]
         idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        return a.keys[idx].copy(), decode(a.values[idx], t.dtype)
+        return a.keys[idx].copy(), decode(a.values[idx], t.dtype, t.dim)
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
@@ -377,7 +377,7 @@ class HashMapVDB(VolatileDB):
         The old arrays are not modified and the new set replaces them in one attribute store,
         so readers need no seqlock signal: either set is a consistent copy of the table.
         """
-        g = shm.copy_pools(t.arr, t.count, t.dtype, pcap)
+        g = shm.copy_pools(t.arr, t.count, t.dim, t.dtype, pcap)
         K.rehash(g.index, g.keys, t.count, g.icap, g.pcap, g.rbits, t.P)
         t.arr = g
         self.generation += 1

@@ -30,12 +30,16 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ..cache.reference import from_bf16_bits, to_bf16_bits
+from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
-# fp16 and bf16 rows are kept as their bits
-DTYPES = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
+# Element type of the values array per storage dtype: fp16 and bf16 rows are kept as their
+# bits; an int8 row is its dim int8 values then its fp32 scale (4 little-endian bytes), padded
+# to a whole number of uint16s (``value_columns``), so kernels that only move rows can take
+# any table's values viewed as uint16.
+DTYPES = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16, "int8": np.uint8}
 LOAD_FACTOR = 0.8
 MIN_ROWS = 64  # pool rows per partition, at least
 MAX_ROWS = 2**31 - 2  # pool rows per partition: 32-bit index entries hold row + 1
@@ -53,17 +57,29 @@ def index_slots(pcap: int) -> int:
     return int(pcap / LOAD_FACTOR) + 1
 
 
+def value_columns(dim: int, dtype: str) -> int:
+    """Columns of the values array for rows of ``dim`` elements."""
+    return dim + 4 + (dim & 1) if dtype == "int8" else dim
+
+
+def row_bytes(dim: int, dtype: str) -> int:
+    """Bytes one row takes in the values array (and in Redis)."""
+    return value_columns(dim, dtype) * np.dtype(DTYPES[dtype]).itemsize
+
+
 def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, policy: str) -> int:
     """Bytes a hash-map table of ``rows`` rows takes (for ``hps estimate``)."""
     pcap = partition_rows(rows, partitions)
     meta = 4 if policy != "evict_random" else 0
-    row = 8 + dim * np.dtype(DTYPES[dtype]).itemsize + meta
+    row = 8 + row_bytes(dim, dtype) + meta
     return partitions * (index_slots(pcap) * 4 + pcap * row + 16) + 16
 
 
 def encode(v: np.ndarray, dtype: str) -> np.ndarray:
     """float vectors -> the table's storage array (fp16 / bf16 as their bits; bf16 rounded to
-    nearest even, as the L1 cache rounds it)."""
+    nearest even, as the L1 cache rounds it; int8 as ``encode_int8``)."""
+    if dtype == "int8":
+        return encode_int8(v)
     if dtype == "float16":
         with np.errstate(over="ignore"):
             return np.ascontiguousarray(v, dtype=np.float16).view(np.uint16)
@@ -72,13 +88,38 @@ def encode(v: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def decode(v: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage rows -> float32."""
+def decode(v: np.ndarray, dtype: str, dim: int) -> np.ndarray:
+    """Storage rows -> float32 [n, dim]."""
+    if dtype == "int8":
+        q = v[:, :dim].view(np.int8).astype(np.float32)
+        scale = np.ascontiguousarray(v[:, dim : dim + 4]).view("<f4").astype(np.float32)
+        return q * scale
     if dtype == "float16":
         return v.view(np.float16).astype(np.float32)
     if dtype == "bfloat16":
         return from_bf16_bits(v)
     return v.astype(np.float32)
+
+
+def encode_int8(v: np.ndarray) -> np.ndarray:
+    """float rows -> uint8 [n, value_columns]: symmetric per-row quantisation, q = rint(x / s)
+    with s = max |x| / 127 (0 for a zero row), so each element is off by at most s / 2;
+    decoded as float32(q) * s. Non-finite values cannot be scaled: an error naming them."""
+    v = np.asarray(v, np.float32)
+    n, dim = v.shape
+    if not np.isfinite(v).all():
+        bad = int((~np.isfinite(v).all(axis=1)).sum())
+        raise InvalidInputError(
+            "vectors", f"{bad} rows with NaN or infinite values", "finite values (int8 storage)"
+        )
+    peak = np.abs(v).max(axis=1) if dim else np.zeros(n, np.float32)
+    scale = (peak / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(v / safe[:, None]), -127, 127).astype(np.int8)
+    out = np.zeros((n, value_columns(dim, "int8")), np.uint8)
+    out[:, :dim] = q.view(np.uint8)
+    out[:, dim : dim + 4] = scale.astype("<f4").view(np.uint8).reshape(n, 4)
+    return out
 
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -104,6 +145,9 @@ BF16 = np.zeros(0, np.uint32)
 """A fetch's ``lut`` for bf16 rows: not a table but a marker (its type) that has ``widen``
 shift the bits into place, which is exact and as cheap as a copy."""
 
+INT8 = np.zeros(0, np.int8)
+"""A fetch's ``lut`` for int8 rows (a marker as ``BF16``): ``widen`` and ``row_scale``."""
+
 
 def lut_for(dtype: str) -> np.ndarray | None:
     """What a fetch decodes rows of ``dtype`` with: None where it copies them (fp32) or
@@ -111,6 +155,8 @@ def lut_for(dtype: str) -> np.ndarray | None:
     ``HALF_TO_FLOAT``."""
     if dtype == "bfloat16":
         return BF16
+    if dtype == "int8":
+        return INT8
     if dtype == "float16" and not NATIVE_HALF:
         return HALF_TO_FLOAT
     return None
@@ -118,6 +164,28 @@ def lut_for(dtype: str) -> np.ndarray | None:
 
 def _is_bf16_marker(lut) -> bool:
     return isinstance(lut, types.Array) and lut.dtype == types.uint32
+
+
+def _is_int8_marker(lut) -> bool:
+    return isinstance(lut, types.Array) and lut.dtype == types.int8
+
+
+@intrinsic
+def _u32_as_float32(typingctx, x):
+    """The low 32 bits of an integer as the float32 they encode."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, i32)
+        elif v.type.width < 32:
+            v = builder.zext(v, i32)
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
 
 
 @intrinsic
@@ -147,15 +215,37 @@ def _bf16_to_float32(typingctx, x):
 
 def widen(x, lut):
     """A stored element as float32: float32 as is; uint16 bits with ``lut`` None as fp16
-    (needs NATIVE_HALF), with the ``BF16`` marker as bf16, else through the table ``lut``.
-    Compiled code only (numba picks the case from the types)."""
+    (needs NATIVE_HALF), with the ``BF16`` marker as bf16, else through the table ``lut``; a
+    uint8 with the ``INT8`` marker as an int8 (times ``row_scale``). Compiled code only (numba
+    picks the case from the types)."""
     raise NotImplementedError("widen runs in numba-compiled code only")
+
+
+def row_scale(values, row, dim, lut):
+    """The factor of a row's widened elements: its fp32 scale for int8 rows, else 1."""
+    raise NotImplementedError("row_scale runs in numba-compiled code only")
+
+
+@overload(row_scale, inline="always")
+def _row_scale(values, row, dim, lut):
+    if not _is_int8_marker(lut):
+        return lambda values, row, dim, lut: np.float32(1.0)
+
+    def scale(values, row, dim, lut):
+        b = np.uint32(values[row, dim]) | (np.uint32(values[row, dim + 1]) << np.uint32(8))
+        b |= np.uint32(values[row, dim + 2]) << np.uint32(16)
+        b |= np.uint32(values[row, dim + 3]) << np.uint32(24)
+        return _u32_as_float32(b)
+
+    return scale
 
 
 @overload(widen, inline="always")
 def _widen(x, lut):
     if x == types.float32:
         return lambda x, lut: x
+    if x == types.uint8 and _is_int8_marker(lut):
+        return lambda x, lut: np.float32(np.int8(x))
     if x != types.uint16:
         return None
     if isinstance(lut, types.NoneType):
@@ -166,14 +256,14 @@ def _widen(x, lut):
 
 
 def widens(lut) -> bool:
-    """Whether a fetch with this ``lut`` decodes rows with ``widen`` (None, the BF16 marker)
-    rather than through the table; a constant in compiled code."""
-    return lut is None or lut is BF16
+    """Whether a fetch with this ``lut`` decodes rows with ``widen`` (None, a marker) rather
+    than through the table; a constant in compiled code."""
+    return lut is None or lut is BF16 or lut is INT8
 
 
 @overload(widens, inline="always")
 def _widens(lut):
-    flag = isinstance(lut, types.NoneType) or _is_bf16_marker(lut)
+    flag = isinstance(lut, types.NoneType) or _is_bf16_marker(lut) or _is_int8_marker(lut)
     return lambda lut: flag
 
 
@@ -183,7 +273,7 @@ class TableArrays:
 
     index: np.ndarray  # uint32 [P*icap]: tag << rbits | (row + 1), 0 = empty
     keys: np.ndarray  # int64 [P*pcap]
-    values: np.ndarray  # float32 or fp16 bits [P*pcap, dim]
+    values: np.ndarray  # float32, or fp16 / bf16 bits, [P*pcap, dim]; int8 rows: see DTYPES
     meta: np.ndarray  # uint32 [P*pcap], or empty for evict_random
     icap: int
     pcap: int
@@ -206,16 +296,16 @@ def new_arrays(
     shapes = {
         "index": ((P * icap,), np.uint32),
         "keys": ((P * pcap,), np.int64),
-        "values": ((P * pcap, dim), DTYPES[dtype]),
+        "values": ((P * pcap, value_columns(dim, dtype)), DTYPES[dtype]),
         "meta": ((P * pcap if meta else 0,), np.uint32),
     }
     out = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
     return TableArrays(**out, icap=icap, pcap=pcap)
 
 
-def copy_pools(old: TableArrays, count: np.ndarray, dtype: str, pcap: int) -> TableArrays:
+def copy_pools(old: TableArrays, count: np.ndarray, dim: int, dtype: str, pcap: int) -> TableArrays:
     """New in-process arrays of ``pcap`` rows per partition holding the old pools (index empty)."""
-    P, dim = len(count), old.values.shape[1]
+    P = len(count)
     new = new_arrays(None, "", P, dim, dtype, pcap, len(old.meta) > 0)
     for p in range(P):
         c, src, dst = int(count[p]), p * old.pcap, p * pcap
@@ -293,7 +383,7 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
     arrays = TableArrays(
         m("index", (P * icap,), np.uint32),
         m("keys", (P * pcap,), np.int64),
-        m("values", (P * pcap, dim), DTYPES[h["dtype"]]),
+        m("values", (P * pcap, value_columns(dim, h["dtype"])), DTYPES[h["dtype"]]),
         m("meta", (P * pcap,), np.uint32, True) if h["meta"] else np.zeros(0, np.uint32),
         icap,
         pcap,

@@ -30,7 +30,8 @@ def check(vdb: RedisVDB, table: str, ref: dict, dim: int, probe: np.ndarray) -> 
 
 
 @pytest.mark.parametrize(
-    "dim,dtype,parts", [(16, "float16", 3), (64, "float32", 8), (8, "bfloat16", 5)]
+    "dim,dtype,parts",
+    [(16, "float16", 3), (64, "float32", 8), (8, "bfloat16", 5), (7, "int8", 4)],
 )
 def test_random_operations_match_a_dict(redis_any, dim, dtype, parts):
     rng = np.random.default_rng(dim + parts)
@@ -259,6 +260,7 @@ def test_fetch_many_reads_several_tables_in_one_pipeline(redis_any):
         ("hps_et.m.b", 16, "float16"),
         ("hps_et.m.c", 4, "float32"),
         ("hps_et.m.d", 8, "bfloat16"),
+        ("hps_et.m.e", 5, "int8"),
     ]
     refs = []
     for table, dim, dtype in specs:

@@ -36,6 +36,8 @@ def check_against(vdb: HashMapVDB, table: str, ref: dict, dim: int, probe: np.nd
         (64, "float32", 7),
         (16, "float32", 16),
         (8, "bfloat16", 5),
+        (7, "int8", 3),  # an odd dim: the row is padded after its scale
+        (32, "int8", 6),
     ],
 )
 def test_random_operations_match_a_dict(dim, dtype, parts):
@@ -50,7 +52,8 @@ def test_random_operations_match_a_dict(dim, dtype, parts):
         keys = rng.choice(universe, rng.integers(0, 600))  # duplicates included
         if op <= 1:  # upsert or load: a later duplicate wins
             vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
-            vecs[rng.random(len(keys)) < 0.01] = np.nan  # NaN is stored, not checked
+            if dtype != "int8":  # int8 rows must be finite (a test below)
+                vecs[rng.random(len(keys)) < 0.01] = np.nan  # NaN is stored, not checked
             (vdb.upsert if op == 0 else vdb.load)("t", keys, vecs)
             ref.update(zip(keys.tolist(), stored(vecs, dtype), strict=True))
         elif op == 2:
@@ -125,6 +128,36 @@ def test_every_bf16_value_comes_back_exactly():
     np.testing.assert_array_equal(got[0, :4], [1.0, 1 + 2**-6, 1 + 2**-7, -3.0])
     dk, dv = vdb.dump("t")
     np.testing.assert_array_equal(dv[dk == 7], got)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 64])
+def test_int8_rows_are_within_half_a_step_of_their_values(dim):
+    """Each element comes back within half of its row's step (max |x| / 127), the largest
+    one to float32 rounding, a zero row as zeros; rows that cannot be scaled are refused,
+    nothing written."""
+    rng = np.random.default_rng(dim)
+    vdb = HashMapVDB(num_partitions=2)
+    vdb.create_table("t", dim, dtype="int8")
+    vecs = rng.standard_normal((3000, dim)).astype(np.float32) * rng.uniform(1e-3, 1e3, (3000, 1))
+    vecs[0] = 0.0
+    vecs[1] = -2.5  # every element at the row's peak: exact
+    keys = np.arange(len(vecs)) * 3 - 77
+    vdb.upsert("t", keys, vecs)
+    for probe in (keys[::-3], np.tile(keys, 2)):  # the serial and the parallel kernel
+        got, found = vdb.fetch("t", probe)
+        want = vecs[(probe + 77) // 3]
+        step = np.abs(want).max(axis=1, keepdims=True) / 127
+        assert found.all() and (np.abs(got - want) <= step / 2 * (1 + 1e-5) + 1e-30).all()
+        peak = np.argmax(np.abs(want), axis=1)
+        rows = np.arange(len(want))
+        np.testing.assert_allclose(got[rows, peak], want[rows, peak], rtol=1e-6)
+    got, _ = vdb.fetch("t", keys[:2])
+    np.testing.assert_array_equal(got, vecs[:2])
+    bad = np.ones((2, dim), np.float32)
+    bad[1, 0] = np.inf
+    with pytest.raises(InvalidInputError, match="vectors.*finite"):
+        vdb.upsert("t", [10**9, 10**9 + 1], bad)
+    assert not vdb.fetch("t", [10**9, 10**9 + 1])[1].any()  # neither row was written
 
 
 def fill(vdb: HashMapVDB, keys, value) -> None:
@@ -240,6 +273,7 @@ def test_a_batch_larger_than_the_margin_keeps_its_newest_keys():
         (64, "float32", "evict_random", "hint"),
         (64, "float16", "evict_random", "load"),
         (16, "float16", "evict_least_used", "load"),
+        (64, "int8", "evict_random", "hint"),
     ],
 )
 def test_memory_stays_near_the_raw_bytes(dim, dtype, policy, sized_by):
@@ -255,7 +289,7 @@ def test_memory_stays_near_the_raw_bytes(dim, dtype, policy, sized_by):
         for s in range(0, n, 250_000):
             vdb.upsert("t", keys[s : s + 250_000], vecs[s : s + 250_000])
     assert vdb.size("t") == n
-    raw = n * (8 + dim * np.dtype(dtype).itemsize)
+    raw = n * (8 + shm.row_bytes(dim, dtype))  # an int8 row: its values and its scale
     ratio = vdb.memory_bytes("t") / raw
     assert ratio <= 1.3, f"VDB holds {ratio:.3f}x the raw key+vector bytes"
     est = estimate_table_bytes(n, dim, dtype, 16, policy)
@@ -278,7 +312,7 @@ def test_bad_inputs_name_the_field_and_the_map_keeps_working():
         (lambda: vdb.upsert("t", np.array([3, 4]), np.ones((1, 4))), "vectors"),
         (lambda: vdb.upsert("t", np.array([3]), np.ones(4)), "vectors"),
         (lambda: vdb.fetch("t", np.array([1]), out=np.zeros((1, 3), np.float32)), "out"),
-        (lambda: vdb.create_table("u", 4, dtype="int8"), "dtype"),
+        (lambda: vdb.create_table("u", 4, dtype="int4"), "dtype"),
     ]
     for call, field in bad:
         with pytest.raises(InvalidInputError, match=f"'{field}'") as e:
@@ -317,7 +351,7 @@ def assert_untorn(rows: np.ndarray, found: np.ndarray, last_seen: np.ndarray) ->
     last_seen[found] = version
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_readers_never_see_torn_rows_while_a_thread_writes(dtype):
     dim, n = 64, 20_000
     vdb = HashMapVDB(num_partitions=4, overflow_policy="evict_least_used")

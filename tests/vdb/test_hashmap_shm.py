@@ -12,8 +12,8 @@ import uuid
 
 import numpy as np
 import pytest
+from file_reference import stored
 
-from hps_core.cache.reference import from_bf16_bits, to_bf16_bits
 from hps_core.errors import HPSError, StorageError
 from hps_core.vdb import hashmap, shm
 from hps_core.vdb.hashmap import HashMapVDB
@@ -43,20 +43,18 @@ def test_a_reader_attaches_to_the_writers_tables_without_copying(name):
         ("hps_et.m.a", 16, "float32"),
         ("hps_et.m.b", 8, "float16"),
         ("hps_et.m.bf", 8, "bfloat16"),
+        ("hps_et.m.i8", 9, "int8"),
     ):
         writer.create_table(table, dim, dtype=dtype, capacity_hint=5000)
         keys = np.concatenate([[I64.min, I64.max, 0, -1], rng.integers(I64.min, I64.max, 3000)])
         vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
         writer.load(table, keys, vecs)
         writer.evict(table, keys[-100:])
-        if dtype == "bfloat16":  # the L1 reference's rounding
-            kept = from_bf16_bits(to_bf16_bits(vecs[:-100]))
-        else:
-            kept = vecs[:-100].astype(dtype).astype(np.float32)
+        kept = stored(vecs[:-100], dtype)
         ref[table] = dict(zip(keys[:-100].tolist(), kept, strict=True))
 
     reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
-    assert reader.tables() == ["hps_et.m.a", "hps_et.m.b", "hps_et.m.bf"]
+    assert reader.tables() == ["hps_et.m.a", "hps_et.m.b", "hps_et.m.bf", "hps_et.m.i8"]
     for table, expect in ref.items():
         assert reader.size(table) == len(expect)
         assert reader.dim(table) == writer.dim(table)
@@ -88,7 +86,7 @@ def test_a_reader_attaches_to_the_writers_tables_without_copying(name):
 
     writer.drop_table("hps_et.m.a")
     assert not any(".hps_et.m.a." in f for f in files(name))
-    assert writer.tables() == ["hps_et.m.b", "hps_et.m.bf"]
+    assert writer.tables() == ["hps_et.m.b", "hps_et.m.bf", "hps_et.m.i8"]
     writer.unlink()
     assert files(name) == []
 
