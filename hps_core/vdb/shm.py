@@ -200,19 +200,6 @@ def _fp16_to_float32(typingctx, x):
     return types.float32(x), codegen
 
 
-@intrinsic
-def _bf16_to_float32(typingctx, x):
-    """uint16 bf16 bits -> float32: the bits in the high half, exact."""
-    if x != types.uint16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        return builder.bitcast(builder.shl(builder.zext(args[0], i32), i32(16)), ir.FloatType())
-
-    return types.float32(x), codegen
-
-
 def widen(x, lut):
     """A stored element as float32: float32 as is; uint16 bits with ``lut`` None as fp16
     (needs NATIVE_HALF), with the ``BF16`` marker as bf16, else through the table ``lut``; a
@@ -250,8 +237,8 @@ def _widen(x, lut):
         return None
     if isinstance(lut, types.NoneType):
         return lambda x, lut: _fp16_to_float32(x)
-    if _is_bf16_marker(lut):
-        return lambda x, lut: _bf16_to_float32(x)
+    if _is_bf16_marker(lut):  # the bits in the high half of a float32: exact
+        return lambda x, lut: _u32_as_float32(np.uint32(x) << np.uint32(16))
     return lambda x, lut: lut[x]
 
 
