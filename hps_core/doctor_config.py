@@ -116,7 +116,7 @@ def check_memory(cfg) -> list[Check]:
     est = estimate_config(cfg)
     vdb = sum(e.vdb_bytes for e in est)
     host_l1 = sum(e.l1_bytes for e in est if e.l1_device == "host")
-    memtables = sum(e.pdb_host_bytes for e in est)
+    rocksdb = sum(e.pdb_host_bytes for e in est)
     sketches = sum(e.admission_bytes for e in est)
     out = []
     if cfg.volatile_db.type == "multi_process_hash_map":
@@ -138,9 +138,9 @@ def check_memory(cfg) -> list[Check]:
             out.append(Check("/dev/shm", OK, detail))
         out[-1].data = data
         vdb = 0  # not in the process's own memory
-    need = vdb + host_l1 + memtables + sketches
+    need = vdb + host_l1 + rocksdb + sketches
     avail = psutil.virtual_memory().available
-    parts = "VDB + host L1 + RocksDB memtables" + (" + L1 admission sketches" if sketches else "")
+    parts = "VDB + host L1 + RocksDB" + (" + L1 admission sketches" if sketches else "")
     detail = f"{size(avail)} available, estimate {size(need)} ({parts})"
     if need > avail:
         out.append(Check("host memory", FAIL, detail, "lower initial_cache_rate, use "

@@ -8,19 +8,15 @@ from dataclasses import dataclass
 from .cache.admission import sketch_bytes
 from .config import HPSConfig
 from .model_io import SparseTable
-from .pdb.rocksdb import TOTAL_WRITE_BUFFER_BYTES, WRITE_BUFFER_BYTES
 
 # RocksDB per-entry overhead beyond key + value: internal key (sequence/type, 8 B), varint
 # lengths, and index/filter blocks. Measured ~20-30 B/row on tables of 1M rows.
 PDB_ENTRY_OVERHEAD = 24
 
-# Host memory of RocksDB after a first load: the rows written since the last flush sit in the
-# table's memtable (skiplist node, internal key, arena) at ~40 B per row beyond key + value
-# (36-46 B measured for dims 16/64, 10K-2M rows), plus ~80 KiB per column family. A memtable
-# is flushed to disk once it reaches the PDB's write buffer size, and all of them together
-# once they reach its total, so one table holds up to the first and all tables up to the
-# second; a restart on an already loaded RocksDB holds none.
-MEMTABLE_ROW_OVERHEAD = 40
+# Host memory of RocksDB after a load: the server flushes each table's memtable to disk once
+# its rows are written, so a table holds its column family's ~80 KiB. (The block cache fills
+# with lookups later, up to its size; online updates refill the memtables, up to the PDB's
+# write buffer sizes.)
 COLUMN_FAMILY_BYTES = 80 << 10
 
 
@@ -38,7 +34,7 @@ class TableEstimate:
     l1_bytes: int
     l1_device: str
     pdb_bytes: int
-    pdb_host_bytes: int = 0  # RocksDB memtables right after a first load (host RAM)
+    pdb_host_bytes: int = 0  # RocksDB's host RAM after a load (its column family)
     admission_bytes: int = 0  # the L1 admission sketch (host RAM)
 
 
@@ -76,8 +72,7 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             if cfg.persistent_db.type != "disabled":
                 pdb = rows * (8 + 4 * dim + PDB_ENTRY_OVERHEAD)
                 if not cfg.persistent_db.read_only:
-                    memtable = rows * (8 + 4 * dim + MEMTABLE_ROW_OVERHEAD)
-                    pdb_host = min(memtable, WRITE_BUFFER_BYTES)
+                    pdb_host = COLUMN_FAMILY_BYTES
             out.append(
                 TableEstimate(
                     model=m.model,
@@ -94,9 +89,4 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                     admission_bytes=admission,
                 )
             )
-    memtables = sum(e.pdb_host_bytes for e in out)
-    scale = min(1.0, TOTAL_WRITE_BUFFER_BYTES / memtables) if memtables else 1.0
-    for e in out:  # all memtables together are held to about the total
-        if e.pdb_host_bytes:
-            e.pdb_host_bytes = int(e.pdb_host_bytes * scale) + COLUMN_FAMILY_BYTES
     return out

@@ -292,6 +292,7 @@ class ParameterServer:
                     self._copy_rows(
                         f, f.rows, f"{m.model}/{t.name} -> RocksDB", self.pdb, t.store_name
                     )
+                    self.pdb.flush(t.store_name)  # on disk: no memtable memory left behind
                     self.pdb.set_meta(key, fingerprint)
         if self.vdb is not None:
             rows = int(f.rows * v.initial_cache_rate) if v.initialize_after_startup else 0

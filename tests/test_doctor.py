@@ -140,7 +140,7 @@ def test_config_files_and_shared_memory_against_the_estimate(model, tmp_path):
     expect = sum(e.vdb_bytes for e in est)
     host = sum(e.pdb_host_bytes + (e.l1_bytes if e.l1_device == "host" else 0) for e in est)
     assert checks["host memory"]["data"]["estimate_bytes"] == host  # the VDB is in /dev/shm
-    assert all(e.pdb_host_bytes > 0 for e in est)  # RocksDB memtables after a first load
+    assert all(e.pdb_host_bytes > 0 for e in est)  # RocksDB's column families
     shm = checks["/dev/shm"]["data"]
     assert shm["estimate_bytes"] == expect and shm["own_bytes"] == 0
     st = os.statvfs("/dev/shm")
@@ -202,22 +202,3 @@ def test_running_redis_server_answers_pong(model, tmp_path, redis_port):
     assert checks[f"redis 127.0.0.1:{redis_port}"]["data"]["reply"] == "+PONG"
     assert checks[f"redis 127.0.0.1:{closed}"]["status"] == "FAIL"
     assert rc == 1
-
-
-def test_estimate_holds_memtables_to_the_per_table_and_total_write_buffers(
-    model, tmp_path, monkeypatch
-):
-    """Tables of 300 and 50 rows (dim 8): a memtable is capped at the per-table write buffer,
-    and when the capped ones add up past the total they are scaled down to it."""
-    from hps_core import estimate
-    from hps_core.config import load_config
-
-    row = 8 + 4 * 8 + estimate.MEMTABLE_ROW_OVERHEAD  # 80 B per row in a memtable
-    cfg = load_config(write_config(model, tmp_path))
-    cf = estimate.COLUMN_FAMILY_BYTES
-    # loose limits: each table's memtable holds all its rows
-    assert [e.pdb_host_bytes for e in estimate_config(cfg)] == [300 * row + cf, 50 * row + cf]
-    monkeypatch.setattr(estimate, "WRITE_BUFFER_BYTES", 100 * row)  # 300 rows -> capped at 100
-    assert [e.pdb_host_bytes for e in estimate_config(cfg)] == [100 * row + cf, 50 * row + cf]
-    monkeypatch.setattr(estimate, "TOTAL_WRITE_BUFFER_BYTES", 75 * row)  # 150 rows -> half
-    assert [e.pdb_host_bytes for e in estimate_config(cfg)] == [50 * row + cf, 25 * row + cf]

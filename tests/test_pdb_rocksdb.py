@@ -3,6 +3,7 @@ corrupted rows; and the background promoter into a VDB."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -312,3 +313,32 @@ def test_memtables_are_held_to_the_write_buffer_sizes(tmp_path):
 def test_a_too_small_write_buffer_is_an_error_naming_it(tmp_path, field):
     with pytest.raises(InvalidInputError, match=field):
         RocksDBPDB(tmp_path / "db", **{field: 1000})
+
+
+def test_a_load_leaves_the_rows_on_disk_and_no_memtable_behind(tmp_path):
+    """The server flushes each table after loading it: its memtables are (near) empty, the
+    rows read back from the SST files, and hps estimate counts only the column families."""
+    from hps_core import ParameterServer
+    from hps_core.config import load_config
+    from hps_core.estimate import COLUMN_FAMILY_BYTES, estimate_config
+    from hps_core.model_io import SparseTable
+    from hps_core.synth import make_model
+
+    model = make_model(tmp_path / "m", [40_000, 3_000], [16, 8], name="flush")
+    cfg = json.loads(open(model.config_path).read())
+    cfg["volatile_db"] = {"type": "disabled"}
+    cfg["persistent_db"] = {"type": "rocks_db", "path": str(tmp_path / "db")}
+    with ParameterServer(cfg) as ps:
+        for i, t in enumerate(ps.session("flush").tables):
+            cf = ps.pdb._cfs[t.store_name]
+            assert cf.property_int_value("rocksdb.num-entries-active-mem-table") == 0
+            assert cf.property_int_value("rocksdb.total-sst-files-size") > 0
+            with SparseTable.open(model.table_paths[i], t.dim) as f:
+                keys, vecs = f.read_all()
+            got, found = ps.pdb.fetch(t.store_name, keys)
+            assert found.all() and np.array_equal(got, vecs)
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps(cfg))
+    assert [e.pdb_host_bytes for e in estimate_config(load_config(path))] == [
+        COLUMN_FAMILY_BYTES
+    ] * 2

@@ -4,7 +4,7 @@ For each config a fresh subprocess imports hps_core and loads a tiny model of th
 (so numba's compiled kernels and RocksDB's libraries are already in memory), then measures RSS
 and USS, loads the config and measures again. The difference is the load's host memory; it is
 compared with the estimate's host bytes (VDB in process memory + L1 when it is in host memory +
-RocksDB's write buffers). When CuPy sees a GPU, the L1 caches' device bytes
+RocksDB's column families: the server flushes its memtables after the load). When CuPy sees a GPU, the L1 caches' device bytes
 (``GPUCache.memory_bytes``) are compared with the estimate's L1 bytes too.
 """
 
@@ -31,7 +31,7 @@ TARGET = 0.10  # the estimate should be within 10% of the measured bytes
 
 
 def configs(rows_scale: float = 1.0) -> list[dict]:
-    """The three measured configs: VDB + RocksDB, fp16 VDB, host/GPU L1 of 10%."""
+    """The measured configs: VDB + RocksDB, fp16 VDB, host/GPU L1 of 10%, int8 VDB."""
     r = int(2_000_000 * rows_scale)
     return [
         {"name": f"criteo26 {r // 10**3}K d16 hash map + RocksDB", "rows": r, "tables": 26,
@@ -44,6 +44,10 @@ def configs(rows_scale: float = 1.0) -> list[dict]:
         {"name": f"{r // 10**3}K d32 L1 10%", "rows": r, "tables": 1, "dim": 32,
          "volatile_db": {"type": "parallel_hash_map", "num_partitions": 8},
          "rocksdb": False, "gpucacheper": 0.1},
+        {"name": f"{r // 2 // 10**3}K d64 int8 VDB", "rows": r // 2, "tables": 1, "dim": 64,
+         "volatile_db": {"type": "parallel_hash_map", "num_partitions": 8,
+                         "storage_dtype": "int8"},
+         "rocksdb": False, "gpucacheper": 0.0},
     ]  # fmt: skip
 
 
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tenth of the rows: a smoke run")
     ap.add_argument("--dir", help="where the synthetic models go (default: a temporary dir)")
     ap.add_argument("--name", default="memory", help="results/<name>.json and .png")
-    ap.add_argument("--only", help="comma-separated config numbers (1-3) to run, e.g. 3")
+    ap.add_argument("--only", help="comma-separated config numbers (1-4) to run, e.g. 3")
     ap.add_argument("--measure", nargs=2, metavar=("CONFIG", "WARM"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
@@ -225,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # no CuPy or no device: L1 in host memory
         pass
     try:
-        only = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3}
-        for i, spec in enumerate(configs(0.1 if args.quick else 1.0)):
+        specs = configs(0.1 if args.quick else 1.0)
+        only = (
+            {int(x) for x in args.only.split(",")} if args.only else set(range(1, len(specs) + 1))
+        )
+        for i, spec in enumerate(specs):
             if i + 1 not in only:
                 continue
             console.print(f"measuring {spec['name']} ...")

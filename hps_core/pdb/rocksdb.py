@@ -359,6 +359,17 @@ class RocksDBPDB(PersistentDB):
         v = meta.get(_META + key.encode())
         return v.decode() if v is not None else None
 
+    def flush(self, table: str) -> None:
+        """Write a table's memtables to disk and wait: after a bulk load the rows are in SST
+        files and the table holds no memtable memory (``ParameterServer`` calls it per table)."""
+        self._writable("flush")
+        try:
+            self._cf(table).flush(True)
+        except StorageError:
+            raise
+        except Exception as e:  # rocksdict raises plain Exception
+            raise StorageError(f"RocksDB at {self.path}: flush of '{table}' failed: {e}") from None
+
     def set_meta(self, key: str, value: str) -> None:
         """Store a string beside the tables."""
         self._writable("write metadata")
