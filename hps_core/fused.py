@@ -70,7 +70,7 @@ class _Layout:
         if not self.eligible:
             return
         self.vdb_dtype = dtypes.pop() if dtypes else "float32"  # 16-bit rows decoded in fetch
-        self.dims = np.array([t.dim for t in tables], np.int64)
+        self.dims = session.dims
         self.has_cache = np.array([c is not None for c in self.held], np.bool_)
         self.has_vdb = np.array([vt is not None for vt in vts], np.bool_)
         self.lfu = np.zeros(T, np.bool_)

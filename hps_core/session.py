@@ -141,9 +141,9 @@ class LookupSession:
         self.hit_rate_threshold = hit_rate_threshold
         self.promoter = promoter
         self._by_name = {t.name: i for i, t in enumerate(tables)}
-        self._dims = np.array([t.dim for t in tables], np.int64)  # the tables are fixed
+        self.dims = np.array([t.dim for t in tables], np.int64)  # the tables are fixed
         self._cols = np.zeros(len(tables), np.int64)  # each table's first column in a row
-        np.cumsum(self._dims[:-1], out=self._cols[1:])
+        np.cumsum(self.dims[:-1], out=self._cols[1:])
         self._inserter = ThreadPoolExecutor(1, thread_name_prefix=f"hps-l1-fill-{model}")
         self._pending: list[Future] = []
         self.fused = FusedLookup(self)
@@ -281,7 +281,7 @@ class LookupSession:
                 "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
             )
         if len(k) and self.fused.worth(n):
-            dims = self._dims
+            dims = self.dims
             counts = n.astype(np.int64)
             starts, obase = np.zeros(len(n), np.int64), np.zeros(len(n), np.int64)
             np.cumsum(counts[:-1], out=starts[1:])
@@ -301,7 +301,7 @@ class LookupSession:
     def lookup_columns(self, cat: np.ndarray) -> np.ndarray:
         """int64 [B, tables] (one key per table per sample) -> float32 [B, sum(dims)]."""
         B, T = cat.shape
-        out = buffers.empty((B, int(self._dims.sum())), np.float32)
+        out = buffers.empty((B, int(self.dims.sum())), np.float32)
         n = np.full(T, B, np.int64)
         if B and self.fused.worth(n):
             delta = self.fused.run(np.ascontiguousarray(cat, np.int64).reshape(-1), np.arange(T),
@@ -309,7 +309,7 @@ class LookupSession:
                                    np.full(T, out.shape[1], np.int64))  # fmt: skip
             if delta is not None:
                 return out
-        for t, (col, dim) in enumerate(zip(self._cols.tolist(), self._dims.tolist(), strict=True)):
+        for t, (col, dim) in enumerate(zip(self._cols.tolist(), self.dims.tolist(), strict=True)):
             out[:, col : col + dim] = self.lookup(np.ascontiguousarray(cat[:, t]), t)
         return out
 

@@ -7,56 +7,31 @@ import os
 
 import numpy as np
 import pytest
+import three_tables
 from file_reference import file_rows
+from three_tables import DEFAULTS, DIMS, write_tables
 
 from hps_core import ParameterServer
-from hps_core.model_io import write_table
 
 I64 = np.iinfo(np.int64)
-DIMS = [8, 4, 16]
-DEFAULTS = [0.5, -1.0, 2.0]
 ROWS = 2000
 
 
 def make_files(root):
-    rng = np.random.default_rng(7)
-    tables = []
-    for t, dim in enumerate(DIMS):
-        keys = np.unique(rng.integers(I64.min, I64.max, size=ROWS, dtype=np.int64))
-        keys = np.unique(np.concatenate([keys, [I64.min, I64.max, 0, -1]]))
-        rng.shuffle(keys)
-        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
-        write_table(root / f"t{t}_sparse_0.model", keys, vecs)
-        tables.append((keys, vecs))
-    return tables
+    def keys(rng):
+        k = np.unique(rng.integers(I64.min, I64.max, size=ROWS, dtype=np.int64))
+        return np.unique(np.concatenate([k, [I64.min, I64.max, 0, -1]]))
+
+    return write_tables(root, np.random.default_rng(7), keys)
 
 
 def config(root, name, policy, dtype, admit, threshold, vdb_dtype="float32"):
-    return {
-        "supportlonglong": True,
-        "volatile_db": {
-            "type": "parallel_hash_map",
-            "num_partitions": 4,
-            "storage_dtype": vdb_dtype,
-        },
-        "persistent_db": {"type": "rocks_db", "path": str(root / f"rocksdb_{name}")},
-        "models": [
-            {
-                "model": "m",
-                "sparse_files": [str(root / f"t{t}_sparse_0.model") for t in range(len(DIMS))],
-                "embedding_table_names": ["a", "b", "c"],
-                "embedding_vecsize_per_table": DIMS,
-                "maxnum_catfeature_query_per_table_per_sample": [1, 1, 1],
-                "default_value_for_each_table": DEFAULTS,
-                "gpucacheper": 0.05,
-                "cache_policy": policy,
-                "cache_storage_dtype": dtype,
-                "cache_admission_min_count": admit,
-                "cache_prefill": False,
-                "hit_rate_threshold": threshold,
-            }
-        ],
-    }
+    vdb = {"type": "parallel_hash_map", "num_partitions": 4, "storage_dtype": vdb_dtype}
+    return three_tables.config(
+        root, "m", vdb, f"rocksdb_{name}",
+        cache_policy=policy, cache_storage_dtype=dtype, cache_admission_min_count=admit,
+        hit_rate_threshold=threshold,
+    )  # fmt: skip
 
 
 def reference(tables, t, keys):

@@ -184,10 +184,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
             found[i] = row >= 0
             if row < 0:
                 continue
-            if lut is None:
-                for d in range(dim):
-                    out[i, d] = widen(values[row, d], lut)
-            elif widens(lut):  # bf16, int8
+            if widens(lut):  # fp32, fp16 by instruction, bf16, int8 (the scale is 1 but int8's)
                 scale = row_scale(values, row, dim, lut)
                 for d in range(dim):
                     out[i, d] = widen(values[row, d], lut) * scale

@@ -21,26 +21,23 @@ from .hashmap import _keys
 
 log = logging.getLogger("hps_core.vdb.redis")
 
-# Row bytes on the wire and in Redis: little-endian fp32, the bits of fp16 / bf16 rows, or an
-# int8 row and its scale (encoded and decoded as the hash map's, ``shm.encode`` / ``decode``).
-DTYPES = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<u2"),
-    "bfloat16": np.dtype("<u2"),
-    "int8": np.dtype("u1"),
-}
+
+def _wire(dtype: str) -> np.dtype:
+    """Element type of a row in Redis: the hash map's storage type, little-endian (fp32, the
+    bits of fp16 / bf16 rows, or an int8 row and its scale; see ``shm.encode`` / ``decode``)."""
+    return np.dtype(shm.DTYPES[dtype]).newbyteorder("<")
 
 
 def encode_rows(v: np.ndarray, dtype: str) -> np.ndarray:
     """float rows -> uint8 [n, width]: the bytes Redis keeps per row."""
-    bits = np.ascontiguousarray(shm.encode(v, dtype), dtype=DTYPES[dtype])
+    bits = np.ascontiguousarray(shm.encode(v, dtype), dtype=_wire(dtype))
     return bits.view(np.uint8).reshape(len(v), -1)
 
 
 def decode_rows(raw: np.ndarray, dtype: str, dim: int) -> np.ndarray:
     """Row bytes (uint8 or bytes) -> float32 [n, dim]."""
-    bits = np.frombuffer(raw, DTYPES[dtype]).reshape(-1, shm.value_columns(dim, dtype))
-    return shm.decode(bits.astype(DTYPES[dtype].newbyteorder("=")), dtype, dim)
+    bits = np.frombuffer(raw, _wire(dtype)).reshape(-1, shm.value_columns(dim, dtype))
+    return shm.decode(bits.astype(shm.DTYPES[dtype]), dtype, dim)
 
 
 _unavailable = REGISTRY.counter(
@@ -127,7 +124,7 @@ class RedisReads:
                 end = at + len(sel) * R.FIELD_BYTES
                 cmds.append(Cmd(hk, R.head(len(sel) + 2, "HMGET", hk) + fields[at:end]))
                 at = end
-        direct = DTYPES[m.dtype] == np.float32 and out.flags.c_contiguous  # rows land in out
+        direct = m.dtype == "float32" and out.flags.c_contiguous  # rows land in out
         rows = out.view(np.uint8) if direct else np.empty((n, m.width), np.uint8)
         return _Fetch(table, m, k, out, fresh, np.zeros(n, bool), groups, cmds, direct, rows)
 

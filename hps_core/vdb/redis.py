@@ -37,9 +37,10 @@ from ..errors import ConfigError, InvalidInputError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
 from ._redis_nodes import NODE_ERRORS, Cmd, RedisNodes, host_port
-from ._redis_reads import DTYPES, RedisReads, _Meta, _part_key, decode_rows, encode_rows
+from ._redis_reads import RedisReads, _Meta, _part_key, decode_rows, encode_rows
 from .base import VolatileDB
 from .hashmap import _keys, _vectors
+from .shm import DTYPES
 
 log = logging.getLogger(__name__)
 

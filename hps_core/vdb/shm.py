@@ -112,7 +112,7 @@ def encode_int8(v: np.ndarray) -> np.ndarray:
         raise InvalidInputError(
             "vectors", f"{bad} rows with NaN or infinite values", "finite values (int8 storage)"
         )
-    peak = np.abs(v).max(axis=1) if dim else np.zeros(n, np.float32)
+    peak = np.abs(v).max(axis=1)
     scale = (peak / np.float32(127)).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.clip(np.rint(v / safe[:, None]), -127, 127).astype(np.int8)

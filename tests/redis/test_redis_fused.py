@@ -5,50 +5,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import three_tables
 from file_reference import file_rows
+from three_tables import DEFAULTS, DIMS, write_tables
 
 from hps_core import ParameterServer
-from hps_core.model_io import write_table
 
 pytestmark = pytest.mark.redis
 
-DIMS = [8, 4, 16]
-DEFAULTS = [0.5, -1.0, 2.0]
-
 
 def make_files(root):
-    rng = np.random.default_rng(3)
-    tables = []
-    for t, dim in enumerate(DIMS):
-        keys = np.unique(rng.integers(-(10**15), 10**15, 3000))
-        rng.shuffle(keys)
-        vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
-        write_table(root / f"t{t}_sparse.model", keys, vecs)
-        tables.append((keys, vecs))
-    return tables
+    return write_tables(
+        root, np.random.default_rng(3), lambda rng: np.unique(rng.integers(-(10**15), 10**15, 3000))
+    )
 
 
 def config(root, address, name, threshold=1.0, admit=1):
-    return {
-        "supportlonglong": True,
-        "volatile_db": {"type": "redis_cluster", "address": address, "num_partitions": 4},
-        "persistent_db": {"type": "rocks_db", "path": str(root / f"rocks_{name}")},
-        "models": [
-            {
-                "model": name,
-                "sparse_files": [str(root / f"t{t}_sparse.model") for t in range(3)],
-                "embedding_table_names": ["a", "b", "c"],
-                "embedding_vecsize_per_table": DIMS,
-                "maxnum_catfeature_query_per_table_per_sample": [1, 1, 1],
-                "default_value_for_each_table": DEFAULTS,
-                "gpucacheper": 0.05,
-                "cache_prefill": False,
-                "hit_rate_threshold": threshold,
-                "cache_admission_min_count": admit,
-                "deployed_device_list": [],
-            }
-        ],
-    }
+    vdb = {"type": "redis_cluster", "address": address, "num_partitions": 4}
+    return three_tables.config(
+        root, name, vdb, f"rocks_{name}",
+        hit_rate_threshold=threshold, cache_admission_min_count=admit, deployed_device_list=[],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
