@@ -90,7 +90,7 @@ def _one_table(
         index, v_keys, values, meta, seq, clock = vdb_tables[t]
         before = seq.copy()
         _fetch_chunk(0, ms, u_keys, sel[:ms], index, v_keys, values, meta, touch[t], vtick[t],
-                     icap[t], pcap[t], rbits[t], P[t], rows, found[:m], lut)  # fmt: skip
+                     icap[t], pcap[t], rbits[t], P[t], rows, found[:m], lut, False)  # fmt: skip
         if clock[1] != 0 or not seq_clean(before, seq):  # dropped, or a write overlapped
             flags[t] |= DIRTY
             found[:m] = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import quiet_openmp
 from .errors import HPSError
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,35 @@ def python_libdir() -> list[str]:
     return []
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on the loopback interface."""
+CLUSTER_BUS_OFFSET = 10000
+"""A Redis Cluster node also listens on its port + 10000 (the cluster bus)."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int, redis_cluster: bool = False) -> list[int]:
+    """n distinct free TCP ports on the loopback interface.
+
+    ``redis_cluster``: ports a Redis Cluster node can take, each with its bus port (port +
+    10000) free too, so at most 55535; the kernel's ephemeral ports reach 60999.
+    """
+    if redis_cluster:
+        rng = random.Random()
+        out: list[int] = []
+        for _ in range(10000):
+            p = rng.randrange(20000, 65536 - CLUSTER_BUS_OFFSET)
+            if p not in out and _port_free(p) and _port_free(p + CLUSTER_BUS_OFFSET):
+                out.append(p)
+                if len(out) == n:
+                    return out
+        raise ServerError(f"no {n} free loopback ports for a Redis Cluster (with bus ports)")
     socks, ports = [], []
     try:
         for _ in range(n):
@@ -173,7 +202,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         # numba's OpenMP workers spin while idle, which starves the other processes (stubs,
         # the server) on a machine with few cores
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        quiet_openmp(env)
         env.update(self.env)
         return env
 

@@ -23,12 +23,12 @@ fi
 
 die() { echo "redis-local.sh: $*" >&2; exit 2; }
 
-wait_up() {  # PORT
+wait_up() {  # PORT [LOG: its last lines go into the error]
   for _ in $(seq 1 100); do
     "$CLI" -h 127.0.0.1 -p "$1" ping >/dev/null 2>&1 && return 0
     sleep 0.05
   done
-  die "node 127.0.0.1:$1 did not answer PING within 5 s"
+  die "node 127.0.0.1:$1 did not answer PING within 5 s${2:+: $(tail -n 2 "$2" 2>/dev/null)}"
 }
 
 start_node() {  # DIR PORT CLUSTER(yes|no)
@@ -43,7 +43,7 @@ start_node() {  # DIR PORT CLUSTER(yes|no)
       --cluster-allow-reads-when-down yes)
   fi
   "$SERVER" "${args[@]}"
-  wait_up "$2"
+  wait_up "$2" "$d/redis.log"
 }
 
 stop_node() {  # DIR/PORT SIGNAL
@@ -69,6 +69,9 @@ case "$cmd" in
   cluster)
     [ $# -ge 4 ] || die "usage: cluster DIR PORT PORT PORT..."
     dir=$1; shift
+    for p in "$@"; do  # a node also listens on its port + 10000 (the cluster bus)
+      [ "$p" -le 55535 ] 2>/dev/null || die "cluster port $p: must be a number <= 55535 (its bus port is $p + 10000)"
+    done
     addrs=()
     for p in "$@"; do start_node "$dir" "$p" yes; addrs+=("127.0.0.1:$p"); done
     "$CLI" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 \

@@ -445,11 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write JSON/PNG here instead of benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="200K rows, smaller runs (~1 minute)")
     args = ap.parse_args(argv)
-    # numba's OpenMP pools spin after each parallel region; the session's background L1 fill
-    # runs in a second thread with its own pool, and on a small machine the two spin against
-    # each other (a 4096-key VDB fetch right after ours took 17x longer on 2 cores). Set before
-    # the first parallel call; OMP_WAIT_POLICY=ACTIVE in the environment shows the effect.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # How numba's OpenMP pools wait is set when hps_core is imported (``quiet_openmp``): the
+    # session's background L1 fill runs in a second thread with its own pool, and with
+    # libgomp's default spin the two pools spin against each other on a small machine (a
+    # 4096-key VDB fetch right after ours took 17x longer on 2 cores);
+    # OMP_WAIT_POLICY=ACTIVE in the environment shows the effect.
     quick = {"rows": 200_000, "warmup": 16384, "triton_seconds": 1.0, "triton_batches": [256]}
     quick["batches"] = [b for b in args.batches if b <= 4096]
     for k, v in quick.items():  # --quick changes the sizes not given on the command line
@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict = {"machine": machine(), "device": device, "rows": args.rows, "dim": args.dim}
     payload["machine"]["gpu"] = gpu
     payload["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
+    payload["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
     payload["load_average"] = [load_average()]
     t_start = time.perf_counter()
     try:

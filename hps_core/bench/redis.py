@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rows, args.seconds = 100_000, min(args.seconds, 5)
     dim = 64
     with tempfile.TemporaryDirectory(prefix="hps-redis-bench-") as tmp:
-        ports = free_ports(4)
+        ports = free_ports(4, redis_cluster=True)
         try:
             redis_local("standalone", f"{tmp}/s", str(ports[0]))
             redis_local("cluster", f"{tmp}/c", *map(str, ports[1:]))

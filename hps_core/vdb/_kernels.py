@@ -24,8 +24,9 @@ other branches at compile time (``shm.widens`` is a constant).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from ..hash_kernels import mix, order_by_part, prefetch, prefetch_row
 from .shm import row_scale, widen, widens
@@ -121,14 +122,18 @@ MIN_CHUNK = 256  # and at least
 
 def chunk_size(n: int) -> int:
     """Keys per task of a parallel fetch: two tasks per thread, so a thread that finishes early
-    takes over part of a slow one's share."""
-    return max(MIN_CHUNK, min(CHUNK, -(-n // (2 * get_num_threads()))))
+    takes over part of a slow one's share. (The pool's size from numba's config, not
+    ``get_num_threads()``, which costs more than a small fetch's arithmetic; only the split of
+    the work depends on it.)"""
+    tasks = 2 * numba.config.NUMBA_NUM_THREADS
+    return max(MIN_CHUNK, min(CHUNK, -(-n // tasks)))
 
 
 @njit(inline="always", cache=True)
 def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
-                 icap, pcap, rbits, P, out, found, lut):  # fmt: skip
-    """fetch for sel[lo:hi], BLOCK keys at a time in three passes over the block.
+                 icap, pcap, rbits, P, out, found, lut, zero_missing):  # fmt: skip
+    """fetch for sel[lo:hi], BLOCK keys at a time in three passes over the block; a key not
+    found gets a row of zeros in ``out`` if ``zero_missing``, else its row is left as it was.
 
     A lookup is a chain of three misses (index slot -> pool key -> row), and a branch on a
     missed load stalls the core until it arrives, so a loop that finishes one key before the
@@ -183,6 +188,9 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
                 rows[j - b0] = row
             found[i] = row >= 0
             if row < 0:
+                if zero_missing:
+                    for d in range(dim):
+                        out[i, d] = 0.0
                 continue
             if widens(lut):  # fp32, fp16 by instruction, bf16, int8 (the scale is 1 but int8's)
                 scale = row_scale(values, row, dim, lut)
@@ -208,26 +216,24 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
 @njit(parallel=True, nogil=True, cache=True)
 def fetch(
     keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut,
-    chunk,
+    zero_missing, chunk,
 ):  # fmt: skip
     """Rows of keys[sel] into out[sel] (16-bit rows decoded as ``lut`` says, see ``shm.lut_for``);
-    found[sel]; touch 0: no meta.
-
-    ``chunk`` keys per parallel task (``chunk_size``)."""
+    found[sel]; touch 0: no meta. ``chunk`` keys per parallel task (``chunk_size``)."""
     n = len(sel)
     for c in prange((n + chunk - 1) // chunk):
         _fetch_chunk(c * chunk, min(n, (c + 1) * chunk), keys, sel, index, tkeys, values,
-                     meta, touch, tick, icap, pcap, rbits, P, out, found, lut)  # fmt: skip
+                     meta, touch, tick, icap, pcap, rbits, P, out, found, lut, zero_missing)  # fmt: skip
 
 
 # Small batches run serially: below a few hundred keys waking the thread pool costs more than
 # it saves.
 # (A second function, not njit(...) of the same one twice: numba's cache would mix them up.)
 @njit(nogil=True, cache=True)
-def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut, chunk):  # fmt: skip
+def fetch_serial(keys, sel, index, tkeys, values, meta, touch, tick, icap, pcap, rbits, P, out, found, lut, zero_missing, chunk):  # fmt: skip
     """fetch on the calling thread (``chunk`` is unused: one signature for both)."""
     _fetch_chunk(0, len(sel), keys, sel, index, tkeys, values, meta, touch, tick,
-                 icap, pcap, rbits, P, out, found, lut)  # fmt: skip
+                 icap, pcap, rbits, P, out, found, lut, zero_missing)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)

@@ -226,7 +226,7 @@ class HashMapVDB(VolatileDB):
         k = _keys(keys)
         n = len(k)
         fresh = out is None
-        if fresh:  # not zeroed: misses are zeroed below
+        if fresh:  # not zeroed: the kernel zeroes the rows of misses
             out = buffers.empty((n, t.dim), np.float32)
         elif out.shape != (n, t.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {t.dim}]")
@@ -242,11 +242,9 @@ class HashMapVDB(VolatileDB):
 
         def run(a: TableArrays, sel: np.ndarray) -> None:
             kernel(k, sel, a.index, a.keys, a.values, a.meta, touch, tick,
-                   a.icap, a.pcap, a.rbits, t.P, out, found, lut, chunk)  # fmt: skip
+                   a.icap, a.pcap, a.rbits, t.P, out, found, lut, fresh, chunk)  # fmt: skip
 
         self._read(t, k, run)
-        if fresh and not found.all():
-            out[~found] = 0.0
         return out, found
 
     def contains(self, table, keys):
@@ -263,7 +261,7 @@ class HashMapVDB(VolatileDB):
 
     def _read(self, t: Table, k: np.ndarray, run) -> None:
         """Run ``run(arrays, positions)`` under the seqlock until no writer overlapped it."""
-        sel = np.arange(len(k), dtype=np.int64)
+        sel = _positions(len(k))
         parts = None
         start = 0.0
         attempt = 0
@@ -426,6 +424,15 @@ def _writing(t: Table, starts: np.ndarray):
         yield
     finally:
         t.seq[touched] += np.uint64(1)
+
+
+_IOTA_MAX = 1 << 16
+_iota = np.arange(_IOTA_MAX, dtype=np.int64)  # never written: kernels only read positions
+
+
+def _positions(n: int) -> np.ndarray:
+    """0..n-1: a view of one shared array for small batches (saves an allocation per call)."""
+    return _iota[:n] if n <= _IOTA_MAX else np.arange(n, dtype=np.int64)
 
 
 def _keys(keys: object) -> np.ndarray:

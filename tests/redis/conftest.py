@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import redis
 
+from hps_core.launcher import free_ports
+
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "redis-local.sh"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int) -> list[int]:
-    """n ports p free with p + 10000 (the cluster bus port) free as well."""
-    rng = random.Random()
-    out: list[int] = []
-    while len(out) < n:
-        p = rng.randrange(20000, 50000)
-        if p not in out and _free(p) and _free(p + 10000):
-            out.append(p)
-    return out
 
 
 class LocalRedis:
@@ -74,7 +54,7 @@ def _start(tmp_path_factory, n: int, password: str = ""):
     root = tmp_path_factory.mktemp("redis")
     server = None
     try:
-        server = LocalRedis(root, free_ports(n), password)
+        server = LocalRedis(root, free_ports(n, redis_cluster=True), password)
         yield server
     finally:
         if server is not None:

@@ -33,6 +33,7 @@ from hps_client.perf import serving_memory
 
 from hps_core.config import load_config
 from hps_core.dense import dense_forward, load_dense_weights
+from hps_core.launcher import free_ports
 from hps_core.model_io import SparseTable
 from hps_core.repo import HPS_MODEL, serving, write_repository
 from hps_core.synth import criteo_vocab_sizes, make_model
@@ -147,11 +148,11 @@ def start_ingest(config: Path, log: Path) -> subprocess.Popen:
 
 
 def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path):
-    vdb = _redis.LocalRedis(tmp_path / "vdb", _redis.free_ports(3))
+    vdb = _redis.LocalRedis(tmp_path / "vdb", free_ports(3, redis_cluster=True))
     stream = None
     ingest = None
     try:
-        stream = _redis.LocalRedis(tmp_path / "stream", _redis.free_ports(1))
+        stream = _redis.LocalRedis(tmp_path / "stream", free_ports(1))
         model = make_model(tmp_path / "model", criteo_vocab_sizes(30_000), [DIM] * 26, name="soak")
         raw = json.loads(Path(model.config_path).read_text())
         raw["volatile_db"] = {"type": "redis_cluster", "address": vdb.address, "num_partitions": 4}
