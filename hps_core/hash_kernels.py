@@ -112,6 +112,32 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+@intrinsic
+def copy_bytes(typingctx, dst, dst_index, src, src_index, nbytes):
+    """memcpy of ``nbytes`` bytes from &src[src_index] to &dst[dst_index] (index tuples; the
+    caller keeps both ranges in bounds and apart). A slice assignment of numba's copies through
+    a temporary when it cannot rule out overlap: ~8x slower for a few hundred bytes."""
+
+    def codegen(context, builder, signature, args):
+        dty, dity, sty, sity, _ = signature.args
+
+        def pointer(aryty, idxty, ary, idx):
+            a = context.make_array(aryty)(context, builder, ary)
+            ix = [
+                context.cast(builder, v, t, types.intp)
+                for v, t in zip(cgutils.unpack_tuple(builder, idx, len(idxty)), idxty, strict=True)
+            ]
+            return cgutils.get_item_pointer(context, builder, aryty, a, ix)
+
+        d = pointer(dty, dity, args[0], args[1])
+        s = pointer(sty, sity, args[2], args[3])
+        n = context.cast(builder, args[4], signature.args[4], types.intp)
+        cgutils.raw_memcpy(builder, d, s, n, 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, dst_index, src, src_index, nbytes), codegen
+
+
 @njit(inline="always", cache=True)
 def prefetch_row(values, r):
     """Prefetch every cache line of row r of a 2-D array (its last element too: a row need

@@ -37,6 +37,7 @@ from . import _resp as R
 log = logging.getLogger(__name__)
 
 NODE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+MAX_ROUTES = 1 << 16  # remembered hash -> node routes (partitions of every table)
 
 _outages = REGISTRY.counter(
     "hps_vdb_redis_outages_total", "Redis node outages seen by this process", ("node",)
@@ -85,7 +86,7 @@ class Cmd:
     """One command of a batch: its partition key (for routing) and its wire bytes."""
 
     hkey: str
-    wire: bytes
+    wire: bytes | memoryview
 
 
 class RedisNodes:
@@ -131,6 +132,7 @@ class RedisNodes:
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._health: dict[str, _Health] = {}
         self._redirect_clients: dict[str, redis.Redis] = {}
+        self._routes: dict[str, tuple[str, redis.Redis]] = {}  # see _node
         self._lock = threading.Lock()
         self.cluster = self._is_cluster() if cluster is None else bool(cluster)
         try:
@@ -160,13 +162,25 @@ class RedisNodes:
         return bool(info.get("cluster_enabled"))
 
     def _node(self, hkey: str) -> tuple[str, redis.Redis]:
+        """(name, client) of the node that holds the hash ``hkey``. Remembered per hash (a
+        fetch sends a command per partition, and redis-py's slot lookup costs ~2.5 us each);
+        forgotten when a redirect reloads the slot map or a node goes down. A stale entry
+        costs one redirect."""
+        hit = self._routes.get(hkey)
+        if hit is not None:
+            return hit
         if self._single is not None:
             c = self._single.connection_pool.connection_kwargs  # host and port
-            return f"{c['host']}:{c['port']}", self._single
-        n = self._rc.nodes_manager.get_node_from_slot(key_slot(hkey.encode()))
-        if n.redis_connection is None:
-            self._rc.nodes_manager.create_redis_connections([n])
-        return n.name, n.redis_connection
+            route = f"{c['host']}:{c['port']}", self._single
+        else:
+            n = self._rc.nodes_manager.get_node_from_slot(key_slot(hkey.encode()))
+            if n.redis_connection is None:
+                self._rc.nodes_manager.create_redis_connections([n])
+            route = n.name, n.redis_connection
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes.clear()
+        self._routes[hkey] = route
+        return route
 
     def run(self, cmds: list[Cmd], read=None) -> list[object]:
         """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError).
@@ -216,6 +230,7 @@ class RedisNodes:
                     break
                 if isinstance(r, MovedError) and not refreshed:
                     self._rc.nodes_manager.initialize()  # the slot map changed: reload it once
+                    self._routes.clear()
                     refreshed = True
                 name = f"{r.host}:{r.port}"
                 ask = [R.command("ASKING")] if isinstance(r, AskError) else []
@@ -296,6 +311,7 @@ class RedisNodes:
         return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * n
 
     def _mark_down(self, name: str, h: _Health, e: Exception) -> None:
+        self._routes.clear()  # routes are looked up again (from redis-py's slot map)
         with h.lock:
             first, lo_hi = not h.down, self.backoff
             h.backoff = lo_hi[0] if first else min(lo_hi[1], h.backoff * 2)

@@ -114,19 +114,34 @@ class RedisReads:
             out = np.zeros((n, m.dim), np.float32)
         elif out.shape != (n, m.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {m.dim}]")
-        groups = list(self._groups(m, k)) if n else []
-        cmds, at = [], 0
-        if groups:
-            # every field record has one size: encode them all in group order, then slice
-            fields = R.fields(R.key_bytes(k[np.concatenate([sel for _, sel in groups])]))
-            for p, sel in groups:
-                hk = _part_key(table, p, "v")
-                end = at + len(sel) * R.FIELD_BYTES
-                cmds.append(Cmd(hk, R.head(len(sel) + 2, "HMGET", hk) + fields[at:end]))
-                at = end
+        groups: list[tuple[int, np.ndarray]] = []
+        cmds: list[Cmd] = []
+        if n:
+            hkeys, heads, head_at = self._hmget_heads(table, m.partitions)
+            wire, at, part, lo, hi, order = R.hmget_commands(
+                k, m.partitions, self.max_batch_size, heads, head_at
+            )
+            view = memoryview(wire)
+            at_, lo_, hi_ = at.tolist(), lo.tolist(), hi.tolist()
+            for c, p in enumerate(part.tolist()):
+                groups.append((p, order[lo_[c] : hi_[c]]))
+                cmds.append(Cmd(hkeys[p], view[at_[c] : at_[c + 1]]))
         direct = m.dtype == "float32" and out.flags.c_contiguous  # rows land in out
         rows = out.view(np.uint8) if direct else np.empty((n, m.width), np.uint8)
         return _Fetch(table, m, k, out, fresh, np.zeros(n, bool), groups, cmds, direct, rows)
+
+    def _hmget_heads(self, table: str, parts: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Each partition's hash key, and the first arguments of an HMGET of it (``$5 HMGET``
+        and the key as bulk strings) packed for ``R.hmget_commands``; built once per table."""
+        cached = self._heads.get(table)
+        if cached is None or len(cached[0]) != parts:
+            hkeys = [_part_key(table, p, "v") for p in range(parts)]
+            raw = [R.bulk("HMGET") + R.bulk(hk) for hk in hkeys]
+            head_at = np.zeros(parts + 1, np.int64)
+            np.cumsum([len(b) for b in raw], out=head_at[1:])
+            cached = hkeys, np.frombuffer(b"".join(raw), np.uint8), head_at
+            self._heads[table] = cached
+        return cached
 
     def _take(self, pl: _Fetch, g: int, r: object) -> None:
         """Account for the reply of group g: rows read in place (True), a redirected plain

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..hash_kernels import mix, order_by_part
+from ..hash_kernels import copy_bytes, mix, order_by_part
 
 CRLF = b"\r\n"
 _FIELD_HEAD = np.frombuffer(b"$8\r\n", np.uint8)
@@ -64,6 +64,66 @@ def group_keys(keys, parts):
     for i in range(len(keys)):
         part[i] = np.int64(mix(keys[i]) % np.uint64(parts))
     return order_by_part(part, parts)
+
+
+@njit(inline="always", cache=True)
+def _write_count(wire, pos, v):
+    """``*<v>\r\n`` at wire[pos:]; the position after it."""
+    wire[pos] = 42  # '*'
+    digits = 1
+    t = v
+    while t >= 10:
+        t //= 10
+        digits += 1
+    for d in range(digits, 0, -1):
+        wire[pos + d] = 48 + v % 10
+        v //= 10
+    wire[pos + digits + 1] = 13
+    wire[pos + digits + 2] = 10
+    return pos + digits + 3
+
+
+@njit(nogil=True, cache=True)
+def hmget_commands(keys, parts, max_batch, heads, head_at):
+    """Every HMGET of a fetch, encoded in one pass: the keys grouped by partition
+    (``group_keys``), at most ``max_batch`` fields per command. ``heads[head_at[p]:head_at[p +
+    1]]`` holds partition p's first arguments (``$5 HMGET`` and its hash key, as bulk strings).
+
+    Returns (wire, at, part, lo, hi, order): command c is wire[at[c]:at[c + 1]], reads
+    partition part[c], and asks for keys[order[lo[c]:hi[c]]], in that order."""
+    order, starts = group_keys(keys, parts)
+    n_cmd = 0
+    size = 0
+    for p in range(parts):
+        c = starts[p + 1] - starts[p]
+        k = (c + max_batch - 1) // max_batch
+        n_cmd += k
+        size += k * (23 + head_at[p + 1] - head_at[p]) + FIELD_BYTES * c
+    wire = np.empty(size, np.uint8)
+    at = np.empty(n_cmd + 1, np.int64)
+    part = np.empty(n_cmd, np.int64)
+    lo = np.empty(n_cmd, np.int64)
+    hi = np.empty(n_cmd, np.int64)
+    pos = 0
+    c = 0
+    for p in range(parts):
+        for s in range(starts[p], starts[p + 1], max_batch):
+            e = min(starts[p + 1], s + max_batch)
+            at[c], part[c], lo[c], hi[c] = pos, p, s, e
+            pos = _write_count(wire, pos, e - s + 2)
+            for b in range(head_at[p], head_at[p + 1]):
+                wire[pos] = heads[b]
+                pos += 1
+            for i in range(s, e):
+                k = np.uint64(keys[order[i]])
+                wire[pos], wire[pos + 1], wire[pos + 2], wire[pos + 3] = 36, 56, 13, 10  # $8
+                for b in range(8):  # the key's 8 bytes, little-endian
+                    wire[pos + 4 + b] = np.uint8((k >> np.uint64(8 * b)) & np.uint64(0xFF))
+                wire[pos + 12], wire[pos + 13] = 13, 10
+                pos += FIELD_BYTES
+            c += 1
+    at[c] = pos
+    return wire[:pos], at, part, lo, hi, order
 
 
 def pairs(kb: np.ndarray, vb: np.ndarray) -> bytes:
@@ -171,7 +231,7 @@ def parse_rows(buf, end, state, counts, sel, starts, rows, found, err):
             else:
                 if nxt + width + 2 > end:
                     break
-                rows[i, :] = buf[nxt : nxt + width]
+                copy_bytes(rows, (i, 0), buf, (nxt,), width)
                 found[i] = True
                 pos = nxt + width + 2
             j += 1

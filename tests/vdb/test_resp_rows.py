@@ -81,3 +81,36 @@ def test_reply_bytes_bounds_the_largest_reply():
     counts = np.array([3, 1])
     full = reply([b"x" * WIDTH] * 3) + b"-" + b"E" * 400 + b"\r\n"
     assert len(full) <= R.reply_bytes(counts, WIDTH)
+
+
+@pytest.mark.parametrize(
+    "n, parts, max_batch", [(0, 3, 10), (1, 1, 1), (1000, 7, 64), (3000, 2, 5000)]
+)
+def test_hmget_commands_equal_the_per_argument_encoding(n, parts, max_batch):
+    rng = np.random.default_rng(n)
+    keys = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
+    keys[: n // 10] = np.arange(-(n // 20), n // 10 - n // 20)  # small keys, negative ones too
+    hkeys = [f"hps_et{{t/p{p}}}v" for p in range(parts)]
+    raw = [R.bulk("HMGET") + R.bulk(hk) for hk in hkeys]
+    head_at = np.cumsum([0] + [len(b) for b in raw])
+    heads = np.frombuffer(b"".join(raw), np.uint8)
+    wire, at, part, lo, hi, order = R.hmget_commands(keys, parts, max_batch, heads, head_at)
+    # reference: group by partition (batch order kept), chunk, encode argument by argument
+    by_part = R.group_keys(keys, parts)
+    expected, expected_sel = [], []
+    for p in range(parts):
+        sel = by_part[0][by_part[1][p] : by_part[1][p + 1]]
+        for s in range(0, len(sel), max_batch):
+            chunk = sel[s : s + max_batch]
+            args = [
+                b"HMGET",
+                hkeys[p].encode(),
+                *(int(k).to_bytes(8, "little", signed=True) for k in keys[chunk]),
+            ]
+            expected.append((p, b"*%d\r\n" % len(args) + b"".join(R.bulk(a) for a in args)))
+            expected_sel.append(chunk)
+    assert len(part) == len(expected) and at[-1] == len(wire)
+    for c, (p, cmd) in enumerate(expected):
+        assert part[c] == p
+        assert wire[at[c] : at[c + 1]].tobytes() == cmd
+        assert np.array_equal(order[lo[c] : hi[c]], expected_sel[c])
