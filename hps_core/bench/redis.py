@@ -35,6 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..launcher import free_ports
 from ..metrics import Registry
 from ..updates import connect
 from ..updates.ingestor import Ingestor, TierSink
@@ -71,24 +72,6 @@ def redis_local(*args: str) -> None:
     if not SCRIPT.exists():
         raise SystemExit(f"{SCRIPT} not found: run the benchmark from the repository root")
     subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=120)
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    out = []
-    while len(out) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p < 55000 and p not in out:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p + 10000))
-                except OSError:
-                    continue
-            out.append(p)
-    return out
 
 
 def redis_benchmark(port: int, requests: int, cluster: bool = False, test: str = "get") -> float:
