@@ -175,6 +175,23 @@ def test_a_write_in_progress_sends_the_table_back_to_the_seqlocked_read(files):
         ps.close()
 
 
+def test_a_loaded_model_has_its_fused_layout_before_the_first_request(files):
+    """add_model builds the kernel's view of the tables at load; the first lookup uses it."""
+    root, tables = files
+    ps = ParameterServer(config(root, "eager", "lru", "float32", 1, 1.0))
+    try:
+        s = ps.session("m")
+        lay = s.fused._layout
+        assert lay is not None and lay.eligible
+        cat = request(np.random.default_rng(4), tables, 20)
+        got = s.lookup_columns(cat)
+        assert s.fused._layout is lay  # not rebuilt
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(got, ref)
+    finally:
+        ps.close()
+
+
 def test_a_reader_of_shared_memory_serves_fused_lookups(files):
     """Read-only mappings of a writer's tables (a Triton instance's view) through the kernel;
     one table without an L1 cache."""

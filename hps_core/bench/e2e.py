@@ -203,6 +203,7 @@ class Bench:
                 rt.cache = build_cache(m, t, self.model.vocab_sizes[t])
             if self.hot[t] is not None:
                 self.session.prefill(t, self.hot[t])
+        self.session.fused.layout()  # as the server's add_model does once the caches exist
 
     def l1_counts(self) -> tuple[int, int]:
         """(L1 hits, unique keys) summed over tables since the server started."""
