@@ -86,6 +86,16 @@ def dedupe(keys):
     return uniq[:m].copy(), inverse
 
 
+def _item_pointer(context, builder, aryty, idxty, ary, idx):
+    """Codegen: the address of ary[idx] for an array and an index tuple (no bounds check)."""
+    a = context.make_array(aryty)(context, builder, ary)
+    ix = [
+        context.cast(builder, v, t, types.intp)
+        for v, t in zip(cgutils.unpack_tuple(builder, idx, len(idxty)), idxty, strict=True)
+    ]
+    return cgutils.get_item_pointer(context, builder, aryty, a, ix)
+
+
 @intrinsic
 def prefetch(typingctx, arr, index):
     """Ask the CPU to start loading the cache line of arr[index] (a tuple); no other effect.
@@ -95,13 +105,7 @@ def prefetch(typingctx, arr, index):
     """
 
     def codegen(context, builder, signature, args):
-        aryty, idxty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [
-            context.cast(builder, v, t, types.intp)
-            for v, t in zip(cgutils.unpack_tuple(builder, args[1], len(idxty)), idxty, strict=True)
-        ]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx)
+        ptr = _item_pointer(context, builder, *signature.args, *args)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
@@ -120,17 +124,8 @@ def copy_bytes(typingctx, dst, dst_index, src, src_index, nbytes):
 
     def codegen(context, builder, signature, args):
         dty, dity, sty, sity, _ = signature.args
-
-        def pointer(aryty, idxty, ary, idx):
-            a = context.make_array(aryty)(context, builder, ary)
-            ix = [
-                context.cast(builder, v, t, types.intp)
-                for v, t in zip(cgutils.unpack_tuple(builder, idx, len(idxty)), idxty, strict=True)
-            ]
-            return cgutils.get_item_pointer(context, builder, aryty, a, ix)
-
-        d = pointer(dty, dity, args[0], args[1])
-        s = pointer(sty, sity, args[2], args[3])
+        d = _item_pointer(context, builder, dty, dity, args[0], args[1])
+        s = _item_pointer(context, builder, sty, sity, args[2], args[3])
         n = context.cast(builder, args[4], signature.args[4], types.intp)
         cgutils.raw_memcpy(builder, d, s, n, 1)
         return context.get_dummy_value()

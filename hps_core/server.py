@@ -239,8 +239,8 @@ class ParameterServer:
                 if hot is not None:
                     n = session.prefill(t, hot)
                     log.info("%s/%s: L1 pre-filled with %d hot rows", m.model, tables[t].name, n)
-        session.fused.layout()  # the fused kernel's view of the tables (~1 ms for 26), not on
-        # the first request
+        # the fused kernel's view of the tables (~1 ms for 26) now, not in the first request
+        session.fused.layout()
         with self._lock:
             old = self.sessions.pop(m.model, None)
             self.sessions[m.model] = session
