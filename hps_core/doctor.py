@@ -340,6 +340,9 @@ def run_checks(config: str | None = None) -> list[Check]:
         checks.append(Check("/dev/shm", OK if st else WARN, f"{size(free)} free" if st else
                             "missing: multi_process_hash_map cannot run", "" if st else
                             "sudo mount -t tmpfs -o size=8G tmpfs /dev/shm"))  # fmt: skip
+    from .doctor_config import check_shm_pages
+
+    checks.append(check_shm_pages())
     return checks
 
 

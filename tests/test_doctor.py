@@ -202,3 +202,51 @@ def test_running_redis_server_answers_pong(model, tmp_path, redis_port):
     assert checks[f"redis 127.0.0.1:{redis_port}"]["data"]["reply"] == "+PONG"
     assert checks[f"redis 127.0.0.1:{closed}"]["status"] == "FAIL"
     assert rc == 1
+
+
+MOUNTS = """\
+overlay / overlay rw,relatime 0 0
+proc /proc proc rw,nosuid 0 0
+tmpfs /dev/shm tmpfs rw,relatime,size=24684092k 0 0
+tmpfs /dev/shm/big tmpfs rw,relatime,size=8g,huge=within_size 0 0
+/dev/vda1 /data\\040x ext4 rw,relatime 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    "path, status, huge",
+    [
+        ("/dev/shm", "WARN", "never"),  # no huge= option: tmpfs's default
+        ("/dev/shm/sub", "WARN", "never"),
+        ("/dev/shm/big", "OK", "within_size"),  # the longer mount point wins
+        ("/dev/shm/big/x", "OK", "within_size"),
+        ("/dev/shmother", "OK", None),  # a name that merely starts like the mount: under /
+        ("/data x/vdb", "OK", None),  # \040 in /proc/mounts is a space
+    ],
+)
+def test_shm_pages_reads_the_tmpfs_huge_option(tmp_path, path, status, huge):
+    from hps_core.doctor_config import check_shm_pages
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS)
+    c = check_shm_pages(Path(path), mounts)
+    assert c.status == status, c
+    assert c.data.get("huge") == huge
+    if status == "WARN":
+        assert c.fix == "sudo mount -o remount,huge=within_size /dev/shm (then reload the tables)"
+    if huge is None:
+        assert c.data["fstype"] == ("ext4" if path.startswith("/data") else "overlay")
+
+
+def test_shm_pages_on_this_machine(env_result):
+    """The check names this machine's /dev/shm mount option as /proc/mounts lists it."""
+    lines = [x.split() for x in Path("/proc/mounts").read_text().splitlines()
+             if x.split()[1:2] == ["/dev/shm"]]  # fmt: skip
+    if not lines or lines[-1][2] != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs mount of its own here")
+    line = lines[-1]  # the last mount on a point is the one in effect
+    c = by_name(env_result[1])["/dev/shm pages"]
+    opts = dict(o.partition("=")[::2] for o in line[3].split(","))
+    want = opts.get("huge", "never")
+    assert c["data"]["huge"] == want
+    assert c["status"] == ("OK" if want in ("always", "within_size") else "WARN")

@@ -280,6 +280,79 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def bench_shm_pages(rows: int, dim: int, batches, rng, rounds: int = 3) -> dict:
+    """VDB fetch from a table in shared memory (``multi_process_hash_map``, as the Triton
+    instances share it) against the same table in process memory, paired in each round. The
+    process's arrays get transparent huge pages; files in a tmpfs get them only when it is
+    mounted with ``huge=within_size`` or ``always``, which the result records."""
+    import os
+
+    from ..doctor_config import mount_of
+    from ..vdb.shm import SHM_DIR
+
+    keys, vecs = make_rows(rows, dim, seed=dim)
+    m = mount_of(SHM_DIR, Path("/proc/mounts").read_text())
+    huge = m[2].get("huge", "never") if m and m[1] == "tmpfs" else (m[1] if m else "unknown")
+    local = HashMapVDB(num_partitions=8)
+    shared = HashMapVDB(num_partitions=8, shared_memory_name=f"hps_bench_{os.getpid()}")
+    out = []
+    try:
+        for v in (local, shared):
+            v.create_table("t", dim, capacity_hint=len(keys))
+            v.load("t", keys, vecs)
+        for b in batches:
+            batch = lambda b=b: keys[rng.integers(0, len(keys), b)]  # noqa: E731
+
+            def measure(b=b, batch=batch) -> dict[str, float]:
+                return {
+                    "shared": rate(lambda q: shared.fetch("t", q), batch, b, max_reps=100),
+                    "local": rate(lambda q: local.fetch("t", q), batch, b, max_reps=100),
+                }
+
+            mid, runs, (lo, hi) = paired(measure, rounds, "shared", "local")
+            out.append({"dim": dim, "batch": b, "shared_keys_s": mid["shared"],
+                        "local_keys_s": mid["local"], "ratio": mid["shared"] / mid["local"],
+                        "ratio_range": [lo, hi], "rounds": runs})  # fmt: skip
+    finally:
+        shared.unlink()
+        shared.close()
+        local.close()
+    return {"shm_dir": str(SHM_DIR), "tmpfs_huge": huge, "rows": rows, "fetch": out}
+
+
+def main_shm_pages(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = bench_shm_pages(args.rows, 128, args.batches, np.random.default_rng(0))
+    t = Table(title=f"VDB fetch, dim 128: /dev/shm (tmpfs huge={res['tmpfs_huge']}) vs process")
+    for c in ("batch", "shared M keys/s", "process M keys/s", "shared / process"):
+        t.add_column(c, justify="right")
+    for r in res["fetch"]:
+        t.add_row(f"{r['batch']:,}", f"{r['shared_keys_s'] / 1e6:.2f}",
+                  f"{r['local_keys_s'] / 1e6:.2f}",
+                  "{:.2f}x [{:.2f}-{:.2f}]".format(r["ratio"], *r["ratio_range"]))  # fmt: skip
+    console.print(t)
+    name = f"host_tier_shm_huge_{res['tmpfs_huge']}" + ("_quick" if args.quick else "")
+    path = save(name, {"machine": machine(), **res})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bs = [r["batch"] for r in res["fetch"]]
+    ax.plot(bs, [r["shared_keys_s"] / 1e6 for r in res["fetch"]], "o-", label="/dev/shm table")
+    ax.plot(bs, [r["local_keys_s"] / 1e6 for r in res["fetch"]], "x--", label="process memory")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("keys per batch")
+    ax.set_ylabel("M keys/s")
+    ax.set_title(f"VDB fetch d128, tmpfs huge={res['tmpfs_huge']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    console.print(f"wrote {path} and {name}.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
@@ -287,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     ap.add_argument("--load-rows", type=int, default=2_000_000)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--shm-pages", action="store_true",
+                    help="only: fetch from a /dev/shm table vs a process one (dim 128)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.shm_pages:
+        if args.quick:
+            args.rows, args.batches = 50_000, [1024, 4096]
+        return main_shm_pages(args)
     if args.quick:
         args.rows, args.load_rows, args.dims, args.batches = 50_000, 100_000, [16], [1024, 4096]
     rng = np.random.default_rng(0)
