@@ -151,6 +151,8 @@ class TritonServer:
         self.env = env or {}
         self.extra_args = args or []
         self.http_port, self.grpc_port, self.metrics_port = ports or free_ports(3)
+        # names of the Python backend's shared-memory regions (/dev/shm/<prefix><uuid>)
+        self.shm_prefix = f"hps{os.getpid()}x{self.http_port}_"
         self._work = Path(tempfile.mkdtemp(prefix="hps-triton-"))
         self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
@@ -170,13 +172,12 @@ class TritonServer:
     def command(self) -> list[str]:
         home = triton_home()
         backends = backend_directory(self._work / "backends")
-        prefix = f"hps{os.getpid()}x{self.http_port}"
         cmd = [
             str(home / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
             f"--cache-directory={home / 'caches'}",
-            "--backend-config=python,shm-region-prefix-name=" + prefix,
+            "--backend-config=python,shm-region-prefix-name=" + self.shm_prefix,
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--http-port={self.http_port}",
@@ -259,6 +260,12 @@ class TritonServer:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        """After the server is gone: close the log, remove the work folder and the Python
+        backend's shared-memory regions (a server that was killed, not stopped, leaves them in
+        /dev/shm, 16 MiB or more each, until the machine reboots)."""
+        for f in Path("/dev/shm").glob(self.shm_prefix + "*"):
+            with contextlib.suppress(OSError):
+                f.unlink()
         log_file = getattr(self, "_log", None)
         if log_file is not None and not log_file.closed:
             log_file.close()

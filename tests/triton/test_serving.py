@@ -326,3 +326,32 @@ def test_criteo_tsv_through_the_client_command(served, files, weights, tmp_path)
     printed = [float(line.split("PROB")[1]) for line in r.stdout.splitlines() if "PROB" in line]
     want = dense_forward(weights, dense, files.embed(cat))[:, 0]
     np.testing.assert_allclose(printed, want, atol=1e-5)
+
+
+def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
+    """The Python backend keeps each model instance's messages in /dev/shm regions named by the
+    launcher's prefix; a server that dies without cleaning up (SIGKILL) leaves them there, and
+    ``stop`` removes them. The same regions exist while the server answers, so the check below
+    looks at the right files."""
+    spec = write_repository(tmp_path / "repo", rows=2_000, dim=4, instances=1)
+    preload(spec.config)
+    server = TritonServer(tmp_path / "repo", models=["hps_embedding"])
+    shm = Path("/dev/shm")
+    try:
+        server.start(timeout=240)
+        keys = np.array([1, 2, 3], np.int64)
+        counts = np.zeros(spec.slots, np.int32)
+        counts[0] = len(keys)
+        with client(server, "http") as c:
+            got = c.lookup(keys, counts)
+        want = FileTables(spec.config).lookup(0, keys).ravel()
+        np.testing.assert_array_equal(got, want)
+        live = sorted(shm.glob(server.shm_prefix + "*"))
+        assert live, "no shared-memory regions under the server's prefix while it runs"
+        server.proc.kill()
+        server.proc.wait(30)
+        assert all(p.exists() for p in live)  # SIGKILL: nobody unlinked them
+    finally:
+        server.stop()
+        release_shared(spec.config)
+    assert not list(shm.glob(server.shm_prefix + "*"))
