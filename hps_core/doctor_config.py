@@ -175,7 +175,7 @@ def check_shm_pages(path: Path | None = None, mounts: Path = Path("/proc/mounts"
     """Whether the tmpfs holding the shared VDB (``HPS_SHM_DIR``, /dev/shm) gives its files
     huge pages: with 4 KiB pages a random row read of a large table also misses the TLB."""
     if path is None:
-        path = Path(os.environ.get("HPS_SHM_DIR", str(SHM)))
+        from .vdb.shm import SHM_DIR as path  # where the VDB puts its files
     name = f"{path} pages"
     try:
         m = mount_of(path, mounts.read_text())

@@ -287,12 +287,12 @@ def bench_shm_pages(rows: int, dim: int, batches, rng, rounds: int = 3) -> dict:
     mounted with ``huge=within_size`` or ``always``, which the result records."""
     import os
 
-    from ..doctor_config import mount_of
+    from ..doctor_config import check_shm_pages
     from ..vdb.shm import SHM_DIR
 
     keys, vecs = make_rows(rows, dim, seed=dim)
-    m = mount_of(SHM_DIR, Path("/proc/mounts").read_text())
-    huge = m[2].get("huge", "never") if m and m[1] == "tmpfs" else (m[1] if m else "unknown")
+    pages = check_shm_pages(SHM_DIR).data  # the tmpfs huge= option, or the filesystem type
+    huge = pages.get("huge", pages.get("fstype", "unknown"))
     local = HashMapVDB(num_partitions=8)
     shared = HashMapVDB(num_partitions=8, shared_memory_name=f"hps_bench_{os.getpid()}")
     out = []
@@ -314,8 +314,7 @@ def bench_shm_pages(rows: int, dim: int, batches, rng, rounds: int = 3) -> dict:
                         "local_keys_s": mid["local"], "ratio": mid["shared"] / mid["local"],
                         "ratio_range": [lo, hi], "rounds": runs})  # fmt: skip
     finally:
-        shared.unlink()
-        shared.close()
+        shared.unlink()  # (and closes it)
         local.close()
     return {"shm_dir": str(SHM_DIR), "tmpfs_huge": huge, "rows": rows, "fetch": out}
 
