@@ -14,6 +14,7 @@ import numpy as np
 from . import buffers
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
+from .device import DeviceLookup, to_host
 from .errors import InvalidInputError, StorageError, UnknownTableError
 from .fused import FusedLookup
 from .hash_kernels import dedupe
@@ -147,6 +148,7 @@ class LookupSession:
         self._inserter = ThreadPoolExecutor(1, thread_name_prefix=f"hps-l1-fill-{model}")
         self._pending: list[Future] = []
         self.fused = FusedLookup(self)
+        self.device = DeviceLookup(self)
 
     def table(self, table: int | str) -> TableRuntime:
         """A table by index or name."""
@@ -260,10 +262,12 @@ class LookupSession:
             self._fill_cache(t, keys, rows, st.hit_rate("l1"), since)
 
     def lookup_concatenated(
-        self, keys: object, num_keys: object, stats: bool = True
+        self, keys: object, num_keys: object, stats: bool = True, on_device: bool = False
     ) -> tuple[np.ndarray, list[LookupStats]]:
         """HPS backend I/O: keys of all tables concatenated + a count per table -> flat vectors,
-        and what each table's lookup did (an empty list with ``stats=False``)."""
+        and what each table's lookup did (an empty list with ``stats=False``). ``on_device``:
+        where the tables' L1 caches are on a GPU (``DeviceLookup``), the vectors stay there
+        (a CuPy array); NumPy otherwise."""
         k = as_keys(keys, "KEYS")
         n = np.asarray(num_keys)
         if n.dtype.kind not in "iu" or n.ndim != 1:
@@ -280,6 +284,12 @@ class LookupSession:
             raise InvalidInputError(
                 "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
             )
+        if len(k) and self.device.eligible:
+            counts = n.astype(np.int64)
+            starts = np.zeros(len(n), np.int64)
+            np.cumsum(counts[:-1], out=starts[1:])
+            out, delta = self.device.run(k, starts, np.ones(len(n), np.int64), counts, False)
+            return (out if on_device else to_host(out)), (self.fused.stats(delta) if stats else [])
         if len(k) and self.fused.worth(n):
             dims = self.dims
             counts = n.astype(np.int64)
@@ -298,9 +308,15 @@ class LookupSession:
             start += c
         return np.concatenate(parts) if parts else np.empty(0, np.float32), per_table
 
-    def lookup_columns(self, cat: np.ndarray) -> np.ndarray:
-        """int64 [B, tables] (one key per table per sample) -> float32 [B, sum(dims)]."""
+    def lookup_columns(self, cat: np.ndarray, on_device: bool = False) -> np.ndarray:
+        """int64 [B, tables] (one key per table per sample) -> float32 [B, sum(dims)].
+        ``on_device``: as in ``lookup_concatenated``."""
         B, T = cat.shape
+        if B and self.device.eligible:
+            flat = np.ascontiguousarray(cat, np.int64).reshape(-1)
+            ones = np.full(T, B, np.int64)
+            out, _ = self.device.run(flat, np.arange(T), np.full(T, T, np.int64), ones, True)
+            return out if on_device else to_host(out)
         out = buffers.empty((B, int(self.dims.sum())), np.float32)
         n = np.full(T, B, np.int64)
         if B and self.fused.worth(n):

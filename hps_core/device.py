@@ -1,0 +1,232 @@
+"""Device-resident lookup: every table of a request against GPU L1 caches, rows left on the GPU.
+
+A per-table lookup with a GPU L1 pays, for each of a model's tables, a dedupe, a host-to-device
+copy, a kernel, a copy back and a synchronisation (26 of each for a Criteo-like model), so the
+GPU path ran slower than a CPU hash map (README, End-to-end benchmark). Here one request costs:
+
+1. one numba call that dedupes each table's keys on the host, tables in parallel (first
+   appearance order, as a per-table lookup does, so each L1 sees the same unique keys);
+2. one host-to-device copy: every table's unique keys and the expansion index together;
+3. one ``find`` per table into one device buffer of unique rows, launched back to back on the
+   current stream (no synchronisation between tables);
+4. one device-to-host copy of all hit flags: the request's only synchronisation when every
+   key hits;
+5. for the L1 misses of all tables: the VDB, then the PDB, then the default vector on the host
+   (``LookupSession.from_tiers``), one host-to-device copy of their rows, scattered into the
+   unique rows, and the L1 fill exactly as a per-table lookup fills (admission filter,
+   hit-rate threshold, recent online updates: ``LookupSession.fill``);
+6. one gather that expands the unique rows to every key's place (tables of one dim; one per
+   table otherwise), and for the ensemble's [batch, tables * dim] layout one transpose.
+
+The result stays on the device (a CuPy array) for the dense model; callers that want host
+memory copy it once. The steps are written against an array module ``xp`` (CuPy with GPU
+caches), and the caches' ``find(keys, out=...)`` writes hits into ``out`` in place in either
+module, so the same code runs over NumPy with host caches: ``tests/test_device_lookup.py``
+checks it that way against per-table lookups on machines without a GPU, and
+``tests/cache/test_gpu_session.py`` with CuPy on a GPU.
+
+Counters go where the fused CPU path puts them (``FusedLookup.pending``): requests, keys, unique
+keys and hits per level, per table, as a per-table lookup counts them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numba import njit, prange
+
+from . import _fused_kernels as FK
+from .hash_kernels import dedupe_into, dedupe_slots_jit
+from .lookup_stats import LEVELS, LookupStats
+
+if TYPE_CHECKING:
+    from .session import LookupSession
+
+PARALLEL_MIN_KEYS = 4096  # below this a request's dedupe runs on one thread (no pool wake-up)
+_HIT = {level: FK.HIT_L1 + i for i, level in enumerate(LEVELS)}
+_FIELDS = 3 + len(LEVELS)
+
+
+def _dedupe_tables(kflat, kbase, kstride, n, koff, uniq, inverse, m):
+    """Table t's keys kflat[kbase[t] + i * kstride[t]], i < n[t]: its unique keys (first
+    appearance order) into uniq[koff[t]:][:m[t]], and inverse[koff[t] + i] = koff[t] + the
+    index of key i among them (an index into uniq of all tables)."""
+    for t in prange(len(n)):
+        nt = n[t]
+        base = koff[t]
+        keys = kflat[kbase[t] : kbase[t] + nt * kstride[t] : kstride[t]]
+        first = np.empty(nt, np.int64)
+        slots = np.empty(dedupe_slots_jit(nt), np.int64)
+        inv = inverse[base : base + nt]
+        m[t] = dedupe_into(keys, uniq[base : base + nt], first, inv, slots)
+        for i in range(nt):
+            inv[i] += base
+
+
+dedupe_tables = njit(parallel=True, nogil=True, cache=True)(_dedupe_tables)
+dedupe_tables_serial = njit(nogil=True, cache=True)(_dedupe_tables)
+
+
+def is_gpu_cache(cache) -> bool:
+    """Whether an L1 is a ``GPUCache`` (without importing CuPy where none is)."""
+    return type(cache).__name__ == "GPUCache" and type(cache).__module__.endswith("cache.gpu")
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy array of a CuPy or NumPy array (one device-to-host copy for CuPy)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+class DeviceLookup:
+    """The device-resident path of one session.
+
+    Args:
+        session: the session whose tables it serves.
+        xp: the array module. None: CuPy, and only where every table's L1 is a ``GPUCache``
+            or none (at least one), all on one device; otherwise ``eligible`` is False. Given
+            (NumPy with host caches, in tests), the path serves any caches with that module.
+    """
+
+    def __init__(self, session: LookupSession, xp=None):
+        self.session = session
+        self._xp = xp
+        self._ident: tuple | None = None
+        self._module = None
+
+    def module(self):
+        """The array module the path runs with now, or None where it cannot serve the tables
+        (checked again when a table's cache object changes)."""
+        caches = [t.cache for t in self.session.tables]
+        ident = tuple(id(c) for c in caches)
+        if ident != self._ident:
+            self._ident, self._module = ident, self._pick(caches)
+        return self._module
+
+    def _pick(self, caches: list):
+        if self._xp is not None:
+            return self._xp
+        gpu = [c for c in caches if c is not None]
+        if not gpu or not all(is_gpu_cache(c) and c.output_dtype == "float32" for c in gpu):
+            return None
+        if len({c.device for c in gpu}) != 1:
+            return None
+        return gpu[0]._cp
+
+    @property
+    def eligible(self) -> bool:
+        return self.module() is not None
+
+    def run(
+        self, kflat: np.ndarray, kbase: np.ndarray, kstride: np.ndarray, n: np.ndarray,
+        columns: bool,
+    ):  # fmt: skip
+        """Table t's keys kflat[kbase[t] + i * kstride[t]], i < n[t] -> rows on the device:
+        ``columns`` False: float32 [sum(n * dims)], the tables' rows one after another (the
+        HPS backend's OUTPUT0); True (every n[t] the batch B): float32 [B, sum(dims)], sample
+        b's row of table t at columns t's offset (the ensemble's layout). Returns (rows,
+        counters [tables, fields] as ``FusedLookup.stats`` reads them)."""
+        xp = self.module()
+        s = self.session
+        tables = s.tables
+        T = len(tables)
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        since = [(t.recent.epoch, now) for t in tables]  # no fill older than a later update
+        n = np.asarray(n, np.int64)
+        koff = np.zeros(T + 1, np.int64)
+        np.cumsum(n, out=koff[1:])
+        N = int(koff[-1])
+        packed = np.empty(2 * N, np.int64)  # unique keys, then the expansion index: one copy
+        uniq, inverse = packed[:N], packed[N:]
+        m = np.zeros(T, np.int64)
+        for i, t in enumerate(tables):
+            if t.admission is not None:
+                t.admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
+        dedupe = dedupe_tables if N >= PARALLEL_MIN_KEYS else dedupe_tables_serial
+        dedupe(kflat, kbase, kstride, n, koff, uniq, inverse, m)
+
+        dims = s.dims
+        one_dim = bool((dims == dims[0]).all()) if T else True
+        voff = np.zeros(T + 1, np.int64)  # table t's unique rows from voff[t] (room for n[t])
+        np.cumsum(n * dims, out=voff[1:])
+        d_packed = xp.asarray(packed)
+        d_uniq = d_packed[:N]
+        d_vec = xp.empty(int(voff[-1]), np.float32)
+        views = [
+            d_vec[voff[i] : voff[i] + m[i] * dims[i]].reshape(int(m[i]), int(dims[i]))
+            for i in range(T)
+        ]  # fmt: skip
+        hits, cached = [], []
+        for i, t in enumerate(tables):
+            if t.cache is not None and m[i]:
+                with t.cache_lock:
+                    hits.append(t.cache.find(d_uniq[koff[i] : koff[i] + m[i]], out=views[i])[1])
+                cached.append(i)
+        hit = to_host(xp.concatenate(hits)) if hits else np.zeros(0, np.bool_)
+
+        delta = np.zeros((T, _FIELDS), np.int64)
+        delta[:, FK.REQ], delta[:, FK.KEYS], delta[:, FK.UNIQ] = 1, n, m
+        hit_of = (
+            dict(zip(cached, np.split(hit, np.cumsum(m[cached])[:-1]), strict=True))
+            if cached
+            else {}
+        )
+        dst, rows = [], []  # device positions (elements of d_vec) and rows of the misses
+        for i, t in enumerate(tables):
+            mi = int(m[i])
+            miss = np.flatnonzero(~hit_of[i]) if i in hit_of else np.arange(mi)
+            delta[i, _HIT["l1"]] = mi - len(miss)
+            if not len(miss):
+                continue
+            st = LookupStats(unique_keys=mi)
+            st.hits["l1"] = mi - len(miss)
+            keys = uniq[koff[i] : koff[i] + mi][miss]
+            vec = np.empty((len(miss), t.dim), np.float32)
+            todo = np.arange(len(miss))
+            left = s.from_tiers(t, keys, vec, todo, st, (("vdb", s.vdb), ("pdb", s.pdb)))
+            vec[left] = t.default_value
+            st.hits["default"] = len(left)
+            for level in ("vdb", "pdb", "default"):
+                delta[i, _HIT[level]] = st.hits[level]
+            found = np.ones(len(miss), np.bool_)
+            found[left] = False  # default vectors are not cached
+            s.fill(t, keys[found], vec[found], st, since[i])
+            d = int(dims[i])
+            dst.append((voff[i] + miss * d)[:, None] + np.arange(d))
+            rows.append(vec)
+            if st.errors["vdb"] or st.errors["pdb"]:
+                t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
+        if dst:
+            d_vec[xp.asarray(np.concatenate([x.ravel() for x in dst]))] = xp.asarray(
+                np.concatenate([r.ravel() for r in rows])
+            )
+
+        d_inv = d_packed[N:]
+        B = int(n[0]) if T else 0
+        width = int(dims.sum())
+        if one_dim and T:  # one gather for all tables: unique row j of table t is row j there
+            d = int(dims[0])
+            out = xp.take(d_vec.reshape(-1, d), d_inv, axis=0)  # [N, d], table after table
+            if columns:
+                out = xp.ascontiguousarray(out.reshape(T, B, d).transpose(1, 0, 2))
+                out = out.reshape(B, width)
+            else:
+                out = out.reshape(-1)
+        elif columns:
+            out = xp.empty((B, width), np.float32)
+            for i, col in enumerate(s._cols.tolist()):
+                inv = d_inv[koff[i] : koff[i + 1]] - int(koff[i])
+                out[:, col : col + int(dims[i])] = xp.take(views[i], inv, axis=0)
+        else:
+            out = xp.empty(int(voff[-1]), np.float32)
+            for i in range(T):
+                inv = d_inv[koff[i] : koff[i + 1]] - int(koff[i])
+                part = out[voff[i] : voff[i + 1]].reshape(int(n[i]), int(dims[i]))
+                part[...] = xp.take(views[i], inv, axis=0)
+        fused = s.fused
+        with fused._lock:
+            fused.pending += delta
+            fused.pending_seconds += (time.perf_counter() - t0) / max(T, 1)
+        return out, delta

@@ -1,0 +1,60 @@
+"""A model whose L1 caches are on a GPU is served by the device-resident path
+(``hps_core/device.py``): the vectors equal the files', whether they come back to the host or
+stay on the device, and the counters add up. Skipped without CuPy or a CUDA device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_fused import config, make_files, reference, request
+
+from hps_core import ParameterServer
+from hps_core.device import is_gpu_cache
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
+
+
+def _device_count() -> int:
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_device_count() == 0, reason="no CUDA device")]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_gpu_l1_model_is_served_on_the_device(tmp_path, policy):
+    tables = make_files(tmp_path)
+    cfg = config(tmp_path, "gpu", policy, "float32", 1, 1.0)
+    cfg["models"][0]["deployed_device_list"] = [0]
+    ps = ParameterServer(cfg)
+    try:
+        s = ps.session("m")
+        assert all(is_gpu_cache(t.cache) for t in s.tables)
+        assert s.device.eligible
+        rng = np.random.default_rng(2)
+        keys_seen = 0
+        for batch in (1, 17, 300, 5000, 300):
+            cat = request(rng, tables, batch)
+            ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+            np.testing.assert_array_equal(s.lookup_columns(cat), ref)
+            on_dev = s.lookup_columns(cat, on_device=True)
+            assert isinstance(on_dev, cupy.ndarray)
+            np.testing.assert_array_equal(cupy.asnumpy(on_dev), ref)
+            keys_seen += 2 * batch
+            counts = np.array([batch, 0, 3])
+            flat = np.concatenate([cat[:, 0], cat[:3, 2]]).astype(np.int64)
+            got, _ = s.lookup_concatenated(flat, counts)
+            want = np.concatenate(
+                [reference(tables, 0, cat[:, 0]).ravel(), reference(tables, 2, cat[:3, 2]).ravel()]
+            )
+            np.testing.assert_array_equal(got, want)
+            s.flush()
+        st = s.tables[0].stats
+        assert st.keys == keys_seen + sum((1, 17, 300, 5000, 300))
+        assert st.hits["l1"] > 0
+        assert sum(st.hits.values()) == st.unique_keys
+    finally:
+        ps.close()
