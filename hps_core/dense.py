@@ -215,6 +215,41 @@ def dense_forward(
     return np.exp(-np.logaddexp(0.0, -h)).astype(np.float32)  # sigmoid without overflow
 
 
+class DeviceDense:
+    """The same network in float32 on an array module, for the GPU path where onnxruntime has
+    no CUDA provider (the GPU machines' onnxruntime is the CPU build): CuPy runs the matrix
+    products on cuBLAS, with the embeddings where the device lookup left them. ``dense_forward``
+    is its reference (tests run it over NumPy).
+
+    Args:
+        weights: as ``dense_forward`` takes them (``load_dense_weights`` of an ONNX file).
+        xp: the array module (``cupy``; ``numpy`` in tests).
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray], xp=np):
+        self.arch = arch_of(weights)
+        self.xp = xp
+        self.w = {k: xp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
+        self.pairs = xp.asarray(_pair_indices(self.arch.num_slots + 1))
+
+    def __call__(self, dense, emb):
+        """PROB [B, 1] float32 (on the module's device) for DENSE [B, num_dense] and EMB
+        [B, num_slots * dim], both arrays of the module."""
+        xp, w, arch = self.xp, self.w, self.arch
+        S, D = arch.num_slots, arch.dim
+        h = dense.astype(np.float32, copy=False)
+        for k in range(len(arch.bottom)):
+            h = xp.maximum(h @ w[f"bot_w{k}"] + w[f"bot_b{k}"], 0.0)
+        t = xp.concatenate([h[:, None, :], emb.reshape(-1, S, D)], axis=1)
+        z = xp.matmul(t, t.transpose(0, 2, 1)).reshape(len(t), -1)[:, self.pairs]
+        h = xp.concatenate([h, z], axis=1)
+        for k in range(len(arch.top)):
+            h = h @ w[f"top_w{k}"] + w[f"top_b{k}"]
+            if k < len(arch.top) - 1:
+                h = xp.maximum(h, 0.0)
+        return xp.exp(-xp.logaddexp(0.0, -h)).astype(np.float32)
+
+
 # -- the ONNX graph --------------------------------------------------------------------------------
 
 

@@ -146,10 +146,14 @@ class EmbeddingService:
         out, _ = self.session.lookup_concatenated(keys, num_keys, stats=False)
         return out
 
-    def run_slots(self, batches: list[np.ndarray]) -> list[np.ndarray | HPSError]:
+    def run_slots(
+        self, batches: list[np.ndarray], on_device: bool = False
+    ) -> list[np.ndarray | HPSError]:
         """Each request's CAT [B, slots] -> [B, sum(dims)] float32, one lookup for all requests.
 
         A bad request gets its error in its place in the list; the others are answered.
+        ``on_device``: with GPU L1 caches the rows stay on the device (CuPy arrays), see
+        ``LookupSession.lookup_columns``.
         """
         results: list[np.ndarray | HPSError | None] = [None] * len(batches)
         good: list[tuple[int, np.ndarray]] = []
@@ -160,7 +164,7 @@ class EmbeddingService:
                 results[i] = e
         if good:
             allcat = np.concatenate([c for _, c in good]) if len(good) > 1 else good[0][1]
-            emb = self._lookup_slots(allcat)
+            emb = self._lookup_slots(allcat, on_device)
             start = 0
             for i, c in good:
                 results[i] = emb[start : start + len(c)]
@@ -179,8 +183,8 @@ class EmbeddingService:
             raise InvalidInputError("CAT", "a key >= 2**63", "keys that fit in INT64")
         return cat.astype(np.int64, copy=False)
 
-    def _lookup_slots(self, cat: np.ndarray) -> np.ndarray:
-        return self.session.lookup_columns(cat)
+    def _lookup_slots(self, cat: np.ndarray, on_device: bool = False) -> np.ndarray:
+        return self.session.lookup_columns(cat, on_device=on_device)
 
     # -- metrics ------------------------------------------------------------------------------
     def table_stats(self) -> dict[str, LookupStats]:

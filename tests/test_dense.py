@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from hps_core.dense import (
+    DeviceDense,
     arch_of,
     dense_arch,
     dense_forward,
@@ -57,6 +58,18 @@ def test_onnxruntime_equals_numpy_reference(model, batch):
     assert prob.dtype == ref.dtype == np.float32
     np.testing.assert_allclose(prob, ref, rtol=0, atol=TOL)
     assert np.all((ref > 0) & (ref < 1))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 256, 4096])
+def test_device_dense_equals_numpy_reference(model, batch):
+    """The float32 forward pass the GPU path runs (over CuPy there; NumPy here), with the
+    weights read back from the ONNX file."""
+    path, dim, weights, _ = model
+    dense, emb = inputs(batch, dim, seed=1)
+    prob = DeviceDense(load_dense_weights(path), np)(dense, emb)
+    ref = dense_forward(weights, dense, emb)
+    assert prob.shape == (batch, 1) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, ref, rtol=0, atol=TOL)
 
 
 def test_reference_matches_hand_computed_dlrm():

@@ -110,13 +110,15 @@ def reps_for(batch: int, quick: bool) -> int:
 # -- timing ---------------------------------------------------------------------------------------
 
 
-def timed(paths: dict[str, Callable], dense: Callable | None, batches: list[Batch]) -> dict:
-    """Each call timed on its own: lookup, then the dense model; a summary per path.
+def timed(paths: dict[str, Callable], dense: Callable | dict | None, batches: list[Batch]) -> dict:
+    """Each call timed on its own: lookup, then the dense model (one for all paths, or one
+    per path's name); a summary per path.
 
     With several paths the calls are paired: every batch goes through each path in turn (the
     order alternating), so all of them see the same requests under the same machine load.
     """
     names = list(paths)
+    dense_of = dense if isinstance(dense, dict) else dict.fromkeys(names, dense)
     emb_s = {k: np.zeros(len(batches)) for k in names}
     dense_s = {k: np.zeros(len(batches)) for k in names}
     for i, b in enumerate(batches):
@@ -124,8 +126,8 @@ def timed(paths: dict[str, Callable], dense: Callable | None, batches: list[Batc
             t0 = time.perf_counter()
             emb = paths[k](b)
             t1 = time.perf_counter()
-            if dense is not None:
-                dense(b.dense, emb)
+            if dense_of[k] is not None:
+                dense_of[k](b.dense, emb)
             emb_s[k][i], dense_s[k][i] = t1 - t0, time.perf_counter() - t1
     samples = sum(len(b) for b in batches)
     return {k: summarize(emb_s[k], dense_s[k], samples) for k in names}
@@ -149,7 +151,14 @@ def summarize(emb_s: np.ndarray, dense_s: np.ndarray, samples: int) -> dict:
 class Bench:
     """The model's lookup paths (ours and baseline A) and the dense model, on one server."""
 
-    def __init__(self, config: Path, model: SyntheticModel, onnx_path: Path | None, max_batch: int):
+    def __init__(
+        self,
+        config: Path,
+        model: SyntheticModel,
+        onnx_path: Path | None,
+        max_batch: int,
+        gpu: bool = False,
+    ):
         cfg = load_config(config)
         self.m: ModelConfig = cfg.models[0]
         self.model = model
@@ -167,6 +176,17 @@ class Bench:
             self.ort = ort.InferenceSession(
                 str(onnx_path), options, providers=["CPUExecutionProvider"]
             )
+        # With a GPU, ours keeps the rows on the device and runs the dense model there
+        # (``DeviceDense`` on CuPy: the GPU machines' onnxruntime has no CUDA provider);
+        # baseline A stays on the CPU (hash map + onnxruntime CPU).
+        self.gpu = gpu and self.session.device.eligible
+        self.gpu_dense = None
+        if self.gpu and onnx_path is not None:
+            import cupy
+
+            from ..dense import DeviceDense, load_dense_weights
+
+            self.gpu_dense = DeviceDense(load_dense_weights(onnx_path), cupy)
         self.hot = []
         for t, path in enumerate(self.m.sparse_files):
             f = SparseTable.open(path, self.m.embedding_vecsize_per_table[t])
@@ -175,6 +195,20 @@ class Bench:
 
     def ours(self, b: Batch) -> np.ndarray:
         return self.svc.run_slots([b.cat])[0]
+
+    def ours_path(self, b: Batch):
+        """Ours as timed: with a GPU the rows stay on the device (the call returns once they
+        are there: the stream is synchronised, so the lookup's time is all in the lookup)."""
+        if not self.gpu:
+            return self.ours(b)
+        emb = self.svc.run_slots([b.cat], on_device=True)[0]
+        self.session.device.module().cuda.Device().synchronize()
+        return emb
+
+    def dense_gpu(self, dense: np.ndarray, emb) -> np.ndarray:
+        """Ours' dense model with a GPU: DENSE copied in, PROB copied back to the host."""
+        xp = self.gpu_dense.xp
+        return xp.asnumpy(self.gpu_dense(xp.asarray(dense), emb))
 
     def baseline_a(self, b: Batch) -> np.ndarray:
         out = np.empty((len(b), sum(self.svc.dims)), np.float32)
@@ -213,8 +247,13 @@ class Bench:
     def ours_timed(self, batches: list[Batch], other: tuple[str, Callable], dense: bool = True):
         """(ours, other) summaries of paired calls; ours with its L1 hit rate over the calls."""
         h0, u0 = self.l1_counts()
+        ours_dense = self.dense_gpu if self.gpu_dense is not None else self.dense_fn
+        if not dense:
+            ours_dense = None
         r = timed(
-            {"ours": self.ours, other[0]: other[1]}, self.dense_fn if dense else None, batches
+            {"ours": self.ours_path, other[0]: other[1]},
+            {"ours": ours_dense, other[0]: self.dense_fn if dense else None},
+            batches,
         )
         h1, u1 = self.l1_counts()
         r["ours"]["l1_hit_rate"] = (h1 - h0) / max(u1 - u0, 1)
@@ -472,15 +511,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg, model, onnx_path = build_model(
                 work, args.rows, args.dim, device, top, args.hit_rate_threshold
             )
-            bench = Bench(cfg, model, onnx_path, top)
+            bench = Bench(cfg, model, onnx_path, top, gpu=bool(gpu))
             payload["dense"] = "onnxruntime CPU" if onnx_path else "none: onnx/onnxruntime missing"
+            if bench.gpu_dense is not None:
+                payload["dense"] += " (baseline A); ours: the same weights on the GPU (CuPy)"
+            payload["ours_path"] = "device-resident" if bench.gpu else "fused CPU"
             progress.remove_task(task)
             payload["setup_s"] = time.perf_counter() - t_start
             try:
                 first = make_batches(model, 1.05, 64, 1, seed=0)[0]  # compile the numba/CUDA code
                 emb = bench.ours(first)
                 if bench.ort is not None:
-                    bench.dense(first.dense, emb)
+                    want = bench.dense(first.dense, emb)
+                    if bench.gpu_dense is not None:  # same predictions from the GPU network
+                        got = bench.dense_gpu(first.dense, bench.ours_path(first))
+                        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
                 payload["baseline_choice"] = baseline_choice(bench, 65536, 3 if args.quick else 7)
                 deadline = t_start + args.max_seconds if args.max_seconds else None
                 skipped = payload["skipped_cells"] = []

@@ -38,10 +38,9 @@ def measure_gpu_ceiling(
     )
 
     def gather_host(b: Batch) -> np.ndarray:
-        return table[cp.asarray(b.rows)].reshape(len(b), -1).get()
+        return gather_rows(table, b)
 
     bench.set_l1(1.0)
-    caches = [t.cache for t in bench.session.tables]
     rows: list[dict] = []
     alpha = args.alphas[0]
     task = progress.add_task("GPU all-hit vs dense gather", total=len(args.batches))
@@ -57,7 +56,7 @@ def measure_gpu_ceiling(
         assert np.array_equal(bench.ours(replay[0]), gather_host(replay[0])), "ours != gather"
         cell = {"alpha": alpha, "batch": batch, "phase": "all_hits", "cache_fraction": 1.0}
         ours, base = bench.ours_timed(replay, ("b", gather_host), dense=False)
-        dev = device_resident(caches, table, replay)
+        dev = device_resident(bench, table, replay)
         rows.append(
             {
                 **cell,
@@ -83,33 +82,35 @@ def measure_gpu_ceiling(
     return rows
 
 
-def device_resident(caches: list, table, replay: list[Batch]) -> dict:
-    """Keys and row indices already on the GPU: ``GPUCache.find`` per table vs the gather."""
+def device_resident(bench: Bench, table, replay: list[Batch]) -> dict:
+    """Rows left on the GPU on both sides, host arrays in: ours (the session's device-resident
+    path: host dedupe, one copy in, a find per table, the gather) vs baseline B's copy of the
+    row indices and its gather. Each call ends with the device synchronised."""
     import cupy as cp
 
-    keys = [
-        [cp.asarray(np.ascontiguousarray(b.cat[:, t])) for t in range(len(caches))] for b in replay
-    ]
-    rows = [cp.asarray(b.rows) for b in replay]
-    found = sum(int(c.find(k)[1].sum()) for c, k in zip(caches, keys[0], strict=True))
+    h0, u0 = bench.l1_counts()
+    assert np.array_equal(cp.asnumpy(bench.ours_path(replay[0])), gather_rows(table, replay[0]))
+    h1, u1 = bench.l1_counts()
 
-    def find(i: int) -> None:
-        for c, k in zip(caches, keys[i], strict=True):
-            c.find(k)
+    def gather(b: Batch) -> None:
+        table[cp.asarray(b.rows)].reshape(len(b), -1)
+        cp.cuda.Device().synchronize()
 
-    def gather(i: int) -> None:
-        table[rows[i]]
-
-    out = {"hit_rate": found / keys[0][0].size / len(caches)}
+    out = {"hit_rate": (h1 - h0) / max(u1 - u0, 1)}
     n, samples = len(replay), sum(len(b) for b in replay)
-    for label, fn in (("ours", find), ("gather", gather)):
-        fn(0)
+    for label, fn in (("ours", bench.ours_path), ("gather", gather)):
+        fn(replay[0])
         times = np.zeros(n)
-        for i in range(n):
-            cp.cuda.Device().synchronize()
+        for i, b in enumerate(replay):
             t0 = time.perf_counter()
-            fn(i)
-            cp.cuda.Device().synchronize()
+            fn(b)
             times[i] = time.perf_counter() - t0
         out[label] = summarize(times, np.zeros(n), samples)
     return out
+
+
+def gather_rows(table, b: Batch) -> np.ndarray:
+    """Baseline B's rows of a batch, on the host."""
+    import cupy as cp
+
+    return table[cp.asarray(b.rows)].reshape(len(b), -1).get()

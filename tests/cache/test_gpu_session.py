@@ -58,3 +58,18 @@ def test_gpu_l1_model_is_served_on_the_device(tmp_path, policy):
         assert sum(st.hits.values()) == st.unique_keys
     finally:
         ps.close()
+
+
+def test_device_dense_on_cupy_equals_the_reference(tmp_path):
+    """The dense network the GPU path runs after the device lookup: CuPy (cuBLAS) in float32
+    against the float64 NumPy reference of the same weights."""
+    from hps_core.dense import DeviceDense, dense_forward, load_dense_weights, save_dense_model
+
+    weights = save_dense_model(tmp_path / "d.onnx", dim=16, seed=3)
+    rng = np.random.default_rng(0)
+    for batch in (1, 256, 4096):
+        dense = np.log1p(rng.exponential(20.0, (batch, 13))).astype(np.float32)
+        emb = (rng.standard_normal((batch, 26 * 16)) * 0.05).astype(np.float32)
+        net = DeviceDense(load_dense_weights(tmp_path / "d.onnx"), cupy)
+        got = cupy.asnumpy(net(cupy.asarray(dense), cupy.asarray(emb)))
+        np.testing.assert_allclose(got, dense_forward(weights, dense, emb), rtol=0, atol=1e-5)
