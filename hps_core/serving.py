@@ -92,6 +92,9 @@ class EmbeddingService:
         io: ``"hps"`` (KEYS/NUMKEYS -> OUTPUT0) or ``"slots"`` ([B, slots] -> [B, dims]).
         max_keys: most keys one request may carry (default: the config's
             ``max_batch_size * sum(maxnum_catfeature_query_per_table_per_sample)``).
+        output_on_device: answer with rows left on the GPU (CuPy arrays, handed to Triton by
+            DLPack) where the model's L1 caches are on one (``LookupSession.device``); host
+            arrays otherwise, or when False.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class EmbeddingService:
         model: str,
         io: str = "hps",
         max_keys: int | None = None,
+        output_on_device: bool = False,
     ):
         if io not in IO_KINDS:
             raise ConfigError("parameters.io", io, f"one of {IO_KINDS}")
@@ -110,6 +114,7 @@ class EmbeddingService:
         m = next(x for x in self.server.config.models if x.model == model)
         self.max_keys = int(max_keys) if max_keys else m.max_keys_per_request()
         self.dims = [t.dim for t in self.session.tables]
+        self.on_device = bool(output_on_device) and self.session.device.eligible
 
     @classmethod
     def from_parameters(
@@ -132,7 +137,10 @@ class EmbeddingService:
             max_keys_n = int(max_keys) if max_keys else None
         except ValueError:
             raise ConfigError("parameters.max_keys", max_keys, "an integer") from None
-        return cls(cfg, model, io=params.get("io", "hps"), max_keys=max_keys_n)
+        on_device = _flag(params, "output_on_device", False)
+        return cls(
+            cfg, model, io=params.get("io", "hps"), max_keys=max_keys_n, output_on_device=on_device
+        )
 
     # -- requests -----------------------------------------------------------------------------
     def run_hps(self, keys: np.ndarray, num_keys: np.ndarray) -> np.ndarray:
@@ -143,18 +151,22 @@ class EmbeddingService:
         # HugeCTR clients send [1, n] tensors: any leading dimensions of size 1 are dropped
         keys = _squeeze("KEYS", keys)
         num_keys = _squeeze("NUMKEYS", num_keys)
-        out, _ = self.session.lookup_concatenated(keys, num_keys, stats=False)
+        out, _ = self.session.lookup_concatenated(
+            keys, num_keys, stats=False, on_device=self.on_device
+        )
         return out
 
     def run_slots(
-        self, batches: list[np.ndarray], on_device: bool = False
+        self, batches: list[np.ndarray], on_device: bool | None = None
     ) -> list[np.ndarray | HPSError]:
         """Each request's CAT [B, slots] -> [B, sum(dims)] float32, one lookup for all requests.
 
         A bad request gets its error in its place in the list; the others are answered.
         ``on_device``: with GPU L1 caches the rows stay on the device (CuPy arrays), see
-        ``LookupSession.lookup_columns``.
+        ``LookupSession.lookup_columns``; None: as the service was built (``output_on_device``).
         """
+        if on_device is None:
+            on_device = self.on_device
         results: list[np.ndarray | HPSError | None] = [None] * len(batches)
         good: list[tuple[int, np.ndarray]] = []
         for i, cat in enumerate(batches):

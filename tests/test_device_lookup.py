@@ -152,3 +152,29 @@ def test_only_gpu_caches_pick_the_device_path_by_default(files):
         assert s.device.module() is None and s.fused.layout() is not None
     finally:
         ps.close()
+
+
+def test_service_parameter_output_on_device(files, tmp_path):
+    """``output_on_device`` of the hps backend: honoured only where the L1s are on a GPU (host
+    caches here: host arrays, the same values); a value that is no flag names the parameter."""
+    import json
+
+    from hps_core.errors import ConfigError
+    from hps_core.serving import EmbeddingService
+
+    root, tables = files
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps(config(root, "svc", "lru", "float32", 1, 1.0)))
+    params = {"config": str(path), "io": "slots", "output_on_device": "true"}
+    svc = EmbeddingService.from_parameters(params)
+    try:
+        assert not svc.on_device
+        cat = request(np.random.default_rng(6), tables, 40)
+        (got,) = svc.run_slots([cat])
+        assert isinstance(got, np.ndarray)
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(got, ref)
+    finally:
+        svc.close()
+    with pytest.raises(ConfigError, match="parameters.output_on_device"):
+        EmbeddingService.from_parameters({**params, "output_on_device": "maybe"})

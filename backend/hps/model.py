@@ -9,6 +9,9 @@ A model config says ``backend: "hps"`` and passes string parameters:
 ``preloaded``  ``true`` when ``hps load`` filled the tiers before the server started: every
                instance then attaches the shared-memory VDB and opens RocksDB read-only
 ``max_keys``   most keys one request may carry
+``output_on_device``  ``true``: where the model's L1 caches are on a GPU, outputs stay there
+               (CuPy arrays handed over by DLPack) for the next model of an ensemble; Triton
+               copies them to the host for a model or client that wants them there
 
 The request handling lives in ``hps_core.serving`` (tested without a server); this file only
 converts tensors and errors and exports metrics.
@@ -41,6 +44,8 @@ def to_numpy(tensor) -> np.ndarray:
 
 
 def to_tensor(name: str, array: np.ndarray):
+    if not isinstance(array, np.ndarray):  # rows on the GPU (CuPy): DLPack keeps them there
+        return pb_utils.Tensor.from_dlpack(name, array)
     array = np.ascontiguousarray(array)
     return pb_utils.Tensor.from_dlpack(name, array) if _NUMPY2 else pb_utils.Tensor(name, array)
 
