@@ -7,8 +7,9 @@ GPU path ran slower than a CPU hash map (README, End-to-end benchmark). Here one
 1. one numba call that dedupes each table's keys on the host, tables in parallel (first
    appearance order, as a per-table lookup does, so each L1 sees the same unique keys);
 2. one host-to-device copy: every table's unique keys and the expansion index together;
-3. one ``find`` per table into one device buffer of unique rows, launched back to back on the
-   current stream (no synchronisation between tables);
+3. one ``find`` per table into one device buffer of unique rows and one of hit flags,
+   launched back to back on the current stream (``find_into``: no checks, no allocation, no
+   synchronisation between tables);
 4. one device-to-host copy of all hit flags: the request's only synchronisation when every
    key hits;
 5. for the L1 misses of all tables: the VDB, then the PDB, then the default vector on the host
@@ -20,8 +21,8 @@ GPU path ran slower than a CPU hash map (README, End-to-end benchmark). Here one
 
 The result stays on the device (a CuPy array) for the dense model; callers that want host
 memory copy it once. The steps are written against an array module ``xp`` (CuPy with GPU
-caches), and the caches' ``find(keys, out=...)`` writes hits into ``out`` in place in either
-module, so the same code runs over NumPy with host caches: ``tests/test_device_lookup.py``
+caches), and host caches have the GPU caches' ``find_into(keys, out, hit)``, so the same code
+runs over NumPy with host caches: ``tests/test_device_lookup.py``
 checks it that way against per-table lookups on machines without a GPU, and
 ``tests/cache/test_gpu_session.py`` with CuPy on a GPU.
 
@@ -94,6 +95,7 @@ class DeviceLookup:
         self._xp = xp
         self._ident: tuple | None = None
         self._module = None
+        self._device: int | None = None  # the caches' CUDA device (CuPy only)
 
     def module(self):
         """The array module the path runs with now, or None where it cannot serve the tables
@@ -105,6 +107,7 @@ class DeviceLookup:
         return self._module
 
     def _pick(self, caches: list):
+        self._device = None
         if self._xp is not None:
             return self._xp
         gpu = [c for c in caches if c is not None]
@@ -112,6 +115,7 @@ class DeviceLookup:
             return None
         if len({c.device for c in gpu}) != 1:
             return None
+        self._device = gpu[0].device
         return gpu[0]._cp
 
     @property
@@ -128,6 +132,12 @@ class DeviceLookup:
         b's row of table t at columns t's offset (the ensemble's layout). Returns (rows,
         counters [tables, fields] as ``FusedLookup.stats`` reads them)."""
         xp = self.module()
+        if self._device is None:
+            return self._run(xp, kflat, kbase, kstride, n, columns)
+        with xp.cuda.Device(self._device):  # the caches' device current: arrays go there
+            return self._run(xp, kflat, kbase, kstride, n, columns)
+
+    def _run(self, xp, kflat, kbase, kstride, n, columns: bool):
         s = self.session
         tables = s.tables
         T = len(tables)
@@ -158,25 +168,20 @@ class DeviceLookup:
             d_vec[voff[i] : voff[i] + m[i] * dims[i]].reshape(int(m[i]), int(dims[i]))
             for i in range(T)
         ]  # fmt: skip
-        hits, cached = [], []
+        d_hit = xp.zeros(N, np.bool_)  # a table without L1 hits nothing
         for i, t in enumerate(tables):
             if t.cache is not None and m[i]:
+                lo, hi = koff[i], koff[i] + m[i]
                 with t.cache_lock:
-                    hits.append(t.cache.find(d_uniq[koff[i] : koff[i] + m[i]], out=views[i])[1])
-                cached.append(i)
-        hit = to_host(xp.concatenate(hits)) if hits else np.zeros(0, np.bool_)
+                    t.cache.find_into(d_uniq[lo:hi], views[i], d_hit[lo:hi])
+        hit = to_host(d_hit)
 
         delta = np.zeros((T, _FIELDS), np.int64)
         delta[:, FK.REQ], delta[:, FK.KEYS], delta[:, FK.UNIQ] = 1, n, m
-        hit_of = (
-            dict(zip(cached, np.split(hit, np.cumsum(m[cached])[:-1]), strict=True))
-            if cached
-            else {}
-        )
         dst, rows = [], []  # device positions (elements of d_vec) and rows of the misses
         for i, t in enumerate(tables):
             mi = int(m[i])
-            miss = np.flatnonzero(~hit_of[i]) if i in hit_of else np.arange(mi)
+            miss = np.flatnonzero(~hit[koff[i] : koff[i] + mi])
             delta[i, _HIT["l1"]] = mi - len(miss)
             if not len(miss):
                 continue

@@ -310,22 +310,36 @@ class GPUCache(EmbeddingCache):
         k, on_device = self._keys_in(keys)
         n = len(k)
         rows, zero_miss = self._out_in(out, n, on_device)
-        self.clock += 1
         hit = cp.empty(n, cp.bool_)
-        if n:
-            vec = int(self._row_vec and rows.data.ptr % 16 == 0)
-            kernel = self._find_fns[vec]
-            if kernel is None:
-                key = (self._file, self._find_names[vec])
-                kernel = _functions.get(key)
-                if kernel is None:
-                    kernel = _functions[key] = _modules[self._file].get_function(key[1])
-                self._find_fns[vec] = kernel
-            touch = () if self.static else (self._lfu, np.uint64(self.clock))
-            args = (k, np.int64(n), *self._view, rows, hit, _I32[vec], _I32[zero_miss], *touch)
-            blocks = min(-(-n // (_BLOCK // 32)), self._max_blocks)
-            kernel((blocks,), (_BLOCK,), args)  # as _launch(name, n, True, *args)
+        self._find_launch(k, rows, hit, zero_miss)
         return on_device, (None if on_device else out), rows, hit
+
+    def _find_launch(self, k, rows, hit, zero_miss: int) -> None:
+        """One find kernel on the current stream: k int64 [n], rows [n, dim] of the output
+        dtype and hit bool [n], all C-contiguous on this cache's device."""
+        n = len(k)
+        self.clock += 1
+        if not n:
+            return
+        vec = int(self._row_vec and rows.data.ptr % 16 == 0)
+        kernel = self._find_fns[vec]
+        if kernel is None:
+            key = (self._file, self._find_names[vec])
+            kernel = _functions.get(key)
+            if kernel is None:
+                kernel = _functions[key] = _modules[self._file].get_function(key[1])
+            self._find_fns[vec] = kernel
+        touch = () if self.static else (self._lfu, np.uint64(self.clock))
+        args = (k, np.int64(n), *self._view, rows, hit, _I32[vec], _I32[zero_miss], *touch)
+        blocks = min(-(-n // (_BLOCK // 32)), self._max_blocks)
+        kernel((blocks,), (_BLOCK,), args)  # as _launch(name, n, True, *args)
+
+    def find_into(self, keys, out, hit) -> None:
+        """``find`` for callers that hold device arrays already (``hps_core/device.py``): keys
+        int64 [n], out [n, dim] in the output dtype and hit bool [n], C-contiguous CuPy arrays
+        on this cache's device, which must be current. Nothing is checked or allocated; hits'
+        rows go to out (misses keep theirs), hit says which."""
+        self._find_launch(keys, out, hit, 0)
 
     def _finish_find(self, on_device, host_out, rows, hit):
         if on_device:

@@ -128,6 +128,11 @@ class HostCache(SlotArrays):
             out[...] = target
         return out, hit
 
+    def find_into(self, keys: np.ndarray, out: np.ndarray, hit: np.ndarray) -> None:
+        """``find`` writing the hit flags into ``hit`` too (``GPUCache.find_into``'s twin, for
+        the device-resident path over NumPy)."""
+        hit[...] = self.find(keys, out=out)[1]
+
     def insert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or overwrite rows, evicting by the policy in full sets (see reference.py)."""
         k = self._keys(keys)

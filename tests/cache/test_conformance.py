@@ -285,3 +285,38 @@ def test_bad_input_names_the_field_and_changes_nothing(impl, verb, args, field):
             getattr(cache, verb)(*args)
         assert err.value.field == field
     pair.check_state(f"a rejected {verb}")
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        pytest.param(_host_factory, id="host"),
+        pytest.param(_gpu_factory, id="gpu", marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_find_into_is_find_on_preallocated_arrays(factory, policy):
+    """``find_into`` (the device-resident lookup's call): the rows and hits of ``find``, written
+    into the caller's arrays (misses keep their rows), the same touches and clock."""
+    cls = factory()
+    gpu = cls.__name__ == "GPUCache"
+    xp = __import__("cupy") if gpu else np
+    a, b = (cls(256, 8, ways=8, policy=policy) for _ in range(2))
+    rng = np.random.default_rng(4)
+    keys = rng.integers(I64.min, I64.max, 300, dtype=np.int64)
+    vecs = rng.standard_normal((300, 8)).astype(np.float32)
+    for c in (a, b):
+        c.insert(keys, vecs)
+    q = np.concatenate([keys[rng.integers(0, 300, 200)], rng.integers(-50, 50, 40)])
+    want_rows, want_hit = a.find(q)
+    out, hit = xp.full((len(q), 8), 7.0, np.float32), xp.zeros(len(q), np.bool_)
+    b.find_into(xp.asarray(q), out, hit)
+    host = (lambda x: x.get()) if gpu else (lambda x: x)
+    got_rows, got_hit = host(out), host(hit)
+    np.testing.assert_array_equal(got_hit, want_hit)
+    assert 0 < want_hit.sum() < len(q)
+    np.testing.assert_array_equal(got_rows[want_hit], want_rows[want_hit])
+    assert (got_rows[~want_hit] == 7.0).all()
+    sa, sb = a.snapshot(), b.snapshot()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
