@@ -201,8 +201,9 @@ class DeviceLookup:
             d = int(dims[i])
             dst.append((voff[i] + miss * d)[:, None] + np.arange(d))
             rows.append(vec)
-            if st.errors["vdb"] or st.errors["pdb"]:
-                t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
+            if st.errors["vdb"] or st.errors["pdb"] or any(st.seconds.values()):
+                with s.fused._lock:  # failed reads and the seconds of each level below L1
+                    t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
         if dst:
             d_vec[xp.asarray(np.concatenate([x.ravel() for x in dst]))] = xp.asarray(
                 np.concatenate([r.ravel() for r in rows])

@@ -178,3 +178,29 @@ def test_service_parameter_output_on_device(files, tmp_path):
         svc.close()
     with pytest.raises(ConfigError, match="parameters.output_on_device"):
         EmbeddingService.from_parameters({**params, "output_on_device": "maybe"})
+
+
+def test_a_failing_vdb_falls_through_to_the_pdb(files):
+    """A VDB read that fails (a Redis node down, say) never fails a device-resident lookup:
+    the keys come from RocksDB, the failure is counted once per table read."""
+    from hps_core.errors import StorageError
+
+    root, tables = files
+    ps = ParameterServer(config(root, "vdbdown", "lru", "float32", 1, 1.0))
+    try:
+        s = ps.session("m")
+        s.device = DeviceLookup(s, xp=np)
+
+        def down(table, keys):
+            raise StorageError(f"vdb fetch of {table}: connection refused")
+
+        ps.vdb.fetch = down
+        cat = request(np.random.default_rng(8), tables, 120)
+        got = s.lookup_columns(cat)
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(got, ref)
+        stats = [t.stats for t in s.tables]
+        assert all(x.errors["vdb"] == 1 and x.hits["vdb"] == 0 for x in stats)
+        assert all(x.hits["pdb"] > 0 and x.seconds["pdb"] > 0 for x in stats)
+    finally:
+        ps.close()
