@@ -12,7 +12,9 @@ GPU path ran slower than a CPU hash map (README, End-to-end benchmark). Here one
    synchronisation between tables);
 4. one device-to-host copy of all hit flags: the request's only synchronisation when every
    key hits;
-5. for the L1 misses of all tables: the VDB, then the PDB, then the default vector on the host
+5. for the L1 misses of all tables (found with a few array operations, so a table whose keys
+   all hit costs no Python): the VDB (one ``fetch_many`` for all tables where the VDB has it,
+   e.g. one pipelined round trip to Redis), then the PDB, then the default vector on the host
    (``LookupSession.from_tiers``), one host-to-device copy of their rows, scattered into the
    unique rows, and the L1 fill exactly as a per-table lookup fills (admission filter,
    hit-rate threshold, recent online updates: ``LookupSession.fill``);
@@ -39,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _fused_kernels as FK
+from .errors import StorageError
 from .hash_kernels import dedupe_into, dedupe_slots_jit
 from .lookup_stats import LEVELS, LookupStats
 
@@ -178,19 +181,28 @@ class DeviceLookup:
 
         delta = np.zeros((T, _FIELDS), np.int64)
         delta[:, FK.REQ], delta[:, FK.KEYS], delta[:, FK.UNIQ] = 1, n, m
+        # the misses of all tables at once: unique positions that missed, by table
+        pos = np.flatnonzero(~hit)
+        tab = np.searchsorted(koff, pos, side="right") - 1
+        keep = pos - koff[tab] < m[tab]  # not the unused room after a table's unique keys
+        pos, tab = pos[keep], tab[keep]
+        bounds = np.searchsorted(tab, np.arange(T + 1))
+        delta[:, _HIT["l1"]] = m - np.diff(bounds)
+        todo = np.flatnonzero(np.diff(bounds)).tolist()
+        work = {}  # table -> (its misses' unique index, keys, rows, stats)
+        for i in todo:
+            miss = pos[bounds[i] : bounds[i + 1]] - koff[i]
+            st = LookupStats(unique_keys=int(m[i]))
+            st.hits["l1"] = int(delta[i, _HIT["l1"]])
+            vec = np.empty((len(miss), tables[i].dim), np.float32)
+            work[i] = (miss, uniq[koff[i] : koff[i] + m[i]][miss], vec, st)
+        fetched = self._fetch_many(work)
         dst, rows = [], []  # device positions (elements of d_vec) and rows of the misses
-        for i, t in enumerate(tables):
-            mi = int(m[i])
-            miss = np.flatnonzero(~hit[koff[i] : koff[i] + mi])
-            delta[i, _HIT["l1"]] = mi - len(miss)
-            if not len(miss):
-                continue
-            st = LookupStats(unique_keys=mi)
-            st.hits["l1"] = mi - len(miss)
-            keys = uniq[koff[i] : koff[i] + mi][miss]
-            vec = np.empty((len(miss), t.dim), np.float32)
-            todo = np.arange(len(miss))
-            left = s.from_tiers(t, keys, vec, todo, st, (("vdb", s.vdb), ("pdb", s.pdb)))
+        for i, (miss, keys, vec, st) in work.items():
+            t = tables[i]
+            tiers = (("pdb", s.pdb),) if i in fetched else (("vdb", s.vdb), ("pdb", s.pdb))
+            todo_i = fetched.get(i, np.arange(len(miss)))
+            left = s.from_tiers(t, keys, vec, todo_i, st, tiers)
             vec[left] = t.default_value
             st.hits["default"] = len(left)
             for level in ("vdb", "pdb", "default"):
@@ -236,3 +248,28 @@ class DeviceLookup:
             fused.pending += delta
             fused.pending_seconds += (time.perf_counter() - t0) / max(T, 1)
         return out, delta
+
+    def _fetch_many(self, work: dict) -> dict[int, np.ndarray]:
+        """The VDB rows of every table's misses in one ``fetch_many`` where the VDB has it
+        (Redis: one pipelined round trip for all tables instead of one per table), into each
+        table's rows; {table: the indices of its misses the VDB lacks}. {} where the VDB has
+        no ``fetch_many``, for a single table, or on a failure: each table then reads the VDB
+        through ``LookupSession.from_tiers`` (which counts a failure)."""
+        s = self.session
+        if len(work) < 2 or s.vdb is None or not hasattr(s.vdb, "fetch_many"):
+            return {}
+        t0 = time.perf_counter()
+        reqs = [(s.tables[i].store_name, keys, vec) for i, (_, keys, vec, _) in work.items()]
+        try:
+            got = s.vdb.fetch_many(reqs)
+        except StorageError:
+            return {}
+        share = (time.perf_counter() - t0) / len(work)
+        out = {}
+        for (i, (_, _, vec, st)), (rows, found) in zip(work.items(), got, strict=True):
+            if rows is not vec:
+                vec[found] = rows[found]
+            st.hits["vdb"] += int(found.sum())
+            st.seconds["vdb"] += share
+            out[i] = np.flatnonzero(~found)
+        return out

@@ -78,3 +78,49 @@ def test_fused_lookups_over_redis_match_per_table_ones(
     finally:
         fused.close()
         plain.close()
+
+
+def test_device_path_over_redis_reads_all_tables_misses_in_one_round_trip(redis_any, tmp_path):
+    """The device-resident lookup (NumPy with host caches here, CuPy with GPU caches on a GPU)
+    over Redis: every table's L1 misses in one pipelined ``fetch_many``; vectors, cache slots
+    and counters as per-table lookups."""
+    from hps_core.device import DeviceLookup
+
+    tables = make_files(tmp_path)
+    address = redis_any.address
+    dev = ParameterServer(config(tmp_path, address, "d"))
+    plain = ParameterServer(config(tmp_path, address, "p"))
+    try:
+        s = dev.session("d")
+        s.device = DeviceLookup(s, xp=np)
+        plain.session("p").fused.run = lambda *a: None
+        runs = []
+        run = dev.vdb.nodes.run
+        dev.vdb.nodes.run = lambda cmds, read=None: runs.append(read) or run(cmds, read)
+        rng = np.random.default_rng(5)
+        for batch in (1, 5, 64, 300, 7):
+            cols = []
+            for keys, _ in tables:
+                col = keys[np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)]
+                col[rng.random(batch) < 0.1] = rng.integers(10**16, 10**17)  # in no tier
+                cols.append(col)
+            cat = np.stack(cols, axis=1)
+            runs.clear()
+            got = s.lookup_columns(cat)
+            want = plain.session("p").lookup_columns(cat)
+            s.flush()
+            plain.session("p").flush()
+            np.testing.assert_array_equal(got, want)
+            assert sum(r is not None for r in runs) <= 1  # one pipelined read of rows
+            for t, ((keys, vecs), col) in enumerate(zip(tables, cols, strict=True)):
+                lo = sum(DIMS[:t])
+                ref = file_rows(keys, vecs, col, DEFAULTS[t])
+                np.testing.assert_array_equal(got[:, lo : lo + DIMS[t]], ref)
+            for a, b in zip(s.tables, plain.session("p").tables, strict=True):
+                sa, sb = a.cache.snapshot(), b.cache.snapshot()
+                for k in sa:
+                    np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+                assert a.stats.hits == b.stats.hits
+    finally:
+        dev.close()
+        plain.close()
