@@ -28,6 +28,7 @@ OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("lru", "lfu")
+CACHE_TYPES = ("dynamic", "static", "uvm")  # HugeCTR's embedding_cache_type
 MAX_SIZE_T = 2**63 - 1  # HPS used SIZE_MAX for "no limit"; int64 max keeps numpy happy
 
 
@@ -242,6 +243,12 @@ class ModelConfig:
             src,
         )
         _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
+        _choice(f"{p}.embedding_cache_type", self.embedding_cache_type, CACHE_TYPES, src)
+        if self.embedding_cache_type == "uvm":
+            log.warning(
+                "%s: %s.embedding_cache_type = 'uvm' is not supported: the L1 cache is in "
+                "device memory ('dynamic')", src or "config", p,
+            )  # fmt: skip
         _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src)
         _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
         _at_least(f"{p}.cache_admission_min_count", self.cache_admission_min_count, 1, src)
@@ -262,6 +269,13 @@ class ModelConfig:
     @property
     def num_tables(self) -> int:
         return len(self.sparse_files)
+
+    @property
+    def static_table(self) -> bool:
+        """HPS's static embedding table (``use_static_table``, or ``embedding_cache_type:
+        static``): on a GPU, L1 holds the whole table in an open-addressing table that never
+        evicts, filled at load; ``gpucacheper`` does not apply."""
+        return self.use_static_table or self.embedding_cache_type == "static"
 
     def max_keys_per_request(self) -> int:
         """Upper bound on keys in one request: max_batch_size x sum of per-table queries."""

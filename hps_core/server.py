@@ -97,10 +97,21 @@ def build_pdb(cfg: HPSConfig) -> PersistentDB | None:
 
 
 def l1_capacity(m: ModelConfig, rows: int) -> int:
-    """L1 rows of a table of ``rows`` rows: ``gpucacheper`` of it, 0 when the cache is off."""
-    if not m.gpucache or m.gpucacheper <= 0 or rows == 0:
+    """L1 rows of a table of ``rows`` rows: ``gpucacheper`` of it, 0 when the cache is off;
+    the whole table for a static table on a GPU."""
+    if not m.gpucache or rows == 0:
+        return 0
+    if static_l1(m):
+        return rows
+    if m.gpucacheper <= 0:
         return 0
     return max(1, math.ceil(m.gpucacheper * rows))
+
+
+def static_l1(m: ModelConfig) -> bool:
+    """Whether the model's L1 caches are static tables: asked for, and a GPU present (in CPU
+    mode the VDB already holds the table in host memory; L1 is the set-associative cache)."""
+    return m.static_table and gpu_device(m) is not None
 
 
 def gpu_device(m: ModelConfig) -> int | None:
@@ -128,7 +139,12 @@ def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
     if device is not None:
         from .cache.gpu import GPUCache
 
-        return GPUCache(capacity, dim, device=device, **options)
+        return GPUCache(capacity, dim, device=device, static=static_l1(m), **options)
+    if m.static_table:
+        log.warning(
+            "%s: a static embedding table needs a GPU; in CPU mode L1 is the set-associative "
+            "host cache at gpucacheper %.3g", m.model, m.gpucacheper,
+        )  # fmt: skip
     from .cache.host import HostCache
 
     return HostCache(capacity, dim, **options)
@@ -233,7 +249,12 @@ class ParameterServer:
             hit_rate_threshold=m.hit_rate_threshold,
             promoter=self.promoter,
         )
-        if m.cache_prefill:
+        if static_l1(m):  # HPS's static table: the whole table, from the tiers (their newest)
+            for t, f in enumerate(files):
+                if tables[t].cache is not None:
+                    n = sum(session.prefill(t, keys) for keys, _ in f.iter_chunks())
+                    log.info("%s/%s: static L1 table filled: %d rows", m.model, tables[t].name, n)
+        elif m.cache_prefill:
             for t, f in enumerate(files):
                 hot = hot_keys(m, t, f)
                 if hot is not None:

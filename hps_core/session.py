@@ -378,7 +378,13 @@ class LookupSession:
             if t.recent.epoch:  # online updates arrived: never cache a row older than them
                 ok = t.recent.fresh(keys, *since)
                 keys, rows = keys[ok], rows[ok]
-            t.cache.insert(keys, rows)
+            try:
+                t.cache.insert(keys, rows)
+            except StorageError as e:  # a full static table: the rows stay in the VDB/PDB
+                if t.name not in _full_static:
+                    _full_static.add(t.name)
+                    log.warning("L1 of %s takes no new keys (%s); they are served below L1",
+                                t.name, e)  # fmt: skip
 
     def flush(self) -> None:
         """Wait for background cache fills (tests and orderly shutdown)."""
@@ -393,6 +399,7 @@ class LookupSession:
 
 
 _failing: set[str] = set()
+_full_static: set[str] = set()  # tables whose full static L1 was logged
 
 
 def _log_tier_failure(level: str, table: str, e: Exception) -> None:

@@ -204,6 +204,12 @@ def mutate(path, value):
             ">= 1",
         ),
         (("models", 0, "gpucacheper"), 2.0, "models[0].gpucacheper", "between 0 and 1"),
+        (
+            ("models", 0, "embedding_cache_type"),
+            "huge",
+            "models[0].embedding_cache_type",
+            "'dynamic', 'static', 'uvm'",
+        ),
         (("models", 0, "model"), KeyError, "models[0].model", "required"),
         (("models", 0, "sparse_files"), 7, "models[0].sparse_files", "a list of str"),
         (("models",), [], "models", "non-empty"),
@@ -242,3 +248,21 @@ def test_duplicate_model_names(tmp_path):
     raw["models"].append(raw["models"][0])
     with pytest.raises(ConfigError, match=r"models\[1\].model"):
         load_config(write(tmp_path, "hps.json", raw))
+
+
+def test_static_table_from_either_hps_field(tmp_path, caplog):
+    """HPS's static embedding table: ``use_static_table: true`` or ``embedding_cache_type:
+    static``; 'uvm' loads with a warning that it is served as 'dynamic'."""
+    for field, value, static in (
+        ("use_static_table", True, True),
+        ("embedding_cache_type", "static", True),
+        ("embedding_cache_type", "dynamic", False),
+        ("use_static_table", False, False),
+    ):
+        m = load_config(write(tmp_path, "hps.json", mutate(("models", 0, field), value))).models[0]
+        assert m.static_table is static, (field, value)
+    with caplog.at_level(logging.WARNING):
+        load_config(
+            write(tmp_path, "hps.json", mutate(("models", 0, "embedding_cache_type"), "uvm"))
+        )
+    assert "embedding_cache_type = 'uvm' is not supported" in caplog.text

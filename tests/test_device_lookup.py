@@ -204,3 +204,32 @@ def test_a_failing_vdb_falls_through_to_the_pdb(files):
         assert all(x.hits["pdb"] > 0 and x.seconds["pdb"] > 0 for x in stats)
     finally:
         ps.close()
+
+
+def test_static_table_without_a_gpu_is_the_host_cache_at_gpucacheper(files, caplog):
+    """``use_static_table`` asks for HPS's static table, a GPU structure: in CPU mode L1 stays
+    the set-associative host cache at ``gpucacheper``, with a warning; lookups as ever."""
+    import logging
+
+    from hps_core.estimate import estimate_config
+    from hps_core.server import l1_capacity
+
+    root, tables = files
+    cfg = config(root, "static_cpu", "lru", "float32", 1, 1.0)
+    cfg["models"][0]["use_static_table"] = True
+    with caplog.at_level(logging.WARNING):
+        ps = ParameterServer(cfg)
+    try:
+        assert "a static embedding table needs a GPU" in caplog.text
+        s = ps.session("m")
+        m = ps.config.models[0]
+        for t, (keys, _) in zip(s.tables, tables, strict=True):
+            assert isinstance(t.cache, HostCache)
+            assert l1_capacity(m, len(keys)) == int(np.ceil(0.05 * len(keys)))
+        est = estimate_config(ps.config)
+        assert [e.l1_device for e in est] == ["host"] * 3
+        cat = request(np.random.default_rng(2), tables, 50)
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(s.lookup_columns(cat), ref)
+    finally:
+        ps.close()

@@ -73,3 +73,32 @@ def test_device_dense_on_cupy_equals_the_reference(tmp_path):
         net = DeviceDense(load_dense_weights(tmp_path / "d.onnx"), cupy)
         got = cupy.asnumpy(net(cupy.asarray(dense), cupy.asarray(emb)))
         np.testing.assert_allclose(got, dense_forward(weights, dense, emb), rtol=0, atol=1e-5)
+
+
+def test_static_table_holds_the_whole_table_and_serves_new_keys_below_it(tmp_path):
+    """HPS's static table on the GPU: filled at load with every row of the tiers, every file
+    key hits; a key the table was not built with (an online update, say) is served from the
+    VDB and its fill into the full table is dropped, not raised."""
+    tables = make_files(tmp_path)
+    cfg = config(tmp_path, "static", "lru", "float32", 1, 1.0)
+    cfg["models"][0].update(deployed_device_list=[0], use_static_table=True)
+    ps = ParameterServer(cfg)
+    try:
+        s = ps.session("m")
+        for t, (keys, _) in zip(s.tables, tables, strict=True):
+            assert t.cache.static and t.cache.capacity == len(keys) == t.cache.size()
+        rng = np.random.default_rng(3)
+        cat = np.stack([keys[rng.integers(0, len(keys), 500)] for keys, _ in tables], axis=1)
+        ref = np.concatenate([reference(tables, t, cat[:, t]) for t in range(3)], axis=1)
+        np.testing.assert_array_equal(s.lookup_columns(cat), ref)
+        for t in s.tables:
+            st = t.stats
+            assert st.hits["l1"] == st.unique_keys > 0
+        new_key, row = 10**17 + 1, np.full((1, 8), 0.25, np.float32)
+        ps.vdb.upsert(s.tables[0].store_name, np.array([new_key]), row)
+        got = s.lookup_concatenated(np.array([new_key]), np.array([1, 0, 0]))[0]
+        s.flush()
+        np.testing.assert_array_equal(got, row.ravel())
+        assert s.tables[0].stats.hits["vdb"] == 1
+    finally:
+        ps.close()
