@@ -228,9 +228,10 @@ class Bench:
         """The dense model's call, or None where onnx/onnxruntime are missing (embeddings only)."""
         return self.dense if self.ort is not None else None
 
-    def set_l1(self, fraction: float) -> None:
-        """Rebuild every table's L1 at ``gpucacheper = fraction`` and pre-fill it, as at load."""
-        m = dataclasses.replace(self.m, gpucacheper=fraction)
+    def set_l1(self, fraction: float, static: bool = False) -> None:
+        """Rebuild every table's L1 at ``gpucacheper = fraction`` and pre-fill it, as at load;
+        ``static``: HPS's static table on a GPU (the whole table, no eviction)."""
+        m = dataclasses.replace(self.m, gpucacheper=fraction, use_static_table=static)
         self.session.flush()
         for t, rt in enumerate(self.session.tables):
             with rt.cache_lock:
