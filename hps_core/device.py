@@ -99,6 +99,7 @@ class DeviceLookup:
         self._ident: tuple | None = None
         self._module = None
         self._device: int | None = None  # the caches' CUDA device (CuPy only)
+        self._host_empty = np.empty  # host staging arrays
 
     def module(self):
         """The array module the path runs with now, or None where it cannot serve the tables
@@ -111,6 +112,7 @@ class DeviceLookup:
 
     def _pick(self, caches: list):
         self._device = None
+        self._host_empty = np.empty
         if self._xp is not None:
             return self._xp
         gpu = [c for c in caches if c is not None]
@@ -119,6 +121,12 @@ class DeviceLookup:
         if len({c.device for c in gpu}) != 1:
             return None
         self._device = gpu[0].device
+        import cupyx  # ships with CuPy
+
+        # Page-locked staging for the keys: the copy runs at the bus's speed (pageable memory
+        # goes through a driver bounce buffer). The pinned pool recycles the buffers; one is
+        # reused only after its request synchronised (the hit flags' copy back).
+        self._host_empty = cupyx.empty_pinned
         return gpu[0]._cp
 
     @property
@@ -151,7 +159,8 @@ class DeviceLookup:
         koff = np.zeros(T + 1, np.int64)
         np.cumsum(n, out=koff[1:])
         N = int(koff[-1])
-        packed = np.empty(2 * N, np.int64)  # unique keys, then the expansion index: one copy
+        # unique keys, then the expansion index: one copy (from page-locked memory on a GPU)
+        packed = self._host_empty(2 * N, np.int64)
         uniq, inverse = packed[:N], packed[N:]
         m = np.zeros(T, np.int64)
         for i, t in enumerate(tables):
