@@ -28,6 +28,30 @@ def config(root, address, name, threshold=1.0, admit=1):
     )  # fmt: skip
 
 
+def request(rng, tables, batch, absent):
+    """Columns of Zipf-hot file keys, a share ``absent`` of them replaced by keys in no tier."""
+    cols = []
+    for keys, _ in tables:
+        col = keys[np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)]
+        col[rng.random(batch) < absent] = rng.integers(10**16, 10**17)  # in no tier
+        cols.append(col)
+    return cols
+
+
+def assert_same_as_per_table(tables, cols, got, want, ours, theirs):
+    """Vectors equal the per-table lookup's and the files'; cache slots and counters equal."""
+    np.testing.assert_array_equal(got, want)
+    for t, ((keys, vecs), col) in enumerate(zip(tables, cols, strict=True)):
+        ref = file_rows(keys, vecs, col, DEFAULTS[t])
+        lo = sum(DIMS[:t])
+        np.testing.assert_array_equal(got[:, lo : lo + DIMS[t]], ref)
+    for a, b in zip(ours, theirs, strict=True):
+        sa, sb = a.cache.snapshot(), b.cache.snapshot()
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+        assert a.stats.hits == b.stats.hits
+
+
 @pytest.mark.parametrize(
     "absent,threshold,admit",
     [
@@ -52,29 +76,18 @@ def test_fused_lookups_over_redis_match_per_table_ones(
         fused.vdb.nodes.run = lambda cmds, read=None: runs.append(read) or run(cmds, read)
         rng = np.random.default_rng(4)
         for batch in (1, 5, 64, 300, 7):
-            cols = []
-            for keys, _ in tables:
-                col = keys[np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)]
-                col[rng.random(batch) < absent] = rng.integers(10**16, 10**17)  # in no tier
-                cols.append(col)
+            cols = request(rng, tables, batch, absent)
             cat = np.stack(cols, axis=1)
             runs.clear()
             got = fused.session("f").lookup_columns(cat)
             want = plain.session("p").lookup_columns(cat)
             fused.session("f").flush()
             plain.session("p").flush()
-            np.testing.assert_array_equal(got, want)
             # all tables' misses travel in one pipelined read (touches and metadata aside)
             assert sum(r is not None for r in runs) <= 1
-            for t, ((keys, vecs), col) in enumerate(zip(tables, cols, strict=True)):
-                ref = file_rows(keys, vecs, col, DEFAULTS[t])
-                lo = sum(DIMS[:t])
-                np.testing.assert_array_equal(got[:, lo : lo + DIMS[t]], ref)
-            for a, b in zip(fused.session("f").tables, plain.session("p").tables, strict=True):
-                sa, sb = a.cache.snapshot(), b.cache.snapshot()
-                for k in sa:
-                    np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
-                assert a.stats.hits == b.stats.hits
+            assert_same_as_per_table(
+                tables, cols, got, want, fused.session("f").tables, plain.session("p").tables
+            )
     finally:
         fused.close()
         plain.close()
@@ -99,28 +112,15 @@ def test_device_path_over_redis_reads_all_tables_misses_in_one_round_trip(redis_
         dev.vdb.nodes.run = lambda cmds, read=None: runs.append(read) or run(cmds, read)
         rng = np.random.default_rng(5)
         for batch in (1, 5, 64, 300, 7):
-            cols = []
-            for keys, _ in tables:
-                col = keys[np.minimum(rng.zipf(1.2, batch) - 1, len(keys) - 1)]
-                col[rng.random(batch) < 0.1] = rng.integers(10**16, 10**17)  # in no tier
-                cols.append(col)
+            cols = request(rng, tables, batch, 0.1)
             cat = np.stack(cols, axis=1)
             runs.clear()
             got = s.lookup_columns(cat)
             want = plain.session("p").lookup_columns(cat)
             s.flush()
             plain.session("p").flush()
-            np.testing.assert_array_equal(got, want)
             assert sum(r is not None for r in runs) <= 1  # one pipelined read of rows
-            for t, ((keys, vecs), col) in enumerate(zip(tables, cols, strict=True)):
-                lo = sum(DIMS[:t])
-                ref = file_rows(keys, vecs, col, DEFAULTS[t])
-                np.testing.assert_array_equal(got[:, lo : lo + DIMS[t]], ref)
-            for a, b in zip(s.tables, plain.session("p").tables, strict=True):
-                sa, sb = a.cache.snapshot(), b.cache.snapshot()
-                for k in sa:
-                    np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
-                assert a.stats.hits == b.stats.hits
+            assert_same_as_per_table(tables, cols, got, want, s.tables, plain.session("p").tables)
     finally:
         dev.close()
         plain.close()
