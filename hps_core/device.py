@@ -34,6 +34,7 @@ keys and hits per level, per table, as a per-table lookup counts them.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,8 @@ class DeviceLookup:
     Args:
         session: the session whose tables it serves.
         xp: the array module. None: CuPy, and only where every table's L1 is a ``GPUCache``
-            or none (at least one), all on one device; otherwise ``eligible`` is False. Given
+            or none (at least one), all on one device, and ``HPS_DEVICE_LOOKUP`` is not 0;
+            otherwise ``eligible`` is False and the session looks tables up one by one. Given
             (NumPy with host caches, in tests), the path serves any caches with that module.
     """
 
@@ -115,6 +117,8 @@ class DeviceLookup:
         self._host_empty = np.empty
         if self._xp is not None:
             return self._xp
+        if os.environ.get("HPS_DEVICE_LOOKUP", "1") == "0":  # per-table lookups instead
+            return None
         gpu = [c for c in caches if c is not None]
         if not gpu or not all(is_gpu_cache(c) and c.output_dtype == "float32" for c in gpu):
             return None
