@@ -4,8 +4,10 @@ One machine, one model, one set of requests. The model is the example repository
 (``hps_core.repo.write_repository``): Criteo-like, 26 tables (``criteo_vocab_sizes``), dim 16,
 and its dense ONNX network. Requests are Zipf (alpha 1.05, 1.2) or uniform, one key per table
 per sample, plus 13 dense features. Each timed call is one request: look up the 26 tables,
-then run the dense model with onnxruntime (CPU provider; the GPU machines' onnxruntime has no
-CUDA provider). The lookup and the dense model are timed separately inside every call, so the
+then run the dense model: with onnxruntime (CPU provider) for baseline A and for ours on a CPU;
+with a GPU, ours keeps the rows on the device and runs the same weights there (``DeviceDense``
+on CuPy; the GPU machines' onnxruntime has no CUDA provider), the predictions copied back to
+the host. The lookup and the dense model are timed separately inside every call, so the
 embedding-only figures stand beside the end-to-end ones.
 
 - **baseline A**: each table's keys fetched from the in-process hash map, no cache: our numba
@@ -13,12 +15,13 @@ embedding-only figures stand beside the end-to-end ones.
   baselines (``baseline_choice`` in the JSON measures it against sorted keys + searchsorted).
 - **ours**: the serving path of the Triton ``hps`` backend (``EmbeddingService.run_slots``):
   dedupe, L1 cache, VDB, PDB, L1 fill, with L1 holding 1% and 10% of each table
-  (``gpucacheper``). On the CPU L1 is the host cache; with a GPU (CuPy sees a device) it is the
-  GPU cache (``deployed_device_list: [0]``), the same session code.
+  (``gpucacheper``). On the CPU L1 is the host cache and the lookup fused; with a GPU (CuPy
+  sees a device) it is the GPU cache (``deployed_device_list: [0]``) and the lookup the
+  session's device-resident path (``hps_core/device.py``).
 - **baseline B** (GPU only): the whole model as one dense CuPy array gathered by row index, no
   hashing: the ceiling of any cache. Compared with ours when every key hits (L1 = 100% of each
-  table, batches replayed after one pass), host arrays in and out on both sides, and also with
-  the keys already on the device (``GPUCache.find`` per table vs the gather).
+  table as HPS's static table, batches replayed after one pass), host arrays in and out on
+  both sides, and also with the rows left on the device on both sides.
 
 Cold: the first calls after L1 was built and pre-filled with the hot keys, as at load (code
 already compiled). Warm: after a warm-up of ``--warmup`` samples from the same stream. Ours and
