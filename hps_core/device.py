@@ -91,13 +91,19 @@ class DeviceLookup:
         session: the session whose tables it serves.
         xp: the array module. None: CuPy, and only where every table's L1 is a ``GPUCache``
             or none (at least one), all on one device, and ``HPS_DEVICE_LOOKUP`` is not 0;
-            otherwise ``eligible`` is False and the session looks tables up one by one. Given
+            otherwise ``eligible`` is False and the session looks tables up one by one.
+        dedupe: look each table's unique keys up once (True). False, and with CuPy where every
+            L1 is a static table: every key as it comes (a static table has no eviction order
+            that repeats would change), which saves the host dedupe and the expansion
+            gather; the counters then count key occurrences as unique keys. Given
             (NumPy with host caches, in tests), the path serves any caches with that module.
     """
 
-    def __init__(self, session: LookupSession, xp=None):
+    def __init__(self, session: LookupSession, xp=None, dedupe: bool = True):
         self.session = session
         self._xp = xp
+        self._dedupe_given = dedupe
+        self._dedupe = dedupe
         self._ident: tuple | None = None
         self._module = None
         self._device: int | None = None  # the caches' CUDA device (CuPy only)
@@ -115,6 +121,7 @@ class DeviceLookup:
     def _pick(self, caches: list):
         self._device = None
         self._host_empty = np.empty
+        self._dedupe = self._dedupe_given
         if self._xp is not None:
             return self._xp
         if os.environ.get("HPS_DEVICE_LOOKUP", "1") == "0":  # per-table lookups instead
@@ -125,6 +132,9 @@ class DeviceLookup:
         if len({c.device for c in gpu}) != 1:
             return None
         self._device = gpu[0].device
+        # Static tables (no eviction, nothing to learn from repeats) take every key as it
+        # comes: no host dedupe, no expansion gather.
+        self._dedupe = self._dedupe_given and not all(c.static for c in gpu)
         import cupyx  # ships with CuPy
 
         # Page-locked staging for the keys: the copy runs at the bus's speed (pageable memory
@@ -163,22 +173,34 @@ class DeviceLookup:
         koff = np.zeros(T + 1, np.int64)
         np.cumsum(n, out=koff[1:])
         N = int(koff[-1])
-        # unique keys, then the expansion index: one copy (from page-locked memory on a GPU)
-        packed = self._host_empty(2 * N, np.int64)
-        uniq, inverse = packed[:N], packed[N:]
-        m = np.zeros(T, np.int64)
         for i, t in enumerate(tables):
             if t.admission is not None:
                 t.admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
-        dedupe = dedupe_tables if N >= PARALLEL_MIN_KEYS else dedupe_tables_serial
-        dedupe(kflat, kbase, kstride, n, koff, uniq, inverse, m)
+        B = int(n[0]) if T else 0
+        if self._dedupe:
+            # unique keys, then the expansion index: one copy (from page-locked memory on a GPU)
+            packed = self._host_empty(2 * N, np.int64)
+            uniq = packed[:N]
+            m = np.zeros(T, np.int64)
+            dedupe = dedupe_tables if N >= PARALLEL_MIN_KEYS else dedupe_tables_serial
+            dedupe(kflat, kbase, kstride, n, koff, uniq, packed[N:], m)
+            d_packed = xp.asarray(packed)
+            d_uniq, d_inv = d_packed[:N], d_packed[N:]
+        else:  # every key as it comes, table after table: [B, T] keys transposed on the device
+            m, d_inv = n, None
+            if (kstride == T).all() and (kbase == np.arange(T)).all():  # [B, T] row by row
+                d_uniq = xp.ascontiguousarray(xp.asarray(kflat).reshape(B, T).T).reshape(-1)
+            elif (kstride == 1).all() and (kbase == koff[:-1]).all():  # already table-major
+                d_uniq = xp.asarray(kflat)
+            else:
+                d_uniq = xp.asarray(np.concatenate(
+                    [kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]] for i in range(T)]
+                ))  # fmt: skip
 
         dims = s.dims
         one_dim = bool((dims == dims[0]).all()) if T else True
         voff = np.zeros(T + 1, np.int64)  # table t's unique rows from voff[t] (room for n[t])
         np.cumsum(n * dims, out=voff[1:])
-        d_packed = xp.asarray(packed)
-        d_uniq = d_packed[:N]
         d_vec = xp.empty(int(voff[-1]), np.float32)
         views = [
             d_vec[voff[i] : voff[i] + m[i] * dims[i]].reshape(int(m[i]), int(dims[i]))
@@ -208,7 +230,12 @@ class DeviceLookup:
             st = LookupStats(unique_keys=int(m[i]))
             st.hits["l1"] = int(delta[i, _HIT["l1"]])
             vec = np.empty((len(miss), tables[i].dim), np.float32)
-            work[i] = (miss, uniq[koff[i] : koff[i] + m[i]][miss], vec, st)
+            keys = (
+                uniq[koff[i] : koff[i] + m[i]]
+                if self._dedupe
+                else kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]]
+            )[miss]
+            work[i] = (miss, keys, vec, st)
         fetched = self._fetch_many(work)
         dst, rows = [], []  # device positions (elements of d_vec) and rows of the misses
         for i, (miss, keys, vec, st) in work.items():
@@ -234,17 +261,23 @@ class DeviceLookup:
                 np.concatenate([r.ravel() for r in rows])
             )
 
-        d_inv = d_packed[N:]
-        B = int(n[0]) if T else 0
         width = int(dims.sum())
         if one_dim and T:  # one gather for all tables: unique row j of table t is row j there
             d = int(dims[0])
-            out = xp.take(d_vec.reshape(-1, d), d_inv, axis=0)  # [N, d], table after table
+            out = d_vec.reshape(-1, d)  # [N, d], table after table
+            if d_inv is not None:
+                out = xp.take(out, d_inv, axis=0)
             if columns:
                 out = xp.ascontiguousarray(out.reshape(T, B, d).transpose(1, 0, 2))
                 out = out.reshape(B, width)
             else:
                 out = out.reshape(-1)
+        elif d_inv is None:  # every key's row is in place already
+            out = d_vec
+            if columns:
+                out = xp.empty((B, width), np.float32)
+                for i, col in enumerate(s._cols.tolist()):
+                    out[:, col : col + int(dims[i])] = views[i]
         elif columns:
             out = xp.empty((B, width), np.float32)
             for i, col in enumerate(s._cols.tolist()):

@@ -233,3 +233,51 @@ def test_static_table_without_a_gpu_is_the_host_cache_at_gpucacheper(files, capl
         np.testing.assert_array_equal(s.lookup_columns(cat), ref)
     finally:
         ps.close()
+
+
+@pytest.mark.parametrize("dims", [(8, 8, 8), (8, 4, 16)])
+def test_without_dedupe_every_key_is_looked_up_as_it_comes(files, dims):
+    """The mode of static GPU tables: no host dedupe, no expansion gather; the same vectors,
+    and counters that count every key occurrence (hits per level add up to the keys)."""
+    _, tables = files
+    vdb = HashMapVDB(num_partitions=2)
+    data = []
+    for t, dim in enumerate(dims):
+        keys = tables[t][0]
+        vecs = np.random.default_rng(t).standard_normal((len(keys), dim)).astype(np.float32)
+        vdb.create_table(f"t{t}", dim, capacity_hint=len(keys))
+        vdb.upsert(f"t{t}", keys, vecs)
+        data.append((keys, vecs))
+    rts = [TableRuntime(f"t{t}", f"t{t}", d, DEFAULTS[t], cache=HostCache(4096, d))
+           for t, d in enumerate(dims)]  # fmt: skip
+    s = LookupSession("m", rts, vdb, None, hit_rate_threshold=1.0)
+    s.device = DeviceLookup(s, xp=np, dedupe=False)
+    try:
+        rng = np.random.default_rng(11)
+        total = 0
+        for batch in (1, 9, 300, 5000, 300):
+            cat = request(rng, data, batch)
+            total += 2 * batch
+            ref = [reference(data, t, cat[:, t]) for t in range(3)]
+            np.testing.assert_array_equal(s.lookup_columns(cat), np.concatenate(ref, axis=1))
+            flat = np.ascontiguousarray(cat.T).reshape(-1)
+            got, st = s.lookup_concatenated(flat, np.full(3, batch))
+            np.testing.assert_array_equal(got, np.concatenate([r.ravel() for r in ref]))
+            assert [x.keys for x in st] == [x.unique_keys for x in st] == [batch] * 3
+            s.flush()
+        for t in s.tables:
+            st = t.stats
+            assert st.keys == st.unique_keys == sum(st.hits.values()) == total
+            assert st.hits["l1"] > 0 and st.hits["vdb"] > 0 and st.hits["default"] > 0
+        # keys of a request laid out neither row by row nor table after table
+        keys = np.concatenate([request(rng, data, 20)[:, t] for t in range(3)])
+        spread = np.zeros(3 * len(keys), np.int64)
+        spread[::3] = keys
+        got, _ = s.device.run(spread, np.array([0, 60, 120]), np.full(3, 3), np.full(3, 20), False)
+        want = np.concatenate(
+            [reference(data, t, keys[20 * t : 20 * t + 20]).ravel() for t in range(3)]
+        )
+        np.testing.assert_array_equal(got, want)
+    finally:
+        s.close()
+        vdb.close()
