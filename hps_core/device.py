@@ -92,11 +92,11 @@ class DeviceLookup:
         xp: the array module. None: CuPy, and only where every table's L1 is a ``GPUCache``
             or none (at least one), all on one device, and ``HPS_DEVICE_LOOKUP`` is not 0;
             otherwise ``eligible`` is False and the session looks tables up one by one.
+            Given (NumPy with host caches, in tests), the path serves any caches with it.
         dedupe: look each table's unique keys up once (True). False, and with CuPy where every
             L1 is a static table: every key as it comes (a static table has no eviction order
             that repeats would change), which saves the host dedupe and the expansion
-            gather; the counters then count key occurrences as unique keys. Given
-            (NumPy with host caches, in tests), the path serves any caches with that module.
+            gather; the counters then count key occurrences as unique keys.
     """
 
     def __init__(self, session: LookupSession, xp=None, dedupe: bool = True):
