@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_fused import assert_same_state, config, make_files, reference, request
+from test_fused import assert_same_state, make_files, reference, request
+from test_fused import config as fused_config
 from three_tables import DEFAULTS
 
 from hps_core import ParameterServer
@@ -17,6 +18,13 @@ from hps_core.cache.host import HostCache
 from hps_core.device import DeviceLookup, is_gpu_cache
 from hps_core.session import LookupSession, TableRuntime
 from hps_core.vdb.hashmap import HashMapVDB
+
+
+def config(*args):
+    """test_fused's config with host caches, on a machine with a GPU too (CPU mode)."""
+    cfg = fused_config(*args)
+    cfg["models"][0]["deployed_device_list"] = []
+    return cfg
 
 
 @pytest.fixture(scope="module")
