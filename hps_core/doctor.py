@@ -188,9 +188,15 @@ def check_cupy() -> Check:
     if n == 0:
         return Check("cupy", WARN, f"{cupy.__version__}, no CUDA device: CPU mode",
                      "check nvidia-smi and CUDA_VISIBLE_DEVICES")  # fmt: skip
-    return Check(
-        "cupy", OK, f"{cupy.__version__}, {n} GPU(s): " + "; ".join(devs), data={"devices": n}
+    path = (
+        "lookups per table (HPS_DEVICE_LOOKUP=0)"
+        if os.environ.get("HPS_DEVICE_LOOKUP", "1") == "0"
+        else "device-resident lookups"
     )
+    return Check(
+        "cupy", OK, f"{cupy.__version__}, {n} GPU(s): " + "; ".join(devs) + f"; GPU L1: {path}",
+        data={"devices": n},
+    )  # fmt: skip
 
 
 def find_nvcc() -> str | None:
