@@ -113,7 +113,7 @@ class DeviceLookup:
         """The array module the path runs with now, or None where it cannot serve the tables
         (checked again when a table's cache object changes)."""
         caches = [t.cache for t in self.session.tables]
-        ident = tuple(id(c) for c in caches)
+        ident = tuple(map(id, caches))
         if ident != self._ident:
             self._ident, self._module = ident, self._pick(caches)
         return self._module
@@ -202,16 +202,17 @@ class DeviceLookup:
         voff = np.zeros(T + 1, np.int64)  # table t's unique rows from voff[t] (room for n[t])
         np.cumsum(n * dims, out=voff[1:])
         d_vec = xp.empty(int(voff[-1]), np.float32)
+        # Python ints from here: a request of one sample should cost little Python per table
+        koff_l, m_l, voff_l, dims_l = koff.tolist(), m.tolist(), voff.tolist(), dims.tolist()
         views = [
-            d_vec[voff[i] : voff[i] + m[i] * dims[i]].reshape(int(m[i]), int(dims[i]))
-            for i in range(T)
-        ]  # fmt: skip
+            d_vec[v : v + mi * d].reshape(mi, d)
+            for v, mi, d in zip(voff_l[:-1], m_l, dims_l, strict=True)
+        ]
         d_hit = xp.zeros(N, np.bool_)  # a table without L1 hits nothing
-        for i, t in enumerate(tables):
-            if t.cache is not None and m[i]:
-                lo, hi = koff[i], koff[i] + m[i]
+        for t, lo, mi, view in zip(tables, koff_l[:-1], m_l, views, strict=True):
+            if mi and t.cache is not None:
                 with t.cache_lock:
-                    t.cache.find_into(d_uniq[lo:hi], views[i], d_hit[lo:hi])
+                    t.cache.find_into(d_uniq[lo : lo + mi], view, d_hit[lo : lo + mi])
         hit = to_host(d_hit)
 
         delta = np.zeros((T, _FIELDS), np.int64)
@@ -221,9 +222,13 @@ class DeviceLookup:
         tab = np.searchsorted(koff, pos, side="right") - 1
         keep = pos - koff[tab] < m[tab]  # not the unused room after a table's unique keys
         pos, tab = pos[keep], tab[keep]
-        bounds = np.searchsorted(tab, np.arange(T + 1))
-        delta[:, _HIT["l1"]] = m - np.diff(bounds)
-        todo = np.flatnonzero(np.diff(bounds)).tolist()
+        if len(pos):
+            bounds = np.searchsorted(tab, np.arange(T + 1))
+            delta[:, _HIT["l1"]] = m - np.diff(bounds)
+            todo = np.flatnonzero(np.diff(bounds)).tolist()
+        else:  # every key hit
+            delta[:, _HIT["l1"]] = m
+            todo = []
         work = {}  # table -> (its misses' unique index, keys, rows, stats)
         for i in todo:
             miss = pos[bounds[i] : bounds[i + 1]] - koff[i]
