@@ -74,6 +74,11 @@ dedupe_tables = njit(parallel=True, nogil=True, cache=True)(_dedupe_tables)
 dedupe_tables_serial = njit(nogil=True, cache=True)(_dedupe_tables)
 
 
+def table_keys(kflat: np.ndarray, kbase, kstride, n, t: int) -> np.ndarray:
+    """Table t's keys of a request laid out as kflat[kbase[t] + i * kstride[t]], i < n[t]."""
+    return kflat[kbase[t] : kbase[t] + n[t] * kstride[t] : kstride[t]]
+
+
 def is_gpu_cache(cache) -> bool:
     """Whether an L1 is a ``GPUCache`` (without importing CuPy where none is)."""
     return type(cache).__name__ == "GPUCache" and type(cache).__module__.endswith("cache.gpu")
@@ -175,7 +180,7 @@ class DeviceLookup:
         N = int(koff[-1])
         for i, t in enumerate(tables):
             if t.admission is not None:
-                t.admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
+                t.admission.record(table_keys(kflat, kbase, kstride, n, i))
         B = int(n[0]) if T else 0
         if self._dedupe:
             # unique keys, then the expansion index: one copy (from page-locked memory on a GPU)
@@ -193,9 +198,9 @@ class DeviceLookup:
             elif (kstride == 1).all() and (kbase == koff[:-1]).all():  # already table-major
                 d_uniq = xp.asarray(kflat)
             else:
-                d_uniq = xp.asarray(np.concatenate(
-                    [kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]] for i in range(T)]
-                ))  # fmt: skip
+                d_uniq = xp.asarray(
+                    np.concatenate([table_keys(kflat, kbase, kstride, n, i) for i in range(T)])
+                )
 
         dims = s.dims
         one_dim = bool((dims == dims[0]).all()) if T else True
@@ -238,7 +243,7 @@ class DeviceLookup:
             keys = (
                 uniq[koff[i] : koff[i] + m[i]]
                 if self._dedupe
-                else kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]]
+                else table_keys(kflat, kbase, kstride, n, i)
             )[miss]
             work[i] = (miss, keys, vec, st)
         fetched = self._fetch_many(work)
@@ -258,9 +263,7 @@ class DeviceLookup:
             d = int(dims[i])
             dst.append((voff[i] + miss * d)[:, None] + np.arange(d))
             rows.append(vec)
-            if st.errors["vdb"] or st.errors["pdb"] or any(st.seconds.values()):
-                with s.fused._lock:  # failed reads and the seconds of each level below L1
-                    t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
+            s.fused.add_tier_stats(t, st)
         if dst:
             d_vec[xp.asarray(np.concatenate([x.ravel() for x in dst]))] = xp.asarray(
                 np.concatenate([r.ravel() for r in rows])
@@ -294,10 +297,7 @@ class DeviceLookup:
                 inv = d_inv[koff[i] : koff[i + 1]] - int(koff[i])
                 part = out[voff[i] : voff[i + 1]].reshape(int(n[i]), int(dims[i]))
                 part[...] = xp.take(views[i], inv, axis=0)
-        fused = s.fused
-        with fused._lock:
-            fused.pending += delta
-            fused.pending_seconds += (time.perf_counter() - t0) / max(T, 1)
+        s.fused.add_pending(delta, time.perf_counter() - t0)
         return out, delta
 
     def _fetch_many(self, work: dict) -> dict[int, np.ndarray]:

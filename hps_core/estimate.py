@@ -40,7 +40,7 @@ class TableEstimate:
 
 def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
     """Per-table bytes: VDB (host RAM), L1 (GPU, or host in CPU mode), PDB (disk, and host RAM)."""
-    from .server import gpu_device, l1_capacity, static_l1
+    from .server import gpu_device, l1_capacity
     from .vdb.hashmap import estimate_table_bytes
 
     v = cfg.volatile_db
@@ -58,17 +58,20 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
                 vdb_bytes = estimate_table_bytes(
                     vdb_rows, dim, v.storage_dtype, parts, v.overflow_policy
                 )
-            # The cache rounds its capacity up to whole sets of cache_ways slots.
-            slots = math.ceil(l1_capacity(m, rows) / m.cache_ways) * m.cache_ways
             item = 4 if m.cache_storage_dtype == "float32" else 2
             on_gpu = gpu_device(m) is not None
-            # per slot, host: key, stamp, occupancy byte; GPU: key, stamp, uint32 state
-            slot_bytes = 8 + 8 + (4 if on_gpu else 1)
-            l1_bytes = slots * (slot_bytes + dim * item)
-            if static_l1(m) and rows:  # open addressing: a power of two >= 2 rows of slots
-                slots = rows  # (key, state, row index each), then the rows and a free list
+            if on_gpu and m.static_table and m.gpucache and rows:  # HPS's static table
+                # open addressing: a power of two >= 2 rows of slots (key, state, row index
+                # each), then the rows and a free list
+                slots = rows
                 table_slots = 1 << max(6, (2 * rows - 1).bit_length())
                 l1_bytes = table_slots * (8 + 4 + 4) + rows * (4 + dim * item)
+            else:
+                # The cache rounds its capacity up to whole sets of cache_ways slots.
+                slots = math.ceil(l1_capacity(m, rows) / m.cache_ways) * m.cache_ways
+                # per slot, host: key, stamp, occupancy byte; GPU: key, stamp, uint32 state
+                slot_bytes = 8 + 8 + (4 if on_gpu else 1)
+                l1_bytes = slots * (slot_bytes + dim * item)
             admission = 0
             if slots and m.cache_admission_min_count > 1:
                 admission = sketch_bytes(slots)  # the set-associative cache's slot count

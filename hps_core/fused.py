@@ -33,6 +33,7 @@ from numba import typed
 from . import _fused_kernels as FK
 from .cache._host_kernels import KIND_F32
 from .cache.host import PARALLEL_MIN_KEYS, HostCache
+from .device import table_keys
 from .errors import StorageError
 from .lookup_stats import LEVELS, LookupStats
 from .vdb import _kernels as VK
@@ -186,7 +187,7 @@ class FusedLookup:
         delta = np.zeros((T, _FIELDS), np.int64)
         flags = np.zeros(T, np.int8)
         for i, admission in lay.admitting:
-            admission.record(kflat[kbase[i] : kbase[i] + n[i] * kstride[i] : kstride[i]])
+            admission.record(table_keys(kflat, kbase, kstride, n, i))
         vtick = np.zeros(T, np.int64)
         for i, vt in lay.tick_tables:
             vtick[i] = HashMapVDB.next_tick(vt)
@@ -217,10 +218,21 @@ class FusedLookup:
                 status[lo : lo + m], view, i in reread,
                 fetched[i][1:3] if i in fetched else None, (epochs[i], now), delta[i],
             )  # fmt: skip
+        self.add_pending(delta, time.perf_counter() - t0)
+        return delta
+
+    def add_pending(self, delta: np.ndarray, seconds: float) -> None:
+        """A call's counters (``run``'s, or the device-resident path's) and its seconds, shared
+        by the tables, until ``fold`` moves them into the tables' LookupStats."""
         with self._lock:
             self.pending += delta
-            self.pending_seconds += (time.perf_counter() - t0) / T
-        return delta
+            self.pending_seconds += seconds / max(len(delta), 1)
+
+    def add_tier_stats(self, t: TableRuntime, st: LookupStats) -> None:
+        """Failed tier reads and the seconds per level below L1 of one table's lookup."""
+        if st.errors["vdb"] or st.errors["pdb"] or any(st.seconds.values()):
+            with self._lock:
+                t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
 
     @staticmethod
     def stats(delta: np.ndarray) -> list[LookupStats]:
@@ -334,9 +346,7 @@ class FusedLookup:
             status[left] = FK.MISSING  # default vectors are not cached
         fill = np.flatnonzero(status == FK.VDB)  # ascending, as a per-table lookup fills
         s.fill(t, uniq[fill], vec[fill], st, since)
-        if st.errors["vdb"] or st.errors["pdb"] or any(st.seconds.values()):
-            with self._lock:
-                t._stats.add(LookupStats(errors=st.errors, seconds=st.seconds))
+        self.add_tier_stats(t, st)
 
     def fold(self) -> None:
         """Move the pending counters into each table's LookupStats."""

@@ -139,7 +139,7 @@ def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
     if device is not None:
         from .cache.gpu import GPUCache
 
-        return GPUCache(capacity, dim, device=device, static=static_l1(m), **options)
+        return GPUCache(capacity, dim, device=device, static=m.static_table, **options)
     if m.static_table:
         log.warning(
             "%s: a static embedding table needs a GPU; in CPU mode L1 is the set-associative "

@@ -284,20 +284,21 @@ class LookupSession:
             raise InvalidInputError(
                 "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
             )
-        if len(k) and self.device.eligible:
+        device = bool(len(k)) and self.device.eligible
+        fused = not device and bool(len(k)) and self.fused.worth(n)
+        if device or fused:  # table t's keys are k[starts[t]:][:counts[t]]
             counts = n.astype(np.int64)
-            starts = np.zeros(len(n), np.int64)
+            starts, ones = np.zeros(len(n), np.int64), np.ones(len(n), np.int64)
             np.cumsum(counts[:-1], out=starts[1:])
-            out, delta = self.device.run(k, starts, np.ones(len(n), np.int64), counts, False)
+        if device:
+            out, delta = self.device.run(k, starts, ones, counts, False)
             return (out if on_device else to_host(out)), (self.fused.stats(delta) if stats else [])
-        if len(k) and self.fused.worth(n):
+        if fused:
             dims = self.dims
-            counts = n.astype(np.int64)
-            starts, obase = np.zeros(len(n), np.int64), np.zeros(len(n), np.int64)
-            np.cumsum(counts[:-1], out=starts[1:])
+            obase = np.zeros(len(n), np.int64)
             np.cumsum((counts * dims)[:-1], out=obase[1:])
             out = buffers.empty(int((counts * dims).sum()), np.float32)
-            delta = self.fused.run(k, starts, np.ones(len(n), np.int64), counts, out, obase, dims)
+            delta = self.fused.run(k, starts, ones, counts, out, obase, dims)
             if delta is not None:
                 return out, self.fused.stats(delta) if stats else []
         parts, per_table, start = [], [], 0

@@ -3,10 +3,10 @@
 Baseline B holds the whole model as one CuPy array [rows, dim] (the tables stacked) and gathers
 rows by index: no hashing, no sets, the ceiling of any cache. Ours runs with L1 as HPS's static
 table (the whole of each table, open addressing, no eviction), on batches replayed after one
-pass (so every key is cached); both
-sides take host arrays and return host arrays, as the serving path does. The same comparison
-with the keys and row indices already on the device (``GPUCache.find`` per table vs the
-gather) shows what the host round trips cost.
+pass (so every key is cached). Both sides take host arrays and return host arrays, as the
+serving path does (``ours_gpu``, ``baseline_b``); the same comparison with the rows left on the
+device on both sides (``device_resident``: the session's device-resident path against the
+gather) shows what the copy of the rows back to the host costs.
 """
 
 from __future__ import annotations
