@@ -17,8 +17,11 @@ the next command then probes it. The outage is logged once and counted in
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,6 +50,10 @@ _failed = REGISTRY.counter(
 )
 
 
+_ALL: weakref.WeakSet = weakref.WeakSet()  # every RedisNodes: a forked child opens its own
+os.register_at_fork(after_in_child=lambda: [n._slots.clear() for n in list(_ALL)])
+
+
 class NodeDown(StorageError):
     """A Redis node did not answer (refused, reset or timed out)."""
 
@@ -67,18 +74,16 @@ class _Sent:
 
     name: str
     conn: object
-    pool: redis.ConnectionPool
+    slots: queue.SimpleQueue
     health: _Health
-    slots: threading.BoundedSemaphore
     count: int
 
     def release(self, drop: bool = False) -> None:
-        """Give the connection and the node slot back (``drop``: close it first, its replies
+        """Give the connection back to its node's slots (``drop``: close it first, its replies
         unread)."""
         if drop:
             self.conn.disconnect()
-        self.pool.release(self.conn)
-        self.slots.release()
+        self.slots.put(self.conn)
 
 
 @dataclass
@@ -129,10 +134,18 @@ class RedisNodes:
         # At most num_node_connections commands in flight per node (HPS's pool size): a burst
         # of lookups queues for a connection instead of opening more or failing the node.
         self._per_node = int(num_node_connections)
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        # Each node's slots: num_node_connections tokens, each an idle connection (None until
+        # first used). A command takes one and puts it back once its replies were read whole
+        # (or the connection was closed), so the next command's replies are the next on that
+        # socket. Kept here rather than handed back to redis-py's pool after every command:
+        # its get/release (locks, a readiness poll of the socket, usage counters) cost ~45 us
+        # per node and fetch. A connection comes from the pool once, so the pool closes it.
+        self._slots: dict[str, queue.SimpleQueue] = {}
+        _ALL.add(self)
         self._health: dict[str, _Health] = {}
         self._redirect_clients: dict[str, redis.Redis] = {}
         self._routes: dict[str, tuple[str, redis.Redis]] = {}  # see _node
+        self.routes_gen = 0  # moves on whenever remembered routes are forgotten
         self._lock = threading.Lock()
         self.cluster = self._is_cluster() if cluster is None else bool(cluster)
         try:
@@ -178,16 +191,21 @@ class RedisNodes:
                 self._rc.nodes_manager.create_redis_connections([n])
             route = n.name, n.redis_connection
         if len(self._routes) >= MAX_ROUTES:
-            self._routes.clear()
+            self._forget_routes()
         self._routes[hkey] = route
         return route
 
-    def run(self, cmds: list[Cmd], read=None) -> list[object]:
-        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError).
+    def _forget_routes(self) -> None:
+        self._routes.clear()
+        self.routes_gen += 1
 
-        ``read(conn, indices)``, if given, reads the replies of ``cmds[indices]`` from a node's
-        connection itself (see ``read_raw``) and returns one result per command; a command
-        redirected elsewhere (MOVED/ASK) is answered by a plain reply as without ``read``."""
+    def route(self, hkey: str) -> tuple[str, redis.Redis]:
+        """(name, client) of the node that holds the hash ``hkey``."""
+        return self._node(hkey)
+
+    def run(self, cmds: list[Cmd]) -> list[object]:
+        """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError);
+        a command redirected (MOVED/ASK) is re-sent where the redirect says."""
         by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
         for i, c in enumerate(cmds):
             name, client = self._node(c.hkey)
@@ -195,46 +213,53 @@ class RedisNodes:
         out: list[object] = [None] * len(cmds)
 
         def one(name: str, client: redis.Redis, idx: list[int]) -> None:
-            rd = (lambda conn: read(conn, idx)) if read is not None else None
-            replies = self._send(name, client, [cmds[i].wire for i in idx], rd)
+            replies = self._send(name, client, [cmds[i].wire for i in idx])
             for i, r in zip(idx, replies, strict=True):
                 out[i] = r
 
         jobs = list(by_node.items())
         if len(jobs) == 1:
             one(jobs[0][0], *jobs[0][1])
-        elif read is not None:
-            # Reads: send to every node, then read each node's replies in turn. The nodes work
-            # at once, and no thread hand-off is paid (requests are small; replies wait in the
-            # sockets meanwhile).
-            sent = [(idx, self._begin(n, c, [cmds[i].wire for i in idx])) for n, (c, idx) in jobs]
-            try:
-                while sent:
-                    idx, p = sent.pop(0)
-                    replies = (
-                        p if isinstance(p, list) else self._finish(p, lambda c, x=idx: read(c, x))
-                    )
-                    for i, r in zip(idx, replies, strict=True):
-                        out[i] = r
-            finally:  # a read that raised leaves the other nodes' replies unread: drop them
-                for _, p in sent:
-                    if not isinstance(p, list):
-                        p.release(drop=True)
         else:
             for f in [self._pool.submit(one, n, c, idx) for n, (c, idx) in jobs]:
                 f.result()
+        return self.follow(out, lambda i: cmds[i].wire)
+
+    def read_nodes(self, jobs: list[tuple[str, redis.Redis, list, int]], read) -> list[list]:
+        """Send each job (node name, client, wire pieces, number of commands) to its node, then
+        read each node's replies in turn with ``read(job index, conn)``, which returns one
+        result per command (see ``read_raw``). The nodes work at once, and no thread hand-off
+        is paid (requests are small; replies wait in the sockets meanwhile). A node that is
+        down gives NodeDown results; redirects are the caller's (``follow``)."""
+        out: list[list] = [[]] * len(jobs)
+        sent = [(j, self._begin(n, c, w, count)) for j, (n, c, w, count) in enumerate(jobs)]
+        try:
+            while sent:
+                j, p = sent.pop(0)
+                out[j] = p if isinstance(p, list) else self._finish(p, lambda c, j=j: read(j, c))
+        finally:  # a read that raised leaves the other nodes' replies unread: drop them
+            for _, p in sent:
+                if not isinstance(p, list):
+                    p.release(drop=True)
+        return out
+
+    def follow(self, results: list, wire_of) -> list:
+        """``results`` with every MOVED/ASK redirect replaced by the reply of the node it names
+        to the same command (``wire_of(i)``: the bytes of command i); the slot map is reloaded
+        at most once per call, and a slot in migration can redirect more than once."""
+        out = list(results)
         refreshed = False
-        for i, r in enumerate(out):
-            for _ in range(3):  # a slot in migration can redirect more than once
+        for i, r in enumerate(results):
+            for _ in range(3):
                 if not isinstance(r, (MovedError, AskError)) or self._rc is None:
                     break
                 if isinstance(r, MovedError) and not refreshed:
                     self._rc.nodes_manager.initialize()  # the slot map changed: reload it once
-                    self._routes.clear()
+                    self._forget_routes()
                     refreshed = True
                 name = f"{r.host}:{r.port}"
                 ask = [R.command("ASKING")] if isinstance(r, AskError) else []
-                r = self._send(name, self._client(r.host, r.port), [*ask, cmds[i].wire])[-1]
+                r = self._send(name, self._client(r.host, r.port), [*ask, wire_of(i)])[-1]
             out[i] = r
         return out
 
@@ -247,38 +272,41 @@ class RedisNodes:
                 c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
         return c
 
-    def _send(self, name: str, client: redis.Redis, wires: list[bytes], read=None) -> list:
-        p = self._begin(name, client, wires)
-        return p if isinstance(p, list) else self._finish(p, read)
+    def _send(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:
+        p = self._begin(name, client, wires, len(wires))
+        return p if isinstance(p, list) else self._finish(p)
 
-    def _begin(self, name: str, client: redis.Redis, wires: list[bytes]) -> _Sent | list:
-        """Send ``wires`` to a node: what ``_finish`` needs to read the replies, or (the node is
-        down) one NodeDown per command. Holds one of the node's slots until ``_finish``."""
+    def _begin(self, name: str, client: redis.Redis, wires: list, count: int) -> _Sent | list:
+        """Send ``wires`` (``count`` commands) to a node: what ``_finish`` needs to read the
+        replies, or (the node is down) one NodeDown per command. Holds one of the node's slots
+        until ``_finish``."""
         slots = self._slots.get(name)
         if slots is None:
             with self._lock:
-                slots = self._slots.setdefault(name, threading.BoundedSemaphore(self._per_node))
-        slots.acquire()
+                slots = self._slots.get(name)
+                if slots is None:
+                    slots = self._slots[name] = queue.SimpleQueue()
+                    for _ in range(self._per_node):
+                        slots.put(None)
+        conn = slots.get()
         h = self._health.setdefault(name, _Health())
         if h.down and time.monotonic() < h.retry_at:
-            slots.release()
+            slots.put(conn)
             _failed.inc(node=name)
             err = NodeDown(f"Redis VDB node {name} is down (retrying in the background)")
-            return [err] * len(wires)
-        pool = client.connection_pool
-        conn = None
+            return [err] * count
         try:
-            conn = _connection(pool)
+            if conn is None:
+                conn = _connection(client.connection_pool)
             conn.send_packed_command([b"".join(wires)], check_health=False)
         except BaseException as e:
             if conn is not None:
                 conn.disconnect()
-                pool.release(conn)
-            slots.release()
+            slots.put(conn)
             if not isinstance(e, NODE_ERRORS):
                 raise
-            return self._down(name, h, e, len(wires))
-        return _Sent(name, conn, pool, h, slots, len(wires))
+            return self._down(name, h, e, count)
+        return _Sent(name, conn, slots, h, count)
 
     def _finish(self, sent: _Sent, read=None) -> list:
         """The replies of what ``_begin`` sent (``read(conn)`` reads them itself if given)."""
@@ -311,7 +339,7 @@ class RedisNodes:
         return [NodeDown(f"Redis VDB node {name}: {type(e).__name__}: {e}")] * n
 
     def _mark_down(self, name: str, h: _Health, e: Exception) -> None:
-        self._routes.clear()  # routes are looked up again (from redis-py's slot map)
+        self._forget_routes()  # routes are looked up again (from redis-py's slot map)
         with h.lock:
             first, lo_hi = not h.down, self.backoff
             h.backoff = lo_hi[0] if first else min(lo_hi[1], h.backoff * 2)
@@ -340,6 +368,12 @@ class RedisNodes:
     def close(self) -> None:
         """Close every connection."""
         self._pool.shutdown(wait=True)
+        for slots in self._slots.values():
+            while not slots.empty():
+                c = slots.get_nowait()
+                if c is not None:
+                    c.disconnect()
+        self._slots.clear()
         if self._single is not None:
             self._single.close()
         if self._rc is not None:

@@ -5,10 +5,8 @@ partition hash keys."""
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,7 +14,7 @@ from ..errors import InvalidInputError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
 from . import shm
-from ._redis_nodes import Cmd, NodeDown, read_raw
+from ._redis_nodes import NodeDown, read_raw
 from .hashmap import _keys
 
 log = logging.getLogger("hps_core.vdb.redis")
@@ -65,7 +63,11 @@ def _part_key(table: str, p: int, suffix: str) -> str:
 
 @dataclass
 class _Fetch:
-    """One table's part of a fetch: its HMGET commands and where their replies go."""
+    """One table's part of a fetch: its HMGET commands and where their replies go.
+
+    Command c is ``wire[at[c]:at[c + 1]]``, reads partition ``part[c]`` and asks for the keys
+    at ``order[lo[c]:hi[c]]``; the commands are in node order, ``spans`` giving each node's
+    (name, client, first command, end command)."""
 
     table: str
     m: _Meta
@@ -73,16 +75,24 @@ class _Fetch:
     out: np.ndarray
     fresh: bool
     found: np.ndarray
-    groups: list[tuple[int, np.ndarray]]
-    cmds: list[Cmd]
     direct: bool  # fp32 rows land in out itself; fp16 ones in rows, decoded at the end
     rows: np.ndarray
+    spans: list = field(default_factory=list)
+    wire: memoryview | None = None
+    at: np.ndarray | None = None
+    part: np.ndarray | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    order: np.ndarray | None = None
     failed: bool = False
+
+    def command(self, c: int) -> memoryview:
+        return self.wire[self.at[c] : self.at[c + 1]]
 
 
 class RedisReads:
-    """``fetch`` and ``fetch_many`` of ``RedisVDB`` (which provides ``_table``, ``_groups``,
-    ``_touch``, ``nodes``, ``_read_errors`` and ``unavailable_keys``)."""
+    """``fetch`` and ``fetch_many`` of ``RedisVDB`` (which provides ``_table``, ``_touch``,
+    ``nodes``, ``_heads``, ``_layouts``, ``_read_errors`` and ``unavailable_keys``)."""
 
     def fetch(self, table, keys, out=None):
         return self.fetch_many([(table, keys, out)])[0]
@@ -93,16 +103,35 @@ class RedisReads:
         """``fetch`` of several (table, keys, out) requests, all in one pipeline per node: one
         round trip for a request of many tables instead of one per table."""
         plans = [self._plan(table, keys, out) for table, keys, out in requests]
-        cmds: list[Cmd] = []
-        owner: list[tuple[int, int]] = []  # (plan, group) of each command
-        for i, pl in enumerate(plans):
-            cmds += pl.cmds
-            owner += [(i, g) for g in range(len(pl.groups))]
-        if cmds:
-            read = functools.partial(self._read_rows, plans, owner)
-            for (i, g), r in zip(owner, self.nodes.run(cmds, read), strict=True):
-                self._take(plans[i], g, r)
+        jobs: dict[str, list] = {}  # node -> [client, wire pieces, commands, (plan, c0, c1)...]
+        for pl in plans:
+            for name, client, c0, c1 in pl.spans:
+                job = jobs.get(name)
+                if job is None:
+                    job = jobs[name] = [client, [], 0, []]
+                job[1].append(pl.wire[pl.at[c0] : pl.at[c1]])
+                job[2] += c1 - c0
+                job[3].append((pl, c0, c1))
+        if jobs:
+            todo = [(name, *job) for name, job in jobs.items()]
+            results = self.nodes.read_nodes(
+                [job[:4] for job in todo], lambda j, conn: self._read_rows(todo[j][4], conn)
+            )
+            for job, res in zip(todo, results, strict=True):
+                if res.count(True) != len(res):  # a failure, a redirect or a plain reply
+                    self._settle(job[4], res)
         return [self._done(pl) for pl in plans]
+
+    def _settle(self, spans: list, res: list) -> None:
+        """Take the results of a node's commands that were not read in place: redirects are
+        followed (``RedisNodes.follow``), then each reply or failure is taken (``_take``)."""
+        cmds = [(pl, c) for pl, c0, c1 in spans for c in range(c0, c1)]
+        odd = [i for i, r in enumerate(res) if r is not True]
+        done = self.nodes.follow(
+            [res[i] for i in odd], lambda j: cmds[odd[j]][0].command(cmds[odd[j]][1])
+        )
+        for i, r in zip(odd, done, strict=True):
+            self._take(*cmds[i], r)
 
     def _plan(self, table: str, keys: object, out: np.ndarray | None) -> _Fetch:
         """The HMGET commands of one fetch, and where their rows go."""
@@ -114,21 +143,44 @@ class RedisReads:
             out = np.zeros((n, m.dim), np.float32)
         elif out.shape != (n, m.dim) or out.dtype != np.float32 or not out.flags.writeable:
             raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {m.dim}]")
-        groups: list[tuple[int, np.ndarray]] = []
-        cmds: list[Cmd] = []
-        if n:
-            hkeys, heads, head_at = self._hmget_heads(table, m.partitions)
-            wire, at, part, lo, hi, order = R.hmget_commands(
-                k, m.partitions, self.max_batch_size, heads, head_at
-            )
-            view = memoryview(wire)
-            at_, lo_, hi_ = at.tolist(), lo.tolist(), hi.tolist()
-            for c, p in enumerate(part.tolist()):
-                groups.append((p, order[lo_[c] : hi_[c]]))
-                cmds.append(Cmd(hkeys[p], view[at_[c] : at_[c + 1]]))
         direct = m.dtype == "float32" and out.flags.c_contiguous  # rows land in out
         rows = out.view(np.uint8) if direct else np.empty((n, m.width), np.uint8)
-        return _Fetch(table, m, k, out, fresh, np.zeros(n, bool), groups, cmds, direct, rows)
+        pl = _Fetch(table, m, k, out, fresh, np.zeros(n, bool), direct, rows)
+        if n:
+            hkeys, heads, head_at = self._hmget_heads(table, m.partitions)
+            perm, nodes = self._layout(table, hkeys)
+            wire, pl.at, pl.part, pl.lo, pl.hi, pl.order, first = R.hmget_commands(
+                k, m.partitions, self.max_batch_size, heads, head_at, perm
+            )
+            pl.wire = memoryview(wire)
+            first_ = first.tolist()
+            pl.spans = [
+                (name, client, first_[r0], first_[r1])
+                for name, client, r0, r1 in nodes
+                if first_[r1] > first_[r0]
+            ]
+        return pl
+
+    def _layout(self, table: str, hkeys: list[str]) -> tuple[np.ndarray, list[tuple]]:
+        """The table's partitions in node order, and each node's (name, client, first rank,
+        end rank) in it; looked up again when the routes were forgotten (a redirect or a node
+        down)."""
+        gen = self.nodes.routes_gen
+        got = self._layouts.get(table)
+        if got is not None and got[0] == gen and len(got[1]) == len(hkeys):
+            return got[1], got[2]
+        routes = [self.nodes.route(hk) for hk in hkeys]
+        rank = {name: i for i, name in enumerate(dict.fromkeys(r[0] for r in routes))}
+        perm = sorted(range(len(hkeys)), key=lambda p: rank[routes[p][0]])
+        nodes: list[tuple] = []
+        for r, p in enumerate(perm):
+            if nodes and nodes[-1][0] == routes[p][0]:
+                nodes[-1][3] = r + 1
+            else:
+                nodes.append([routes[p][0], routes[p][1], r, r + 1])
+        got = gen, np.array(perm, np.int64), [tuple(x) for x in nodes]
+        self._layouts[table] = got
+        return got[1], got[2]
 
     def _hmget_heads(self, table: str, parts: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Each partition's hash key, and the first arguments of an HMGET of it (``$5 HMGET``
@@ -143,10 +195,10 @@ class RedisReads:
             self._heads[table] = cached
         return cached
 
-    def _take(self, pl: _Fetch, g: int, r: object) -> None:
-        """Account for the reply of group g: rows read in place (True), a redirected plain
-        reply, or a failure (its keys fall through)."""
-        p, sel = pl.groups[g]
+    def _take(self, pl: _Fetch, c: int, r: object) -> None:
+        """Account for the reply of command c that was not read in place: a plain reply (a
+        redirected or generically read one) or a failure (its keys fall through)."""
+        p, sel = int(pl.part[c]), pl.order[pl.lo[c] : pl.hi[c]]
         if isinstance(r, Exception):
             # NodeDown was logged by the node; other errors (LOADING, CLUSTERDOWN...) are
             # logged once per table and kind until a fetch of the table works again.
@@ -163,8 +215,6 @@ class RedisReads:
             pl.found[sel] = False
             if pl.fresh and pl.direct:
                 pl.out[sel] = 0.0
-            return
-        if r is True:  # read_rows put the rows in place
             return
         hit = np.fromiter((v is not None for v in r), bool, len(sel))  # a redirected read
         if not hit.any():
@@ -192,32 +242,31 @@ class RedisReads:
             f"{m.width} bytes (dim {m.dim} {m.dtype}); was the table re-created?"
         )
 
-    def _read_rows(self, plans, owner, conn, idx) -> list[object]:
-        """Read the HMGET replies of commands ``idx`` off ``conn`` straight into the rows of
-        their fetches (consecutive commands of one fetch parse as one run)."""
-        runs = []  # (fetch, positions in idx, counts, sel, starts, err)
-        for i, js in itertools.groupby(range(len(idx)), key=lambda j: owner[idx[j]][0]):
-            js = list(js)
-            pl = plans[i]
-            sels = [pl.groups[owner[idx[j]][1]][1] for j in js]
-            counts = np.array([len(x) for x in sels], np.int64)
-            starts = np.zeros(len(js), np.int64)
-            np.cumsum(counts[:-1], out=starts[1:])
-            err = np.full((len(js), 2), -1, np.int64)
-            runs.append((pl, js, counts, np.concatenate(sels), starts, err))
+    def _read_rows(self, spans: list[tuple[_Fetch, int, int]], conn) -> list[object]:
+        """Read the HMGET replies of a node's commands (``spans``: (fetch, first command, end
+        command), one per fetch, in the order sent) off ``conn`` straight into the rows of
+        their fetches: True per command read in place, or the error it got."""
+        runs = []  # (fetch, first command, counts, sel, starts, err, position in the node's)
+        n_cmd = 0
+        for pl, c0, c1 in spans:
+            lo, hi = pl.lo[c0:c1], pl.hi[c0:c1]
+            err = np.full((c1 - c0, 2), -1, np.int64)
+            runs.append((pl, c0, hi - lo, pl.order[lo[0] : hi[-1]], lo - lo[0], err, n_cmd))
+            n_cmd += c1 - c0
         state = np.array([0, -1, 0], np.int64)
         at = [0]  # the run being parsed; state[2] carries the buffer position across runs
         errors: dict[int, str] = {}
 
         def consume(buf: np.ndarray, end: int) -> bool:
             while at[0] < len(runs):
-                pl, js, counts, sel, starts, err = runs[at[0]]
+                pl, c0, counts, sel, starts, err, pos = runs[at[0]]
                 status = R.parse_rows(buf, end, state, counts, sel, starts, pl.rows, pl.found, err)
                 for c in np.flatnonzero(err[:, 0] >= 0):
-                    if js[c] not in errors:
-                        errors[js[c]] = bytes(buf[err[c, 0] : err[c, 1]]).decode(errors="replace")
+                    if pos + c not in errors:
+                        msg = bytes(buf[err[c, 0] : err[c, 1]]).decode(errors="replace")
+                        errors[pos + c] = msg
                 if status in (R.BAD_WIDTH, R.BAD):
-                    p = pl.groups[owner[idx[js[state[0]]]][1]][0]
+                    p = int(pl.part[c0 + state[0]])
                     if status == R.BAD_WIDTH:
                         raise self._width_error(pl.table, p, pl.m)
                     got = bytes(buf[int(state[2]) : min(end, int(state[2]) + 40)])
@@ -231,6 +280,8 @@ class RedisReads:
             return True
 
         read_raw(conn, sum(R.reply_bytes(r[2], r[0].m.width) for r in runs), consume)
+        out: list[object] = [True] * n_cmd
         # an error reply becomes the exception redis-py's own parser would have raised
-        parse_error = conn._parser.parse_error
-        return [parse_error(errors[j]) if j in errors else True for j in range(len(idx))]
+        for j, msg in errors.items():
+            out[j] = conn._parser.parse_error(msg)
+        return out

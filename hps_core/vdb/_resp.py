@@ -56,13 +56,19 @@ def fields(kb: np.ndarray, extra: bytes = b"") -> bytes:
     return rec.tobytes()
 
 
+@njit(inline="always", cache=True)
+def partition(key, parts):
+    """Redis partition of a key: ``splitmix64(key) % parts``."""
+    return np.int64(mix(key) % np.uint64(parts))
+
+
 @njit(nogil=True, cache=True)
 def group_keys(keys, parts):
-    """Counting sort of key positions by Redis partition ``splitmix64(key) % parts``:
+    """Counting sort of key positions by Redis partition (``partition``):
     (order, starts[parts + 1]); batch order is kept within a partition."""
     part = np.empty(len(keys), np.int64)
     for i in range(len(keys)):
-        part[i] = np.int64(mix(keys[i]) % np.uint64(parts))
+        part[i] = partition(keys[i], parts)
     return order_by_part(part, parts)
 
 
@@ -84,18 +90,28 @@ def _write_count(wire, pos, v):
 
 
 @njit(nogil=True, cache=True)
-def hmget_commands(keys, parts, max_batch, heads, head_at):
+def hmget_commands(keys, parts, max_batch, heads, head_at, perm):
     """Every HMGET of a fetch, encoded in one pass: the keys grouped by partition
-    (``group_keys``), at most ``max_batch`` fields per command. ``heads[head_at[p]:head_at[p +
+    (``group_keys``), at most ``max_batch`` fields per command, partitions in the order
+    ``perm`` (the partitions of one node next to each other, so a node's commands are one
+    slice of the wire and its keys one slice of ``order``). ``heads[head_at[p]:head_at[p +
     1]]`` holds partition p's first arguments (``$5 HMGET`` and its hash key, as bulk strings).
 
-    Returns (wire, at, part, lo, hi, order): command c is wire[at[c]:at[c + 1]], reads
-    partition part[c], and asks for keys[order[lo[c]:hi[c]]], in that order."""
-    order, starts = group_keys(keys, parts)
+    Returns (wire, at, part, lo, hi, order, first): command c is wire[at[c]:at[c + 1]], reads
+    partition part[c], and asks for keys[order[lo[c]:hi[c]]], in that order; the commands of
+    partition perm[r] start at first[r] (first[parts] is the number of commands)."""
+    rank = np.empty(parts, np.int64)
+    for r in range(parts):
+        rank[perm[r]] = r
+    by_rank = np.empty(len(keys), np.int64)
+    for i in range(len(keys)):
+        by_rank[i] = rank[partition(keys[i], parts)]
+    order, starts = order_by_part(by_rank, parts)
     n_cmd = 0
     size = 0
-    for p in range(parts):
-        c = starts[p + 1] - starts[p]
+    for r in range(parts):
+        p = perm[r]
+        c = starts[r + 1] - starts[r]
         k = (c + max_batch - 1) // max_batch
         n_cmd += k
         size += k * (23 + head_at[p + 1] - head_at[p]) + FIELD_BYTES * c
@@ -104,11 +120,14 @@ def hmget_commands(keys, parts, max_batch, heads, head_at):
     part = np.empty(n_cmd, np.int64)
     lo = np.empty(n_cmd, np.int64)
     hi = np.empty(n_cmd, np.int64)
+    first = np.empty(parts + 1, np.int64)
     pos = 0
     c = 0
-    for p in range(parts):
-        for s in range(starts[p], starts[p + 1], max_batch):
-            e = min(starts[p + 1], s + max_batch)
+    for r in range(parts):
+        p = perm[r]
+        first[r] = c
+        for s in range(starts[r], starts[r + 1], max_batch):
+            e = min(starts[r + 1], s + max_batch)
             at[c], part[c], lo[c], hi[c] = pos, p, s, e
             pos = _write_count(wire, pos, e - s + 2)
             for b in range(head_at[p], head_at[p + 1]):
@@ -122,8 +141,9 @@ def hmget_commands(keys, parts, max_batch, heads, head_at):
                 wire[pos + 12], wire[pos + 13] = 13, 10
                 pos += FIELD_BYTES
             c += 1
+    first[parts] = c
     at[c] = pos
-    return wire[:pos], at, part, lo, hi, order
+    return wire[:pos], at, part, lo, hi, order, first
 
 
 def pairs(kb: np.ndarray, vb: np.ndarray) -> bytes:

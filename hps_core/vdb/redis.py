@@ -150,6 +150,7 @@ class RedisVDB(RedisReads, VolatileDB):
         self.unavailable_keys = 0  # keys reported missing because their node was down
         self._read_errors: set[tuple[str, type]] = set()  # (table, error kind) logged already
         self._heads: dict[str, tuple] = {}  # per table: its HMGET heads (_hmget_heads)
+        self._layouts: dict[str, tuple] = {}  # per table: its partitions' nodes (_layout)
 
     def node_down(self, name: str) -> bool:
         """Whether this process currently considers the node ``host:port`` down."""

@@ -273,10 +273,11 @@ def test_fetch_many_reads_several_tables_in_one_pipeline(redis_any):
     probes[1] = np.concatenate([probes[1], rng.integers(I64.min, I64.max, 40)])  # absent keys
     probes[2] = probes[2][:0]  # an empty request among them
     sent = []
-    run = vdb.nodes.run
-    vdb.nodes.run = lambda cmds, read=None: sent.append(len(cmds)) or run(cmds, read)
+    read_nodes = vdb.nodes.read_nodes
+    vdb.nodes.read_nodes = lambda jobs, read: sent.append(jobs) or read_nodes(jobs, read)
     got = vdb.fetch_many([(t, p, None) for (t, _, _), p in zip(specs, probes, strict=True)])
-    assert len(sent) == 1  # one pipeline per node for all tables
+    # one pipeline per node for all tables
+    assert len(sent) == 1 and len(sent[0]) == len({name for name, *_ in sent[0]})
     for (table, dim, _), probe, ref, (rows, found) in zip(specs, probes, refs, got, strict=True):
         want_rows, want_found = vdb.fetch(table, probe)
         np.testing.assert_array_equal(found, want_found)

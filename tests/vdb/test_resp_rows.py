@@ -94,12 +94,16 @@ def test_hmget_commands_equal_the_per_argument_encoding(n, parts, max_batch):
     raw = [R.bulk("HMGET") + R.bulk(hk) for hk in hkeys]
     head_at = np.cumsum([0] + [len(b) for b in raw])
     heads = np.frombuffer(b"".join(raw), np.uint8)
-    wire, at, part, lo, hi, order = R.hmget_commands(keys, parts, max_batch, heads, head_at)
+    perm = rng.permutation(parts)  # the partitions in node order
+    wire, at, part, lo, hi, order, first = R.hmget_commands(
+        keys, parts, max_batch, heads, head_at, perm
+    )
     # reference: group by partition (batch order kept), chunk, encode argument by argument
     by_part = R.group_keys(keys, parts)
-    expected, expected_sel = [], []
-    for p in range(parts):
+    expected, expected_sel, expected_first = [], [], []
+    for p in perm:
         sel = by_part[0][by_part[1][p] : by_part[1][p + 1]]
+        expected_first.append(len(expected))
         for s in range(0, len(sel), max_batch):
             chunk = sel[s : s + max_batch]
             args = [
@@ -110,6 +114,9 @@ def test_hmget_commands_equal_the_per_argument_encoding(n, parts, max_batch):
             expected.append((p, b"*%d\r\n" % len(args) + b"".join(R.bulk(a) for a in args)))
             expected_sel.append(chunk)
     assert len(part) == len(expected) and at[-1] == len(wire)
+    assert first.tolist() == [*expected_first, len(expected)]
+    if len(expected):  # a node's keys are one slice of order: the commands' in turn
+        assert lo[0] == 0 and hi[-1] == n and (lo[1:] == hi[:-1]).all()
     for c, (p, cmd) in enumerate(expected):
         assert part[c] == p
         assert wire[at[c] : at[c + 1]].tobytes() == cmd
