@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The Redis tests and benchmark start real redis-server processes (Debian's redis-server 7).
+# The Redis tests and benchmark start real redis-server processes (Debian's redis-server 7);
+# the TLS test makes its certificates with openssl.
 redis:
-	@command -v redis-server >/dev/null || { \
+	@{ command -v redis-server && command -v openssl; } >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get install -y redis-server || \
-	  { $$SUDO apt-get update && $$SUDO apt-get install -y redis-server; }; }
+	  $$SUDO apt-get install -y redis-server openssl || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y redis-server openssl; }; }
 
 install: redis
 test: redis

@@ -3,6 +3,10 @@
 # loopback ports, each node with its own directory under DIR. No persistence, no replicas.
 #
 #   redis-local.sh standalone DIR PORT          start one server
+#   redis-local.sh standalone-tls DIR PORT      start one server that speaks only TLS on PORT
+#                                               and requires a client certificate; makes a
+#                                               test CA and certificates in DIR/tls (openssl):
+#                                               ca.crt, server.crt/key, client.crt/key
 #   redis-local.sh cluster DIR PORT PORT PORT   start 3 (or more) nodes and join them
 #   redis-local.sh kill-node DIR PORT           SIGKILL one node (failure drills)
 #   redis-local.sh start-node DIR PORT          start a node again with its saved config
@@ -21,22 +25,50 @@ else
   AUTH_ARGS=()
 fi
 
+CLI_TLS=()
+
 die() { echo "redis-local.sh: $*" >&2; exit 2; }
 
 wait_up() {  # PORT [LOG: its last lines go into the error]
   for _ in $(seq 1 100); do
-    "$CLI" -h 127.0.0.1 -p "$1" ping >/dev/null 2>&1 && return 0
+    "$CLI" -h 127.0.0.1 -p "$1" "${CLI_TLS[@]}" ping >/dev/null 2>&1 && return 0
     sleep 0.05
   done
   die "node 127.0.0.1:$1 did not answer PING within 5 s${2:+: $(tail -n 2 "$2" 2>/dev/null)}"
 }
 
-start_node() {  # DIR PORT CLUSTER(yes|no)
+make_certs() {  # DIR: a CA, and a server and a client certificate it signed, for 127.0.0.1
+  command -v openssl >/dev/null || die "openssl is not installed (apt-get install openssl)"
+  mkdir -p "$1"
+  (
+    cd "$1"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 7 \
+      -subj "/CN=hps local test CA"
+    for who in server client; do
+      openssl req -newkey rsa:2048 -nodes -keyout "$who.key" -out "$who.csr" -subj "/CN=127.0.0.1"
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$who.ext"
+      openssl x509 -req -in "$who.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 7 \
+        -out "$who.crt" -extfile "$who.ext"
+    done
+  ) >"$1/openssl.log" 2>&1 || die "making test certificates failed: $(tail -n 3 "$1/openssl.log")"
+}
+
+start_node() {  # DIR PORT CLUSTER(yes|no|tls)
   local d="$1/$2"
   mkdir -p "$d"
-  local args=(--port "$2" --bind 127.0.0.1 --dir "$d" --daemonize yes
+  local args=(--bind 127.0.0.1 --dir "$d" --daemonize yes
     --pidfile "$d/redis.pid" --logfile "$d/redis.log" --save "" --appendonly no
     --protected-mode yes "${AUTH_ARGS[@]}")
+  if [ "$3" = tls ] || [ -f "$d/tls" ]; then
+    local t="$1/tls"
+    touch "$d/tls"  # start-node starts it with TLS again
+    args+=(--port 0 --tls-port "$2" --tls-cert-file "$t/server.crt" --tls-key-file "$t/server.key"
+      --tls-ca-cert-file "$t/ca.crt" --tls-auth-clients yes)
+    CLI_TLS=(--tls --cacert "$t/ca.crt" --cert "$t/client.crt" --key "$t/client.key")
+  else
+    args+=(--port "$2")
+    CLI_TLS=()
+  fi
   if [ "$3" = yes ] || [ -f "$d/nodes.conf" ]; then
     args+=(--cluster-enabled yes --cluster-config-file "$d/nodes.conf"
       --cluster-node-timeout "$TIMEOUT_MS" --cluster-require-full-coverage no
@@ -66,6 +98,10 @@ case "$cmd" in
   standalone)
     [ $# -eq 2 ] || die "usage: standalone DIR PORT"
     start_node "$1" "$2" no ;;
+  standalone-tls)
+    [ $# -eq 2 ] || die "usage: standalone-tls DIR PORT"
+    make_certs "$1/tls"
+    start_node "$1" "$2" tls ;;
   cluster)
     [ $# -ge 4 ] || die "usage: cluster DIR PORT PORT PORT..."
     dir=$1; shift
@@ -94,5 +130,5 @@ case "$cmd" in
   stop)
     [ $# -eq 1 ] || die "usage: stop DIR"
     for d in "$1"/*/; do [ -d "$d" ] && stop_node "${d%/}" TERM; done ;;
-  *) die "unknown command '$cmd' (standalone, cluster, kill-node, start-node, stop)" ;;
+  *) die "unknown command '$cmd' (standalone, standalone-tls, cluster, kill-node, start-node, stop)" ;;
 esac

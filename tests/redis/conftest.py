@@ -18,15 +18,19 @@ SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "redis-local
 class LocalRedis:
     """A standalone server or a cluster under ``root``; stopped by the fixture in any case."""
 
-    def __init__(self, root: Path, ports: list[int], password: str = ""):
+    def __init__(self, root: Path, ports: list[int], password: str = "", tls: bool = False):
         if shutil.which("redis-server") is None:
             raise RuntimeError(
                 "redis-server is not installed: run `make install` (apt redis-server)"
             )
-        self.root, self.ports, self.password = root, ports, password
+        self.root, self.ports, self.password, self.tls = root, ports, password, tls
         self.cluster = len(ports) > 1
-        mode = ["cluster"] if self.cluster else ["standalone"]
-        self._sh(*mode, str(root), *map(str, ports))
+        mode = "cluster" if self.cluster else "standalone-tls" if tls else "standalone"
+        self._sh(mode, str(root), *map(str, ports))
+
+    def tls_file(self, name: str) -> str:
+        """A file the TLS server's test CA made (ca.crt, client.crt, client.key...)."""
+        return str(self.root / "tls" / name)
 
     @property
     def address(self) -> str:
@@ -43,18 +47,26 @@ class LocalRedis:
         self._sh("start-node", str(self.root), str(port))
 
     def flush(self) -> None:
+        tls = {}
+        if self.tls:
+            tls = dict(
+                ssl=True,
+                ssl_ca_certs=self.tls_file("ca.crt"),
+                ssl_certfile=self.tls_file("client.crt"),
+                ssl_keyfile=self.tls_file("client.key"),
+            )
         for p in self.ports:
-            redis.Redis(port=p, password=self.password or None).flushall()
+            redis.Redis(port=p, password=self.password or None, **tls).flushall()
 
     def stop(self) -> None:
         subprocess.run([str(SCRIPT), "stop", str(self.root)], capture_output=True, timeout=60)
 
 
-def _start(tmp_path_factory, n: int, password: str = ""):
+def _start(tmp_path_factory, n: int, password: str = "", tls: bool = False):
     root = tmp_path_factory.mktemp("redis")
     server = None
     try:
-        server = LocalRedis(root, free_ports(n, redis_cluster=True), password)
+        server = LocalRedis(root, free_ports(n, redis_cluster=True), password, tls)
         yield server
     finally:
         if server is not None:
@@ -91,6 +103,13 @@ def redis_cluster_own(tmp_path_factory):
 def redis_with_password(tmp_path_factory):
     """A standalone server that requires AUTH (password "s3cret" for the default user)."""
     yield from _start(tmp_path_factory, 1, "s3cret")
+
+
+@pytest.fixture
+def redis_tls(tmp_path_factory):
+    """A standalone server that speaks only TLS and requires a client certificate (a test CA
+    made by redis-local.sh standalone-tls)."""
+    yield from _start(tmp_path_factory, 1, tls=True)
 
 
 @pytest.fixture

@@ -145,6 +145,32 @@ def test_server_lookups_equal_the_reference(redis_any, tmp_path):
         assert total.hits["vdb"] > 0 and total.hits["pdb"] > 0 and total.hits["default"] > 0
 
 
+def test_tls_with_a_client_certificate(redis_tls, tmp_path):
+    """A server that speaks only TLS and requires a client certificate: the config's TLS fields
+    reach the connections (lookups equal the reference, rows read off the TLS socket by the
+    fetch's own reader); without TLS, or without the client certificate, a clear error."""
+    addr, ca = redis_tls.address, redis_tls.tls_file("ca.crt")
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr)
+    with pytest.raises(StorageError, match=addr):
+        RedisVDB(addr, enable_tls=True, tls_ca_certificate=ca)  # no client certificate
+    keys, vecs = make_model(tmp_path)
+    tls = dict(
+        enable_tls=True,
+        tls_ca_certificate=ca,
+        tls_client_certificate=redis_tls.tls_file("client.crt"),
+        tls_client_key=redis_tls.tls_file("client.key"),
+    )
+    (tmp_path / "hps.json").write_text(json.dumps(server_config(tmp_path, addr, **tls)))
+    rng = np.random.default_rng(3)
+    with ParameterServer(tmp_path / "hps.json") as ps:
+        assert ps.vdb.size("hps_et.m.t0") == len(keys)  # loaded over TLS
+        for batch in (1, 300, 5000):  # 5000 keys: replies over many TLS records
+            q = np.concatenate([rng.choice(keys, batch), [7, -(2**63)]])
+            np.testing.assert_array_equal(ps.session("m").lookup(q, "t0"), reference(keys, vecs, q))
+        assert ps.session("m").tables[0].stats.hits["vdb"] > 0
+
+
 def test_auth_is_required_and_used(redis_with_password):
     addr = redis_with_password.address
     with pytest.raises(StorageError, match=addr):
