@@ -48,6 +48,46 @@ def _flag(params: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"parameters.{name}", value, "true or false")
 
 
+def backend_config(argv: list[str], backend: str = "hps") -> dict[str, str]:
+    """The settings tritonserver's command line ``argv`` gives a backend:
+    ``--backend-config=<backend>,<setting>=<value>`` (or the flag and its value as two
+    arguments), and settings without a backend name, which apply to every backend. HugeCTR's
+    HPS backend took its hps.json as ``--backend-config=hps,ps=<path>``."""
+    out: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--backend-config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--backend-config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        else:
+            continue
+        head, sep, rest = spec.partition(",")
+        if sep and "=" not in head:  # <backend>,<setting>=<value>
+            if head != backend:
+                continue
+            spec = rest
+        name, eq, value = spec.partition("=")
+        if eq:
+            out[name] = value
+    return out
+
+
+def server_backend_config(backend: str = "hps", pid: int | None = None) -> dict[str, str]:
+    """``backend_config`` of the tritonserver that started this process (a Python backend stub
+    is its child), with a relative ``ps`` path made absolute against the server's working
+    directory; empty when that command line cannot be read (not under Triton, not Linux)."""
+    pid = os.getppid() if pid is None else pid
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return {}
+    cfg = backend_config(argv, backend)
+    if cfg.get("ps") and not os.path.isabs(cfg["ps"]):
+        cfg["ps"] = os.path.join(cwd, cfg["ps"])
+    return cfg
+
+
 def serving_config(
     path: str | os.PathLike, model: str | None, *, preloaded: bool, model_dir: Path | None = None
 ) -> tuple[HPSConfig, str]:
@@ -118,13 +158,26 @@ class EmbeddingService:
 
     @classmethod
     def from_parameters(
-        cls, params: dict[str, str], model_dir: str | os.PathLike | None = None
+        cls,
+        params: dict[str, str],
+        model_dir: str | os.PathLike | None = None,
+        server: dict[str, str] | None = None,
     ) -> EmbeddingService:
-        """Build from a Triton model's string parameters (``config``, ``model``, ``io``, ...)."""
-        path = params.get("config") or params.get("ps") or os.environ.get("HPS_CONFIG")
+        """Build from a Triton model's string parameters (``config``, ``model``, ``io``, ...).
+
+        The config is the model's parameter ``config`` (or ``ps``), else the server's
+        ``--backend-config=hps,ps=<path>`` (``server``: those settings, read from the server's
+        command line when None), else env ``HPS_CONFIG``."""
+        path = params.get("config") or params.get("ps")
+        if not path:
+            server = server_backend_config() if server is None else server
+            path = server.get("ps") or os.environ.get("HPS_CONFIG")
         if not path:
             raise ConfigError(
-                "parameters.config", None, "the path of an hps.json or our YAML/JSON config"
+                "parameters.config",
+                None,
+                "the path of an hps.json or our YAML/JSON config (or the server's "
+                "--backend-config=hps,ps=<path>, or env HPS_CONFIG)",
             )
         cfg, model = serving_config(
             path,

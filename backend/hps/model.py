@@ -2,7 +2,9 @@
 
 A model config says ``backend: "hps"`` and passes string parameters:
 
-``config``     our config or HugeCTR's hps.json (relative to the model directory), or env HPS_CONFIG
+``config``     our config or HugeCTR's hps.json (relative to the model directory); without it,
+               the server's ``--backend-config=hps,ps=<path>`` (HugeCTR's flag), else env
+               HPS_CONFIG
 ``model``      the model of that config to serve (default: its only model)
 ``io``         ``hps``: KEYS INT64 + NUMKEYS INT32 -> OUTPUT0 FP32 (HugeCTR's HPS backend I/O);
                ``slots``: CAT INT64 [B, slots] -> EMB FP32 [B, sum of dims] (for an ensemble)

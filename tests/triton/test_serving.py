@@ -71,7 +71,16 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     spec = write_repository(root, rows=60_000, dim=8, instances=2, max_batch_size=512)
     preload(spec.config)
-    server = TritonServer(root, models=[spec.ensemble, "hps_embedding"])
+    # hps_embedding as a HugeCTR deployment has it: no config parameter, the server's
+    # --backend-config=hps,ps=<hps.json> names the file (test_hps_io_equals_in_process_lookup)
+    pbtxt = root / "hps_embedding" / "config.pbtxt"
+    lines = pbtxt.read_text().splitlines(keepends=True)
+    pbtxt.write_text("".join(x for x in lines if 'key: "config"' not in x))
+    server = TritonServer(
+        root,
+        models=[spec.ensemble, "hps_embedding"],
+        args=[f"--backend-config=hps,ps={Path(spec.config).resolve()}"],
+    )
     try:
         server.start(timeout=240)
         yield spec, server
@@ -114,7 +123,9 @@ def test_ensemble_equals_numpy_forward(served, files, weights, protocol, batch):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_hps_io_equals_in_process_lookup(served, files, protocol):
+    """HugeCTR's HPS backend I/O, served from the hps.json the server's command line names."""
     spec, server = served
+    assert 'key: "config"' not in (spec.root / "hps_embedding" / "config.pbtxt").read_text()
     rng = np.random.default_rng(5)
     cfg, model = serving_config(spec.config, spec.model, preloaded=True)
     counts = rng.integers(0, 40, spec.slots).astype(np.int32)
