@@ -144,7 +144,7 @@ class RedisNodes:
         _ALL.add(self)
         self._health: dict[str, _Health] = {}
         self._redirect_clients: dict[str, redis.Redis] = {}
-        self._routes: dict[str, tuple[str, redis.Redis]] = {}  # see _node
+        self._routes: dict[str, tuple[str, redis.Redis]] = {}  # see route
         self.routes_gen = 0  # moves on whenever remembered routes are forgotten
         self._lock = threading.Lock()
         self.cluster = self._is_cluster() if cluster is None else bool(cluster)
@@ -174,7 +174,7 @@ class RedisNodes:
             raise StorageError(f"Redis VDB: cannot reach {h}:{p} ({e})") from None
         return bool(info.get("cluster_enabled"))
 
-    def _node(self, hkey: str) -> tuple[str, redis.Redis]:
+    def route(self, hkey: str) -> tuple[str, redis.Redis]:
         """(name, client) of the node that holds the hash ``hkey``. Remembered per hash (a
         fetch sends a command per partition, and redis-py's slot lookup costs ~2.5 us each);
         forgotten when a redirect reloads the slot map or a node goes down. A stale entry
@@ -199,16 +199,12 @@ class RedisNodes:
         self._routes.clear()
         self.routes_gen += 1
 
-    def route(self, hkey: str) -> tuple[str, redis.Redis]:
-        """(name, client) of the node that holds the hash ``hkey``."""
-        return self._node(hkey)
-
     def run(self, cmds: list[Cmd]) -> list[object]:
         """Results of ``cmds`` in order: a reply, or an exception (NodeDown / ResponseError);
         a command redirected (MOVED/ASK) is re-sent where the redirect says."""
         by_node: dict[str, tuple[redis.Redis, list[int]]] = {}
         for i, c in enumerate(cmds):
-            name, client = self._node(c.hkey)
+            name, client = self.route(c.hkey)
             by_node.setdefault(name, (client, []))[1].append(i)
         out: list[object] = [None] * len(cmds)
 

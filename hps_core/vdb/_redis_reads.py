@@ -86,8 +86,9 @@ class _Fetch:
     order: np.ndarray | None = None
     failed: bool = False
 
-    def command(self, c: int) -> memoryview:
-        return self.wire[self.at[c] : self.at[c + 1]]
+    def commands(self, c0: int, c1: int) -> memoryview:
+        """The wire bytes of commands c0 to c1 - 1."""
+        return self.wire[self.at[c0] : self.at[c1]]
 
 
 class RedisReads:
@@ -109,7 +110,7 @@ class RedisReads:
                 job = jobs.get(name)
                 if job is None:
                     job = jobs[name] = [client, [], 0, []]
-                job[1].append(pl.wire[pl.at[c0] : pl.at[c1]])
+                job[1].append(pl.commands(c0, c1))
                 job[2] += c1 - c0
                 job[3].append((pl, c0, c1))
         if jobs:
@@ -126,12 +127,11 @@ class RedisReads:
         """Take the results of a node's commands that were not read in place: redirects are
         followed (``RedisNodes.follow``), then each reply or failure is taken (``_take``)."""
         cmds = [(pl, c) for pl, c0, c1 in spans for c in range(c0, c1)]
-        odd = [i for i, r in enumerate(res) if r is not True]
-        done = self.nodes.follow(
-            [res[i] for i in odd], lambda j: cmds[odd[j]][0].command(cmds[odd[j]][1])
-        )
-        for i, r in zip(odd, done, strict=True):
-            self._take(*cmds[i], r)
+        odd = [(cmds[i], r) for i, r in enumerate(res) if r is not True]
+        wire_of = lambda j: odd[j][0][0].commands(odd[j][0][1], odd[j][0][1] + 1)  # noqa: E731
+        done = self.nodes.follow([r for _, r in odd], wire_of)
+        for ((pl, c), _), r in zip(odd, done, strict=True):
+            self._take(pl, c, r)
 
     def _plan(self, table: str, keys: object, out: np.ndarray | None) -> _Fetch:
         """The HMGET commands of one fetch, and where their rows go."""

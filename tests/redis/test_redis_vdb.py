@@ -197,7 +197,7 @@ def test_moved_and_ask_redirects_are_followed(redis_cluster_own):
     vdb.upsert("t", keys, vecs)
     hkey = "hps_et{t/p0}v"
     slot = key_slot(hkey.encode())
-    src_name, _ = vdb.nodes._node(hkey)
+    src_name, _ = vdb.nodes.route(hkey)
     nodes = {f"127.0.0.1:{p}": redis_py.Redis(port=p) for p in redis_cluster_own.ports}
     src = nodes[src_name]
     dst_name = next(n for n in nodes if n != src_name)
@@ -214,7 +214,7 @@ def test_moved_and_ask_redirects_are_followed(redis_cluster_own):
     got, found = vdb.fetch("t", keys)  # now MOVED: the client reloads its slot map
     assert found.all()
     np.testing.assert_array_equal(got, vecs)
-    assert vdb.nodes._node(hkey)[0] == dst_name
+    assert vdb.nodes.route(hkey)[0] == dst_name
     vdb.upsert("t", keys, vecs + 1)
     np.testing.assert_array_equal(vdb.fetch("t", keys)[0], vecs + 1)
     assert dst.hlen(hkey) > 0 and src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
