@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import threading
 import time
 import weakref
@@ -139,7 +140,8 @@ class RedisNodes:
         # (or the connection was closed), so the next command's replies are the next on that
         # socket. Kept here rather than handed back to redis-py's pool after every command:
         # its get/release (locks, a readiness poll of the socket, usage counters) cost ~45 us
-        # per node and fetch. A connection comes from the pool once, so the pool closes it.
+        # per node and fetch; of those only the poll is kept (``_stale``). A connection comes
+        # from the pool once, so the pool closes it.
         self._slots: dict[str, queue.SimpleQueue] = {}
         _ALL.add(self)
         self._health: dict[str, _Health] = {}
@@ -294,6 +296,8 @@ class RedisNodes:
         try:
             if conn is None:
                 conn = _connection(client.connection_pool)
+            elif _stale(conn):
+                conn.disconnect()  # the send below connects it again
             conn.send_packed_command([b"".join(wires)], check_health=False)
         except BaseException as e:
             if conn is not None:
@@ -390,6 +394,14 @@ def _parser_idle(conn) -> bool:
         return not reader.has_data()
     buf = getattr(parser, "_buffer", None)
     return buf is None or not buf.unread_bytes()
+
+
+def _stale(conn) -> bool:
+    """Whether an idle connection's socket is readable: the server closed it (it restarted, or
+    dropped an idle client) or sent what no command asked for. Such a connection must connect
+    again before its next command, as redis-py's pool checks when it hands one out."""
+    sock = getattr(conn, "_sock", None)
+    return sock is not None and bool(select.select([sock], [], [], 0)[0])
 
 
 def read_raw(conn, size: int, consume) -> None:
