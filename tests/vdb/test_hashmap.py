@@ -88,6 +88,25 @@ def test_fetch_leaves_missing_rows_of_out_untouched_and_widens_unsigned_keys():
     assert found[0] and (got[0] == [1, 2, 3]).all()
 
 
+@pytest.mark.parametrize("dim", [16, 128], ids=["narrow-rows", "wide-rows"])
+def test_fetch_of_every_batch_size_around_the_pipeline_depth(dim):
+    """Fetch runs as a pipeline a few dozen keys deep (``_kernels._fetch_chunk``): batches
+    shorter than it, as long as it, and ending on either side of a parallel task's boundary
+    get every row (and the zeros of every miss) right, in the serial and the parallel kernel."""
+    rng = np.random.default_rng(dim)
+    keys = rng.integers(I64.min, I64.max, 5000, dtype=np.int64)
+    vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+    vdb = HashMapVDB(num_partitions=4)
+    vdb.create_table("t", dim)
+    vdb.upsert("t", keys, vecs)
+    ref = dict(zip(keys.tolist(), vecs, strict=True))
+    absent = rng.integers(I64.min, I64.max, 200, dtype=np.int64)
+    sizes = [*range(41), 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2049, 4100]
+    for n in sizes:
+        probe = np.where(rng.random(n) < 0.2, rng.choice(absent, n), rng.choice(keys, n))
+        check_against(vdb, "t", ref, dim, probe)
+
+
 def every_value_back(dtype: str, values: np.ndarray) -> HashMapVDB:
     """Store every 16-bit pattern's exact fp32 value (``values``) in a table of ``dtype`` and
     fetch them bit for bit, signed zeros, subnormals and infinities included (NaNs as NaN),
