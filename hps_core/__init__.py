@@ -16,7 +16,7 @@ def quiet_openmp(env: MutableMapping[str, str]) -> None:
     ``GOMP_SPINCOUNT=2000`` spins ~20 us first (measured on the 2-core VM), so calls that
     follow each other (a lookup's Python between two kernels takes 5-15 us) find the workers
     awake, and an idle server sleeps. A 2-key parallel fetch took 4-5 us after gaps of up to
-    20 us, against 12-19 us with 300 spins, which slept within 2 us (1K-key dim-128 VDB
+    20 us, against 11-21 us with 300 spins, which slept within 2 us (1K-key dim-128 VDB
     fetches back to back: 81-89 us against 120 us in two of three interleaved runs).
     """
     if "OMP_WAIT_POLICY" not in env:
