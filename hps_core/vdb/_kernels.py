@@ -170,7 +170,7 @@ def _fetch_chunk(lo, hi, keys, sel, index, tkeys, values, meta, touch, tick,
     ``probe``) and copies its row, which has arrived by then. The memory works on a steady
     stream of misses while rows are copied. Against blocks of 32 keys in three passes (the
     kernel before), paired on the 2-core VM: 1.03-1.05x their keys/s at dim 128 and 4K-16K
-    keys, 1.2-1.26x at 64K keys, within noise at 1K, 0.91-0.93x at dim 16 (still 11-34x the
+    keys, 1.2-1.26x at 64K keys, within noise at 1K, 0.91-0.96x at dim 16 (still 11-39x the
     dict baseline there). One loop, each stage once: the kernel is inlined in several callers
     and compiled for every row type, and a copy of the steady state without the stages'
     bounds checks doubled the compile time for 1-3% more keys/s.
