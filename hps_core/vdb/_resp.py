@@ -92,10 +92,11 @@ def _write_count(wire, pos, v):
 @njit(nogil=True, cache=True)
 def hmget_commands(keys, parts, max_batch, heads, head_at, perm):
     """Every HMGET of a fetch, encoded in one pass: the keys grouped by partition
-    (``partition``; batch order kept within one, as ``group_keys``), at most ``max_batch`` fields per command, partitions in the order
-    ``perm`` (the partitions of one node next to each other, so a node's commands are one
-    slice of the wire and its keys one slice of ``order``). ``heads[head_at[p]:head_at[p +
-    1]]`` holds partition p's first arguments (``$5 HMGET`` and its hash key, as bulk strings).
+    (``partition``; batch order kept within one, as ``group_keys``), at most ``max_batch``
+    fields per command, partitions in the order ``perm`` (the partitions of one node next to
+    each other, so a node's commands are one slice of the wire and its keys one slice of
+    ``order``). ``heads[head_at[p]:head_at[p + 1]]`` holds partition p's first arguments
+    (``$5 HMGET`` and its hash key, as bulk strings).
 
     Returns (wire, at, part, lo, hi, order, first): command c is wire[at[c]:at[c + 1]], reads
     partition part[c], and asks for keys[order[lo[c]:hi[c]]], in that order; the commands of
