@@ -100,6 +100,21 @@ class _Owner:
             _pool.give(self.buf)
 
 
+LINE = 64  # bytes per cache line
+
+
+def line_aligned(shape: tuple[int, ...] | int, dtype: object = np.float32) -> np.ndarray:
+    """np.empty whose first element starts on a cache line. np.empty's data starts 16 bytes
+    past one (the allocator's header), so a row of 64 bytes spans two lines, one of 512 nine:
+    a random row read then costs an extra line from memory."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    dt = np.dtype(dtype)
+    nbytes = math.prod(shape) * dt.itemsize
+    raw = np.empty(nbytes + LINE, np.uint8)
+    start = -raw.ctypes.data % LINE
+    return raw[start : start + nbytes].view(dt).reshape(shape)
+
+
 def empty(shape: tuple[int, ...] | int, dtype: object = np.float32) -> np.ndarray:
     """Like np.empty (C order, writeable); large arrays reuse buffers of collected ones."""
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
@@ -110,9 +125,7 @@ def empty(shape: tuple[int, ...] | int, dtype: object = np.float32) -> np.ndarra
     buf = _pool.take(nbytes)
     if buf is None:
         size = -(-nbytes // _GRAIN) * _GRAIN
-        raw = np.empty(size + 64, np.uint8)  # rows start on a cache line, as np.empty's do not
-        start = -raw.ctypes.data % 64
-        buf = raw[start : start + size]
+        buf = line_aligned(size, np.uint8)
     return np.asarray(_Owner(buf, shape, dt))
 
 

@@ -69,3 +69,16 @@ def test_a_bad_pool_size_names_the_variable():
     )
     assert r.returncode != 0
     assert "HPS_BUFFER_POOL_MB" in r.stderr and "'lots'" in r.stderr
+
+
+@pytest.mark.parametrize("shape", [0, 1, (7, 3), (1000, 129), (BIG[0], 16)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int64])
+def test_line_aligned_arrays_start_on_a_cache_line(shape, dtype):
+    a = buffers.line_aligned(shape, dtype)
+    want = (shape,) if isinstance(shape, int) else shape
+    assert a.shape == want and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    if a.size:
+        assert a.ctypes.data % buffers.LINE == 0
+    ref = np.arange(a.size).astype(dtype).reshape(want)
+    a[...] = ref
+    np.testing.assert_array_equal(a, ref)

@@ -38,7 +38,9 @@ def make_rows(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, int(n * 1.01), dtype=np.int64)
     )[:n]
     rng.shuffle(keys)
-    return keys, rng.standard_normal((len(keys), dim)).astype(np.float32)
+    vecs = buffers.line_aligned((len(keys), dim), np.float32)  # as the VDB's rows (the ceiling)
+    vecs[:] = rng.standard_normal((len(keys), dim))
+    return keys, vecs
 
 
 @njit(parallel=True, nogil=True, cache=True)

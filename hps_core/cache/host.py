@@ -19,33 +19,29 @@ Thread safety
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
+from .. import buffers
 from ..errors import InvalidInputError
 from . import _host_kernels as kern
 from .reference import SlotArrays, check_keys, check_vectors, to_bf16_bits
 
 PARALLEL_MIN_KEYS = 4096
 """Batches below this run serially: waking the thread pool costs more than it saves."""
-_ALIGN = 64  # a cache line: an 8-way set's keys and a row's start share no line with a neighbour
 _KIND = {"float32": kern.KIND_F32, "float16": kern.KIND_F16, "bfloat16": kern.KIND_BF16}
 
 
 def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Zeroed C-contiguous array whose data starts on a cache-line boundary.
+    """Zeroed C-contiguous array whose data starts on a cache line (an 8-way set's keys and a
+    row's start share no line with a neighbour).
 
     np.empty + fill rather than np.zeros: numpy asks for transparent huge pages only on its
     malloc path, not on calloc's, and 4 KiB pages cost a TLB miss on nearly every random row.
     """
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf = np.empty(nbytes + _ALIGN, np.uint8)
-    buf.fill(0)
-    start = -buf.ctypes.data % _ALIGN
-    return buf[start : start + nbytes].view(dtype).reshape(shape)
+    a = buffers.line_aligned(shape, dtype)
+    a.fill(0)
+    return a
 
 
 class HostCache(SlotArrays):

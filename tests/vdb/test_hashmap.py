@@ -72,6 +72,26 @@ def test_random_operations_match_a_dict(dim, dtype, parts):
     assert vdb.partition_sizes("t").sum() == len(ref)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_rows_start_on_a_cache_line_before_and_after_growth(dtype):
+    """An unaligned row of 64 bytes spans two lines (512 bytes: nine), one more miss per read."""
+    vdb = HashMapVDB(num_partitions=4)
+    vdb.create_table("t", 16, dtype=dtype)  # 64 rows per partition at first
+    arrays = []
+    for n in (10, 5000):  # the second grows every pool
+        keys = np.arange(n, dtype=np.int64) * 13 - 3  # values keys / 8: exact in fp32
+        vdb.upsert("t", keys, np.tile(keys[:, None] / 8, (1, 16)).astype(np.float32))
+        a = vdb._table("t").arr
+        arrays.append(a)
+        for name in ("index", "keys", "values"):
+            assert getattr(a, name).ctypes.data % 64 == 0, (n, name)
+        got, found = vdb.fetch("t", keys)
+        assert found.all()
+        np.testing.assert_allclose(got, np.tile(keys[:, None] / 8, (1, 16)),
+                                   rtol=0 if dtype == "float32" else 1e-2)  # fmt: skip
+    assert arrays[0].pcap < arrays[1].pcap
+
+
 def test_fetch_leaves_missing_rows_of_out_untouched_and_widens_unsigned_keys():
     vdb = HashMapVDB(num_partitions=2)
     vdb.create_table("t", 3)
