@@ -117,11 +117,13 @@ def line_aligned(shape: tuple[int, ...] | int, dtype: object = np.float32) -> np
 
 def empty(shape: tuple[int, ...] | int, dtype: object = np.float32) -> np.ndarray:
     """Like np.empty (C order, writeable); large arrays reuse buffers of collected ones."""
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     dt = np.dtype(dtype)
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
     nbytes = math.prod(shape) * dt.itemsize
-    if nbytes < RECYCLE_MIN_BYTES or _pool.limit == 0:
+    if nbytes < RECYCLE_MIN_BYTES or _pool.limit == 0:  # (the common case: kept cheap)
         return np.empty(shape, dt)
+    shape = tuple(int(s) for s in shape)
     buf = _pool.take(nbytes)
     if buf is None:
         size = -(-nbytes // _GRAIN) * _GRAIN

@@ -15,6 +15,7 @@ would destroy a table the writer still serves. These files live until ``remove_t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -266,7 +267,7 @@ class TableArrays:
     icap: int
     pcap: int
 
-    @property
+    @functools.cached_property
     def rbits(self) -> int:
         """Low bits of an index entry that hold the row (+ 1); the rest hold a hash tag."""
         return int(self.pcap).bit_length()
