@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +49,11 @@ def test_server_backend_config_reads_a_running_process(tmp_path):
         cwd=tmp_path,
     )
     try:
+        # Until the child has exec'd, its command line is still pytest's.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while b"--backend-config" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert server_backend_config(pid=proc.pid) == {"ps": str(tmp_path / "c" / "h.json")}
     finally:
         proc.kill()
