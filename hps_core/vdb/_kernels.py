@@ -125,6 +125,7 @@ WIDE_ROW = 256
 RING = 32  # per-key state kept in flight: a power of two > AHEAD_INDEX + AHEAD_ROW
 CHUNK = 1024  # keys per parallel task, at most
 MIN_CHUNK = 256  # and at least
+_TASKS = 2 * numba.config.NUMBA_NUM_THREADS  # parallel tasks of a fetch (read once, at import)
 
 
 def chunk_size(n: int) -> int:
@@ -133,9 +134,6 @@ def chunk_size(n: int) -> int:
     ``get_num_threads()``, which costs more than a small fetch's arithmetic; only the split of
     the work depends on it.)"""
     return max(MIN_CHUNK, min(CHUNK, -(-n // _TASKS)))
-
-
-_TASKS = 2 * numba.config.NUMBA_NUM_THREADS  # (read once: the attribute costs ~0.6 us a call)
 
 
 @njit(inline="always", cache=True)
