@@ -135,6 +135,10 @@ class EmbeddingService:
         output_on_device: answer with rows left on the GPU (CuPy arrays, handed to Triton by
             DLPack) where the model's L1 caches are on one (``LookupSession.device``); host
             arrays otherwise, or when False.
+        warm_up: compile the host kernels of every request and update path now, on scratch
+            copies of the model's parts (``hps_core.warmup``), instead of in the first
+            requests that take each path. A failure is logged; the kernels then compile on
+            first use.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class EmbeddingService:
         io: str = "hps",
         max_keys: int | None = None,
         output_on_device: bool = False,
+        warm_up: bool = True,
     ):
         if io not in IO_KINDS:
             raise ConfigError("parameters.io", io, f"one of {IO_KINDS}")
@@ -155,6 +160,21 @@ class EmbeddingService:
         self.max_keys = int(max_keys) if max_keys else m.max_keys_per_request()
         self.dims = [t.dim for t in self.session.tables]
         self.on_device = bool(output_on_device) and self.session.device.eligible
+        self.warm_up_seconds: float | None = None
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's disk cache) the kernels requests and updates run."""
+        from .warmup import warm_up
+
+        try:
+            self.warm_up_seconds = warm_up(self.session, self.io, self.max_keys)
+        except Exception as e:  # serving works without it: the kernels compile on first use
+            log.warning("%s: kernel warm-up failed (%s); kernels compile on first use",
+                        self.model, e)  # fmt: skip
+            return
+        log.info("%s: kernels ready in %.1f s", self.model, self.warm_up_seconds)
 
     @classmethod
     def from_parameters(
@@ -190,9 +210,13 @@ class EmbeddingService:
             max_keys_n = int(max_keys) if max_keys else None
         except ValueError:
             raise ConfigError("parameters.max_keys", max_keys, "an integer") from None
-        on_device = _flag(params, "output_on_device", False)
         return cls(
-            cfg, model, io=params.get("io", "hps"), max_keys=max_keys_n, output_on_device=on_device
+            cfg,
+            model,
+            io=params.get("io", "hps"),
+            max_keys=max_keys_n,
+            output_on_device=_flag(params, "output_on_device", False),
+            warm_up=_flag(params, "warm_up", True),
         )
 
     # -- requests -----------------------------------------------------------------------------

@@ -191,6 +191,10 @@ class HashMapVDB(VolatileDB):
     def dim(self, table):
         return self._table(table).dim
 
+    def dtype(self, table: str) -> str:
+        """How a table stores its rows: float32, float16, bfloat16 or int8."""
+        return self._table(table).dtype
+
     def size(self, table):
         return int(self._table(table).count.sum())
 
