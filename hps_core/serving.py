@@ -174,7 +174,8 @@ class EmbeddingService:
             log.warning("%s: kernel warm-up failed (%s); kernels compile on first use",
                         self.model, e)  # fmt: skip
             return
-        log.info("%s: kernels ready in %.1f s", self.model, self.warm_up_seconds)
+        if self.warm_up_seconds is not None:
+            log.info("%s: kernels ready in %.1f s", self.model, self.warm_up_seconds)
 
     @classmethod
     def from_parameters(

@@ -20,7 +20,8 @@ carry, on scratch copies of the session's parts, so the model's own state is lef
 - an in-process hash-map VDB's write kernels (updates, promotion, eviction) on a scratch map
   of the same policy and row types.
 
-GPU L1 caches are not covered: their CUDA kernels compile when a request first needs them.
+A model with an L1 cache on a GPU is skipped: its requests take the device path, whose host
+kernels (the dedupe) and CUDA kernels compile when a request first needs them.
 """
 
 from __future__ import annotations
@@ -92,14 +93,20 @@ def _exercise_vdb_writes(vdb: HashMapVDB, tables: list[TableRuntime]) -> None:
         scratch.close()
 
 
-def warm_up(session: LookupSession, io: str | None = None, max_keys: int | None = None) -> float:
-    """Run the session's host kernels once at each batch size (see the module); returns seconds.
+def warm_up(
+    session: LookupSession, io: str | None = None, max_keys: int | None = None
+) -> float | None:
+    """Run the session's host kernels once at each batch size (see the module); returns the
+    seconds it took, or None for a model with a GPU L1 (not covered).
 
     ``io``: the request path to run, ``"hps"`` (``lookup_concatenated``) or ``"slots"``
     (``lookup_columns``); None runs both and per-table lookups (the Python API's path).
     ``max_keys``: the most keys a request may carry; batches stay within what one can reach,
     so no kernel is compiled that no request could run.
     """
+    if any(t.cache is not None and type(t.cache) is not HostCache for t in session.tables):
+        log.info("%s: an L1 cache is on a GPU: kernels compile on first use", session.model)
+        return None
     t0 = time.perf_counter()
     tables = []
     for t in session.tables:

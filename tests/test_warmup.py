@@ -197,3 +197,33 @@ def test_warm_up_parameter_and_a_failing_warm_up(files, monkeypatch, caplog):
         np.testing.assert_array_equal(got, want)
     finally:
         svc.close()
+
+
+def test_a_model_with_an_l1_off_the_host_kernels_is_skipped(caplog):
+    """A cache that is not the host kernels' (a GPU L1 in practice; the numpy reference here)
+    sends requests down another path: the warm-up does nothing and says so."""
+    from hps_core.cache.reference import ReferenceCache
+    from hps_core.session import LookupSession, TableRuntime
+    from hps_core.vdb.hashmap import HashMapVDB
+    from hps_core.warmup import warm_up
+
+    vdb = HashMapVDB(num_partitions=2)
+    vdb.create_table("s", 4)
+    keys = np.arange(10, dtype=np.int64)
+    vdb.upsert("s", keys, np.tile(keys[:, None], 4).astype(np.float32))
+    cache = ReferenceCache(64, 4)
+    cache.insert(keys[:3], np.full((3, 4), 7.0, np.float32))
+    before = cache.snapshot()
+    session = LookupSession("g", [TableRuntime("s", "s", 4, 0.0, cache)], vdb, None)
+    try:
+        with caplog.at_level(logging.INFO, logger="hps_core.warmup"):
+            assert warm_up(session, "hps", 1000) is None
+        assert "an L1 cache is on a GPU" in caplog.text
+        after = cache.snapshot()
+        for k in before:
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+        want = np.concatenate([np.full((3, 4), 7.0), np.tile(keys[3:, None], 4)])
+        np.testing.assert_array_equal(session.lookup(keys), want)
+    finally:
+        session.close()
+        vdb.close()
