@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/hps bench cache
 	$(BIN)/hps bench e2e
 	$(BIN)/hps bench redis --seconds 60
+	$(BIN)/hps bench warmup
 
 # The demo on a local 3-node Redis Cluster (the VDB) with online updates from a Redis Stream.
 REDIS_DEMO_DIR ?= /tmp/hps-demo-redis

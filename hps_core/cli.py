@@ -251,6 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.memory import main as bench
     elif args.which == "e2e":
         from .bench.e2e import main as bench
+    elif args.which == "warmup":
+        from .bench.warmup import main as bench
     else:
         from .bench.host_tier import main as bench
     return bench(args.rest)
@@ -363,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "bench",
         help="benchmarks: cache (L1), host-tier (VDB/PDB), redis, memory (estimate vs "
-        "measured), e2e (lookup + dense model); writes benchmarks/results/",
+        "measured), e2e (lookup + dense model), warmup (first requests of a served "
+        "instance); writes benchmarks/results/",
     )
-    s.add_argument("which", choices=["cache", "host-tier", "redis", "memory", "e2e"])
+    s.add_argument("which", choices=["cache", "host-tier", "redis", "memory", "e2e", "warmup"])
     s.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (e.g. --quick)"
     )

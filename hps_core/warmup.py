@@ -2,11 +2,12 @@
 
 numba compiles a kernel for each signature of argument types the first time it is called, or
 loads it from its disk cache (``cache=True``). Left to the traffic, that happens in the middle
-of serving. Measured on the 2-core VM with no disk cache (a fresh install), for a two-table
-model: the first request took 19-21 s, the first batch of 4,096 keys per table 2-9 s more,
-and the first online update compiled two kernels more. From a fresh clone the soak test saw
-the embedding instance grow ~90 MiB when the first failover and updates came, minutes after
-load. Warmed up at load, the same model took 38-40 s there and 0.1 s with the disk cache.
+of serving. ``hps bench warmup`` (a 26-table model, 2-core VM): from an empty disk cache (a
+fresh install) the first request took 11.4 s, the first large one 6.6 s and the first online
+update 1 s, and the instance grew 88 MiB after load; with the cache the first request still
+took 21 ms (18x a steady one), the first large one 27 ms and the first update 17 ms. Warmed
+up at load, each took 1-5 ms; the warm-up took 31 s at load from an empty cache, 0.13 s with
+it.
 
 ``warm_up`` runs every host path once, at a small batch and at the largest a request can
 carry, on scratch copies of the session's parts, so the model's own state is left as it was:

@@ -227,3 +227,15 @@ def test_a_model_with_an_l1_off_the_host_kernels_is_skipped(caplog):
     finally:
         session.close()
         vdb.close()
+
+
+def test_the_warmup_benchmark_child_serves_and_checks_an_update(tmp_path):
+    """One case of ``hps bench warmup`` in this process: its timings are there, and its check
+    that the updated rows are served ran (it raises otherwise)."""
+    from hps_core.bench.warmup import child, write_model
+
+    out = child(str(write_model(tmp_path, 20_000)), True)
+    assert out["warm_up_s"] is not None
+    for key in ("load_s", "first_request_s", "first_large_request_s", "first_update_s"):
+        assert 0 < out[key] < 600, (key, out)
+    assert out["steady_request_s"] > 0 and out["rss_end_mib"] > 0
