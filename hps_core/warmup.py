@@ -44,8 +44,8 @@ LARGE = 4096  # keys per table: at least every component's parallel threshold
 SCRATCH_ROWS = 1024  # rows of each scratch L1 cache
 
 
-def _scratch_cache(cache: object) -> HostCache | None:
-    if type(cache) is not HostCache:
+def _scratch_cache(cache: HostCache | None) -> HostCache | None:
+    if cache is None:
         return None
     return HostCache(
         SCRATCH_ROWS,
@@ -80,7 +80,8 @@ def _exercise_vdb_writes(vdb: HashMapVDB, tables: list[TableRuntime]) -> None:
         refresh_time_after_fetch=vdb.refresh_time_after_fetch,
     )
     try:
-        dtypes = {vdb.dtype(t.store_name) for t in tables if t.store_name in vdb.tables()}
+        held = set(vdb.tables())
+        dtypes = {vdb.dtype(t.store_name) for t in tables if t.store_name in held}
         rng = np.random.default_rng(1)
         for i, dtype in enumerate(sorted(dtypes)):
             name = f"warm-up.{i}"

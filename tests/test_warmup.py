@@ -128,9 +128,10 @@ for n in (3, 5000):  # online updates of rows L1 holds and rows it does not, as 
         for s in sinks:
             s.apply(t.store_name, keys, rows)
         updated.append((t.store_name, keys, rows))
-        counts = np.array([len(keys) if x is t else 0 for x in tables], np.int32)
-        got = svc.run_hps(keys, counts).reshape(-1, t.dim) if io == "hps" else None
-        if io == "slots":  # the other columns ask for the first table's updated keys too
+        if io == "hps":
+            counts = np.array([len(keys) if x is t else 0 for x in tables], np.int32)
+            got = svc.run_hps(keys, counts).reshape(-1, t.dim)
+        else:  # the other columns ask for this table's updated keys too
             got = svc.run_slots([np.stack([keys] * len(tables), axis=1)])[0]
             col = sum(x.dim for x in tables[: tables.index(t)])
             got = got[:, col : col + t.dim]

@@ -47,10 +47,9 @@ def write_model(root: Path, rows: int) -> Path:
 
 
 def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def child(config: str, warm_up: bool) -> dict:
@@ -76,8 +75,11 @@ def child(config: str, warm_up: bool) -> dict:
     def request(batch: int, zipf: bool) -> float:
         cols = []
         for k in keys:
-            idx = np.minimum(rng.zipf(1.2, batch) - 1, len(k) - 1) if zipf else None
-            cols.append(k[idx] if zipf else k[rng.integers(0, len(k), batch)])
+            if zipf:
+                idx = np.minimum(rng.zipf(1.2, batch) - 1, len(k) - 1)
+            else:
+                idx = rng.integers(0, len(k), batch)
+            cols.append(k[idx])
         cat = np.stack(cols, axis=1)
         t = time.perf_counter()
         (got,) = svc.run_slots([cat])
