@@ -46,7 +46,11 @@ class VolatileDBConfig:
     tls_ca_certificate: str = ""
     tls_client_certificate: str = ""
     tls_client_key: str = ""
-    tls_server_name_identification: str = "redis.localhost"
+    # Sent as the TLS server name (SNI) and checked against the server's certificate; empty:
+    # the address dialled. HugeCTR's default, "redis.localhost", is not applied: HugeCTR sent
+    # the name without checking it; checked here, it would reject a certificate issued for the
+    # server's own address.
+    tls_server_name_identification: str = ""
     # Extensions (Redis): per-operation timeouts and the reconnect back-off after an outage.
     # One address of a non-cluster server means standalone Redis; several addresses, or one
     # of a cluster-enabled server, mean Redis Cluster.

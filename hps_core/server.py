@@ -63,6 +63,7 @@ def build_vdb(cfg: HPSConfig) -> VolatileDB | None:
             tls_ca_certificate=v.tls_ca_certificate,
             tls_client_certificate=v.tls_client_certificate,
             tls_client_key=v.tls_client_key,
+            tls_server_name_identification=v.tls_server_name_identification,
             socket_timeout_ms=v.socket_timeout_ms,
             connect_timeout_ms=v.connect_timeout_ms,
             reconnect_backoff_ms=v.reconnect_backoff_ms,

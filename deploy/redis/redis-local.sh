@@ -8,6 +8,9 @@
 #                                               test CA and certificates in DIR/tls (openssl):
 #                                               ca.crt, server.crt/key, client.crt/key
 #   redis-local.sh cluster DIR PORT PORT PORT   start 3 (or more) nodes and join them
+#   redis-local.sh cluster-tls DIR PORT PORT PORT
+#                                               the same, speaking only TLS (clients and the
+#                                               cluster bus), certificates as standalone-tls
 #   redis-local.sh kill-node DIR PORT           SIGKILL one node (failure drills)
 #   redis-local.sh start-node DIR PORT          start a node again with its saved config
 #   redis-local.sh stop DIR                     stop every node started under DIR
@@ -53,23 +56,23 @@ make_certs() {  # DIR: a CA, and a server and a client certificate it signed, fo
   ) >"$1/openssl.log" 2>&1 || die "making test certificates failed: $(tail -n 3 "$1/openssl.log")"
 }
 
-start_node() {  # DIR PORT CLUSTER(yes|no|tls)
+start_node() {  # DIR PORT MODE(no|yes|tls|cluster-tls): yes = a cluster node
   local d="$1/$2"
   mkdir -p "$d"
   local args=(--bind 127.0.0.1 --dir "$d" --daemonize yes
     --pidfile "$d/redis.pid" --logfile "$d/redis.log" --save "" --appendonly no
     --protected-mode yes "${AUTH_ARGS[@]}")
-  if [ "$3" = tls ] || [ -f "$d/tls" ]; then
+  if [ "$3" = tls ] || [ "$3" = cluster-tls ] || [ -f "$d/tls" ]; then
     local t="$1/tls"
     touch "$d/tls"  # start-node starts it with TLS again
     args+=(--port 0 --tls-port "$2" --tls-cert-file "$t/server.crt" --tls-key-file "$t/server.key"
-      --tls-ca-cert-file "$t/ca.crt" --tls-auth-clients yes)
+      --tls-ca-cert-file "$t/ca.crt" --tls-auth-clients yes --tls-cluster yes)
     CLI_TLS=(--tls --cacert "$t/ca.crt" --cert "$t/client.crt" --key "$t/client.key")
   else
     args+=(--port "$2")
     CLI_TLS=()
   fi
-  if [ "$3" = yes ] || [ -f "$d/nodes.conf" ]; then
+  if [ "$3" = yes ] || [ "$3" = cluster-tls ] || [ -f "$d/nodes.conf" ]; then
     args+=(--cluster-enabled yes --cluster-config-file "$d/nodes.conf"
       --cluster-node-timeout "$TIMEOUT_MS" --cluster-require-full-coverage no
       --cluster-allow-reads-when-down yes)
@@ -102,20 +105,22 @@ case "$cmd" in
     [ $# -eq 2 ] || die "usage: standalone-tls DIR PORT"
     make_certs "$1/tls"
     start_node "$1" "$2" tls ;;
-  cluster)
-    [ $# -ge 4 ] || die "usage: cluster DIR PORT PORT PORT..."
+  cluster|cluster-tls)
+    [ $# -ge 4 ] || die "usage: $cmd DIR PORT PORT PORT..."
     dir=$1; shift
+    mode=yes
+    if [ "$cmd" = cluster-tls ]; then make_certs "$dir/tls"; mode=cluster-tls; fi
     for p in "$@"; do  # a node also listens on its port + 10000 (the cluster bus)
       [ "$p" -le 55535 ] 2>/dev/null || die "cluster port $p: must be a number <= 55535 (its bus port is $p + 10000)"
     done
     addrs=()
-    for p in "$@"; do start_node "$dir" "$p" yes; addrs+=("127.0.0.1:$p"); done
-    "$CLI" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 \
+    for p in "$@"; do start_node "$dir" "$p" "$mode"; addrs+=("127.0.0.1:$p"); done
+    "$CLI" "${CLI_TLS[@]}" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 \
       || die "cluster create failed: $(tail -n 5 "$dir/create.log")"
     for _ in $(seq 1 100); do
       ok=1
       for p in "$@"; do
-        "$CLI" -h 127.0.0.1 -p "$p" cluster info | grep -q 'cluster_state:ok' || ok=0
+        "$CLI" -h 127.0.0.1 -p "$p" "${CLI_TLS[@]}" cluster info | grep -q 'cluster_state:ok' || ok=0
       done
       [ $ok = 1 ] && exit 0
       sleep 0.1
@@ -130,5 +135,5 @@ case "$cmd" in
   stop)
     [ $# -eq 1 ] || die "usage: stop DIR"
     for d in "$1"/*/; do [ -d "$d" ] && stop_node "${d%/}" TERM; done ;;
-  *) die "unknown command '$cmd' (standalone, standalone-tls, cluster, kill-node, start-node, stop)" ;;
+  *) die "unknown command '$cmd' (standalone, standalone-tls, cluster, cluster-tls, kill-node, start-node, stop)" ;;
 esac

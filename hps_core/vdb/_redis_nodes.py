@@ -31,7 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
 from ..errors import ConfigError, StorageError
@@ -53,6 +53,39 @@ _failed = REGISTRY.counter(
 
 _ALL: weakref.WeakSet = weakref.WeakSet()  # every RedisNodes: a forked child opens its own
 os.register_at_fork(after_in_child=lambda: [n._slots.clear() for n in list(_ALL)])
+
+
+def tls_classes(server_name: str) -> tuple[type, type]:
+    """(connection, pool) classes for TLS connections: redis-py's, except that where
+    ``server_name`` (``tls_server_name_identification``) is given, the handshake sends it as
+    the TLS server name (SNI) and checks the server's certificate against it instead of the
+    address dialled, as gRPC's target name override does. HugeCTR sent the name as SNI only
+    (its client did not check names); here a certificate must hold the name that is checked,
+    and an error says which one that was.
+    """
+    if server_name and not hasattr(redis.SSLConnection, "_wrap_socket_with_ssl"):
+        raise ConfigError(
+            "volatile_db.tls_server_name_identification", server_name,
+            f"redis-py >= 5.1 to send a server name (installed: {redis.__version__})",
+        )  # fmt: skip
+
+    class TLSConnection(redis.SSLConnection):
+        def _wrap_socket_with_ssl(self, sock):
+            if not server_name:
+                return super()._wrap_socket_with_ssl(sock)
+            # redis-py names the server by self.host, which was dialled by now: the handshake
+            # alone sees server_name; errors raised after it name the address again.
+            dialled, self.host = self.host, server_name
+            try:
+                return super()._wrap_socket_with_ssl(sock)
+            finally:
+                self.host = dialled
+
+    class TLSPool(redis.ConnectionPool):
+        def __init__(self, **kw):
+            super().__init__(**{**kw, "connection_class": TLSConnection})
+
+    return TLSConnection, TLSPool
 
 
 class NodeDown(StorageError):
@@ -110,6 +143,7 @@ class RedisNodes:
         tls_ca_certificate: str = "",
         tls_client_certificate: str = "",
         tls_client_key: str = "",
+        tls_server_name_identification: str = "",
         socket_timeout_ms: int = 1000,
         connect_timeout_ms: int = 500,
         reconnect_backoff_ms: int = 100,
@@ -125,13 +159,16 @@ class RedisNodes:
             # No silent retries inside redis-py: an outage is ours to see, count and back off.
             retry=Retry(NoBackoff(), 0),
         )
+        self._tls = self._tls_name = None
         if enable_tls:
             self._kw.update(
-                ssl=True,
                 ssl_ca_certs=tls_ca_certificate or None,
                 ssl_certfile=tls_client_certificate or None,
                 ssl_keyfile=tls_client_key or None,
+                ssl_check_hostname=True,  # (redis-py 5 did not check by default)
             )
+            self._tls = tls_classes(tls_server_name_identification)
+            self._tls_name = tls_server_name_identification
         # At most num_node_connections commands in flight per node (HPS's pool size): a burst
         # of lookups queues for a connection instead of opening more or failing the node.
         self._per_node = int(num_node_connections)
@@ -153,17 +190,23 @@ class RedisNodes:
         try:
             if self.cluster:
                 nodes = [ClusterNode(h, p) for h, p in self.addresses]
+                tls = {}
+                if self._tls:  # its node clients' pools come from connection_pool_class only
+                    h, p = self.addresses[0]  # when a URL is given
+                    tls = dict(url=f"rediss://{h}:{p}", connection_pool_class=self._tls[1])
                 self._rc = RedisCluster(
-                    startup_nodes=nodes, require_full_coverage=False, **self._kw
+                    startup_nodes=nodes, require_full_coverage=False, **tls, **self._kw
                 )
                 self._single = None
             else:
                 h, p = self.addresses[0]
                 self._rc = None
-                self._single = redis.Redis(host=h, port=p, **self._kw)
+                self._single = self._node_client(h, p)
                 self._single.ping()
-        except NODE_ERRORS + (redis.RedisError,) as e:
-            raise StorageError(f"Redis VDB at {_names(addresses)}: cannot connect ({e})") from None
+        except NODE_ERRORS + (redis.RedisError, RedisClusterException) as e:
+            raise StorageError(
+                f"Redis VDB at {_names(addresses)}: cannot connect ({e}){self._tls_hint(e)}"
+            ) from None
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="hps-redis")
 
     def _is_cluster(self) -> bool:
@@ -171,10 +214,34 @@ class RedisNodes:
             return True
         h, p = self.addresses[0]
         try:
-            info = redis.Redis(host=h, port=p, **self._kw).info("cluster")
+            info = self._node_client(h, p).info("cluster")
         except NODE_ERRORS + (redis.RedisError,) as e:
-            raise StorageError(f"Redis VDB: cannot reach {h}:{p} ({e})") from None
+            raise StorageError(
+                f"Redis VDB: cannot reach {h}:{p} ({e}){self._tls_hint(e)}"
+            ) from None
         return bool(info.get("cluster_enabled"))
+
+    def _node_client(self, host: str, port: int) -> redis.Redis:
+        """A new client of one node, over TLS connections of ours when TLS is on."""
+        if self._tls is None:
+            return redis.Redis(host=host, port=port, **self._kw)
+        c = redis.Redis(host=host, port=port, ssl=True, **self._kw)
+        c.connection_pool.connection_class = self._tls[0]  # (it connects on first use)
+        return c
+
+    def _tls_hint(self, e: Exception) -> str:
+        """Which name a server certificate that failed the check was checked against."""
+        if self._tls_name is None or "certificate" not in str(e):
+            return ""
+        if self._tls_name:
+            return (
+                f"; the server certificate was checked against "
+                f"volatile_db.tls_server_name_identification = {self._tls_name!r}"
+            )
+        return (
+            "; the server certificate was checked against the address dialled: set "
+            "volatile_db.tls_server_name_identification to a name the certificate holds"
+        )
 
     def route(self, hkey: str) -> tuple[str, redis.Redis]:
         """(name, client) of the node that holds the hash ``hkey``. Remembered per hash (a
@@ -267,7 +334,7 @@ class RedisNodes:
         with self._lock:
             c = self._redirect_clients.get(name)
             if c is None:
-                c = self._redirect_clients[name] = redis.Redis(host=host, port=port, **self._kw)
+                c = self._redirect_clients[name] = self._node_client(host, port)
         return c
 
     def _send(self, name: str, client: redis.Redis, wires: list[bytes]) -> list:

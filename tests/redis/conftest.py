@@ -25,7 +25,7 @@ class LocalRedis:
             )
         self.root, self.ports, self.password, self.tls = root, ports, password, tls
         self.cluster = len(ports) > 1
-        mode = "cluster" if self.cluster else "standalone-tls" if tls else "standalone"
+        mode = ("cluster" if self.cluster else "standalone") + ("-tls" if tls else "")
         self._sh(mode, str(root), *map(str, ports))
 
     def tls_file(self, name: str) -> str:
@@ -110,6 +110,13 @@ def redis_tls(tmp_path_factory):
     """A standalone server that speaks only TLS and requires a client certificate (a test CA
     made by redis-local.sh standalone-tls)."""
     yield from _start(tmp_path_factory, 1, tls=True)
+
+
+@pytest.fixture
+def redis_cluster_tls(tmp_path_factory):
+    """A 3-node cluster that speaks only TLS, to clients and on its bus (redis-local.sh
+    cluster-tls), with the same kind of test CA."""
+    yield from _start(tmp_path_factory, 3, tls=True)
 
 
 @pytest.fixture

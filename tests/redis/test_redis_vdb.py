@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import threading
 import time
 
 import numpy as np
@@ -169,6 +172,106 @@ def test_tls_with_a_client_certificate(redis_tls, tmp_path):
             q = np.concatenate([rng.choice(keys, batch), [7, -(2**63)]])
             np.testing.assert_array_equal(ps.session("m").lookup(q, "t0"), reference(keys, vecs, q))
         assert ps.session("m").tables[0].stats.hits["vdb"] > 0
+
+
+class _NameRecorder:
+    """A TLS listener (the test CA's server certificate) that records the server name (SNI)
+    each client's handshake sends (None: none sent), then hangs up: not a Redis server."""
+
+    def __init__(self, tls_file):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_file("server.crt"), tls_file("server.key"))
+        ctx.sni_callback = lambda _sock, name, _ctx: self.names.append(name)
+        self.names: list[str | None] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.ctx, self.stop = ctx, threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            try:
+                self.ctx.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_tls_server_name_is_sent_and_checked(redis_tls, tmp_path):
+    """tls_server_name_identification is the name the TLS handshake sends (SNI) and the one
+    the server's certificate must hold (it names 127.0.0.1 and localhost): from hps.json to
+    the connections, lookups equal the reference under a name the certificate holds, and a
+    name it lacks is a clear error that names the field; unset, no name is sent to an IP
+    address and the certificate is checked against it."""
+    tls = dict(
+        enable_tls=True,
+        tls_ca_certificate=redis_tls.tls_file("ca.crt"),
+        tls_client_certificate=redis_tls.tls_file("client.crt"),
+        tls_client_key=redis_tls.tls_file("client.key"),
+    )
+    listener = _NameRecorder(redis_tls.tls_file)
+    try:
+        for name, sent in (("", None), ("localhost", "localhost")):
+            listener.names.clear()
+            with pytest.raises(StorageError, match=listener.address):
+                RedisVDB(listener.address, tls_server_name_identification=name, **tls)
+            assert listener.names == [sent]
+    finally:
+        listener.close()
+
+    with pytest.raises(StorageError, match=r"tls_server_name_identification = 'redis\.example'"):
+        RedisVDB(redis_tls.address, tls_server_name_identification="redis.example", **tls)
+    keys, vecs = make_model(tmp_path)
+    cfg = server_config(tmp_path, redis_tls.address, **tls)
+    cfg["volatile_db"]["tls_server_name_identification"] = "localhost"
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(4)
+    with ParameterServer(tmp_path / "hps.json") as ps:
+        assert ps.vdb.nodes._tls_name == "localhost"
+        q = np.concatenate([rng.choice(keys, 300), [7, -(2**63)]])
+        np.testing.assert_array_equal(ps.session("m").lookup(q, "t0"), reference(keys, vecs, q))
+        assert ps.session("m").tables[0].stats.hits["vdb"] > 0
+    cfg["volatile_db"]["tls_server_name_identification"] = "redis.example"
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    with pytest.raises(StorageError, match="tls_server_name_identification"):
+        ParameterServer(tmp_path / "hps.json")
+
+
+def test_tls_cluster_with_a_server_name(redis_cluster_tls):
+    """A cluster that speaks only TLS: every node's connections (those to the nodes the slot
+    map names included) check the certificate against tls_server_name_identification, and
+    rows in partitions across all three nodes equal the reference."""
+    tls = dict(
+        enable_tls=True,
+        tls_ca_certificate=redis_cluster_tls.tls_file("ca.crt"),
+        tls_client_certificate=redis_cluster_tls.tls_file("client.crt"),
+        tls_client_key=redis_cluster_tls.tls_file("client.key"),
+    )
+    addr = redis_cluster_tls.address
+    with pytest.raises(StorageError, match=r"tls_server_name_identification = 'redis\.example'"):
+        RedisVDB(addr, tls_server_name_identification="redis.example", **tls)
+    vdb = RedisVDB(addr, num_partitions=12, tls_server_name_identification="localhost", **tls)
+    assert vdb.cluster
+    vdb.create_table("t", 5)
+    rng = np.random.default_rng(6)
+    keys = np.concatenate([EXTREMES, rng.integers(I64.min, I64.max, 3000)])
+    vecs = rng.standard_normal((len(keys), 5)).astype(np.float32)
+    vdb.upsert("t", keys, vecs)
+    check(vdb, "t", dict(zip(keys.tolist(), vecs, strict=True)), 5, np.concatenate([keys, [3, 4]]))
+    nodes = {vdb.nodes.route(f"hps_et{{t/p{p}}}v")[0] for p in range(12)}
+    assert len(nodes) == 3, nodes  # the partitions span every node
+    vdb.close()
 
 
 def test_auth_is_required_and_used(redis_with_password):
