@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -230,6 +231,9 @@ class ModelConfig:
                 raise ConfigError(
                     f"{p}.{name}", got, f"one entry per sparse file ({n} entries)", src
                 )
+        for t, name in enumerate(self.embedding_table_names):
+            if not name:
+                raise ConfigError(f"{p}.embedding_table_names[{t}]", name, "a non-empty name", src)
         if len(set(self.embedding_table_names)) != n:
             raise ConfigError(
                 f"{p}.embedding_table_names", self.embedding_table_names, "unique names", src
@@ -334,7 +338,14 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
         src = str(path)
         if not path.is_file():
             raise ConfigError("<file>", src, "an existing config file (hps.json or .yaml)", None)
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "<file>", src, f"a UTF-8 text file (byte {e.start}: {e.reason})"
+            ) from None
+        except OSError as e:
+            raise ConfigError("<file>", src, f"a readable file ({e.strerror})") from None
         raw = _parse_text(text, path)
         base = path.resolve().parent
     if not isinstance(raw, dict):
@@ -349,6 +360,7 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
     cfg.persistent_db.validate(src)
     cfg.update_source.validate(src)
     names = set()
+    stored: dict[str, str] = {}  # the VDB/PDB name of every table: whose it is
     for i, m in enumerate(cfg.models):
         m.validate(src, i)
         if m.model in names:
@@ -356,6 +368,14 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
                 f"models[{i}].model", m.model, "a name not used by another model", src
             )
         names.add(m.model)
+        for t in m.embedding_table_names:
+            other = stored.setdefault(store_table_name(m.model, t), m.model)
+            if other != m.model:
+                raise ConfigError(
+                    f"models[{i}].embedding_table_names", t,
+                    f"a name whose stored name {store_table_name(m.model, t)!r} is not also a table "
+                    f"of model {other!r} ('.' in model and table names)", src,
+                )  # fmt: skip
         m.sparse_files = [_resolve(base, p) for p in m.sparse_files]
         m.hot_key_files = [_resolve(base, p) if p else "" for p in m.hot_key_files]
     if cfg.persistent_db.type != "disabled":
@@ -367,8 +387,13 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
     return cfg
 
 
+def store_table_name(model: str, table: str) -> str:
+    """HPS's storage naming of a model's table in the VDB and PDB."""
+    return f"hps_et.{model}.{table}"
+
+
 def _parse_text(text: str, path: Path) -> Any:
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
@@ -435,20 +460,31 @@ def _coerce(tp: Any, value: Any, name: str, src: str | None) -> Any:
             return value
         raise ConfigError(name, value, "true or false", src)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise ConfigError(name, value, "an integer", src)
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(name, value, "an integer within 64 bits", src)
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, value, "a number", src)
         return float(value)
     if tp is str:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return ",".join(value)  # e.g. a JSON list of Redis addresses
+        if name.endswith(_LIST_STRINGS) and isinstance(value, list):
+            if all(isinstance(v, str) for v in value):
+                return ",".join(value)  # a JSON list of Redis addresses
         if not isinstance(value, str):
             raise ConfigError(name, value, "a string", src)
         return value
     return value
+
+
+_LIST_STRINGS = (".address", ".brokers")  # string fields that also take a list of strings
 
 
 def _choice(name: str, value: Any, allowed: tuple, src: str | None) -> None:

@@ -83,8 +83,8 @@ def run_demo(
 
 def _online_update(hps: HPS, m: dict, redis: str) -> int:
     """Publish new rows for keys of the biggest table and time until lookups return them."""
+    from .config import store_table_name
     from .metrics import REGISTRY
-    from .session import store_table_name
     from .updates import Publisher, connect
 
     console.rule("online update through the Redis Stream")

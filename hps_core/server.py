@@ -13,11 +13,11 @@ import numpy as np
 
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
-from .config import HPSConfig, ModelConfig, load_config
+from .config import HPSConfig, ModelConfig, load_config, store_table_name
 from .errors import ConfigError, UnknownModelError
 from .model_io import SparseTable
 from .pdb.base import PersistentDB
-from .session import LookupSession, TableRuntime, store_table_name
+from .session import LookupSession, TableRuntime
 from .vdb.base import VolatileDB
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,21 @@ class ParameterServer:
     # -- models -------------------------------------------------------------------------------
     def add_model(self, m: ModelConfig) -> LookupSession:
         """Load a model's tables into the tiers and start serving it (replaces a same-named one)."""
+        with self._lock:
+            taken = {
+                rt.store_name: name
+                for name, s in self.sessions.items()
+                if name != m.model
+                for rt in s.tables
+            }
+        for t in m.embedding_table_names:
+            other = taken.get(store_table_name(m.model, t))
+            if other is not None:
+                raise ConfigError(
+                    f"{m.model}.embedding_table_names", t,
+                    f"a name whose stored name {store_table_name(m.model, t)!r} is not also a "
+                    f"table of model {other!r} ('.' in model and table names)",
+                )  # fmt: skip
         tables, files = [], []
         try:
             for t, path in enumerate(m.sparse_files):

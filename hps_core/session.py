@@ -100,11 +100,6 @@ class TableRuntime:
         return self._stats
 
 
-def store_table_name(model: str, table: str) -> str:
-    """HPS's storage naming of a model's table in the VDB and PDB."""
-    return f"hps_et.{model}.{table}"
-
-
 def as_keys(keys: object, name: str = "keys") -> np.ndarray:
     """Validate request keys: a 1-D integer array; 32-bit keys widen to int64, uint64 reinterprets."""
     arr = np.asarray(keys)

@@ -219,6 +219,18 @@ def mutate(path, value):
             "models[0].embedding_table_names",
             "unique",
         ),
+        (
+            ("models", 0, "embedding_table_names"),
+            ["", "a"],
+            "models[0].embedding_table_names[0]",
+            "non-empty",
+        ),
+        # json.dumps writes NaN / Infinity, and json.loads (as YAML's .nan / .inf) reads them
+        (("volatile_db", "num_partitions"), float("nan"), "volatile_db.num_partitions", "integer"),
+        (("volatile_db", "num_partitions"), float("inf"), "volatile_db.num_partitions", "integer"),
+        (("volatile_db", "num_partitions"), 1e30, "volatile_db.num_partitions", "64 bits"),
+        (("volatile_db", "type"), ["hash_map"], "volatile_db.type", "a string"),
+        (("models", 0, "model"), ["a", "b"], "models[0].model", "a string"),
     ],
 )
 def test_bad_fields_name_field_value_and_expectation(tmp_path, path, value, field, expected):
@@ -241,6 +253,36 @@ def test_malformed_json_names_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="existing config file"):
         load_config(tmp_path / "nope.json")
+
+
+def test_unreadable_text_and_upper_case_yaml(tmp_path):
+    p = tmp_path / "hps.json"
+    p.write_bytes(b'{"models": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="UTF-8") as e:
+        load_config(p)
+    assert e.value.field == "<file>" and str(p) in str(e.value)
+    model = {"model": "m", "sparse_files": ["a"], "embedding_vecsize_per_table": [4]}
+    model["maxnum_catfeature_query_per_table_per_sample"] = [2]
+    y = write(tmp_path, "hps.YAML", f"models: [{json.dumps(model)}]\n")  # JSON is YAML too
+    assert load_config(y).models[0].embedding_vecsize_per_table == [4]
+    raw = {
+        "volatile_db": {"type": "redis_cluster", "address": ["h1:1", "h2:2"]},
+        "models": [model],
+    }
+    assert load_config(raw).volatile_db.address == "h1:1,h2:2"  # a list of addresses is kept
+
+
+def test_stored_table_names_of_two_models_may_not_meet(tmp_path):
+    """Model 'a.b' + table 'c' and model 'a' + table 'b.c' would be one table hps_et.a.b.c."""
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    second = json.loads(json.dumps(raw["models"][0]))
+    raw["models"][0]["model"], raw["models"][0]["embedding_table_names"] = "a", ["b.c", "d"]
+    second["model"], second["embedding_table_names"] = "a.b", ["c", "e"]
+    raw["models"].append(second)
+    with pytest.raises(ConfigError, match=r"models\[1\].embedding_table_names.*hps_et\.a\.b\.c"):
+        load_config(write(tmp_path, "hps.json", raw))
+    second["embedding_table_names"] = ["c2", "e"]  # no shared stored name: fine
+    assert [m.model for m in load_config(write(tmp_path, "hps.json", raw)).models] == ["a", "a.b"]
 
 
 def test_duplicate_model_names(tmp_path):

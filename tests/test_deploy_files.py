@@ -25,11 +25,10 @@ import pytest
 import yaml
 
 from hps_core.cli import build_parser
-from hps_core.config import load_config
+from hps_core.config import load_config, store_table_name
 from hps_core.dense import load_dense_weights, save_dense_model
 from hps_core.pdb.rocksdb import RocksDBPDB
 from hps_core.repo import read_spec
-from hps_core.session import store_table_name
 from hps_core.synth import criteo_vocab_sizes, make_model, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]

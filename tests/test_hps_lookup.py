@@ -236,6 +236,17 @@ def test_add_and_remove_models_at_run_time(tmp_path):
             ps.lookup(q, "m", 0)
         assert "hps_et.m.user" not in ps.vdb.tables()
         np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
+        # model "m2.user" would store its table "x" as hps_et.m2.user.x: free. But model
+        # "m2" + table "user.x" and model "m2.user" + table "x" would share one stored table.
+        clash = load_config(config(tmp_path)).models[0]
+        clash.model, clash.embedding_table_names = "m2", ["user.x", "item"]
+        ps.add_model(clash)  # replaces m2
+        clash2 = load_config(config(tmp_path)).models[0]
+        clash2.model, clash2.embedding_table_names = "m2.user", ["y", "x"]
+        with pytest.raises(ConfigError, match=r"m2\.user\.embedding_table_names.*'m2'"):
+            ps.add_model(clash2)
+        assert "m2.user" not in ps.sessions
+        np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
 
 
 def test_model_file_errors_name_the_file(tmp_path):

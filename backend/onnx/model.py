@@ -71,12 +71,16 @@ class TritonPythonModel:
                 start = 0
                 for i, f in feeds:
                     n = len(f[self.inputs[0][0]])
-                    tensors = [
-                        to_tensor(o, r[start : start + n])
-                        for o, r in zip(self.outputs, results, strict=True)
-                    ]
-                    responses[i] = pb_utils.InferenceResponse(tensors)
+                    parts = [r[start : start + n] for r in results]
                     start += n
+                    bad = [o for o, r in zip(self.outputs, parts, strict=True) if not _finite(r)]
+                    if bad:  # finite inputs the network overflows on: no silent NaN
+                        responses[i] = _error(
+                            ValueError(f"output {bad[0]} is NaN or infinite for these inputs")
+                        )
+                        continue
+                    tensors = [to_tensor(o, r) for o, r in zip(self.outputs, parts, strict=True)]
+                    responses[i] = pb_utils.InferenceResponse(tensors)
             except Exception as e:
                 for i, _ in feeds:
                     responses[i] = _error(e)
@@ -89,11 +93,23 @@ class TritonPythonModel:
             if tensor is None:
                 raise ValueError(f"input {name} is missing")
             a = to_numpy(tensor)
-            feed[name] = a.astype(np.float32, copy=False) if kind == "tensor(float)" else a
+            if kind == "tensor(float)":
+                a = a.astype(np.float32, copy=False)
+                if not _finite(a):
+                    rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+                    raise ValueError(
+                        f"input {name}: NaN or infinite values in rows {rows[:8].tolist()}"
+                        + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+                    )
+            feed[name] = a
         lengths = {len(a) for a in feed.values()}
         if len(lengths) > 1:
             raise ValueError(f"inputs have different batch sizes {sorted(lengths)}")
         return feed
+
+
+def _finite(a: np.ndarray) -> bool:
+    return a.dtype.kind != "f" or bool(np.isfinite(a).all())
 
 
 def _error(e: Exception):

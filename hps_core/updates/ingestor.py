@@ -460,7 +460,7 @@ def ingestor_for(
     if isinstance(vdb, HashMapVDB) and not vdb.shm_name:
         vdb = None
     sinks: list[Sink] = []
-    from ..session import store_table_name
+    from ..config import store_table_name
 
     vdb_dtype = config.volatile_db.storage_dtype
     dims = {

@@ -168,10 +168,19 @@ def _bad_requests(spec):
     yield "too many keys", "hps_embedding", {"KEYS": big, "NUMKEYS": many}, "KEYS"
     yield "shape", spec.embedding, {"CAT": np.zeros((2, spec.slots - 1), np.int64)}, "CAT"
     yield "cat dtype", spec.embedding, {"CAT": np.zeros((2, spec.slots), np.float32)}, "CAT"
+    cat = np.zeros((3, spec.slots), np.int64)
+    for what, value, field in (
+        ("NaN", np.nan, "DENSE"),
+        ("infinite", -np.inf, "DENSE"),
+        ("overflows the network", 3e38, "PROB"),  # finite, but not for the dense layers
+    ):
+        dense = np.ones((3, spec.num_dense), np.float32)
+        dense[1] = value  # a whole row: 3e38 in every feature sums past the float range
+        yield what, spec.ensemble, {"DENSE": dense, "CAT": cat}, field
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_bad_requests_get_invalid_arg_and_the_server_goes_on(served, files, protocol):
+def test_bad_requests_get_invalid_arg_and_the_server_goes_on(served, files, weights, protocol):
     spec, server = served
     rng = np.random.default_rng(9)
     cat = files.sample_cat(rng, 4)
@@ -179,7 +188,7 @@ def test_bad_requests_get_invalid_arg_and_the_server_goes_on(served, files, prot
         for what, model, inputs, field in _bad_requests(spec):
             if model == "hps_embedding":  # HugeCTR's [1, n] layout, so only our checks can object
                 inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
-            output = "OUTPUT0" if model == "hps_embedding" else "EMB"
+            output = {"hps_embedding": "OUTPUT0", spec.embedding: "EMB"}.get(model, "PROB")
             with pytest.raises(Exception) as err:
                 c.infer(model, inputs, output)
             text = str(err.value)
@@ -189,6 +198,9 @@ def test_bad_requests_get_invalid_arg_and_the_server_goes_on(served, files, prot
             else:
                 assert "[400]" in text or "400" in text, (what, text)
             np.testing.assert_array_equal(c.embed(cat, model=spec.embedding), files.embed(cat))
+        dense = rng.random((4, spec.num_dense), dtype=np.float32)
+        want = dense_forward(weights, dense, files.embed(cat))
+        assert np.max(np.abs(c.predict(dense, cat, model=spec.ensemble) - want)) <= 1e-5
 
 
 def test_load_and_unload_at_run_time(served, files):
