@@ -432,7 +432,14 @@ def _build(cls: type, raw: Any, prefix: str, src: str | None) -> Any:
             continue
         if name in _NO_EFFECT and value not in (None, "", known[name].default):
             log.info("config key '%s%s' has no effect: %s", prefix, key, _NO_EFFECT[name])
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{key}", src)
+        value = _coerce(hints[name], value, f"{prefix}{key}", src)
+        if key in aliases and name in kwargs and kwargs[name] != value:
+            value = min(value, kwargs[name])
+            log.warning(
+                "%s: %smax_get_batch_size and %smax_set_batch_size differ: reads and writes "
+                "both use the smaller, %d", src or "config", prefix, prefix, value,
+            )  # fmt: skip
+        kwargs[name] = value
     for f in known.values():
         if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{prefix}{f.name}", None, "a value (the field is required)", src)

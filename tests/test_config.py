@@ -308,3 +308,15 @@ def test_static_table_from_either_hps_field(tmp_path, caplog):
             write(tmp_path, "hps.json", mutate(("models", 0, "embedding_cache_type"), "uvm"))
         )
     assert "embedding_cache_type = 'uvm' is not supported" in caplog.text
+
+
+def test_get_and_set_batch_sizes_that_differ_take_the_smaller(caplog):
+    model = {"model": "m", "sparse_files": ["a"], "embedding_vecsize_per_table": [4]}
+    model["maxnum_catfeature_query_per_table_per_sample"] = [2]
+    for get, put in ((500, 800), (800, 500), (700, 700)):
+        caplog.clear()
+        raw = {"volatile_db": {"max_get_batch_size": get, "max_set_batch_size": put}}
+        with caplog.at_level(logging.WARNING, logger="hps_core.config"):
+            cfg = load_config({**raw, "models": [model]})
+        assert cfg.volatile_db.max_batch_size == min(get, put)
+        assert ("differ" in caplog.text) == (get != put)
