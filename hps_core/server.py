@@ -165,6 +165,8 @@ def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:
             )
         except (OSError, ValueError) as e:
             raise ModelFileError(path, f"cannot read hot keys ({e})") from None
+        if keys.dtype.kind not in "iu":
+            raise ModelFileError(path, f"hot keys of dtype {keys.dtype}: expected integer keys")
         return np.asarray(keys, dtype=np.int64).ravel()
     return f.hot_keys
 

@@ -102,7 +102,12 @@ class TableRuntime:
 
 def as_keys(keys: object, name: str = "keys") -> np.ndarray:
     """Validate request keys: a 1-D integer array; 32-bit keys widen to int64, uint64 reinterprets."""
-    arr = np.asarray(keys)
+    try:
+        arr = np.asarray(keys)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged lists, ints past 64 bits
+        raise InvalidInputError(
+            name, type(keys).__name__, f"a 1-D array of integer keys ({e})"
+        ) from None
     if arr.dtype == object or arr.dtype.kind not in "iu":
         if arr.size == 0 and arr.dtype.kind == "f":
             arr = arr.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine

@@ -151,6 +151,10 @@ def test_bad_inputs_are_clear_errors_and_the_server_keeps_serving(served):
         hps.lookup(np.zeros((2, 2), np.int64), "m", 0)
     with pytest.raises(InvalidInputError, match="'keys'"):
         hps.lookup(["a", "b"], "m", 0)
+    with pytest.raises(InvalidInputError, match="'keys'"):
+        hps.lookup([[1], [2, 3]], "m", 0)  # ragged
+    with pytest.raises(InvalidInputError, match="'keys'"):
+        hps.lookup([2**64], "m", 0)  # past 64 bits
     with pytest.raises(UnknownModelError, match="'nope'.*\\['m'\\]"):
         hps.lookup([1], "nope", 0)
     with pytest.raises(UnknownTableError, match="table 2.*0=user, 1=item"):
@@ -333,6 +337,10 @@ def test_l1_is_prefilled_with_hot_keys_from_meta_or_a_file(tmp_path):
     cfg["models"][0]["cache_prefill"] = False
     with ParameterServer(cfg) as ps:
         assert ps.session("m").lookup_with_stats(keys0[:40], 0)[1].hits["l1"] == 0
+    np.save(tmp_path / "hot1.npy", hot1.astype(np.float64))  # not keys: no silent truncation
+    cfg["models"][0].update(cache_prefill=True, hot_key_files=["", str(tmp_path / "hot1.npy")])
+    with pytest.raises(ModelFileError, match="hot1.npy.*float64"):
+        ParameterServer(cfg)
 
 
 def test_a_fill_racing_an_update_never_caches_the_old_row(tmp_path):
