@@ -329,27 +329,32 @@ _UNSUPPORTED = {
 }
 
 
+def load_config_dict(path: str | os.PathLike) -> dict:
+    """A config file (.json, .yaml/.yml) parsed, not yet validated; errors name the file."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise ConfigError("<file>", src, "an existing config file (hps.json or .yaml)", None)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            "<file>", src, f"a UTF-8 text file (byte {e.start}: {e.reason})"
+        ) from None
+    except OSError as e:
+        raise ConfigError("<file>", src, f"a readable file ({e.strerror})") from None
+    raw = _parse_text(text, path)
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", type(raw).__name__, "a JSON/YAML object", src)
+    return raw
+
+
 def load_config(source: str | os.PathLike | dict) -> HPSConfig:
     """Load and validate a config from a path (.json, .yaml/.yml) or an already-parsed dict."""
     if isinstance(source, dict):
         raw, src, base = source, None, Path.cwd()
     else:
-        path = Path(source)
-        src = str(path)
-        if not path.is_file():
-            raise ConfigError("<file>", src, "an existing config file (hps.json or .yaml)", None)
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                "<file>", src, f"a UTF-8 text file (byte {e.start}: {e.reason})"
-            ) from None
-        except OSError as e:
-            raise ConfigError("<file>", src, f"a readable file ({e.strerror})") from None
-        raw = _parse_text(text, path)
-        base = path.resolve().parent
-    if not isinstance(raw, dict):
-        raise ConfigError("<root>", type(raw).__name__, "a JSON/YAML object", src)
+        raw, src, base = load_config_dict(source), str(source), Path(source).resolve().parent
     cfg = _build(HPSConfig, raw, "", src)
     cfg.source = src
     if not isinstance(cfg.models, list) or not cfg.models:
@@ -376,10 +381,10 @@ def load_config(source: str | os.PathLike | dict) -> HPSConfig:
                     f"a name whose stored name {store_table_name(m.model, t)!r} is not also a table "
                     f"of model {other!r} ('.' in model and table names)", src,
                 )  # fmt: skip
-        m.sparse_files = [_resolve(base, p) for p in m.sparse_files]
-        m.hot_key_files = [_resolve(base, p) if p else "" for p in m.hot_key_files]
+        m.sparse_files = [resolve_path(base, p) for p in m.sparse_files]
+        m.hot_key_files = [resolve_path(base, p) if p else "" for p in m.hot_key_files]
     if cfg.persistent_db.type != "disabled":
-        cfg.persistent_db.path = _resolve(base, cfg.persistent_db.path)
+        cfg.persistent_db.path = resolve_path(base, cfg.persistent_db.path)
     for (name, value), why in _UNSUPPORTED.items():
         section, attr = name.split(".")
         if getattr(getattr(cfg, section), attr) == value:
@@ -411,7 +416,7 @@ def _parse_text(text: str, path: Path) -> Any:
         ) from None
 
 
-def _resolve(base: Path, p: str) -> str:
+def resolve_path(base: Path, p: str) -> str:
     """Relative paths are taken relative to the config file's directory."""
     q = Path(os.path.expanduser(p))
     return str(q if q.is_absolute() else (base / q))

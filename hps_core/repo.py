@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
+from .config import load_config, load_config_dict, resolve_path
 from .errors import ConfigError
 
 DATA_DIR = "hps_data"
@@ -128,6 +128,20 @@ def serving_hps_config(cfg: dict, data: Path) -> dict:
     return cfg
 
 
+def _with_absolute_paths(raw: dict, base: Path) -> dict:
+    """The config's file paths made absolute (relative ones are relative to its directory), so
+    that the copy under hps_data/ names the same files."""
+    models = raw.get("models")
+    for m in models if isinstance(models, list) else []:
+        for key in ("sparse_files", "hot_key_files"):
+            if isinstance(m, dict) and isinstance(m.get(key), list):
+                m[key] = [resolve_path(base, f) if isinstance(f, str) and f else f for f in m[key]]
+    p = raw.get("persistent_db")
+    if isinstance(p, dict) and isinstance(p.get("path"), str) and p["path"]:
+        p["path"] = resolve_path(base, p["path"])
+    return raw
+
+
 def write_repository(
     root: str | os.PathLike,
     *,
@@ -159,9 +173,7 @@ def write_repository(
         raw = json.loads(Path(synth.config_path).read_text())
         raw["models"][0]["max_batch_size"] = max_batch_size
     else:
-        raw = json.loads(Path(config).read_text()) if str(config).endswith(".json") else None
-        if raw is None:
-            raise ConfigError("config", str(config), "an hps.json file (JSON)")
+        raw = _with_absolute_paths(load_config_dict(config), Path(config).resolve().parent)
     cfg_path = data / "hps.json"
     cfg_path.write_text(json.dumps(serving_hps_config(raw, data), indent=2))
     cfg = load_config(cfg_path)
