@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from .config import load_config, load_config_dict, resolve_path
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DATA_DIR = "hps_data"
 HPS_MODEL = "hps_embedding"
@@ -178,6 +181,11 @@ def write_repository(
     cfg_path.write_text(json.dumps(serving_hps_config(raw, data), indent=2))
     cfg = load_config(cfg_path)
     m = cfg.models[0]
+    if len(cfg.models) > 1:
+        log.warning(
+            "%s: the repository serves its first model, %r; the other %d are not served",
+            config, m.model, len(cfg.models) - 1,
+        )  # fmt: skip
     dims = set(m.embedding_vecsize_per_table)
     if len(dims) != 1:
         raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ from hps_core.synth import make_model
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
-def test_a_config_with_relative_paths_serves_its_own_files(tmp_path, suffix):
+def test_a_config_with_relative_paths_serves_its_own_files(tmp_path, suffix, caplog):
     """Relative sparse_files / persistent_db.path are relative to the user's config; the copy
     under hps_data/ lives elsewhere, so it must name them absolutely. Rows served from the
     repository's config equal the sparse files'."""
@@ -28,9 +29,12 @@ def test_a_config_with_relative_paths_serves_its_own_files(tmp_path, suffix):
     m["sparse_files"] = [os.path.relpath(p, src) for p in m["sparse_files"]]
     assert not any(os.path.isabs(p) for p in m["sparse_files"])
     raw["persistent_db"] = {"type": "rocks_db", "path": "rocks"}
+    raw["models"].append({**m, "model": "other"})  # not served: said so
     cfg = src / f"hps{suffix}"
     cfg.write_text(json.dumps(raw) if suffix == ".json" else yaml.safe_dump(raw))
-    spec = write_repository(tmp_path / "repo", config=cfg)
+    with caplog.at_level(logging.WARNING, logger="hps_core.repo"):
+        spec = write_repository(tmp_path / "repo", config=cfg)
+    assert "serves its first model, 'mine'; the other 1 are not served" in caplog.text
     served = load_config(spec.config)
     want = [str(src / p) for p in m["sparse_files"]]
     assert served.models[0].sparse_files == want
