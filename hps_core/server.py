@@ -14,7 +14,7 @@ import numpy as np
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .config import HPSConfig, ModelConfig, load_config, store_table_name
-from .errors import ConfigError, UnknownModelError
+from .errors import ConfigError, InvalidInputError, ModelFileError, UnknownModelError
 from .model_io import SparseTable
 from .pdb.base import PersistentDB
 from .session import LookupSession, TableRuntime
@@ -155,8 +155,6 @@ def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:
     """Table t's hottest keys, hottest first: from hot_key_files if given, else the file's meta."""
     path = m.hot_key_files[t] if m.hot_key_files else ""
     if path:
-        from .errors import ModelFileError
-
         try:
             keys = (
                 np.load(path)
@@ -350,7 +348,10 @@ class ParameterServer:
                 take = min(len(keys), rows - done)
                 if take <= 0:
                     break
-                tier.upsert(table, keys[:take], vecs[:take])
+                try:
+                    tier.upsert(table, keys[:take], vecs[:take])
+                except InvalidInputError as e:  # e.g. NaN rows an int8 table cannot scale
+                    raise ModelFileError(f.path, f"rows {done}..{done + take - 1}: {e}") from None
                 done += take
                 advance(take)
         log.info("%s: %d rows", what, done)

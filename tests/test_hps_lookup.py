@@ -253,6 +253,17 @@ def test_add_and_remove_models_at_run_time(tmp_path):
         np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
 
 
+def test_rows_a_table_cannot_store_name_the_file(tmp_path):
+    """int8 rows are scaled by their largest value: a NaN row cannot be stored."""
+    keys, vecs = make_files(tmp_path, seed=8)[1]
+    vecs[7, 1] = np.nan
+    write_table(tmp_path / "t1_sparse_0.model", keys, vecs)
+    cfg = config(tmp_path, storage_dtype="int8")
+    cfg["persistent_db"] = {"type": "disabled"}
+    with pytest.raises(ModelFileError, match=r"t1_sparse_0\.model: rows 0\.\..*NaN"):
+        ParameterServer(cfg)
+
+
 def test_model_file_errors_name_the_file(tmp_path):
     make_files(tmp_path, seed=7)
     cfg = config(tmp_path)
