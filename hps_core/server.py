@@ -14,7 +14,13 @@ import numpy as np
 from .cache.admission import Admission
 from .cache.base import EmbeddingCache
 from .config import HPSConfig, ModelConfig, load_config, store_table_name
-from .errors import ConfigError, InvalidInputError, ModelFileError, UnknownModelError
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelFileError,
+    StorageError,
+    UnknownModelError,
+)
 from .model_io import SparseTable
 from .pdb.base import PersistentDB
 from .session import LookupSession, TableRuntime
@@ -310,6 +316,8 @@ class ParameterServer:
         try:
             return self.sessions[name]
         except KeyError:
+            if self._stop.is_set():
+                raise StorageError("the parameter server is closed: no model is served") from None
             raise UnknownModelError(name, list(self.sessions)) from None
 
     def lookup(self, keys: object, model: str, table: int | str = 0) -> np.ndarray:

@@ -253,6 +253,16 @@ def test_add_and_remove_models_at_run_time(tmp_path):
         np.testing.assert_array_equal(ps.lookup(q, "m2", 0), reference(tables, 0, q))
 
 
+def test_a_closed_server_says_so(tmp_path):
+    tables = make_files(tmp_path, seed=4)
+    hps = HPS(config(tmp_path))
+    q = tables[0][0][:5]
+    np.testing.assert_array_equal(hps.lookup(q, "m", 0), reference(tables, 0, q))
+    hps.close()
+    with pytest.raises(StorageError, match="closed"):
+        hps.lookup(q, "m", 0)
+
+
 def test_rows_a_table_cannot_store_name_the_file(tmp_path):
     """int8 rows are scaled by their largest value: a NaN row cannot be stored."""
     keys, vecs = make_files(tmp_path, seed=8)[1]
