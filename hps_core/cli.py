@@ -6,15 +6,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from .cli_input import (
+    KEY_EXPECTED,
+    check_dense_onnx,
+    check_limits,
+    limits,
+    os_error,
+    parse_key,
+    read_keys_file,
+    read_npz_rows,
+    writable_dir,
+)
 from .errors import HPSError
 
 console = Console()
+log = logging.getLogger(__name__)
 
 
 def _server(args: argparse.Namespace, progress: bool = True):
@@ -43,10 +58,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Look up keys of one table and print the vectors."""
-    keys = [int(k) for k in args.keys]
+    keys = []
+    for text in args.keys:
+        k = parse_key(text)
+        if k is None:
+            raise HPSError(f"--keys {text!r}: expected {KEY_EXPECTED}")
+        keys.append(k)
     if args.keys_file:
-        keys += np.loadtxt(args.keys_file, dtype=np.int64, ndmin=1).tolist()
-    table: int | str = int(args.table) if args.table.lstrip("-").isdigit() else args.table
+        keys += read_keys_file(args.keys_file)
+    if not keys:
+        raise HPSError("lookup: give --keys K [K ...] or --keys-file FILE")
+    table: int | str = int(args.table) if re.fullmatch(r"-?[0-9]{1,20}", args.table) else args.table
     with _server(args, progress=False) as ps:
         vec, st = ps.session(args.model).lookup_with_stats(np.asarray(keys, dtype=np.int64), table)
     if args.json:
@@ -95,8 +117,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic Criteo-like model (HugeCTR sparse files + hps.json)."""
     from .synth import criteo_vocab_sizes, make_model
 
+    writable_dir(args.out, "the model directory")
     sizes = criteo_vocab_sizes(args.rows)[: args.tables]
-    m = make_model(args.out, sizes, [args.dim] * len(sizes), seed=args.seed, name=args.name)
+    try:
+        m = make_model(args.out, sizes, [args.dim] * len(sizes), seed=args.seed, name=args.name)
+    except OSError as e:
+        raise HPSError(f"synth: cannot write the model: {os_error(e)}") from None
     console.print(
         f"wrote {len(sizes)} tables, {sum(sizes):,} rows, dim {args.dim}; config: {m.config_path}"
     )
@@ -107,7 +133,12 @@ def cmd_dense(args: argparse.Namespace) -> int:
     """Write the DLRM dense network as an ONNX file, with weights from a seed."""
     from .dense import describe_onnx, save_dense_model
 
-    save_dense_model(args.out, dim=args.dim, seed=args.seed, num_slots=args.slots)
+    if Path(args.out).is_dir():
+        raise HPSError(f"--out {args.out}: is a directory, expected the path of an .onnx file")
+    try:
+        save_dense_model(args.out, dim=args.dim, seed=args.seed, num_slots=args.slots)
+    except OSError as e:
+        raise HPSError(f"--out {args.out}: cannot write it: {os_error(e)}") from None
     io = describe_onnx(args.out)
     sig = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in io.inputs + io.outputs)
     console.print(f"wrote {args.out}: {sig}", highlight=False)
@@ -132,6 +163,13 @@ def cmd_repo(args: argparse.Namespace) -> int:
     """Write a Triton model repository (embedding models, dense ONNX model, ensemble)."""
     from .repo import write_repository
 
+    writable_dir(args.out, "the repository directory")
+    if args.config:  # read it before anything is written (write_repository reads it again)
+        from .config import load_config_dict
+
+        load_config_dict(args.config)
+    if args.onnx:
+        check_dense_onnx(args.onnx)
     spec = write_repository(
         args.out, config=args.config, onnx=args.onnx, name=args.name, rows=args.rows,
         dim=args.dim, instances=args.instances, max_batch_size=args.max_batch_size,
@@ -173,31 +211,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     """Publish row updates of one table to the update stream (HCTR messages)."""
     from .updates import Publisher, connect
+    from .updates.stream import DEFAULT_STREAM
 
     address, stream = args.redis, args.stream
     if args.config:
         from .config import load_config
 
         u = load_config(args.config).update_source
+        if not address and u.type != "redis_stream":
+            raise HPSError(
+                f"--config {args.config}: update_source.type is {u.type!r}, so it names no update "
+                "stream; give --redis host:port or a config with update_source.type 'redis_stream'"
+            )
         address, stream = address or u.brokers, stream or u.stream
     if not address:
         raise HPSError("publish: give --redis host:port or a config with update_source.brokers")
+    if args.npz and args.random is not None:
+        raise HPSError("publish: give either --npz FILE or --random N, not both")
     if args.npz:
-        data = np.load(args.npz)
-        if "keys" not in data or "vectors" not in data:
-            raise HPSError(f"{args.npz}: expected arrays 'keys' and 'vectors'")
-        keys, vectors = data["keys"], data["vectors"]
-    elif args.random:
+        keys, vectors = read_npz_rows(args.npz)
+    elif args.random is not None:
         rng = np.random.default_rng(args.seed)
         keys = rng.integers(0, args.key_range, args.random, dtype=np.int64)
         vectors = rng.standard_normal((args.random, args.dim)).astype(np.float32)
     else:
         raise HPSError("publish: give --npz FILE or --random N --dim D")
     pub = Publisher(
-        connect(address, args.user, args.password), stream or "hps_updates", maxlen=args.maxlen
+        connect(address, args.user, args.password), stream or DEFAULT_STREAM, maxlen=args.maxlen
     )
     ids = pub.publish(args.table, keys, vectors, dtype=args.dtype)
-    console.print(f"published {len(keys):,} rows of {args.table} in {len(ids)} entries to {stream}")
+    console.print(
+        f"published {len(keys):,} rows of {args.table} in {len(ids)} entries to {pub.stream}",
+        highlight=False,
+    )
     return 0
 
 
@@ -209,6 +255,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .updates.ingestor import StoreIngestor
 
     cfg = load_config(args.config)
+    if cfg.update_source.type != "redis_stream":
+        raise HPSError(
+            f"{args.config}: update_source.type is {cfg.update_source.type!r}, so there is no "
+            "update stream to ingest; set update_source.type to 'redis_stream' (and "
+            "update_source.brokers to its Redis host:port)"
+        )
     store = StoreIngestor(
         cfg,
         scope=args.scope,
@@ -313,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--model", required=True)
     s.add_argument("--table", default="0", help="table index or name")
-    s.add_argument("--keys-file", help="file with one key per line")
+    s.add_argument("--keys-file", help="text file with one base-10 int64 key per line")
     s.add_argument("--json", action="store_true")
     s.add_argument("--keys", nargs="+", default=[], help="int64 keys (negative ones too)")
     s.set_defaults(func=cmd_lookup)
@@ -330,19 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic Criteo-like model")
     s.add_argument("out")
-    s.add_argument("--rows", type=int, default=1_000_000, help="total rows over all tables")
-    s.add_argument("--tables", type=int, default=26)
+    s.add_argument("--rows", type=int, default=1_000_000, help="total rows of the 26 Criteo tables")
+    s.add_argument("--tables", type=int, default=26, help="write only the first N of them")
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
-    s.set_defaults(func=cmd_synth)
+    s.set_defaults(func=cmd_synth, limits=limits(rows=1, tables=(1, 26), dim=1, seed=0))
 
     s = sub.add_parser("dense", help="write the DLRM dense network as an ONNX file")
     s.add_argument("--out", required=True, help="the .onnx file to write")
     s.add_argument("--dim", type=int, default=16, help="embedding dim of every slot")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights")
     s.add_argument("--slots", type=int, default=26, help="categorical slots (tables)")
-    s.set_defaults(func=cmd_dense)
+    # --dim is checked by dense_arch (its error names 'dim')
+    s.set_defaults(func=cmd_dense, limits=limits(seed=0, slots=1))
 
     s = sub.add_parser("repo", help="write a Triton model repository for our backends")
     s.add_argument("out", help="the repository directory")
@@ -353,14 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=16, help="dim of a synthetic model")
     s.add_argument("--instances", type=int, default=1, help="instances per model")
     s.add_argument("--max-batch-size", type=int, default=4096)
-    s.set_defaults(func=cmd_repo)
+    s.set_defaults(func=cmd_repo, limits=limits(rows=1, dim=1, instances=1, max_batch_size=1))
 
     s = sub.add_parser("serve", help="run Triton on a repository (written if missing) until Ctrl-C")
     s.add_argument("repo", nargs="?", default="model_repository")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--instances", type=int, default=1)
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=1, instances=1))
 
     s = sub.add_parser(
         "bench",
@@ -380,26 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", default="", help="stream name (default hps_updates)")
     s.add_argument("--table", required=True, help="table name, e.g. hps_et.<model>.<table>")
     s.add_argument("--npz", help=".npz file with arrays 'keys' (int64) and 'vectors' [n, dim]")
-    s.add_argument("--random", type=int, default=0, help="publish N random rows instead")
-    s.add_argument("--dim", type=int, default=16)
+    s.add_argument("--random", type=int, help="publish N random rows instead")
+    s.add_argument("--dim", type=int, default=16, help="dim of the --random rows")
     s.add_argument("--key-range", type=int, default=1_000_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     s.add_argument(
-        "--maxlen", type=int, help="trim the stream to about this many entries (default: keep all)"
+        "--maxlen",
+        type=int,
+        help="trim the stream to about this many entries, >= 1 (default: keep all)",
     )
     s.add_argument("--user", default="")
     s.add_argument("--password", default="")
-    s.set_defaults(func=cmd_publish)
+    s.set_defaults(func=cmd_publish, limits=limits(random=1, dim=1, key_range=1, seed=0, maxlen=1))
 
     s = sub.add_parser("ingest", help="apply the update stream to the config's VDB/PDB")
     s.add_argument("config")
     s.add_argument("--scope", choices=["all", "shared", "local"], default="all")
     s.add_argument("--group", help="consumer group (default update_source.group or hps:<scope>)")
     s.add_argument("--consumer", help="consumer name (default host + object id)")
-    s.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
+    s.add_argument(
+        "--seconds", type=float, default=0, help="stop after this many seconds (0: never)"
+    )
     s.add_argument("--new-only", action="store_true", help="a new group skips older entries")
-    s.set_defaults(func=cmd_ingest)
+    s.set_defaults(func=cmd_ingest, limits=limits(seconds=0))
 
     s = sub.add_parser("demo", help="generate a model, serve it in process, show lookups")
     s.add_argument("--dir", default="demo_data")
@@ -410,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--redis", help="host:port[,...]: Redis (Cluster) as the VDB, with online updates"
     )
-    s.set_defaults(func=cmd_demo)
+    s.set_defaults(func=cmd_demo, limits=limits(rows=1, dim=1, batches=1, batch_size=1))
     return p
 
 
@@ -422,10 +479,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        check_limits(args)
         return args.func(args)
     except HPSError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        return 2
+        message = str(e)
+    except OSError as e:  # a path the user gave: missing, a directory, not permitted...
+        log.info("the OSError's traceback", exc_info=True)
+        message = os_error(e)
+    except UnicodeDecodeError as e:  # a file the user gave is not text
+        log.info("the UnicodeDecodeError's traceback", exc_info=True)
+        message = f"a file is not UTF-8 text ({e})"
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError, InvalidInputError
 from .hashing import splitmix64
 
 # The 26 categorical vocabulary sizes of the Criteo Kaggle display-advertising data set.
@@ -38,7 +39,7 @@ MAX_ROWS = 1 << 32  # keeps a * r of the popularity permutation below 2**63
 def criteo_vocab_sizes(total_rows: int) -> list[int]:
     """The Criteo table sizes scaled to sum to ``total_rows`` (exactly when >= 26), each >= 1."""
     if total_rows < 1:
-        raise ValueError(f"total_rows = {total_rows}: expected >= 1")
+        raise ConfigError("rows", total_rows, "an integer >= 1 (total rows of the tables)")
     raw = np.array(CRITEO_VOCAB_SIZES, np.float64) * (total_rows / sum(CRITEO_VOCAB_SIZES))
     sizes = np.maximum(1, np.floor(raw)).astype(np.int64)
     short = total_rows - int(sizes.sum())
@@ -51,11 +52,11 @@ def criteo_vocab_sizes(total_rows: int) -> list[int]:
 
 def _check_rows(rows: int, dim: int, seed: int) -> None:
     if not 0 <= rows < MAX_ROWS:
-        raise ValueError(f"rows = {rows}: expected 0 <= rows < 2**32")
+        raise ConfigError("rows", rows, "0 <= rows < 2**32 (rows of a table)")
     if dim < 1:
-        raise ValueError(f"dim = {dim}: expected >= 1")
+        raise ConfigError("dim", dim, "an integer >= 1")
     if seed < 0:
-        raise ValueError(f"seed = {seed}: expected >= 0")
+        raise ConfigError("seed", seed, "an integer >= 0")
 
 
 @lru_cache(maxsize=1024)
@@ -103,7 +104,7 @@ def popularity_rank_to_row(rows: int, seed: int, ranks: np.ndarray) -> np.ndarra
     """Row index (file order) of each popularity rank of a table made with this seed."""
     r = np.asarray(ranks, dtype=np.int64)
     if r.size and (r.min() < 0 or r.max() >= rows):
-        raise ValueError(f"ranks must lie in [0, {rows}), got [{r.min()}, {r.max()}]")
+        raise InvalidInputError("ranks", f"[{r.min()}, {r.max()}]", f"ranks in [0, {rows})")
     a, b = _popularity_params(rows, seed)
     return ((r.astype(np.uint64) * np.uint64(a) + np.uint64(b)) % np.uint64(rows)).astype(np.int64)
 
@@ -168,9 +169,11 @@ def model_spec(
 ) -> SyntheticModel:
     """The description of the model ``make_model`` writes (or wrote) with these arguments."""
     if len(vocab_sizes) != len(dims) or not vocab_sizes:
-        raise ValueError(
-            f"{len(vocab_sizes)} vocab sizes and {len(dims)} dims: expected equal, > 0"
+        raise ConfigError(
+            "vocab_sizes, dims", (len(vocab_sizes), len(dims)), "equal lengths, at least 1 table"
         )
+    if seed < 0:
+        raise ConfigError("seed", seed, "an integer >= 0")
     out = Path(out_dir).resolve()
     paths = [str(out / f"{name}{t}_sparse_0.model") for t in range(len(vocab_sizes))]
     return SyntheticModel(
@@ -229,9 +232,9 @@ def make_model(
 def zipf_probabilities(n: int, alpha: float) -> np.ndarray:
     """p_r proportional to 1 / (r + 1)**alpha for ranks r = 0..n-1 (alpha 0: uniform), float64."""
     if n < 1:
-        raise ValueError(f"n = {n}: expected >= 1")
+        raise ConfigError("n", n, "an integer >= 1")
     if not alpha >= 0:
-        raise ValueError(f"alpha = {alpha}: expected >= 0")
+        raise ConfigError("alpha", alpha, "a number >= 0")
     w = np.arange(1, n + 1, dtype=np.float64) ** -float(alpha)
     return w / w.sum()
 
@@ -280,9 +283,9 @@ class RequestStream:
         T = model.num_tables
         self.alphas = [float(a) for a in np.ravel(alpha)] if np.ndim(alpha) else [float(alpha)] * T
         if len(self.alphas) != T:
-            raise ValueError(f"{len(self.alphas)} alphas for {T} tables")
+            raise ConfigError("alpha", self.alphas, f"one alpha, or one per table ({T})")
         if batch_size < 1:
-            raise ValueError(f"batch_size = {batch_size}: expected >= 1")
+            raise ConfigError("batch_size", batch_size, "an integer >= 1")
         self.model, self.batch_size = model, batch_size
         self.rng = np.random.default_rng(seed)
 

@@ -1,0 +1,145 @@
+"""What the ``hps`` subcommands check in their arguments before they act: keys, files, ranges."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HPSError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_BASE10 = re.compile(r"[+-]?[0-9]{1,20}")  # 20 digits bound int() well below its size limit
+KEY_EXPECTED = "a base-10 integer in int64 range"
+
+
+def parse_key(text: str) -> int | None:
+    """``text`` as an int64 key (base-10, sign allowed), or None when it is not one."""
+    t = text.strip()
+    if not _BASE10.fullmatch(t):
+        return None
+    k = int(t)
+    return k if INT64_MIN <= k <= INT64_MAX else None
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """The numeric options lie in the ranges their subcommand declared (``limits``)."""
+    for dest, (least, most) in getattr(args, "limits", {}).items():
+        value = getattr(args, dest)
+        if value is None:  # not given, no default
+            continue
+        if not least <= value <= (most if most is not None else value):  # NaN fails too
+            kind = "a number" if isinstance(value, float) else "an integer"
+            bounds = f">= {least}" if most is None else f"in [{least}, {most}]"
+            raise HPSError(f"--{dest.replace('_', '-')} {value}: expected {kind} {bounds}")
+
+
+def limits(**ranges: int | tuple[int, int]) -> dict[str, tuple[int, int | None]]:
+    """``limits`` of a subcommand: dest=least or dest=(least, most)."""
+    return {d: r if isinstance(r, tuple) else (r, None) for d, r in ranges.items()}
+
+
+def read_keys_file(path: str) -> list[int]:
+    """The keys of a text file, one per line (blank lines and ``#`` comments skipped)."""
+    p = Path(path)
+    if not p.exists():
+        raise HPSError(f"--keys-file {path}: no such file")
+    if p.is_dir():
+        raise HPSError(f"--keys-file {path}: is a directory, expected a file with one key per line")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HPSError(
+            f"--keys-file {path}: not a UTF-8 text file (byte {e.start}: {e.reason})"
+        ) from None
+    except OSError as e:
+        raise HPSError(f"--keys-file {path}: cannot read it ({e.strerror})") from None
+    keys = []
+    for n, line in enumerate(text.split("\n"), 1):
+        t = line.split("#", 1)[0].strip()
+        if not t:
+            continue
+        k = parse_key(t)
+        if k is None:
+            raise HPSError(
+                f"--keys-file {path}, line {n}: {t!r}: expected {KEY_EXPECTED}, one per line"
+            )
+        keys.append(k)
+    if not keys:
+        raise HPSError(f"--keys-file {path}: holds no keys (expected one key per line)")
+    return keys
+
+
+def read_npz_rows(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays 'keys' (integers in int64) and 'vectors' [len(keys), dim] of an .npz file."""
+    p = Path(path)
+    if not p.is_file():
+        raise HPSError(f"--npz {path}: {'is a directory' if p.is_dir() else 'no such file'}")
+    try:
+        data = np.load(p, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise HPSError(f"--npz {path}: a single .npy array, expected an .npz archive")
+        with data:
+            missing = [a for a in ("keys", "vectors") if a not in data.files]
+            if missing:
+                raise HPSError(
+                    f"--npz {path}: no array {', '.join(map(repr, missing))}; it holds "
+                    f"{data.files}, expected 'keys' and 'vectors'"
+                )
+            keys, vectors = data["keys"], data["vectors"]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise HPSError(f"--npz {path}: not a readable .npz archive ({e})") from None
+    if keys.ndim != 1 or keys.dtype.kind not in "iu":
+        raise HPSError(
+            f"--npz {path}: 'keys' is {keys.dtype} {list(keys.shape)}: expected 1-D int64"
+        )
+    if len(keys) == 0:
+        raise HPSError(f"--npz {path}: 'keys' is empty: expected at least one row")
+    if keys.dtype.kind == "u" and int(keys.max()) > INT64_MAX:
+        raise HPSError(f"--npz {path}: 'keys' holds {int(keys.max())}: expected int64 keys")
+    if vectors.dtype.kind not in "fiu" or vectors.ndim != 2 or vectors.shape[1] < 1:
+        raise HPSError(
+            f"--npz {path}: 'vectors' is {vectors.dtype} {list(vectors.shape)}: expected a "
+            "float [n, dim] array"
+        )
+    if len(vectors) != len(keys):
+        raise HPSError(
+            f"--npz {path}: {len(keys)} keys and {len(vectors)} vectors: expected one vector per key"
+        )
+    return keys.astype(np.int64), vectors
+
+
+def os_error(e: OSError) -> str:
+    """An OSError as 'path: reason', the way a shell says it."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}: "
+    return f"{where}{e.strerror or e}"
+
+
+def writable_dir(path: str, what: str) -> None:
+    """Fail early when ``path`` exists but is not a directory (``what`` says which one)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise HPSError(f"{path}: exists and is not a directory; expected {what}")
+
+
+def check_dense_onnx(path: str) -> None:
+    """``--onnx`` must be an ONNX model with the dense inputs the ensemble feeds."""
+    from .dense import DENSE_INPUT, EMB_INPUT, describe_onnx
+    from .errors import ModelFileError
+
+    try:
+        io = describe_onnx(path)
+    except ModelFileError as e:
+        raise HPSError(f"--onnx {e}") from None
+    names = [i.name for i in io.inputs]
+    missing = [n for n in (DENSE_INPUT, EMB_INPUT) if n not in names]
+    if missing:
+        raise HPSError(
+            f"--onnx {path}: no input {', '.join(map(repr, missing))}; its inputs are {names}, "
+            f"expected {DENSE_INPUT!r} [B, 13] and {EMB_INPUT!r} [B, slots * dim] (`hps dense`)"
+        )

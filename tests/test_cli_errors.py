@@ -1,0 +1,368 @@
+"""User mistakes on the `hps` command line give one `error: ...` line that names the option or
+file, exit status 2 and no traceback; correct input still gives the right answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from hps_core import cli
+from hps_core.errors import ConfigError, HPSError
+from hps_core.launcher import free_ports
+from hps_core.model_io import SparseTable
+from hps_core.synth import criteo_vocab_sizes, make_model
+from hps_core.updates.codec import decode
+
+
+def hps(capsys, *args) -> tuple[int, str]:
+    """Runs ``main`` in process as the console script would: (exit status, stdout + stderr)."""
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def assert_error(rc: int, out: str, *names: str) -> None:
+    """The output ends in one `error:` line naming each of ``names``; status 2, no traceback."""
+    assert rc == 2, out
+    assert "Traceback" not in out, out
+    lines = out.strip().splitlines()
+    assert [line for line in lines if "error:" in line] == lines[-1:], out
+    assert lines[-1].startswith("error: "), out
+    for name in names:
+        assert str(name) in lines[-1], (name, out)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A 3-table model (dim 4) and its files' keys and vectors."""
+    out = tmp_path_factory.mktemp("cli_errors")
+    m = make_model(out, [50, 300, 40], [4, 4, 4], seed=3, name="e")
+    rows = []
+    for path in m.table_paths:
+        with SparseTable.open(path, 4) as f:
+            rows.append(f.read_all())
+    return m, rows
+
+
+# -- 1. lookup keys ------------------------------------------------------------------------------
+
+
+def test_keys_file_gives_the_rows_of_the_sparse_files(model, tmp_path, capsys):
+    m, rows = model
+    keys, vecs = rows[1]
+    neg = int(np.flatnonzero(keys < 0)[0])
+    pos = int(np.flatnonzero(keys > 0)[0])
+    f = tmp_path / "keys.txt"
+    f.write_text(f"# keys of table1\n{keys[neg]}\n\n  +{keys[pos]}  \n7 # not in the table\r\n")
+    rc, out = hps(capsys, "lookup", m.config_path, "--model", "e", "--table", "table1",
+                  "--json", "--keys", keys[pos], "--keys-file", f)  # fmt: skip
+    assert rc == 0, out
+    got = json.loads(out)
+    assert got["keys"] == [int(keys[pos]), int(keys[neg]), int(keys[pos]), 7]
+    want = np.stack([vecs[pos], vecs[neg], vecs[pos], np.zeros(4, np.float32)])
+    np.testing.assert_array_equal(np.array(got["vectors"], np.float32), want)
+
+
+@pytest.mark.parametrize(
+    "text, line, bad",
+    [
+        ("5\n-3\n1.7\n", 3, "1.7"),  # np.loadtxt read it as 1
+        ("99999999999999999999999\n", 1, "99999999999999999999999"),  # was int64 min
+        ("9223372036854775808\n", 1, "9223372036854775808"),  # int64 max + 1
+        ("-9223372036854775809\n", 1, "-9223372036854775809"),
+        ("1e3\n", 1, "1e3"),
+        ("0x10\n", 1, "0x10"),
+        ("1 2\n", 1, "1 2"),
+        ("abc\n", 1, "abc"),
+    ],
+)
+def test_keys_file_with_a_bad_key_names_the_file_and_line(model, tmp_path, capsys, text, line, bad):
+    f = tmp_path / "keys.txt"
+    f.write_text(text)
+    rc, out = hps(capsys, "lookup", model[0].config_path, "--model", "e", "--keys-file", f)
+    assert_error(rc, out, "--keys-file", f, f"line {line}", repr(bad))
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "comments only", "binary"])
+def test_keys_file_that_holds_no_keys_is_an_error(model, tmp_path, capsys, kind):
+    f = tmp_path / "keys.txt"
+    if kind == "directory":
+        f.mkdir()
+    elif kind == "empty":
+        f.write_text("")
+    elif kind == "comments only":
+        f.write_text("# none\n\n")
+    elif kind == "binary":
+        f.write_bytes(b"\xff\xfe\x00\x01")
+    rc, out = hps(capsys, "lookup", model[0].config_path, "--model", "e", "--keys-file", f)
+    assert_error(rc, out, "--keys-file", f)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "abc", "99999999999999999999999", "9223372036854775808"])
+def test_bad_keys_option_names_keys(model, capsys, bad):
+    rc, out = hps(capsys, "lookup", model[0].config_path, "--model", "e", "--keys", "1", bad)
+    assert_error(rc, out, "--keys", repr(bad))
+
+
+def test_lookup_without_keys_is_an_error(model, capsys):
+    rc, out = hps(capsys, "lookup", model[0].config_path, "--model", "e")
+    assert_error(rc, out, "--keys", "--keys-file")
+
+
+def test_console_script_prints_no_traceback(model, tmp_path):
+    """The same through the installed entry point, in its own process."""
+    f = tmp_path / "keys.txt"
+    f.write_text("1.7\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "hps_core.cli", "lookup", model[0].config_path, "--model", "e",
+         "--keys-file", str(f)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip() == f"error: --keys-file {f}, line 1: '1.7': expected a base-10 " \
+        "integer in int64 range, one per line"  # fmt: skip
+
+
+# -- 2./3./4. numeric options --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["synth", "OUT", "--rows", "0"], "--rows"),
+        (["synth", "OUT", "--rows", "-5"], "--rows"),
+        (["synth", "OUT", "--dim", "0"], "--dim"),
+        (["synth", "OUT", "--dim", "-2"], "--dim"),
+        (["synth", "OUT", "--tables", "0"], "--tables"),
+        (["synth", "OUT", "--tables", "27"], "--tables"),
+        (["synth", "OUT", "--seed", "-1"], "--seed"),
+        (["dense", "--out", "OUT/d.onnx", "--slots", "0"], "--slots"),
+        (["dense", "--out", "OUT/d.onnx", "--seed", "-1"], "--seed"),
+        (["repo", "OUT", "--rows", "0"], "--rows"),
+        (["repo", "OUT", "--dim", "0"], "--dim"),
+        (["repo", "OUT", "--instances", "0"], "--instances"),
+        (["repo", "OUT", "--max-batch-size", "0"], "--max-batch-size"),
+        (["serve", "OUT", "--rows", "-1"], "--rows"),
+        (["serve", "OUT", "--instances", "0"], "--instances"),
+        (["demo", "--dir", "OUT", "--rows", "0"], "--rows"),
+        (["demo", "--dir", "OUT", "--dim", "0"], "--dim"),
+        (["demo", "--dir", "OUT", "--batch-size", "0"], "--batch-size"),
+        (["publish", "--redis", "127.0.0.1:1", "--table", "t", "--random", "3", "--maxlen", "0"],
+         "--maxlen"),
+        (["publish", "--redis", "127.0.0.1:1", "--table", "t", "--random", "3", "--maxlen", "-1"],
+         "--maxlen"),
+        (["publish", "--redis", "127.0.0.1:1", "--table", "t", "--random", "-5"], "--random"),
+        (["publish", "--redis", "127.0.0.1:1", "--table", "t", "--random", "3", "--dim", "0"],
+         "--dim"),
+        (["ingest", "CFG", "--seconds", "-1"], "--seconds"),
+    ],
+)  # fmt: skip
+def test_out_of_range_option_is_named_and_nothing_is_written(tmp_path, capsys, args, option):
+    out_dir = tmp_path / "out"
+    args = [a.replace("OUT", str(out_dir)).replace("CFG", str(tmp_path / "c.json")) for a in args]
+    rc, out = hps(capsys, *args)
+    assert_error(rc, out, option)
+    assert not out_dir.exists()
+
+
+def test_dense_dim_zero_is_an_error(tmp_path, capsys):
+    rc, out = hps(capsys, "dense", "--out", tmp_path / "d.onnx", "--dim", "0")
+    assert_error(rc, out, "'dim' = 0")
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_synth_errors_are_hps_errors(tmp_path):
+    with pytest.raises(ConfigError, match="rows"):
+        criteo_vocab_sizes(0)
+    with pytest.raises(ConfigError, match="dim"):
+        make_model(tmp_path, [5], [0])
+    with pytest.raises(ConfigError, match="seed"):
+        make_model(tmp_path, [5], [4], seed=-1)
+    with pytest.raises(ConfigError, match="vocab_sizes"):
+        make_model(tmp_path, [], [])
+    assert issubclass(ConfigError, HPSError)
+
+
+def test_synth_and_dense_name_an_output_they_cannot_write(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, out = hps(capsys, "synth", afile, "--rows", "100")
+    assert_error(rc, out, afile, "not a directory")
+    assert afile.read_text() == "x"
+    rc, out = hps(capsys, "synth", "/proc/nope", "--rows", "100")
+    assert_error(rc, out, "/proc/nope")
+    rc, out = hps(capsys, "dense", "--out", tmp_path)
+    assert_error(rc, out, "--out", tmp_path, "directory")
+
+
+# -- 4. repo --------------------------------------------------------------------------------------
+
+
+def _onnx_without_dense(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+@pytest.mark.parametrize("kind", ["missing", "not json", "directory"])
+def test_repo_config_that_is_not_one_names_it(tmp_path, capsys, kind):
+    cfg = tmp_path / "c.json"
+    if kind == "not json":
+        cfg.write_text("{not json")
+    elif kind == "directory":
+        cfg.mkdir()
+    rc, out = hps(capsys, "repo", tmp_path / "repo", "--config", cfg)
+    assert_error(rc, out, cfg)
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "not onnx", "no DENSE input"])
+def test_repo_onnx_that_does_not_fit_names_it(model, tmp_path, capsys, kind):
+    onnx_file = tmp_path / "m.onnx"
+    if kind == "not onnx":
+        onnx_file.write_text("hello")
+    elif kind == "no DENSE input":
+        _onnx_without_dense(onnx_file)
+    repo = tmp_path / "repo"
+    rc, out = hps(capsys, "repo", repo, "--config", model[0].config_path, "--onnx", onnx_file)
+    assert_error(rc, out, "--onnx", onnx_file, *(["'DENSE'"] if kind == "no DENSE input" else []))
+    assert not repo.exists()
+
+
+# -- 2. publish ----------------------------------------------------------------------------------
+
+
+def _npz(path, **arrays) -> None:
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("missing", ["no such file"]),
+        ("empty", ["not a readable .npz"]),
+        ("npy", [".npz archive"]),
+        ("lengths differ", ["3 keys and 2 vectors"]),
+        ("float keys", ["'keys'", "float64"]),
+        ("no vectors", ["'vectors'"]),
+        ("no rows", ["empty"]),
+    ],
+)
+def test_publish_npz_that_does_not_fit_names_it(tmp_path, capsys, kind, words):
+    f = tmp_path / "rows.npz"
+    if kind == "empty":
+        f.write_bytes(b"")
+    elif kind == "npy":
+        f = tmp_path / "rows.npy"
+        np.save(f, np.arange(3))
+    elif kind == "lengths differ":
+        _npz(f, keys=np.arange(3), vectors=np.zeros((2, 4), np.float32))
+    elif kind == "float keys":
+        _npz(f, keys=np.array([1.7, 2.0, 3.0]), vectors=np.zeros((3, 4), np.float32))
+    elif kind == "no vectors":
+        _npz(f, keys=np.arange(3))
+    elif kind == "no rows":
+        _npz(f, keys=np.zeros(0, np.int64), vectors=np.zeros((0, 4), np.float32))
+    rc, out = hps(capsys, "publish", "--redis", "127.0.0.1:1", "--table", "t", "--npz", f)
+    assert_error(rc, out, "--npz", f, *words)
+
+
+def test_publish_config_without_update_source_says_so(model, capsys):
+    cfg = model[0].config_path
+    rc, out = hps(capsys, "publish", "--config", cfg, "--table", "t", "--random", "3")
+    assert_error(rc, out, cfg, "update_source.type")
+
+
+@pytest.fixture
+def redis_port(tmp_path):
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed: run `make install` (apt redis-server)")
+    port = free_ports(1)[0]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.redis
+def test_publish_names_the_stream_it_used_and_maxlen_0_keeps_the_stream(redis_port, capsys):
+    address = f"127.0.0.1:{redis_port}"
+    args = ["publish", "--redis", address, "--table", "hps_et.m.t", "--random", "5", "--dim", "3"]
+    rc, out = hps(capsys, *args, "--seed", "7", "--maxlen", "10")
+    assert rc == 0, out
+    assert out.strip() == "published 5 rows of hps_et.m.t in 1 entries to hps_updates"
+    client = redis.Redis(port=redis_port)
+    (entry,) = client.xrange("hps_updates")
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 1_000_000, 5, dtype=np.int64)
+    vectors = rng.standard_normal((5, 3)).astype(np.float32)
+    got = decode(entry[1][b"payload"], 3)
+    np.testing.assert_array_equal(got.keys, keys)
+    np.testing.assert_array_equal(got.vectors, vectors)
+    rc, out = hps(capsys, *args, "--maxlen", "0")  # XADD MAXLEN 0 would empty the stream
+    assert_error(rc, out, "--maxlen")
+    assert client.xlen("hps_updates") == 1
+
+
+# -- 5. ingest ------------------------------------------------------------------------------------
+
+
+def test_ingest_config_without_update_source_says_so(model, capsys):
+    t0 = time.monotonic()
+    rc, out = hps(capsys, "ingest", model[0].config_path)
+    assert_error(rc, out, model[0].config_path, "update_source.type", "'null'")
+    assert "cannot connect" not in out and time.monotonic() - t0 < 5
+
+
+# -- 6. backstop ------------------------------------------------------------------------------------
+
+
+def test_os_and_decode_errors_of_user_paths_are_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, out = hps(capsys, "demo", "--dir", afile, "--rows", "100")  # NotADirectoryError
+    assert_error(rc, out, afile)
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo.json").write_bytes(b"\xff\xfe binary")  # UnicodeDecodeError
+    rc, out = hps(capsys, "demo", "--dir", demo, "--rows", "100")
+    assert_error(rc, out, "UTF-8")
+
+
+def test_a_real_bug_still_raises(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_estimate", broken)
+    with pytest.raises(KeyError):
+        cli.main(["estimate", "nope.json"])
