@@ -16,17 +16,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_input import (
-    KEY_EXPECTED,
     check_dense_onnx,
     check_limits,
     limits,
     os_error,
-    parse_key,
     read_keys_file,
     read_npz_rows,
     writable_dir,
 )
 from .errors import HPSError
+from .model_io import KEY_EXPECTED, parse_key
 
 console = Console()
 log = logging.getLogger(__name__)

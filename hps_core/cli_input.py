@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import HPSError
+from .errors import HPSError, ModelFileError
+from .model_io import read_key_text
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-_BASE10 = re.compile(r"[+-]?[0-9]{1,20}")  # 20 digits bound int() well below its size limit
-KEY_EXPECTED = "a base-10 integer in int64 range"
-
-
-def parse_key(text: str) -> int | None:
-    """``text`` as an int64 key (base-10, sign allowed), or None when it is not one."""
-    t = text.strip()
-    if not _BASE10.fullmatch(t):
-        return None
-    k = int(t)
-    return k if INT64_MIN <= k <= INT64_MAX else None
+INT64_MAX = 2**63 - 1
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -44,33 +33,12 @@ def limits(**ranges: int | tuple[int, int]) -> dict[str, tuple[int, int | None]]
 
 def read_keys_file(path: str) -> list[int]:
     """The keys of a text file, one per line (blank lines and ``#`` comments skipped)."""
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise HPSError(f"--keys-file {path}: no such file")
-    if p.is_dir():
-        raise HPSError(f"--keys-file {path}: is a directory, expected a file with one key per line")
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise HPSError(
-            f"--keys-file {path}: not a UTF-8 text file (byte {e.start}: {e.reason})"
-        ) from None
-    except OSError as e:
-        raise HPSError(f"--keys-file {path}: cannot read it ({e.strerror})") from None
-    keys = []
-    for n, line in enumerate(text.split("\n"), 1):
-        t = line.split("#", 1)[0].strip()
-        if not t:
-            continue
-        k = parse_key(t)
-        if k is None:
-            raise HPSError(
-                f"--keys-file {path}, line {n}: {t!r}: expected {KEY_EXPECTED}, one per line"
-            )
-        keys.append(k)
-    if not keys:
-        raise HPSError(f"--keys-file {path}: holds no keys (expected one key per line)")
-    return keys
+        return read_key_text(path).tolist()
+    except ModelFileError as e:
+        raise HPSError(f"--keys-file {e}") from None
 
 
 def read_npz_rows(path: str) -> tuple[np.ndarray, np.ndarray]:

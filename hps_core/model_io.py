@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,47 @@ def _int_keys(name: str, keys: object) -> np.ndarray:
     if k.dtype == np.uint64 and k.size and int(k.max()) > _I64_MAX:
         raise InvalidInputError(name, f"max {int(k.max())}", "keys that fit int64")
     return k.astype("<i8", copy=False)
+
+
+_BASE10 = re.compile(r"[+-]?[0-9]{1,20}")  # 20 digits bound int() well below its size limit
+KEY_EXPECTED = "a base-10 integer in int64 range"
+
+
+def parse_key(text: str) -> int | None:
+    """``text`` as an int64 key (base-10, sign allowed), or None when it is not one."""
+    t = text.strip()
+    if not _BASE10.fullmatch(t):
+        return None
+    k = int(t)
+    return k if -_I64_MAX - 1 <= k <= _I64_MAX else None
+
+
+def read_key_text(path: str | os.PathLike) -> np.ndarray:
+    """int64 keys of a text file, one per line (blank lines and ``#`` comments skipped). Any
+    other line, a float or a key past int64 included, is a ModelFileError naming its number."""
+    p = Path(path)
+    if p.is_dir():
+        raise ModelFileError(path, "is a directory, expected a file with one key per line")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(path, f"not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read it ({e.strerror})") from None
+    keys = []
+    for n, line in enumerate(text.split("\n"), 1):
+        t = line.split("#", 1)[0].strip()
+        if not t:
+            continue
+        k = parse_key(t)
+        if k is None:
+            raise ModelFileError(
+                f"{path}, line {n}", f"{t!r}: expected {KEY_EXPECTED}, one per line"
+            )
+        keys.append(k)
+    if not keys:
+        raise ModelFileError(path, "holds no keys (expected one key per line)")
+    return np.array(keys, dtype=np.int64)
 
 
 def write_table(

@@ -21,7 +21,7 @@ from .errors import (
     StorageError,
     UnknownModelError,
 )
-from .model_io import SparseTable
+from .model_io import SparseTable, read_key_text
 from .pdb.base import PersistentDB
 from .session import LookupSession, TableRuntime
 from .vdb.base import VolatileDB
@@ -162,11 +162,9 @@ def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:
     path = m.hot_key_files[t] if m.hot_key_files else ""
     if path:
         try:
-            keys = (
-                np.load(path)
-                if path.endswith(".npy")
-                else np.loadtxt(path, dtype=np.int64, ndmin=1)
-            )
+            keys = np.load(path) if path.endswith(".npy") else read_key_text(path)
+        except ModelFileError:
+            raise
         except (OSError, ValueError) as e:
             raise ModelFileError(path, f"cannot read hot keys ({e})") from None
         if keys.dtype.kind not in "iu":

@@ -362,6 +362,13 @@ def test_l1_is_prefilled_with_hot_keys_from_meta_or_a_file(tmp_path):
     cfg["models"][0].update(cache_prefill=True, hot_key_files=["", str(tmp_path / "hot1.npy")])
     with pytest.raises(ModelFileError, match="hot1.npy.*float64"):
         ParameterServer(cfg)
+    (tmp_path / "hot1.txt").write_text(f"# hottest first\n{hot1[0]}\n\n{hot1[1]}\n1.7\n")
+    cfg["models"][0]["hot_key_files"] = ["", str(tmp_path / "hot1.txt")]
+    with pytest.raises(ModelFileError, match=r"hot1.txt, line 5: '1.7': expected a base-10"):
+        ParameterServer(cfg)  # not read as key 1
+    (tmp_path / "hot1.txt").write_text("9223372036854775808\n")
+    with pytest.raises(ModelFileError, match=r"hot1.txt, line 1: .*int64 range"):
+        ParameterServer(cfg)
 
 
 def test_a_fill_racing_an_update_never_caches_the_old_row(tmp_path):
