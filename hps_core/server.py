@@ -147,11 +147,6 @@ def build_cache(m: ModelConfig, t: int, rows: int) -> EmbeddingCache | None:
         from .cache.gpu import GPUCache
 
         return GPUCache(capacity, dim, device=device, static=m.static_table, **options)
-    if m.static_table:
-        log.warning(
-            "%s: a static embedding table needs a GPU; in CPU mode L1 is the set-associative "
-            "host cache at gpucacheper %.3g", m.model, m.gpucacheper,
-        )  # fmt: skip
     from .cache.host import HostCache
 
     return HostCache(capacity, dim, **options)
@@ -239,6 +234,11 @@ class ParameterServer:
                     f"a name whose stored name {store_table_name(m.model, t)!r} is not also a "
                     f"table of model {other!r} ('.' in model and table names)",
                 )  # fmt: skip
+        if m.static_table and gpu_device(m) is None:  # once for the model, not per table
+            log.warning(
+                "%s: a static embedding table needs a GPU; in CPU mode L1 is the set-associative "
+                "host cache at gpucacheper %.3g", m.model, m.gpucacheper,
+            )  # fmt: skip
         tables, files = [], []
         try:
             for t, path in enumerate(m.sparse_files):

@@ -228,7 +228,8 @@ def test_static_table_without_a_gpu_is_the_host_cache_at_gpucacheper(files, capl
     with caplog.at_level(logging.WARNING):
         ps = ParameterServer(cfg)
     try:
-        assert "a static embedding table needs a GPU" in caplog.text
+        # one warning for the model, not one per table
+        assert caplog.text.count("a static embedding table needs a GPU") == 1
         s = ps.session("m")
         m = ps.config.models[0]
         for t, (keys, _) in zip(s.tables, tables, strict=True):
