@@ -4,7 +4,8 @@ Triton's Python-based backends live in ``<backend-directory>/<name>/model.py`` b
 ``python`` backend that runs them. We assemble such a directory per server (the pip build's
 ``python`` backend, the stub for this interpreter, and ``backend/hps`` and ``backend/onnx``
 from the project), pick free loopback ports, wait for ``/v2/health/ready`` and stop the
-server (SIGINT, then SIGKILL) when done. Importing this module imports nothing of Triton.
+server (SIGINT, then SIGKILL) when done. While it runs, a watchdog reloads a model whose stub
+process died (``hps_core.watchdog``). Importing this module imports nothing of Triton.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from . import quiet_openmp
 from .errors import HPSError
+from .watchdog import StubWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ class TritonServer:
         instances_env: extra environment for the server and its backend stubs.
         log_path: where the server's output goes (default: a file in its work directory).
         args: more tritonserver arguments.
+        watchdog: seconds between the stub watchdog's scans (``hps_core.watchdog``: a model
+            whose Python-backend process died is reloaded); None runs none.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class TritonServer:
         log_path: str | os.PathLike | None = None,
         args: list[str] | None = None,
         ports: tuple[int, int, int] | None = None,
+        watchdog: float | None = 1.0,
     ):
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -156,6 +161,8 @@ class TritonServer:
         self._work = Path(tempfile.mkdtemp(prefix="hps-triton-"))
         self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
+        self.watchdog_interval = watchdog
+        self.watchdog: StubWatchdog | None = None
 
     @property
     def http_url(self) -> str:
@@ -224,6 +231,10 @@ class TritonServer:
                     f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
             if self.ready():
+                if self.watchdog_interval is not None:
+                    self.watchdog = StubWatchdog(
+                        self.proc.pid, self.http_url, self.watchdog_interval
+                    ).start()
                 return self
             time.sleep(0.25)
         self.stop()
@@ -246,6 +257,8 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server (SIGINT, then SIGKILL to its whole process group) and clean up."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         p = self.proc
         if p is not None and p.poll() is None:
             p.send_signal(signal.SIGINT)

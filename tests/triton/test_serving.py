@@ -6,11 +6,18 @@ weights, or with the in-process ``HPS.lookup`` of the same tiers.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from hps_client import HPSClient
 from hps_client.metrics import scrape, total
@@ -23,6 +30,7 @@ from hps_core.launcher import TritonServer
 from hps_core.model_io import SparseTable
 from hps_core.repo import preload, release_shared, write_repository
 from hps_core.serving import serving_config
+from hps_core.watchdog import STUB
 
 pytestmark = pytest.mark.triton
 
@@ -349,6 +357,80 @@ def test_criteo_tsv_through_the_client_command(served, files, weights, tmp_path)
     printed = [float(line.split("PROB")[1]) for line in r.stdout.splitlines() if "PROB" in line]
     want = dense_forward(weights, dense, files.embed(cat))[:, 0]
     np.testing.assert_allclose(printed, want, atol=1e-5)
+
+
+def _stub_pids(server: TritonServer, model: str) -> list[int]:
+    """Live stub processes of a model's instances (children of the server)."""
+    pids = []
+    for child in psutil.Process(server.proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            argv = child.cmdline()
+            if argv and argv[0].endswith(STUB) and Path(argv[1]).parent.parent.name == model:
+                pids.append(child.pid)
+    return pids
+
+
+def _byte_size_wrap(server: TritonServer) -> tuple[int, str]:
+    """KEYS of [1, 2^61] INT64 with an empty payload: 2^61 x 8 bytes wraps to 0, so Triton 2.51
+    passes it on, and the instance's stub dies building the array, before our code runs."""
+    header = json.dumps({
+        "inputs": [
+            {"name": "KEYS", "shape": [1, 2**61], "datatype": "INT64",
+             "parameters": {"binary_data_size": 0}},
+            {"name": "NUMKEYS", "shape": [1, 1], "datatype": "INT32",
+             "parameters": {"binary_data_size": 4}},
+        ],
+        "outputs": [{"name": "OUTPUT0"}],
+    }).encode()  # fmt: skip
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/hps_embedding/infer",
+        data=header + np.array([1], np.int32).tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_model_whose_stub_dies_is_reloaded(served, files, weights):
+    """Triton 2.51 leaves a dead stub dead and its model ready, so the launcher's watchdog
+    reloads the model. Two deaths: the byte-size-wrap request (an hps_embedding instance) and a
+    SIGKILL, as the OOM killer sends (a dlrm_embedding instance). Afterwards every request, to
+    either instance of each model, equals the references."""
+    spec, server = served
+    watchdog = server.watchdog
+    assert watchdog is not None
+    assert watchdog.reloads == []  # the unloads and loads of the tests before were not deaths
+    with client(server, "http") as c:
+        c.load_model("hps_embedding")  # test_load_and_unload_at_run_time may have left it out
+    deadline = time.monotonic() + 10
+    while len(_stub_pids(server, "hps_embedding")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2 * watchdog.interval)  # the watchdog notes the stubs
+    code, text = _byte_size_wrap(server)
+    assert code == 500 and "is not healthy" in text, (code, text)
+    os.kill(_stub_pids(server, spec.embedding)[0], signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while len(watchdog.reloads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sorted(r.model for r in watchdog.reloads) == sorted(["hps_embedding", spec.embedding])
+    assert all(r.ok for r in watchdog.reloads), watchdog.reloads
+    rng = np.random.default_rng(21)
+    with client(server, "http") as c:
+        for _ in range(8):  # two instances each: requests reach both
+            cat = files.sample_cat(rng, 16)
+            dense = rng.random((16, spec.num_dense), dtype=np.float32)
+            want_emb = files.embed(cat)
+            np.testing.assert_array_equal(c.embed(cat, model=spec.embedding), want_emb)
+            want = dense_forward(weights, dense, want_emb)
+            assert np.max(np.abs(c.predict(dense, cat, model=spec.ensemble) - want)) <= 1e-5
+            counts = np.zeros(spec.slots, np.int32)
+            counts[2] = 16
+            np.testing.assert_array_equal(
+                c.lookup(cat[:, 2], counts), files.lookup(2, cat[:, 2]).ravel()
+            )
 
 
 def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
