@@ -1,4 +1,4 @@
-"""The ``hps`` command: load, lookup, inspect, estimate, doctor, synth, dense, repo, serve,
+"""The ``hps`` command: load, lookup, inspect, estimate, doctor, synth, dense, repo, serve, watch,
 publish, ingest, bench, demo."""
 
 from __future__ import annotations
@@ -204,6 +204,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Watch a tritonserver started elsewhere and reload a model whose stub process died."""
+    from .watchdog import watch_server
+
+    watch_server(args.pid, args.url, args.interval, say=lambda m: console.print(m, highlight=False))
     return 0
 
 
@@ -413,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--instances", type=int, default=1)
     s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=1, instances=1))
+
+    s = sub.add_parser(
+        "watch",
+        help="reload the models of a running tritonserver whose stub processes die (Triton 2.51 "
+        "does not restart them); for servers not started by hps serve",
+    )
+    s.add_argument(
+        "--pid", type=int, required=True,
+        help="the tritonserver's pid, or one that will exec it or start it (an entrypoint's $$)",
+    )  # fmt: skip
+    s.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP host:port")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between scans")
+    s.set_defaults(func=cmd_watch, limits=limits(pid=1, interval=(0.05, 3600)))
 
     s = sub.add_parser(
         "bench",

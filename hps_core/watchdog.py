@@ -19,9 +19,11 @@ RocksDB) and replace the old ones, whose live instances keep serving until then.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,8 +31,11 @@ from pathlib import Path
 
 import psutil
 
+from .errors import HPSError
+
 log = logging.getLogger(__name__)
 
+SERVER = "tritonserver"
 STUB = "triton_python_backend_stub"
 INSTANCE_ARG = 8  # argv[8] of a 2.51 stub is its instance name (argv[1] its model.py)
 
@@ -67,28 +72,35 @@ class StubWatchdog:
     def start(self) -> StubWatchdog:
         """Note the stubs running now, then scan every ``interval`` seconds in a thread."""
         self.scan()
-        self._thread = threading.Thread(target=self._run, name="hps-stub-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self.watch, name="hps-stub-watchdog", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the watch (a reload under way goes on in the daemon thread past ``timeout``)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def watch(self) -> None:
+        """Scan now and every ``interval`` seconds until the server exits or ``stop`` is called."""
+        while True:
             try:
                 self.scan()
             except psutil.NoSuchProcess:
                 return  # the server is gone
             except Exception:  # a failed scan must not end the watch
                 log.exception("stub watchdog: scan failed")
+            if self._stop.wait(self.interval):
+                return
 
     def scan(self) -> list[Reload]:
         """One pass: note new stubs, reload the model of each stub that died since the last."""
         dead: dict[str, tuple[str, int]] = {}  # model -> (instance, pid) of a dead stub
-        for child in psutil.Process(self.server_pid).children():
+        server = psutil.Process(self.server_pid)
+        if server.status() == psutil.STATUS_ZOMBIE:  # exited; its parent has not waited yet
+            raise psutil.NoSuchProcess(self.server_pid)
+        for child in server.children():
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     if child.pid in self._stubs:
@@ -102,7 +114,7 @@ class StubWatchdog:
                         self._stubs[child.pid] = (model, argv[INSTANCE_ARG])
             except psutil.NoSuchProcess:  # reaped between the listing and the look
                 self._stubs.pop(child.pid, None)
-        live = {p.pid for p in psutil.Process(self.server_pid).children()}
+        live = {p.pid for p in server.children()}
         for pid in [p for p in self._stubs if p not in live]:  # stopped and reaped by Triton
             del self._stubs[pid]
         done = [self._reload(model, instance, pid) for model, (instance, pid) in dead.items()]
@@ -133,3 +145,38 @@ class StubWatchdog:
         except urllib.error.HTTPError as e:
             raise OSError(f"{path}: HTTP {e.code} {e.read().decode(errors='replace')}") from e
         return json.loads(text) if text else {}
+
+
+def find_server(pid: int, poll: float = 1.0) -> psutil.Process | None:
+    """The tritonserver process that ``pid`` is or starts: ``pid`` itself once it runs
+    tritonserver (a container entrypoint that will ``exec`` it), else its first descendant that
+    does; waits for either, and returns None if ``pid`` exits first."""
+    while True:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet waited for
+                return None
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if p.status() != psutil.STATUS_ZOMBIE and p.name() == SERVER:
+                        return p
+        except psutil.NoSuchProcess:
+            return None
+        time.sleep(poll)
+
+
+def watch_server(pid: int, url: str, interval: float, say=print) -> list[Reload]:
+    """``hps watch``: find the tritonserver of ``pid`` (``find_server``), then reload each model
+    whose stub dies until the server exits."""
+    server = find_server(pid)
+    if server is None:
+        raise HPSError(f"--pid {pid}: the process exited before it ran tritonserver")
+    say(
+        f"watching tritonserver (pid {server.pid}, HTTP {url}): a model whose stub dies is reloaded"
+    )
+    watchdog = StubWatchdog(server.pid, url, interval)
+    with contextlib.suppress(KeyboardInterrupt):
+        watchdog.watch()
+    failed = sum(not r.ok for r in watchdog.reloads)
+    say(f"tritonserver (pid {server.pid}) exited: {len(watchdog.reloads)} reloads, {failed} failed")
+    return watchdog.reloads

@@ -366,3 +366,16 @@ def test_a_real_bug_still_raises(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_estimate", broken)
     with pytest.raises(KeyError):
         cli.main(["estimate", "nope.json"])
+
+
+def test_watch_of_a_process_that_never_runs_tritonserver(capsys):
+    """`hps watch --pid` waits for the pid to run tritonserver (or start one); a pid that exits
+    first, or one that does not exist, is an error naming --pid."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    rc, out = hps(capsys, "watch", "--pid", p.pid, "--interval", 0.1)
+    assert p.wait() == 0
+    assert_error(rc, out, f"--pid {p.pid}", "exited before it ran tritonserver")
+    assert "watching" not in out
+    assert_error(*hps(capsys, "watch", "--pid", p.pid), f"--pid {p.pid}")
+    assert_error(*hps(capsys, "watch", "--pid", 0), "--pid 0")
+    assert_error(*hps(capsys, "watch", "--pid", 5, "--interval", 0), "--interval 0")

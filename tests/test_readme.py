@@ -16,7 +16,7 @@ from hps_core.dense import describe_onnx
 from hps_core.model_io import SparseTable
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-LONG_RUNNING = ("hps serve", "hps demo", "hps bench", "hps doctor")
+LONG_RUNNING = ("hps serve", "hps watch", "hps demo", "hps bench", "hps doctor")
 
 
 def block(heading: str, lang: str) -> str:

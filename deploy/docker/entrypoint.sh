@@ -7,6 +7,7 @@
 #   HPS_REPOSITORY   where the model repository goes; tritonserver's --model-repository
 #   HPS_MODEL_NAME   the ensemble's name; tritonserver's --load-model
 #   HPS_INSTANCES    instances per model (Triton runs each in its own process)
+#   HPS_WATCH_URL    the server's HTTP address for `hps watch` (empty: no watch)
 #
 # The repository is written at start, not at build, because its hps.json is the mounted one,
 # and the models say preloaded=true: `hps load` fills the VDB (Redis Cluster, or shared
@@ -37,6 +38,16 @@ spec = write_repository(
 print(f"hps entrypoint: repository {spec.root}: {spec.ensemble} = {spec.embedding} + {spec.dense}")
 PY
 hps load "$HPS_REPOSITORY/hps_data/hps.json"
+
+# Triton 2.51 leaves a dead model-instance process dead (and the model ready); `hps watch`
+# reloads such a model. $$ is this shell, which becomes the server through exec below.
+: "${HPS_WATCH_URL=127.0.0.1:8000}"
+case "${1:-}" in
+    tritonserver | */tritonserver)
+        if [ -n "$HPS_WATCH_URL" ]; then
+            hps watch --pid $$ --url "$HPS_WATCH_URL" &
+        fi ;;
+esac
 
 if [ -x /opt/nvidia/nvidia_entrypoint.sh ]; then
     exec /opt/nvidia/nvidia_entrypoint.sh "$@"

@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -431,6 +433,56 @@ def test_a_model_whose_stub_dies_is_reloaded(served, files, weights):
             np.testing.assert_array_equal(
                 c.lookup(cat[:, 2], counts), files.lookup(2, cat[:, 2]).ravel()
             )
+
+
+def test_hps_watch_reloads_the_models_of_a_server_started_elsewhere(tmp_path):
+    """``hps watch --pid $$``, as the container entrypoint runs it: the pid is a shell that
+    later execs tritonserver. A SIGKILLed stub's model is reloaded, lookups equal the files
+    again, and the watch ends when the server does."""
+    spec = write_repository(tmp_path / "repo", rows=2_000, dim=4, instances=1)
+    preload(spec.config)
+    server = TritonServer(tmp_path / "repo", models=["hps_embedding"], watchdog=None)
+    cmd = server.command()
+    watch = None
+    try:
+        server.proc = subprocess.Popen(
+            ["sh", "-c", 'sleep 2; exec "$0" "$@"', *cmd], env=server.environment(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        hps = Path(sys.executable).parent / "hps"
+        watch = subprocess.Popen(
+            [hps, "watch", "--pid", str(server.proc.pid), "--url", server.http_url,
+             "--interval", "0.2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not (server.ready() and _stub_pids(server, "hps_embedding")):
+            assert time.monotonic() < deadline and server.proc.poll() is None
+            time.sleep(0.2)
+        keys = np.array([1, 2, 3, -5, 2**62], np.int64)
+        counts = np.zeros(spec.slots, np.int32)
+        counts[1] = len(keys)
+        want = FileTables(spec.config).lookup(1, keys).ravel()
+        time.sleep(1)  # the watch notes the stub
+        os.kill(_stub_pids(server, "hps_embedding")[0], signal.SIGKILL)
+        got, deadline = None, time.monotonic() + 120
+        with client(server, "http") as c:
+            while got is None and time.monotonic() < deadline:
+                try:
+                    got = c.lookup(keys, counts)
+                except Exception as e:  # the dead instance, until the reload replaces it
+                    assert "is not healthy" in str(e), e
+                    time.sleep(0.5)
+        assert got is not None, "the model was not reloaded"
+        np.testing.assert_array_equal(got, want)
+    finally:
+        server.stop()
+        release_shared(spec.config)
+        if watch is not None:
+            out = watch.communicate(timeout=30)[0]
+    assert watch.returncode == 0, out
+    assert "reloaded after the death of instance hps_embedding_0_0" in out, out
+    assert "exited: 1 reloads, 0 failed" in out, out
 
 
 def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
