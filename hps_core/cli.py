@@ -184,6 +184,7 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Fill the shared tiers, start Triton on the repository and keep it running until Ctrl-C."""
+    import signal
     import time
 
     from .repo import serving
@@ -197,14 +198,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(
             f"serving {spec.root}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
             f"metrics {server.metrics_url}; log {server.log_path}. Ctrl-C stops it.",
-            highlight=False,
-        )
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
         try:
             while server.proc is not None and server.proc.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping")
-    return 0
+            return 0
+        rc = server.proc.returncode if server.proc is not None else None
+        how = f"signal {-rc} ({signal.strsignal(-rc)})" if rc and rc < 0 else f"status {rc}"
+        console.print(server.log_tail(3000), highlight=False, markup=False)
+        raise HPSError(f"tritonserver exited with {how}; above, the end of its log")
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

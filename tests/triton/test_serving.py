@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from hps_core.dense import dense_forward, load_dense_weights
 from hps_core.hps import HPS
 from hps_core.launcher import TritonServer
 from hps_core.model_io import SparseTable
-from hps_core.repo import preload, release_shared, write_repository
+from hps_core.repo import preload, read_spec, release_shared, write_repository
 from hps_core.serving import serving_config
 from hps_core.watchdog import STUB
 
@@ -483,6 +484,42 @@ def test_hps_watch_reloads_the_models_of_a_server_started_elsewhere(tmp_path):
     assert watch.returncode == 0, out
     assert "reloaded after the death of instance hps_embedding_0_0" in out, out
     assert "exited: 1 reloads, 0 failed" in out, out
+
+
+def test_hps_serve_answers_and_says_when_the_server_dies(tmp_path):
+    """`hps serve` writes a repository, serves it (lookups equal the files), and when its
+    tritonserver dies it says so, with the log's end, and exits non-zero (it exited 0)."""
+    repo = tmp_path / "repo"
+    hps = Path(sys.executable).parent / "hps"
+    proc = subprocess.Popen(
+        [hps, "serve", repo, "--rows", "2000", "--dim", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:  # until the server is up (or hps serve ends)
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        url = re.search(r"HTTP (\S+),", line)
+        assert url, "".join(lines)
+        spec = read_spec(repo)
+        keys = np.array([3, 1, -7, 2**63 - 1, 3], np.int64)
+        counts = np.zeros(spec.slots, np.int32)
+        counts[4] = len(keys)
+        with HPSClient(url.group(1), "http") as c:
+            got = c.lookup(keys, counts)
+        np.testing.assert_array_equal(got, FileTables(spec.config).lookup(4, keys).ravel())
+        (server,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
+        server.kill()
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, out
+    assert "error: tritonserver exited with signal 9 (Killed)" in out, out
+    assert "Started HTTPService" in out, out  # the log's end
 
 
 def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
