@@ -514,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     except UnicodeDecodeError as e:  # a file the user gave is not text
         log.info("the UnicodeDecodeError's traceback", exc_info=True)
         message = f"a file is not UTF-8 text ({e})"
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # on stderr: stdout is the command's output (tables, JSON), which an error must not mix into
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return 2
 
 

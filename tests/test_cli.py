@@ -61,11 +61,11 @@ def test_synth_estimate_load_inspect_lookup(model):
 def test_errors_exit_2_with_a_message(model, tmp_path):
     cfg = model / "hps.json"
     r = hps("lookup", cfg, "--model", "nope", "--keys", "1", check=False)
-    assert r.returncode == 2 and "model 'nope' is not deployed" in r.stdout
+    assert r.returncode == 2 and "model 'nope' is not deployed" in r.stderr and r.stdout == ""
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = hps("estimate", bad, check=False)
-    assert r.returncode == 2 and "valid JSON" in r.stdout
+    assert r.returncode == 2 and "valid JSON" in r.stderr and r.stdout == ""
 
 
 def test_demo_runs_and_checks_itself(tmp_path):

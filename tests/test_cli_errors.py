@@ -128,8 +128,8 @@ def test_console_script_prints_no_traceback(model, tmp_path):
          "--keys-file", str(f)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stdout.strip() == f"error: --keys-file {f}, line 1: '1.7': expected a base-10 " \
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
+    assert r.stderr.strip() == f"error: --keys-file {f}, line 1: '1.7': expected a base-10 " \
         "integer in int64 range, one per line"  # fmt: skip
 
 

@@ -239,7 +239,7 @@ def test_cli_writes_the_same_model(tmp_path):
         text=True,
         timeout=120,
     )
-    assert r.returncode == 2 and "'dim' = 0: expected an integer >= 1" in r.stdout
+    assert r.returncode == 2 and "'dim' = 0: expected an integer >= 1" in r.stderr
 
 
 def test_reference_saturates_without_overflow():

@@ -11,10 +11,17 @@ capacities, policy), so another process can attach to them without copying. Plai
 than ``multiprocessing.shared_memory`` on purpose: Python's resource tracker unlinks every
 ``SharedMemory`` segment a process touched when that process exits, readers included, which
 would destroy a table the writer still serves. These files live until ``remove_table``.
+
+Each file's pages are reserved when it is created (``posix_fallocate``). A tmpfs hands out a
+sparse file's pages as they are first written, so a table larger than the room left (Docker's
+default ``/dev/shm`` is 64 MiB) used to be created without complaint and then killed the process
+that filled it with SIGBUS; now ``create_table`` raises ``SharedMemoryFullError`` instead and
+leaves no file of that table behind.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -32,7 +39,7 @@ from numba.extending import intrinsic, overload
 
 from .. import buffers
 from ..cache.reference import from_bf16_bits, to_bf16_bits
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -277,19 +284,30 @@ class TableArrays:
         return sum(a.nbytes for a in arrays)
 
 
-def new_arrays(
-    name: str | None, table: str, P: int, dim: int, dtype: str, pcap: int, meta: bool
-) -> TableArrays:
-    """Zeroed arrays for P partitions of ``pcap`` rows, in /dev/shm when ``name`` is given."""
+def array_shapes(P: int, dim: int, dtype: str, pcap: int, meta: bool) -> dict[str, tuple]:
+    """{array: (shape, element type)} of a table's replaceable arrays."""
     icap = index_slots(pcap)
-    shapes = {
+    return {
         "index": ((P * icap,), np.uint32),
         "keys": ((P * pcap,), np.int64),
         "values": ((P * pcap, value_columns(dim, dtype)), DTYPES[dtype]),
         "meta": ((P * pcap if meta else 0,), np.uint32),
     }
+
+
+def table_bytes(P: int, dim: int, dtype: str, pcap: int, meta: bool) -> int:
+    """Bytes of a table's replaceable arrays."""
+    shapes = array_shapes(P, dim, dtype, pcap, meta).values()
+    return sum(int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in shapes)
+
+
+def new_arrays(
+    name: str | None, table: str, P: int, dim: int, dtype: str, pcap: int, meta: bool
+) -> TableArrays:
+    """Zeroed arrays for P partitions of ``pcap`` rows, in /dev/shm when ``name`` is given."""
+    shapes = array_shapes(P, dim, dtype, pcap, meta)
     out = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
-    return TableArrays(**out, icap=icap, pcap=pcap)
+    return TableArrays(**out, icap=index_slots(pcap), pcap=pcap)
 
 
 def copy_pools(old: TableArrays, count: np.ndarray, dim: int, dtype: str, pcap: int) -> TableArrays:
@@ -329,12 +347,22 @@ def create_table(
 ) -> Table:
     """A new empty table (in /dev/shm and published to other processes when ``name`` is given)."""
     meta = policy != "evict_random"  # only least-used and oldest keep a number per row
-    arr = new_arrays(name, table, P, dim, dtype, pcap, meta)
     shapes = {"count": ((P,), np.int64), "seq": ((P,), np.uint64), "clock": ((2,), np.uint64)}
-    state = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
-    if name:
-        layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
-        publish(name, table, {**layout, "meta": meta, "policy": policy})
+    try:
+        arr = new_arrays(name, table, P, dim, dtype, pcap, meta)
+        state = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
+        if name:
+            layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
+            publish(name, table, {**layout, "meta": meta, "policy": policy})
+    except OSError as e:
+        if name is None or e.errno not in (errno.ENOSPC, errno.EFBIG):
+            raise
+        remove_table(name, table)  # what was made of it, so the room it took is free again
+        need = table_bytes(P, dim, dtype, pcap, meta) + sum(
+            int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in shapes.values()
+        )
+        st = os.statvfs(SHM_DIR)
+        raise SharedMemoryFullError(SHM_DIR, table, need, st.f_bavail * st.f_frsize) from e
     return Table(dim, dtype, P, policy, arr, **state)
 
 
@@ -349,7 +377,37 @@ def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.nd
         return a
     path = array_path(name, table, array)
     path.unlink(missing_ok=True)
-    return np.memmap(path, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)
+    _reserve(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape).view(np.ndarray)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` whose pages are allocated now (OSError ENOSPC where the
+    filesystem lacks the room), not on first write, where the lack of room is a SIGBUS."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, nbytes)  # a filesystem without allocation: sparse, as before
+    finally:
+        os.close(fd)
+
+
+class SharedMemoryFullError(StorageError):
+    """The shared-memory filesystem has no room for a table's arrays."""
+
+    def __init__(self, directory: Path, table: str, need: int, free: int):
+        self.directory, self.table, self.need, self.free = str(directory), table, need, free
+        mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        super().__init__(
+            f"VDB table '{table}': {directory} has room for {mib(free)}, the table's arrays need "
+            f"{mib(need)}; give it more (docker run --shm-size, a Kubernetes emptyDir with "
+            f"medium: Memory, or mount -o remount,size=... {directory}) or put the VDB in "
+            f"process memory (volatile_db.type: parallel_hash_map)"
+        )
 
 
 def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
@@ -409,8 +467,11 @@ def read_header(name: str) -> dict:
 def write_header(name: str, tables: dict) -> None:
     """Publish the table layouts atomically: readers see the old or the new header, never half."""
     tmp = header_path(name).with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(tables))
-    os.replace(tmp, header_path(name))
+    try:
+        tmp.write_text(json.dumps(tables))
+        os.replace(tmp, header_path(name))
+    finally:
+        tmp.unlink(missing_ok=True)  # written and renamed, or failed (a full tmpfs)
 
 
 def publish(name: str, table: str, layout: dict) -> None:

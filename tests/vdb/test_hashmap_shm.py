@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -258,3 +259,93 @@ def test_a_new_writer_repairs_a_table_its_predecessor_left_mid_write(name, monke
     got, found = reader.fetch("t", keys)
     assert found.all() and (got == keys[:, None]).all()
     again.unlink()
+
+
+def test_a_shared_tables_pages_are_reserved_when_it_is_created(name):
+    """A tmpfs gives a sparse file's pages on first write, where no room left is a SIGBUS."""
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 32, capacity_hint=20_000)
+    for f in shm.SHM_DIR.glob(f"{name}.t.*"):
+        st = f.stat()
+        assert st.st_blocks * 512 >= st.st_size > 0, f.name
+    writer.unlink()
+
+
+SMALL_TMPFS = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from hps_core.vdb import shm
+    from hps_core.vdb.hashmap import HashMapVDB
+
+    def free():
+        st = os.statvfs(shm.SHM_DIR)
+        return st.f_bavail * st.f_frsize
+
+    out = {"free_at_start": free()}
+    v = HashMapVDB(num_partitions=2, shared_memory_name="full")
+    keys = np.arange(-500, 500)
+    vecs = (keys[:, None] * np.arange(1, 9) / 7).astype(np.float32)
+    v.create_table("small", 8, capacity_hint=1000)
+    v.load("small", keys, vecs)
+    out["free_before_big"] = free()
+    try:
+        v.create_table("big", 64, capacity_hint=200_000)
+        out["error"] = None
+    except shm.SharedMemoryFullError as e:
+        out.update(error=str(e), need=e.need, free=e.free, table=e.table)
+    out["free_after_big"] = free()
+    out["files"] = sorted(os.listdir(shm.SHM_DIR))
+    out["tables"] = v.tables()
+    got, found = v.fetch("small", keys)
+    out["small_equal"] = bool(found.all() and np.array_equal(got, vecs))
+    v.create_table("later", 8, capacity_hint=1000)  # the room the failed table took is back
+    v.upsert("later", keys[:3], vecs[:3])
+    got, found = v.fetch("later", keys[:3])
+    out["later_equal"] = bool(found.all() and np.array_equal(got, vecs[:3]))
+    print(json.dumps(out))
+    """
+)
+
+
+def in_small_tmpfs(cmd: str, mib: int = 8, **env) -> subprocess.CompletedProcess:
+    """Run a shell command with HPS_SHM_DIR on a tmpfs of ``mib`` MiB of its own (a private
+    mount namespace, so no privilege is needed where user namespaces are allowed)."""
+    script = (f'd=$(mktemp -d) && mount -t tmpfs -o size={mib}m tmpfs "$d" && '
+              f'export HPS_SHM_DIR="$d" && {cmd}')  # fmt: skip
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace for a small tmpfs: {probe.stderr.strip()}")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})  # fmt: skip
+
+
+def test_a_table_larger_than_the_shared_memory_left_is_a_clear_error_not_a_crash(tmp_path):
+    """Docker's default /dev/shm is 64 MiB: a table that did not fit used to be created
+    and then kill the process that filled it (SIGBUS)."""
+    (tmp_path / "script.py").write_text(SMALL_TMPFS)
+    r = in_small_tmpfs(f"{sys.executable} {tmp_path / 'script.py'}")
+    assert r.returncode == 0, r.stderr  # alive (a SIGBUS is 135 / -7)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    big = 2 * shm.partition_rows(200_000, 2)
+    assert out["table"] == "big" and out["need"] > big * (64 * 4 + 8) > 8 * 2**20
+    assert out["free"] == out["free_before_big"] == out["free_after_big"]
+    assert out["free_at_start"] - out["free_before_big"] >= 2 * 1024 * (8 * 4 + 8)
+    assert "--shm-size" in out["error"] and "'big'" in out["error"]
+    assert not [f for f in out["files"] if ".big." in f]
+    assert out["tables"] == ["small"]
+    assert out["small_equal"] and out["later_equal"]
+
+
+def test_hps_load_into_too_small_shared_memory_names_the_table_and_exits_2(tmp_path):
+    model = tmp_path / "m"
+    subprocess.run([sys.executable, "-m", "hps_core.cli", "synth", str(model), "--rows",
+                    "400000", "--tables", "3", "--dim", "64", "--name", "shm"], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    cfg = json.loads((model / "hps.json").read_text())
+    cfg["volatile_db"] = {"type": "multi_process_hash_map"}
+    cfg.pop("persistent_db", None)
+    (model / "hps.json").write_text(json.dumps(cfg))
+    r = in_small_tmpfs(f"{sys.executable} -m hps_core.cli load {model / 'hps.json'}")
+    assert r.returncode == 2, (r.stdout, r.stderr)  # tables 0 and 1: 17 and 7 rows; 2: 120K
+    assert "VDB table 'hps_et.shm.table2'" in r.stderr and "--shm-size" in r.stderr
