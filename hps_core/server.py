@@ -213,7 +213,10 @@ class ParameterServer:
                 self.ingestors = [i.start() for i in server_ingestors(self)]
                 self.ingestor = self.ingestors[0] if self.ingestors else None
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception as e:  # the first error is the one to report (a full disk fails both)
+                log.warning("closing after a failed start also failed: %s", e)
             raise
 
     # -- models -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from small_tmpfs import in_small_tmpfs
 
 from hps_core.model_io import SparseTable
 
@@ -74,3 +75,45 @@ def test_demo_runs_and_checks_itself(tmp_path):
     )
     assert "match the source files" in r.stdout
     assert "served by l1" in r.stdout
+
+
+PDB_MATCHES_FILES = r"""
+import json, os, sys
+import numpy as np
+from hps_core.model_io import SparseTable
+from hps_core.pdb.rocksdb import RocksDBPDB
+
+cfg = json.load(open(sys.argv[1]))
+m = cfg["models"][0]
+db = RocksDBPDB(cfg["persistent_db"]["path"], read_only=True)
+same = []
+for name, path in zip(m["embedding_table_names"], m["sparse_files"]):
+    keys, vecs = SparseTable.open(path).read_all()
+    got, found = db.fetch(f"hps_et.{m['model']}.{name}", keys)
+    same.append(bool(found.all() and np.array_equal(got, vecs)))
+print(json.dumps(same))
+"""
+
+
+def test_hps_load_on_a_full_disk_exits_2_and_a_rerun_with_room_completes_it(tmp_path):
+    model = tmp_path / "m"
+    hps("synth", model, "--rows", 400_000, "--tables", 3, "--dim", 64, "--name", "full")
+    cfg = json.loads((model / "hps.json").read_text())
+    cfg["volatile_db"] = {"type": "parallel_hash_map"}
+    cfg["persistent_db"] = {"type": "rocks_db", "path": "PDB_DIR"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "check.py").write_text(PDB_MATCHES_FILES)
+    run = tmp_path / "run.json"
+    hps_ = f"{sys.executable} -m hps_core.cli"
+    r = in_small_tmpfs(  # table 2 (120K rows, 31 MiB) does not fit in 8 MiB
+        f'sed "s#PDB_DIR#$HPS_SHM_DIR/rdb#" {tmp_path / "cfg.json"} > {run} && '
+        f"{{ {hps_} load {run}; echo first=$?; }} && "
+        f'mount -o remount,size=96m "$HPS_SHM_DIR" && '
+        f"{{ {hps_} load {run}; echo second=$?; }} && {sys.executable} {tmp_path / 'check.py'} {run}"
+    )
+    lines = r.stdout.strip().splitlines()
+    assert "first=2" in lines and "second=0" in lines, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    error = next(x for x in r.stderr.splitlines() if x.startswith("error:"))
+    assert "No space left on device" in error and "'hps_et.full.table2'" in error, r.stderr
+    assert json.loads(lines[-1]) == [True, True, True]

@@ -4,12 +4,15 @@ corrupted rows; and the background promoter into a VDB."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from rocksdict import Options, Rdict
+from small_tmpfs import in_small_tmpfs
 
 from hps_core.errors import InvalidInputError, StorageError
 from hps_core.pdb import rocksdb
@@ -342,3 +345,60 @@ def test_a_load_leaves_the_rows_on_disk_and_no_memtable_behind(tmp_path):
     assert [e.pdb_host_bytes for e in estimate_config(load_config(path))] == [
         COLUMN_FAMILY_BYTES
     ] * 2
+
+
+DISK_FULL = r"""
+import json, os, sys
+import numpy as np
+from small_tmpfs import grow
+from hps_core.errors import StorageError
+from hps_core.pdb import rocksdb
+from hps_core.pdb.rocksdb import RocksDBPDB
+
+rocksdb.REOPEN_INTERVAL_S = 0.0
+d = os.environ["HPS_SHM_DIR"]
+T = "hps_et.model.table0"
+rng = np.random.default_rng(4)
+keys = rng.permutation(60_000).astype(np.int64) - 30_000
+vecs = rng.standard_normal((len(keys), 64)).astype(np.float32)
+db = RocksDBPDB(d + "/db", max_batch_size=5000)
+db.create_table(T, 64)
+out = {"errors": []}
+s = 0
+while s < len(keys):  # 15 MiB of rows into 8 MiB
+    try:
+        db.upsert(T, keys[s : s + 5000], vecs[s : s + 5000])
+        s += 5000
+    except StorageError as e:
+        out["errors"].append(str(e))
+        if len(out["errors"]) == 3:  # the failed write, then two retries while still full
+            got, found = db.fetch(T, keys[:s])
+            out["read_while_full"] = bool(found.all() and np.array_equal(got, vecs[:s]))
+            out["written_before"] = s
+            grow(d, 64)
+        assert len(out["errors"]) <= 3, out
+got, found = db.fetch(T, keys)
+out["all_equal"] = bool(found.all() and np.array_equal(got, vecs))
+db.close()
+again = RocksDBPDB(d + "/db", read_only=True)
+got, found = again.fetch(T, keys)
+out["reopened_equal"] = bool(found.all() and np.array_equal(got, vecs))
+print(json.dumps(out))
+"""
+
+
+def test_a_full_disk_fails_writes_clearly_keeps_reads_and_recovers_when_room_returns(tmp_path):
+    """RocksDB refuses every write once one failed (until the process restarts); ours reopens
+    the database at the next write, read-only while it still cannot, so a retrying writer
+    (the update ingestor) gets through once there is room, and nothing written is lost."""
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL)
+    tests = str(Path(__file__).parent)
+    r = in_small_tmpfs(f"PYTHONPATH={tests}:$PYTHONPATH {sys.executable} {script}")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    first, *retries = out["errors"]
+    assert f"writing 5000 rows to '{T}' failed" in first and "No space left" in first
+    assert len(retries) == 2 and all("No space left" in e for e in retries)
+    assert 0 < out["written_before"] < 60_000 and out["read_while_full"]
+    assert out["all_equal"] and out["reopened_equal"]

@@ -8,16 +8,18 @@ tables. One process writes (the primary); readers open it read-only or as second
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import compress
 
 import numpy as np
 from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from ..errors import InvalidInputError, StorageError
+from ..errors import HPSError, InvalidInputError, StorageError
 from .base import PersistentDB
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ _DIM = b"dim:"
 _META = b"meta:"
 # Tables up to this many rows (by RocksDB's estimate) are counted exactly by iteration.
 EXACT_SIZE_LIMIT = 1_000_000
+# After a failed write, reopening the database is tried at most this often (seconds).
+REOPEN_INTERVAL_S = 5.0
 # Lookups are split over threads only in parts of at least this many keys.
 PARALLEL_MIN_KEYS = 4096
 # Memtables: a table's is flushed to disk at WRITE_BUFFER_BYTES (RocksDB's default, 64 MiB,
@@ -104,6 +108,8 @@ class RocksDBPDB(PersistentDB):
         self._cache = Cache(block_cache_bytes)
         self._lock = threading.Lock()  # table creation and drop; rows need no lock
         self._db: Rdict | None = None
+        self._failed: str | None = None  # the write that failed, until a reopen succeeds
+        self._reopened_at = -REOPEN_INTERVAL_S
         self._open()
 
     # -- opening --------------------------------------------------------------------------------
@@ -116,9 +122,11 @@ class RocksDBPDB(PersistentDB):
         opts.set_write_buffer_size(self._write_buffer)
         return opts
 
-    def _open(self) -> None:
+    def _open(self, read_only: bool = False) -> None:
+        """Open the database as configured, or read-only (``read_only``) whatever the mode."""
+        read_only = read_only or self.read_only
         exists = os.path.exists(os.path.join(self.path, "CURRENT"))
-        if self.read_only and not exists:
+        if read_only and not exists:
             raise StorageError(f"RocksDB at {self.path}: no database to open read-only")
         try:
             names = Rdict.list_cf(self.path, Options(raw_mode=True)) if exists else ["default"]
@@ -133,7 +141,7 @@ class RocksDBPDB(PersistentDB):
         if self.secondary_path is not None:
             opts.set_max_open_files(-1)  # required by secondary instances
             access = AccessType.secondary(self.secondary_path)
-        elif self.read_only:
+        elif read_only:
             access = AccessType.read_only(False)  # a live primary's WAL is not an error
         else:
             access = AccessType.read_write()
@@ -141,11 +149,11 @@ class RocksDBPDB(PersistentDB):
         try:
             self._db = Rdict(self.path, opts, column_families=families, access_type=access)
         except Exception as e:
-            mode = "secondary" if self.secondary_path else "read-only" if self.read_only else "rw"
+            mode = "secondary" if self.secondary_path else "read-only" if read_only else "rw"
             raise StorageError(f"RocksDB at {self.path}: cannot open ({mode}): {e}") from None
         self._cfs = {n: self._db.get_column_family(n) for n in families}
         self._handles = {n: self._db.get_column_family_handle(n) for n in families}
-        if META_CF not in self._cfs and not self.read_only:
+        if META_CF not in self._cfs and not read_only:
             self._create_cf(META_CF)
         self._dims = self._read_dims()
 
@@ -170,6 +178,37 @@ class RocksDBPDB(PersistentDB):
         if self.read_only:
             what = f" table '{table}'" if table else ""
             raise StorageError(f"RocksDB at {self.path} is opened read-only: cannot {op}{what}")
+        if self._failed is not None:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Open the database again after a failed write. RocksDB refuses every write after one
+        failed (a full disk: until the process restarts), so a writer that retries, such as the
+        update ingestor, would never get through once there is room again; a fresh instance
+        recovers from its log what was written before the failure. Where it cannot open yet
+        (opening writes too), the database is opened read-only, so lookups go on, and the next
+        write tries again, at most every REOPEN_INTERVAL_S."""
+        with self._lock:
+            if self._failed is None:
+                return
+            if time.monotonic() - self._reopened_at < REOPEN_INTERVAL_S:
+                raise StorageError(f"{self._failed} (writes stopped; reopening soon)")
+            self._reopened_at = time.monotonic()
+            self._release_quietly()
+            try:
+                self._open()
+            except StorageError as e:
+                self._release_quietly()
+                self._open(read_only=True)
+                raise StorageError(f"{e} (writes stopped after: {self._failed})") from e
+            log.warning("RocksDB at %s reopened after a failed write: %s", self.path, self._failed)
+            self._failed = None
+
+    def _release_quietly(self) -> None:
+        try:
+            self._release()
+        except StorageError as e:  # a failed instance may fail to close: it is gone anyway
+            log.info("%s", e)
 
     def _cf(self, table: str) -> Rdict:
         if self._db is None:
@@ -180,6 +219,21 @@ class RocksDBPDB(PersistentDB):
                 f"RocksDB at {self.path} has no table '{table}'; tables: {self.tables()}"
             )
         return cf
+
+    @contextlib.contextmanager
+    def _io(self, what: str, write: bool = True):
+        """rocksdict's plain Exception (an I/O error: a full disk, a failing device) as a
+        StorageError naming the database and the operation; after a failed write the next
+        write reopens the database first."""
+        try:
+            yield
+        except HPSError:
+            raise
+        except Exception as e:
+            message = f"RocksDB at {self.path}: {what} failed: {e}"
+            if write:
+                self._failed = message
+            raise StorageError(message) from e
 
     # -- tables ---------------------------------------------------------------------------------
     def create_table(self, table: str, dim: int) -> None:
@@ -196,16 +250,17 @@ class RocksDBPDB(PersistentDB):
                 raise StorageError(
                     f"RocksDB table '{table}' exists with dim {self._dims[table]}, not {dim}"
                 )
-            if table not in self._cfs:
-                self._create_cf(table)
-            self._cfs[META_CF].put(_DIM + table.encode(), str(int(dim)).encode())
+            with self._io(f"creating table '{table}'"):
+                if table not in self._cfs:
+                    self._create_cf(table)
+                self._cfs[META_CF].put(_DIM + table.encode(), str(int(dim)).encode())
             self._dims[table] = int(dim)
 
     def drop_table(self, table: str) -> None:
         """Remove a table and its rows."""
         self._writable("drop", table)
         self._cf(table)
-        with self._lock:
+        with self._lock, self._io(f"dropping table '{table}'"):
             self._cfs[META_CF].delete(_DIM + table.encode())
             self._dims.pop(table, None)
             del self._cfs[table], self._handles[table]
@@ -279,7 +334,8 @@ class RocksDBPDB(PersistentDB):
         row_bytes = 4 * dim
         for s in range(start, end, self.max_batch_size):
             e = min(s + self.max_batch_size, end)
-            vals = cf.get(_key_bytes(keys[s:e]))
+            with self._io(f"reading table '{table}'", write=False):
+                vals = cf.get(_key_bytes(keys[s:e]))
             hit = np.array([v is not None for v in vals], bool)
             found[s:e] = hit
             if out is None:
@@ -314,7 +370,8 @@ class RocksDBPDB(PersistentDB):
             # Puts apply in order, so a later duplicate wins.
             for k, v in zip(_key_bytes(keys[s:e]), _row_bytes(vecs[s:e]), strict=True):
                 wb.put(k, v)
-            self._db.write(wb)
+            with self._io(f"writing {len(keys)} rows to '{table}'"):
+                self._db.write(wb)
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         """Delete the given keys; returns how many distinct keys were present."""
@@ -328,16 +385,18 @@ class RocksDBPDB(PersistentDB):
             wb.set_default_column_family(handle)
             for k in _key_bytes(present[s : s + self.max_batch_size]):
                 wb.delete(k)
-            self._db.write(wb)
+            with self._io(f"deleting rows of '{table}'"):
+                self._db.write(wb)
         return len(present)
 
     def dump(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         """All rows as (keys int64 [n], vectors float32 [n, dim]), in RocksDB key order."""
         cf, dim = self._cf(table), self._dims[table]
         ks, vs = [], []
-        for k, v in cf.items():
-            ks.append(k)
-            vs.append(v)
+        with self._io(f"reading table '{table}'", write=False):
+            for k, v in cf.items():
+                ks.append(k)
+                vs.append(v)
         if set(map(len, ks)) - {8} or set(map(len, vs)) - {4 * dim}:
             bad = next(i for i in range(len(ks)) if len(ks[i]) != 8 or len(vs[i]) != 4 * dim)
             k = int.from_bytes(ks[bad], "little", signed=True) if len(ks[bad]) == 8 else ks[bad]
@@ -363,17 +422,15 @@ class RocksDBPDB(PersistentDB):
         """Write a table's memtables to disk and wait: after a bulk load the rows are in SST
         files and the table holds no memtable memory (``ParameterServer`` calls it per table)."""
         self._writable("flush")
-        try:
-            self._cf(table).flush(True)
-        except StorageError:
-            raise
-        except Exception as e:  # rocksdict raises plain Exception
-            raise StorageError(f"RocksDB at {self.path}: flush of '{table}' failed: {e}") from None
+        cf = self._cf(table)
+        with self._io(f"flush of '{table}'"):
+            cf.flush(True)
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a string beside the tables."""
         self._writable("write metadata")
-        self._cfs[META_CF].put(_META + key.encode(), value.encode())
+        with self._io("writing metadata"):
+            self._cfs[META_CF].put(_META + key.encode(), value.encode())
 
     def catch_up(self) -> None:
         """Secondary instance: replay what the primary wrote since; reopen if it added tables."""
@@ -399,20 +456,25 @@ class RocksDBPDB(PersistentDB):
         self._handles.clear()
         db, self._db = self._db, None
         if db is not None:
-            db.close()
+            with self._io("closing", write=False):
+                db.close()
 
     def close(self) -> None:
         """Flush memtables (primary) and release the database."""
         if self._db is None:
             return
         try:
-            if not self.read_only:
-                self._db.flush()
+            if not self.read_only and self._failed is None:  # a failed instance cannot flush
+                with self._io("flushing on close"):
+                    self._db.flush()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            self._release()
+            if self._failed is None:
+                self._release()
+            else:  # its failure was reported when it happened
+                self._release_quietly()
 
     def __enter__(self) -> RocksDBPDB:
         return self

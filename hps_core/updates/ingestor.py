@@ -205,10 +205,12 @@ class Ingestor:
             if not entries:
                 return 0
             self._handle(entries)
-        except (HPSError, redis.RedisError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - a round that fails must not end the updates
             self.failures.inc(group=self.label)
             if not self._failing:
-                log.warning("ingestor %s: cannot apply updates, retrying: %s", self.group, e)
+                expected = isinstance(e, (HPSError, redis.RedisError, OSError))
+                log.warning("ingestor %s: cannot apply updates, retrying: %s", self.group, e,
+                            exc_info=not expected)  # fmt: skip
                 self._failing = True
             self._own_pending = True  # what we read is pending for us: read it again
             time.sleep(self.backoff_s)

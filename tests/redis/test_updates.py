@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from served_model import make_model, reference, server_config
+from small_tmpfs import in_small_tmpfs
 
 from hps_core import ParameterServer, StorageError
-from hps_core.metrics import REGISTRY
+from hps_core.metrics import REGISTRY, Registry
 from hps_core.pdb.rocksdb import RocksDBPDB
 from hps_core.updates import MalformedMessage, Publisher, connect, decode, encode
 from hps_core.updates.ingestor import Ingestor, TierSink, _Batch
@@ -113,17 +114,41 @@ def test_server_applies_updates_to_vdb_pdb_and_l1(redis_standalone, tmp_path):
 
 
 class FlakySink(TierSink):
-    """A real VDB sink that fails its first ``fail`` writes (a store that is briefly down)."""
+    """A real VDB sink that fails its first ``fail`` writes (a store that is briefly down, or
+    with ``error`` another exception: a bug in a sink must not end the updates either)."""
 
-    def __init__(self, tier, fail):
+    def __init__(self, tier, fail, error=None):
         super().__init__("vdb", tier)
         self.fail = fail
+        self.error = error or StorageError("store briefly unavailable")
 
     def apply(self, table, keys, vectors):
         if self.fail:
             self.fail -= 1
-            raise StorageError("store briefly unavailable")
+            raise self.error
         super().apply(table, keys, vectors)
+
+
+def test_an_unexpected_error_in_a_round_is_retried_not_the_end_of_updates(redis_standalone):
+    redis_standalone.flush()
+    client = connect(redis_standalone.address)
+    vdb = RedisVDB(redis_standalone.address, num_partitions=2)
+    vdb.create_table("hps_et.m.u", 4)
+    sink = FlakySink(vdb, fail=2, error=ZeroDivisionError("a bug"))
+    ing = Ingestor(client, [sink], None, stream="upd_bug", group="g", block_ms=20,
+                   registry=Registry())  # fmt: skip
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    Publisher(client, "upd_bug").publish("hps_et.m.u", [7, -7, 2**62], rows)
+    ing.start()
+    try:
+        wait_for(lambda: ing.lag() == 0)
+    finally:
+        ing.stop()
+    assert sink.fail == 0 and ing.failures.value(group="g") == 2
+    got, found = vdb.fetch("hps_et.m.u", [7, -7, 2**62])
+    assert found.all()
+    np.testing.assert_array_equal(got, rows)
+    vdb.close()
 
 
 def test_dead_letters_retries_and_no_rollback(redis_any):
@@ -313,3 +338,67 @@ def test_process_local_hash_map_vdb_gets_every_update(redis_standalone, tmp_path
         np.testing.assert_array_equal(ps.vdb.fetch("hps_et.m.t0", keys[:100])[0], upd)
         np.testing.assert_array_equal(ps.pdb.fetch("hps_et.m.t0", keys[:100])[0], upd)
         np.testing.assert_array_equal(ps.lookup(keys[100:], "m", "t0"), vecs[100:])
+
+
+INGEST_DISK_FULL = r"""
+import json, os, sys
+import numpy as np
+from small_tmpfs import grow
+from hps_core.metrics import Registry
+from hps_core.pdb import rocksdb
+from hps_core.pdb.rocksdb import RocksDBPDB
+from hps_core.updates import Publisher, connect
+from hps_core.updates.ingestor import Ingestor, TierSink
+
+rocksdb.REOPEN_INTERVAL_S = 0.0
+d, addr, stream = os.environ["HPS_SHM_DIR"], sys.argv[1], sys.argv[2]
+T = "hps_et.m.t"
+pdb = RocksDBPDB(d + "/db")
+pdb.create_table(T, 64)
+rng = np.random.default_rng(5)
+keys = np.arange(40_000, dtype=np.int64) * 7919 - 10**12
+vecs = rng.standard_normal((len(keys), 64)).astype(np.float32)
+client = connect(addr)
+pub = Publisher(client, stream)
+for s in range(0, len(keys), 2000):  # 10 MiB of rows for an 8 MiB disk
+    pub.publish(T, keys[s : s + 2000], vecs[s : s + 2000])
+registry = Registry()
+ing = Ingestor(client, [TierSink("pdb", pdb, {T: (64, "float32")})], None, stream=stream,
+               group="g", block_ms=20, registry=registry)
+out = {}
+for _ in range(400):
+    ing.step(20)
+    if ing.failures.value(group="g") >= 3:
+        break
+out["failures_while_full"] = ing.failures.value(group="g")
+out["lag_while_full"] = ing.lag()
+grow(d, 64)
+for _ in range(400):
+    ing.step(20)
+    if ing.lag() == 0:
+        break
+out["lag_after"] = ing.lag()
+got, found = pdb.fetch(T, keys)
+out["all_equal"] = bool(found.all() and np.array_equal(got, vecs))
+print(json.dumps(out))
+"""
+
+
+def test_the_ingestor_keeps_updates_pending_while_the_disk_is_full_and_applies_them_after(
+    redis_standalone, tmp_path
+):
+    """A RocksDB write failure used to escape the ingestor's round as a plain Exception and end
+    its thread: updates stopped for good. Now the round is retried, the entries stay pending,
+    and once there is room every update lands."""
+    redis_standalone.flush()
+    script = tmp_path / "ingest_full.py"
+    script.write_text(INGEST_DISK_FULL)
+    tests = str(ROOT / "tests")
+    r = in_small_tmpfs(
+        f"PYTHONPATH={tests}:$PYTHONPATH {sys.executable} {script} "
+        f"{redis_standalone.address} upd_full"
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["failures_while_full"] >= 3 and out["lag_while_full"] > 0, out
+    assert out["lag_after"] == 0 and out["all_equal"], out

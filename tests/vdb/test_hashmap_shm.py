@@ -14,6 +14,7 @@ import uuid
 import numpy as np
 import pytest
 from file_reference import stored
+from small_tmpfs import in_small_tmpfs
 
 from hps_core.errors import HPSError, StorageError
 from hps_core.vdb import hashmap, shm
@@ -306,18 +307,6 @@ SMALL_TMPFS = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-def in_small_tmpfs(cmd: str, mib: int = 8, **env) -> subprocess.CompletedProcess:
-    """Run a shell command with HPS_SHM_DIR on a tmpfs of ``mib`` MiB of its own (a private
-    mount namespace, so no privilege is needed where user namespaces are allowed)."""
-    script = (f'd=$(mktemp -d) && mount -t tmpfs -o size={mib}m tmpfs "$d" && '
-              f'export HPS_SHM_DIR="$d" && {cmd}')  # fmt: skip
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace for a small tmpfs: {probe.stderr.strip()}")
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})  # fmt: skip
 
 
 def test_a_table_larger_than_the_shared_memory_left_is_a_clear_error_not_a_crash(tmp_path):
