@@ -3,15 +3,17 @@
 ``key`` holds int64 keys (native little-endian), ``emb_vector`` float32 rows (row-major, rows x dim).
 ``meta`` is our optional JSON: ``{"format": "hugectr_sparse", "rows", "dim", "key_dtype",
 "hot_keys": [...]}``, hottest keys first, used to pre-fill caches. ``key_dtype`` may also be
-``"uint32"`` (4-byte keys, widened to int64 on read). Reading is memory-mapped and chunked: each
-chunk is copied out and its pages released, so resident memory stays near one chunk however
-large the table.
+``"uint32"`` (4-byte keys, widened to int64 on read). Reading is chunked: each chunk is read
+into arrays of its own, so resident memory stays near one chunk however large the table. Plain
+reads rather than a memory map: a file cut short while it is read (a training job writing a
+new model over it) then gives a short read, a ``ModelFileError``, where a mapped page past the
+new end would have killed the process with SIGBUS.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -122,7 +124,7 @@ class SparseTable:
         self.dim = dim
         self.hot_keys = hot_keys
         self.key_dtype = key_dtype
-        self._maps: list[mmap.mmap] = []  # open while a chunked read is under way
+        self._open: list[io.BufferedReader] = []  # open while a chunked read is under way
 
     @classmethod
     def open(cls, path: str | os.PathLike, dim: int | None = None) -> SparseTable:
@@ -196,30 +198,27 @@ class SparseTable:
         step = rows_per_chunk or max(1, max_bytes // (ks + row_bytes))
         if self.rows == 0:
             return
-        km = self._map(self.path / "key", self.rows * ks)
-        vm = self._map(self.path / "emb_vector", self.rows * row_bytes)
+        kf = self._file(self.path / "key", self.rows * ks)
+        vf = self._file(self.path / "emb_vector", self.rows * row_bytes)
         try:
             for s in range(0, self.rows, step):
                 n = min(step, self.rows - s)
-                # Views live only inside this statement, so the maps can always be closed.
-                keys = np.frombuffer(km, self.key_dtype, n, s * ks).astype(np.int64)
-                vecs = np.frombuffer(vm, "<f4", n * self.dim, s * row_bytes).astype(np.float32)
-                _release(km, s * ks, (s + n) * ks)
-                _release(vm, s * row_bytes, (s + n) * row_bytes)
+                keys = _read(kf, self.key_dtype, n).astype(np.int64, copy=False)
+                vecs = _read(vf, np.dtype("<f4"), n * self.dim).astype(np.float32, copy=False)
                 yield keys, vecs.reshape(n, self.dim)
         finally:
-            for m in (km, vm):
-                m.close()
-                if m in self._maps:
-                    self._maps.remove(m)
+            for f in (kf, vf):
+                f.close()
+                if f in self._open:
+                    self._open.remove(f)
 
-    def _map(self, path: Path, nbytes: int) -> mmap.mmap:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < nbytes:
-                raise ModelFileError(str(path), "shrank since the table was opened")
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(m)
-        return m
+    def _file(self, path: Path, nbytes: int) -> io.BufferedReader:
+        f = open(path, "rb")  # noqa: SIM115 - closed by iter_chunks or close()
+        if os.fstat(f.fileno()).st_size < nbytes:
+            f.close()
+            raise ModelFileError(str(path), "shrank since the table was opened")
+        self._open.append(f)
+        return f
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole table in memory (small tables, tests)."""
@@ -230,10 +229,10 @@ class SparseTable:
         return keys.astype(np.int64), vecs.astype(np.float32).reshape(self.rows, self.dim)
 
     def close(self) -> None:
-        """Release the maps of an unfinished chunked read (nothing else stays open)."""
-        for m in self._maps:
-            m.close()
-        self._maps.clear()
+        """Close the files of an unfinished chunked read (nothing else stays open)."""
+        for f in self._open:
+            f.close()
+        self._open.clear()
 
     def __enter__(self) -> SparseTable:
         return self
@@ -268,8 +267,16 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _release(m: mmap.mmap, start: int, end: int) -> None:
-    """Drop the pages of [start, end) from this process's resident set (the page cache keeps them)."""
-    s = start - start % mmap.PAGESIZE
-    if end > s and hasattr(m, "madvise"):
-        m.madvise(mmap.MADV_DONTNEED, s, end - s)
+def _read(f: io.BufferedReader, dtype: np.dtype, count: int) -> np.ndarray:
+    """The next ``count`` elements of ``f``; a ModelFileError where the file ends first."""
+    a = np.empty(count, dtype)
+    buf = memoryview(a).cast("B")
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise ModelFileError(
+                f.name, f"ends at byte {f.tell()}: cut short while it was read (being rewritten?)"
+            )
+        got += n
+    return a
