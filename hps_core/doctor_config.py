@@ -104,7 +104,36 @@ def check_config(path: str) -> list[Check]:
         out += [check_redis_address(a, v.password, v.user_name) for a in v.addresses()]
     if files_ok:
         out += check_memory(cfg)
+        if p.type != "disabled" and not p.read_only:
+            out.append(check_disk(cfg))
     return out
+
+
+def check_disk(cfg) -> Check:
+    """Free disk space where RocksDB lives against the tables' estimate (``pdb_bytes``). The
+    database's own files count as room: a reload rewrites them. Compactions write the files
+    they merge before deleting the old ones, so under 1.5x the estimate is a warning."""
+    from .estimate import estimate_config
+
+    path = Path(cfg.persistent_db.path)
+    est = sum(e.pdb_bytes for e in estimate_config(cfg))
+    where = next(d for d in (path, *path.parents) if d.exists())
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    held = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    have = free + held
+    detail = f"{size(free)} free at {where} (+{size(held)} of its database), estimate {size(est)}"
+    data = {"path": str(where), "free_bytes": free, "own_bytes": held, "estimate_bytes": est}
+    if have < est:
+        c = Check("rocksdb disk", FAIL, detail, "free disk space there or move "
+                  "persistent_db.path to a larger disk (a full disk stops hps load)")  # fmt: skip
+    elif have < 1.5 * est:
+        c = Check("rocksdb disk", WARN, detail + " (< 50% headroom for compactions)",
+                  "free disk space there or move persistent_db.path to a larger disk")  # fmt: skip
+    else:
+        c = Check("rocksdb disk", OK, detail)
+    c.data = data
+    return c
 
 
 def check_memory(cfg) -> list[Check]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from small_tmpfs import in_small_tmpfs
 
 from hps_core.estimate import estimate_config
 from hps_core.launcher import PROJECT_BACKENDS, free_ports, triton_home
@@ -146,6 +147,45 @@ def test_config_files_and_shared_memory_against_the_estimate(model, tmp_path):
     st = os.statvfs("/dev/shm")
     assert abs(shm["free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20  # others write too
     assert checks["/dev/shm"]["status"] == ("OK" if shm["free_bytes"] > 1.2 * expect else "WARN")
+    disk = checks["rocksdb disk"]["data"]  # the database does not exist yet: its parent's disk
+    assert disk["estimate_bytes"] == sum(e.pdb_bytes for e in est) > 0 and disk["own_bytes"] == 0
+    pdb = Path(load_config(path).persistent_db.path)
+    assert disk["path"] == str(next(d for d in (pdb, *pdb.parents) if d.exists()))
+    st = os.statvfs(disk["path"])
+    assert abs(disk["free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20
+
+
+DISK_SIZES = r"""
+import json, subprocess, sys
+cfg, sizes = sys.argv[1], sys.argv[2:]
+d = __import__("os").environ["HPS_SHM_DIR"]
+out = []
+for kib in sizes:
+    subprocess.run(["mount", "-o", f"remount,size={kib}k", d], check=True)
+    r = subprocess.run([sys.executable, "-m", "hps_core.cli", "doctor", "--json", "--config", cfg],
+                       capture_output=True, text=True)
+    c = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["rocksdb disk"]
+    out.append([r.returncode, c["status"], c["data"]["free_bytes"], c["fix"]])
+print(json.dumps(out))
+"""
+
+
+def test_rocksdb_disk_space_against_the_estimate(model, tmp_path):
+    """On a tmpfs of its own, sized around the estimate: too small fails, tight warns."""
+    path = write_config(model, tmp_path, persistent_db={"path": "PDB_DIR"})
+    from hps_core.config import load_config
+
+    est = sum(e.pdb_bytes for e in estimate_config(load_config(path)))
+    kib = [4, -(-int(1.2 * est) // 4096) * 4, 4 * 1024]  # < est, 1.2x (pages), 4 MiB
+    (tmp_path / "sizes.py").write_text(DISK_SIZES)
+    run = tmp_path / "run.json"
+    r = in_small_tmpfs(f'sed "s#PDB_DIR#$HPS_SHM_DIR/rdb#" {path} > {run} && '
+                       f"{sys.executable} {tmp_path / 'sizes.py'} {run} {' '.join(map(str, kib))}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (small, tight, roomy) = json.loads(r.stdout.strip().splitlines()[-1])
+    assert small[:2] == [1, "FAIL"] and small[2] < est and "larger disk" in small[3]
+    assert tight[1] == "WARN" and est <= tight[2] < 1.5 * est
+    assert roomy[1] == "OK" and roomy[2] >= 1.5 * est
 
 
 def test_invalid_config_fails_naming_the_field(model, tmp_path):

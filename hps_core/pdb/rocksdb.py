@@ -330,7 +330,9 @@ class RocksDBPDB(PersistentDB):
 
     def _lookup(self, table: str, keys, out, found, start: int, end: int) -> None:
         """Multi-get keys[start:end] in max_batch_size chunks into found (and out, if given)."""
-        cf, dim = self._cfs[table], self._dims[table]
+        cf, dim = self._cfs.get(table), self._dims.get(table)
+        if cf is None or dim is None:  # dropped, or the database is being opened again
+            raise StorageError(f"RocksDB at {self.path}: table '{table}' is not open now")
         row_bytes = 4 * dim
         for s in range(start, end, self.max_batch_size):
             e = min(s + self.max_batch_size, end)
