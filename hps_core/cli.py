@@ -184,9 +184,7 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Fill the shared tiers, start Triton on the repository and keep it running until Ctrl-C."""
-    import signal
-    import time
-
+    from .launcher import supervise
     from .repo import serving
 
     with serving(
@@ -201,15 +199,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             highlight=False, soft_wrap=True,
         )  # fmt: skip
         try:
-            while server.proc is not None and server.proc.poll() is None:
-                time.sleep(1)
+            supervise(server, args.restarts, say=lambda m: console.print(
+                m, highlight=False, markup=False, soft_wrap=True))  # fmt: skip
         except KeyboardInterrupt:
             console.print("stopping")
             return 0
-        rc = server.proc.returncode if server.proc is not None else None
-        how = f"signal {-rc} ({signal.strsignal(-rc)})" if rc and rc < 0 else f"status {rc}"
-        console.print(server.log_tail(3000), highlight=False, markup=False)
-        raise HPSError(f"tritonserver exited with {how}; above, the end of its log")
+    return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -425,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--instances", type=int, default=1)
-    s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=1, instances=1))
+    s.add_argument(
+        "--restarts", type=int, default=3,
+        help="start tritonserver again when it dies, at most this often in 10 minutes (then "
+        "exit 2); 0: exit at its first death",
+    )  # fmt: skip
+    s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=1, instances=1, restarts=0))
 
     s = sub.add_parser(
         "watch",

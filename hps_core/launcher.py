@@ -24,6 +24,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from . import quiet_openmp
@@ -163,6 +165,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self.watchdog_interval = watchdog
         self.watchdog: StubWatchdog | None = None
+        self.starts = 0  # a restart appends to the log of the runs before
 
     @property
     def http_url(self) -> str:
@@ -218,7 +221,8 @@ class TritonServer:
         """Start the server and wait until it is ready (every requested model loaded)."""
         cmd = self.command()
         log.info("starting %s", " ".join(cmd))
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab" if self.starts else "wb")  # noqa: SIM115 - closed in stop()
+        self.starts += 1
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.environment(),
             start_new_session=True,
@@ -239,6 +243,17 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def restart(self, timeout: float = 180.0) -> TritonServer:
+        """Stop what is left of the server (stubs, shared memory) and start it again on the
+        same ports, so clients reconnect to the same URLs."""
+        self.stop()
+        return self.start(timeout)
+
+    def exit_description(self) -> str:
+        """How the server process ended: 'signal 9 (Killed)' or 'status 1'."""
+        rc = self.proc.returncode if self.proc is not None else None
+        return f"signal {-rc} ({signal.strsignal(-rc)})" if rc and rc < 0 else f"status {rc}"
 
     def ready(self) -> bool:
         """Whether /v2/health/ready answers 200."""
@@ -292,3 +307,33 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def supervise(
+    server: TritonServer,
+    restarts: int,
+    say: Callable[[str], None],
+    window_s: float = 600.0,
+    start_timeout: float = 300.0,
+) -> None:
+    """Keep ``server`` running: when it dies, say how with the end of its log and start it
+    again, at most ``restarts`` times within ``window_s`` seconds; one death more is a
+    ServerError (a server that keeps dying has a cause a restart does not fix). Returns never;
+    Ctrl-C (KeyboardInterrupt) ends it."""
+    deaths: deque[float] = deque()
+    while True:
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(1)
+        how = server.exit_description()
+        say(server.log_tail(3000))
+        now = time.monotonic()
+        while deaths and now - deaths[0] > window_s:
+            deaths.popleft()
+        if len(deaths) >= restarts:
+            again = f" (restarted {len(deaths)} times in {window_s:.0f} s)" if restarts else ""
+            raise ServerError(f"tritonserver exited with {how}{again}; above, the end of its log")
+        deaths.append(now)
+        say(f"tritonserver exited with {how}; restarting it ({len(deaths)} of {restarts} "
+            f"restarts in {window_s:.0f} s)")  # fmt: skip
+        server.restart(start_timeout)
+        say(f"serving again: HTTP {server.http_url}, gRPC {server.grpc_url}")

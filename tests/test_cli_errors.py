@@ -154,6 +154,7 @@ def test_console_script_prints_no_traceback(model, tmp_path):
         (["repo", "OUT", "--max-batch-size", "0"], "--max-batch-size"),
         (["serve", "OUT", "--rows", "-1"], "--rows"),
         (["serve", "OUT", "--instances", "0"], "--instances"),
+        (["serve", "OUT", "--restarts", "-1"], "--restarts"),
         (["demo", "--dir", "OUT", "--rows", "0"], "--rows"),
         (["demo", "--dir", "OUT", "--dim", "0"], "--dim"),
         (["demo", "--dir", "OUT", "--batch-size", "0"], "--batch-size"),

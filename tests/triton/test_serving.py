@@ -486,40 +486,57 @@ def test_hps_watch_reloads_the_models_of_a_server_started_elsewhere(tmp_path):
     assert "exited: 1 reloads, 0 failed" in out, out
 
 
-def test_hps_serve_answers_and_says_when_the_server_dies(tmp_path):
-    """`hps serve` writes a repository, serves it (lookups equal the files), and when its
-    tritonserver dies it says so, with the log's end, and exits non-zero (it exited 0)."""
+def test_hps_serve_restarts_a_dead_server_then_gives_up_and_says_why(tmp_path):
+    """`hps serve` writes a repository and serves it (lookups equal the files). When its
+    tritonserver dies it prints the log's end and starts it again on the same ports (lookups
+    equal again); with --restarts 1 a second death within the window ends it with status 2
+    naming the signal (before restarts it exited 0 in silence)."""
     repo = tmp_path / "repo"
     hps = Path(sys.executable).parent / "hps"
     proc = subprocess.Popen(
-        [hps, "serve", repo, "--rows", "2000", "--dim", "4"],
+        [hps, "serve", repo, "--rows", "2000", "--dim", "4", "--restarts", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
-    try:
-        lines = []
-        for line in proc.stdout:  # until the server is up (or hps serve ends)
+    lines: list[str] = []
+
+    def until(prefix: str) -> str:
+        for line in proc.stdout:  # bounded: hps serve ends (and stdout closes) if all fails
             lines.append(line)
-            if line.startswith("serving "):
-                break
-        url = re.search(r"HTTP (\S+),", line)
-        assert url, "".join(lines)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError("".join(lines))
+
+    def server_pid() -> int:
+        (p,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
+        return p.pid
+
+    try:
+        url = re.search(r"HTTP (\S+),", until("serving ")).group(1)
         spec = read_spec(repo)
         keys = np.array([3, 1, -7, 2**63 - 1, 3], np.int64)
         counts = np.zeros(spec.slots, np.int32)
         counts[4] = len(keys)
-        with HPSClient(url.group(1), "http") as c:
-            got = c.lookup(keys, counts)
-        np.testing.assert_array_equal(got, FileTables(spec.config).lookup(4, keys).ravel())
-        (server,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
-        server.kill()
-        out = proc.communicate(timeout=120)[0]
+        want = FileTables(spec.config).lookup(4, keys).ravel()
+        with HPSClient(url, "http") as c:
+            np.testing.assert_array_equal(c.lookup(keys, counts), want)
+        first = server_pid()
+        os.kill(first, signal.SIGKILL)
+        assert "restarting it (1 of 1 restarts in 600 s)" in until("tritonserver exited with")
+        assert re.search(r"HTTP (\S+),", until("serving again")).group(1) == url
+        second = server_pid()
+        assert second != first
+        with HPSClient(url, "http") as c:
+            np.testing.assert_array_equal(c.lookup(keys, counts), want)
+        os.kill(second, signal.SIGKILL)
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 2, out
-    assert "error: tritonserver exited with signal 9 (Killed)" in out, out
-    assert "Started HTTPService" in out, out  # the log's end
+    assert "error: tritonserver exited with signal 9 (Killed) (restarted 1 times in 600 s)" \
+        in out, out  # fmt: skip
+    assert out.count("Started HTTPService") >= 2, out  # the log's end, each time
 
 
 def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
