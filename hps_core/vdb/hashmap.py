@@ -129,7 +129,14 @@ class HashMapVDB(VolatileDB):
         if not table or "/" in table or "\0" in table:
             raise InvalidInputError("table", repr(table), "a non-empty name without '/'")
         with self._lock:
-            t = self._tables.get(table) or self._attach(table)
+            try:
+                t = self._tables.get(table) or self._attach(table)
+            except StorageError as e:  # damaged files: the writer makes the table anew
+                if self.readonly:
+                    raise
+                log.warning("%s; creating it anew", e)
+                shm.remove_table(self.shm_name, table)
+                t = None
             if t is not None:
                 if (t.dim, t.dtype) != (dim, dtype):
                     raise StorageError(

@@ -426,6 +426,18 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
     def m(array, shape, dtype, writable=not readonly):
         mode = "r+" if writable else "r"
         path = array_path(name, table, array)
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        try:
+            have = path.stat().st_size
+        except FileNotFoundError:
+            have = None
+        if have is None or have < need:  # a map past a file's end faults (SIGBUS) when read
+            found = "is missing" if have is None else f"holds {have} bytes"
+            raise StorageError(
+                f"shared VDB table '{table}': {path} {found}, its header "
+                f"({header_path(name)}) says {need}; the table is damaged or was written by "
+                f"another version: remove the files {SHM_DIR}/{name}.* and load it again"
+            )
         return np.memmap(path, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
 
     arrays = TableArrays(

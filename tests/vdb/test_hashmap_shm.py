@@ -338,3 +338,29 @@ def test_hps_load_into_too_small_shared_memory_names_the_table_and_exits_2(tmp_p
     r = in_small_tmpfs(f"{sys.executable} -m hps_core.cli load {model / 'hps.json'}")
     assert r.returncode == 2, (r.stdout, r.stderr)  # tables 0 and 1: 17 and 7 rows; 2: 120K
     assert "VDB table 'hps_et.shm.table2'" in r.stderr and "--shm-size" in r.stderr
+
+
+def test_damaged_table_files_are_an_error_for_readers_and_made_anew_by_the_writer(name):
+    """A map past a file's end faults (SIGBUS) on the first read there; a file shorter than
+    its header says (damaged, or from another version) is refused when attaching."""
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 8, capacity_hint=1000)
+    writer.upsert("t", np.arange(10), np.ones((10, 8)))
+    writer.close()
+    os.truncate(shm.array_path(name, "t", "values"), 100)
+    with pytest.raises(StorageError) as e:
+        HashMapVDB(shared_memory_name=name, shared_memory_readonly=True).fetch("t", [1])
+    assert f"{shm.array_path(name, 't', 'values')} holds 100 bytes" in str(e.value)
+    assert "remove the files" in str(e.value)
+    shm.array_path(name, "t", "keys").unlink()
+    with pytest.raises(StorageError, match=r"\.t\.keys is missing"):
+        HashMapVDB(shared_memory_name=name, shared_memory_readonly=True).fetch("t", [1])
+    again = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    again.create_table("t", 8, capacity_hint=1000)  # the writer: the table anew, empty
+    keys = np.array([-3, 5, 2**62])
+    again.upsert("t", keys, np.full((3, 8), 2.5))
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    got, found = reader.fetch("t", np.concatenate([keys, [1]]))
+    np.testing.assert_array_equal(found, [True, True, True, False])
+    assert (got[:3] == 2.5).all() and reader.size("t") == 3
+    again.unlink()
