@@ -194,6 +194,7 @@ class ParameterServer:
             self.promoter = Promoter(self.vdb)
         self.sessions: dict[str, LookupSession] = {}
         self._files: dict[str, list[SparseTable]] = {}
+        self._nonfinite_reported: set[str] = set()  # files whose NaN/inf rows were reported
         self._lock = threading.Lock()
         self.ingestors: list = []  # online updates (update_source: redis_stream)
         self.ingestor = None  # the one applying updates to the stores, if any
@@ -351,12 +352,17 @@ class ParameterServer:
                 self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name)
 
     def _copy_rows(self, f: SparseTable, rows: int, what: str, tier: object, table: str) -> None:
-        done = 0
+        done = bad = 0
+        first_bad = None
         with _progress(self.progress, what, rows) as advance:
             for keys, vecs in f.iter_chunks():
                 take = min(len(keys), rows - done)
                 if take <= 0:
                     break
+                nonfinite = ~np.isfinite(vecs[:take]).all(axis=1)
+                if nonfinite.any():
+                    bad += int(nonfinite.sum())
+                    first_bad = keys[:take][nonfinite][0] if first_bad is None else first_bad
                 try:
                     tier.upsert(table, keys[:take], vecs[:take])
                 except InvalidInputError as e:  # e.g. NaN rows an int8 table cannot scale
@@ -364,6 +370,13 @@ class ParameterServer:
                 done += take
                 advance(take)
         log.info("%s: %d rows", what, done)
+        if bad and str(f.path) not in self._nonfinite_reported:  # once, not once per tier
+            self._nonfinite_reported.add(str(f.path))
+            log.warning(
+                "%s: %d of %d rows hold NaN or infinite values (first key %d); they are served "
+                "as they are, and every prediction that uses them will be NaN",
+                f.path, bad, done, first_bad,
+            )  # fmt: skip
 
     # -- inspection ---------------------------------------------------------------------------
     def inspect(self) -> list[TableInfo]:

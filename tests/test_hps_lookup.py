@@ -274,6 +274,25 @@ def test_rows_a_table_cannot_store_name_the_file(tmp_path):
         ParameterServer(cfg)
 
 
+def test_nan_and_infinite_rows_are_reported_once_and_served_as_stored(tmp_path, caplog):
+    """A float32 table stores them (HugeCTR served them too), but a user must hear of rows
+    that turn every prediction using them into NaN: one warning per file, naming it."""
+    tables = make_files(tmp_path, seed=9)
+    keys, vecs = tables[1]
+    vecs[[7, 30], 1] = np.nan
+    vecs[12, 0] = -np.inf
+    write_table(tmp_path / "t1_sparse_0.model", keys, vecs)
+    with caplog.at_level("WARNING", logger="hps_core.server"):
+        hps = HPS(config(tmp_path))  # the rows go into the VDB and RocksDB
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert warned == [f"{tmp_path / 't1_sparse_0.model'}: 3 of {len(keys)} rows hold NaN or "
+                      f"infinite values (first key {keys[7]}); they are served as they are, and "
+                      "every prediction that uses them will be NaN"]  # fmt: skip
+    got = hps.lookup(keys[[7, 12, 30, 0]], "m", 1)
+    np.testing.assert_array_equal(got, vecs[[7, 12, 30, 0]])  # NaN == NaN here
+    hps.close()
+
+
 def test_model_file_errors_name_the_file(tmp_path):
     make_files(tmp_path, seed=7)
     cfg = config(tmp_path)
