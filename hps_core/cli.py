@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .cli_input import (
@@ -22,6 +21,7 @@ from .cli_input import (
     os_error,
     read_keys_file,
     read_npz_rows,
+    run_reporting_errors,
     writable_dir,
 )
 from .errors import HPSError
@@ -503,22 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
+
+    def run() -> int:
         check_limits(args)
         return args.func(args)
-    except HPSError as e:
-        message = str(e)
-    except OSError as e:  # a path the user gave: missing, a directory, not permitted...
-        log.info("the OSError's traceback", exc_info=True)
-        message = os_error(e)
-    except UnicodeDecodeError as e:  # a file the user gave is not text
-        log.info("the UnicodeDecodeError's traceback", exc_info=True)
-        message = f"a file is not UTF-8 text ({e})"
-    # on stderr: stdout is the command's output (tables, JSON), which an error must not mix into
-    Console(stderr=True).print(
-        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
-    )
-    return 2
+
+    return run_reporting_errors(run)
 
 
 if __name__ == "__main__":

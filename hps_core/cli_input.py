@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,33 @@ from .errors import HPSError, ModelFileError
 from .model_io import read_key_text
 
 INT64_MAX = 2**63 - 1
+log = logging.getLogger(__name__)
+
+
+def run_reporting_errors(run: Callable[[], int], also: tuple[type[BaseException], ...] = ()) -> int:
+    """``run()``'s status, or 2 after one ``error:`` line on stderr (stdout is the command's
+    output: tables, JSON) for what a user can fix: an HPSError, a path they gave (OSError), a
+    file that is not text, and the exception types in ``also``. No traceback (``-v`` logs it)."""
+    try:
+        return run()
+    except HPSError as e:
+        message = str(e)
+    except OSError as e:  # a path the user gave: missing, a directory, not permitted...
+        log.info("the OSError's traceback", exc_info=True)
+        message = os_error(e)
+    except UnicodeDecodeError as e:  # a file the user gave is not text
+        log.info("the UnicodeDecodeError's traceback", exc_info=True)
+        message = f"a file is not UTF-8 text ({e})"
+    except also as e:
+        log.info("the traceback", exc_info=True)
+        message = str(e)
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    return 2
 
 
 def check_limits(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import redis
+from small_tmpfs import in_small_tmpfs
 
 from hps_core import cli
 from hps_core.errors import ConfigError, HPSError
@@ -380,3 +381,40 @@ def test_watch_of_a_process_that_never_runs_tritonserver(capsys):
     assert_error(*hps(capsys, "watch", "--pid", p.pid), f"--pid {p.pid}")
     assert_error(*hps(capsys, "watch", "--pid", 0), "--pid 0")
     assert_error(*hps(capsys, "watch", "--pid", 5, "--interval", 0), "--interval 0")
+
+
+# -- hps-client ------------------------------------------------------------------------------------
+
+
+def client(capsys, *args) -> tuple[int, str]:
+    from hps_client.cli import main
+
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert out.out == "", out.out  # errors go to stderr
+    return rc, out.err
+
+
+def test_hps_client_errors_are_one_line_naming_the_server_or_the_line(tmp_path, capsys):
+    tsv = tmp_path / "ok.tsv"
+    tsv.write_text("\t".join(["1"] + ["3"] * 13 + ["a1b2"] * 26) + "\n")
+    (port,) = free_ports(1)  # nothing listens there
+    for protocol in ("http", "grpc"):
+        rc, err = client(capsys, "predict", tsv, "--url", f"127.0.0.1:{port}", "--protocol",
+                         protocol)  # fmt: skip
+        assert_error(rc, err, f"Triton at 127.0.0.1:{port} ({protocol}), model dlrm")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t2\n")
+    assert_error(*client(capsys, "predict", bad), "line 1: 2 fields, expected 40")
+    assert_error(*client(capsys, "predict", tmp_path / "none.tsv"), str(tmp_path / "none.tsv"))
+
+
+def test_make_demo_in_too_small_shared_memory_says_what_to_do(tmp_path):
+    """Docker gives a container 64 MiB of /dev/shm: the demo's tables must not end in SIGBUS
+    or a traceback, but in one line saying what to change."""
+    r = in_small_tmpfs(f"{sys.executable} -m hps_client.cli demo --repo {tmp_path / 'repo'} "
+                       "--rows 400000")  # fmt: skip
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "VDB table 'hps_et.dlrm." in line and "--shm-size" in line, line

@@ -21,13 +21,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predictions for Criteo TSV lines; with --check, compared with the in-process reference."""
+    from tritonclient.utils import InferenceServerException
+
+    from hps_core.errors import HPSError
+
     from .client import HPSClient
     from .criteo import parse_criteo_lines
 
     with open(args.tsv) as f:
         labels, dense, cat = parse_criteo_lines(f)
-    with HPSClient(args.url, args.protocol) as c:
-        prob = c.predict(dense, cat, model=args.model)
+    try:
+        with HPSClient(args.url, args.protocol) as c:
+            prob = c.predict(dense, cat, model=args.model)
+    except (InferenceServerException, OSError) as e:  # their text does not say which server
+        raise HPSError(f"Triton at {args.url} ({args.protocol}), model {args.model}: {e}") from None
     for i in range(len(prob)):
         console.print(f"{i}\tlabel {labels[i]}\tPROB {prob[i, 0]:.6f}", highlight=False)
     if args.check:
@@ -82,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from hps_core.cli_input import run_reporting_errors
+
+    from .criteo import CriteoFormatError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # a server that is not there, a model it does not serve, a line of the TSV: one line each
+    return run_reporting_errors(
+        lambda: args.func(args), also=(InferenceServerException, CriteoFormatError)
+    )
 
 
 if __name__ == "__main__":
