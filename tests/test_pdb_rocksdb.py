@@ -348,9 +348,11 @@ def test_a_load_leaves_the_rows_on_disk_and_no_memtable_behind(tmp_path):
 
 
 DISK_FULL = r"""
-import json, os, sys
+import faulthandler, json, os, sys
 import numpy as np
 from small_tmpfs import grow
+
+faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the test, with stacks
 from hps_core.errors import StorageError
 from hps_core.pdb import rocksdb
 from hps_core.pdb.rocksdb import RocksDBPDB
@@ -376,6 +378,7 @@ while s < len(keys):  # 15 MiB of rows into 8 MiB
             out["read_while_full"] = bool(found.all() and np.array_equal(got, vecs[:s]))
             out["written_before"] = s
             grow(d, 64)
+            db.create_table("hps_et.model.table1", 8)  # the first write after: a reopen, locked
         assert len(out["errors"]) <= 3, out
 got, found = db.fetch(T, keys)
 out["all_equal"] = bool(found.all() and np.array_equal(got, vecs))
@@ -383,6 +386,7 @@ db.close()
 again = RocksDBPDB(d + "/db", read_only=True)
 got, found = again.fetch(T, keys)
 out["reopened_equal"] = bool(found.all() and np.array_equal(got, vecs))
+out["tables"] = again.tables()
 print(json.dumps(out))
 """
 
@@ -402,3 +406,4 @@ def test_a_full_disk_fails_writes_clearly_keeps_reads_and_recovers_when_room_ret
     assert len(retries) == 2 and all("No space left" in e for e in retries)
     assert 0 < out["written_before"] < 60_000 and out["read_while_full"]
     assert out["all_equal"] and out["reopened_equal"]
+    assert out["tables"] == [T, "hps_et.model.table1"]

@@ -106,7 +106,9 @@ class RocksDBPDB(PersistentDB):
         self._workers = max(1, min(self._num_threads, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
         self._cache = Cache(block_cache_bytes)
-        self._lock = threading.Lock()  # table creation and drop; rows need no lock
+        # table creation and drop, and reopening; rows need no lock. Reentrant: a write under it
+        # (create_table) may have to reopen the database first.
+        self._lock = threading.RLock()
         self._db: Rdict | None = None
         self._failed: str | None = None  # the write that failed, until a reopen succeeds
         self._reopened_at = -REOPEN_INTERVAL_S

@@ -355,7 +355,7 @@ def create_table(
             layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
             publish(name, table, {**layout, "meta": meta, "policy": policy})
     except OSError as e:
-        if name is None or e.errno not in (errno.ENOSPC, errno.EFBIG):
+        if name is None or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
         remove_table(name, table)  # what was made of it, so the room it took is free again
         need = table_bytes(P, dim, dtype, pcap, meta) + sum(
