@@ -384,7 +384,7 @@ def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.nd
 def _reserve(path: Path, nbytes: int) -> None:
     """Create ``path`` with ``nbytes`` whose pages are allocated now (OSError ENOSPC where the
     filesystem lacks the room), not on first write, where the lack of room is a SIGBUS."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as before
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
