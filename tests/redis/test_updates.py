@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from served_model import make_model, reference, server_config
 from small_tmpfs import in_small_tmpfs
 
@@ -343,6 +344,7 @@ def test_process_local_hash_map_vdb_gets_every_update(redis_standalone, tmp_path
 INGEST_DISK_FULL = r"""
 import json, os, sys
 import numpy as np
+import redis
 from small_tmpfs import grow
 from hps_core.metrics import Registry
 from hps_core.pdb import rocksdb
@@ -402,3 +404,40 @@ def test_the_ingestor_keeps_updates_pending_while_the_disk_is_full_and_applies_t
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["failures_while_full"] >= 3 and out["lag_while_full"] > 0, out
     assert out["lag_after"] == 0 and out["all_equal"], out
+
+
+def test_updates_wait_while_the_redis_vdb_is_out_of_memory_and_land_after(
+    redis_standalone, redis_standalone_own
+):
+    """A Redis VDB at its maxmemory (noeviction) refuses writes ('OOM command not allowed'):
+    the ingestor keeps the entries pending, and once the node has room every row lands."""
+    redis_standalone.flush()
+    stream_client = connect(redis_standalone.address)
+    node = redis.Redis(port=redis_standalone_own.ports[0])
+    vdb = RedisVDB(redis_standalone_own.address, num_partitions=2)
+    vdb.create_table("hps_et.m.oom", 64)
+    node.config_set("maxmemory-policy", "noeviction")
+    node.config_set("maxmemory", int(node.info("memory")["used_memory"]) + (1 << 20))
+    rng = np.random.default_rng(11)
+    keys = rng.permutation(20_000).astype(np.int64) * 31 - 99_999  # 5 MiB of rows for 1 MiB
+    vecs = rng.standard_normal((len(keys), 64)).astype(np.float32)
+    pub = Publisher(stream_client, "upd_oom")
+    for s in range(0, len(keys), 1000):
+        pub.publish("hps_et.m.oom", keys[s : s + 1000], vecs[s : s + 1000])
+    ing = Ingestor(stream_client, [TierSink("vdb", vdb, {"hps_et.m.oom": (64, "float32")})],
+                   None, stream="upd_oom", group="g", block_ms=20, registry=Registry())  # fmt: skip
+    for _ in range(400):  # bounded: until three rounds failed
+        ing.step(20)
+        if ing.failures.value(group="g") >= 3:
+            break
+    assert ing.failures.value(group="g") >= 3 and ing.lag() > 0
+    node.config_set("maxmemory", 0)  # room again
+    for _ in range(400):
+        ing.step(20)
+        if ing.lag() == 0:
+            break
+    assert ing.lag() == 0
+    got, found = vdb.fetch("hps_et.m.oom", keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    vdb.close()
