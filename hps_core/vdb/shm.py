@@ -297,8 +297,12 @@ def array_shapes(P: int, dim: int, dtype: str, pcap: int, meta: bool) -> dict[st
 
 def table_bytes(P: int, dim: int, dtype: str, pcap: int, meta: bool) -> int:
     """Bytes of a table's replaceable arrays."""
-    shapes = array_shapes(P, dim, dtype, pcap, meta).values()
-    return sum(int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in shapes)
+    return sum(nbytes(*sd) for sd in array_shapes(P, dim, dtype, pcap, meta).values())
+
+
+def nbytes(shape: tuple, dtype) -> int:
+    """Bytes of an array of this shape and element type."""
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def new_arrays(
@@ -358,9 +362,7 @@ def create_table(
         if name is None or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
         remove_table(name, table)  # what was made of it, so the room it took is free again
-        need = table_bytes(P, dim, dtype, pcap, meta) + sum(
-            int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in shapes.values()
-        )
+        need = table_bytes(P, dim, dtype, pcap, meta) + sum(nbytes(*sd) for sd in shapes.values())
         st = os.statvfs(SHM_DIR)
         raise SharedMemoryFullError(SHM_DIR, table, need, st.f_bavail * st.f_frsize) from e
     return Table(dim, dtype, P, policy, arr, **state)
@@ -377,7 +379,7 @@ def _new(name: str | None, table: str, array: str, shape: tuple, dtype) -> np.nd
         return a
     path = array_path(name, table, array)
     path.unlink(missing_ok=True)
-    _reserve(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    _reserve(path, nbytes(shape, dtype))
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape).view(np.ndarray)
 
 
@@ -426,7 +428,7 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
     def m(array, shape, dtype, writable=not readonly):
         mode = "r+" if writable else "r"
         path = array_path(name, table, array)
-        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        need = nbytes(shape, dtype)
         try:
             have = path.stat().st_size
         except FileNotFoundError:
