@@ -22,7 +22,6 @@ from pathlib import Path
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
 MIN_PYTHON = (3, 10)
 
 
@@ -340,10 +339,12 @@ def run_checks(config: str | None = None) -> list[Check]:
         checks += check_config(config)
     else:
         from .doctor_config import size
+        from .vdb.shm import shm_dir
 
-        st = os.statvfs(SHM) if SHM.is_dir() else None
+        shm = shm_dir()
+        st = os.statvfs(shm) if shm.is_dir() else None
         free = st.f_bavail * st.f_frsize if st else 0
-        checks.append(Check("/dev/shm", OK if st else WARN, f"{size(free)} free" if st else
+        checks.append(Check(str(shm), OK if st else WARN, f"{size(free)} free" if st else
                             "missing: multi_process_hash_map cannot run", "" if st else
                             "sudo mount -t tmpfs -o size=8G tmpfs /dev/shm"))  # fmt: skip
     from .doctor_config import check_shm_pages

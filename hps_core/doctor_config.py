@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 
 from .doctor import FAIL, OK, WARN, Check
+from .vdb.shm import shm_dir
 
 REDIS_TIMEOUT_S = 1.0
-SHM = Path("/dev/shm")
 
 
 def redis_ping(host: str, port: int, password: str = "", user: str = "default",
@@ -136,6 +136,16 @@ def check_disk(cfg) -> Check:
     return c
 
 
+def shared_room(cfg) -> tuple[int, int]:
+    """(free bytes, bytes of this config's own tables) where a ``multi_process_hash_map``
+    VDB keeps its files (``shm_dir()``): a load replaces its own tables, so both are room."""
+    d = shm_dir()
+    st = os.statvfs(d)
+    prefix = cfg.volatile_db.shared_memory_name + "."
+    held = sum(f.stat().st_size for f in d.glob(prefix + "*") if f.is_file())
+    return st.f_bavail * st.f_frsize, held
+
+
 def check_memory(cfg) -> list[Check]:
     """/dev/shm (multi_process_hash_map) or host RAM against ``hps estimate``."""
     import psutil
@@ -149,22 +159,19 @@ def check_memory(cfg) -> list[Check]:
     sketches = sum(e.admission_bytes for e in est)
     out = []
     if cfg.volatile_db.type == "multi_process_hash_map":
-        st = os.statvfs(SHM)
-        free = st.f_bavail * st.f_frsize
-        # tables this config already put in /dev/shm are replaced, so their bytes count as free
-        prefix = cfg.volatile_db.shared_memory_name + "."
-        held = sum(f.stat().st_size for f in SHM.glob(prefix + "*") if f.is_file())
+        free, held = shared_room(cfg)
         have = free + held
         detail = f"{size(free)} free (+{size(held)} of its own tables), estimate {size(vdb)}"
         data = {"free_bytes": free, "own_bytes": held, "estimate_bytes": vdb}
+        d = shm_dir()
         if have < vdb:
-            out.append(Check("/dev/shm", FAIL, detail, f"sudo mount -o remount,size="
-                             f"{int(vdb * 1.2 / 2**30) + 1}G /dev/shm (docker: --shm-size)"))  # fmt: skip
+            out.append(Check(str(d), FAIL, detail, f"sudo mount -o remount,size="
+                             f"{int(vdb * 1.2 / 2**30) + 1}G {d} (docker: --shm-size)"))  # fmt: skip
         elif have < 1.2 * vdb:
-            out.append(Check("/dev/shm", WARN, detail + " (< 20% headroom)",
-                             f"sudo mount -o remount,size={int(vdb * 1.5 / 2**30) + 1}G /dev/shm"))  # fmt: skip
+            out.append(Check(str(d), WARN, detail + " (< 20% headroom)",
+                             f"sudo mount -o remount,size={int(vdb * 1.5 / 2**30) + 1}G {d}"))  # fmt: skip
         else:
-            out.append(Check("/dev/shm", OK, detail))
+            out.append(Check(str(d), OK, detail))
         out[-1].data = data
         vdb = 0  # not in the process's own memory
     need = vdb + host_l1 + rocksdb + sketches
@@ -204,7 +211,7 @@ def check_shm_pages(path: Path | None = None, mounts: Path = Path("/proc/mounts"
     """Whether the tmpfs holding the shared VDB (``HPS_SHM_DIR``, /dev/shm) gives its files
     huge pages: with 4 KiB pages a random row read of a large table also misses the TLB."""
     if path is None:
-        from .vdb.shm import SHM_DIR as path  # where the VDB puts its files
+        path = shm_dir()  # where the VDB puts its files
     name = f"{path} pages"
     try:
         m = mount_of(path, mounts.read_text())

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,41 @@ def release_shared(config: str | os.PathLike) -> None:
             vdb.unlink()
 
 
+TRITON_SHM_BYTES = 64 << 20
+"""Room the shared VDB leaves in /dev/shm for Triton's own regions (16 MiB per Python-backend
+stub, see ``launcher``) when ``serving`` decides whether its tables fit there."""
+
+
+def spill_shared_tables(cfg, directory: Path) -> str | None:
+    """Point ``HPS_SHM_DIR`` (this process and the servers it starts) at ``directory`` when
+    the shared VDB's tables, by ``hps estimate``, do not fit where they would go with
+    ``TRITON_SHM_BYTES`` to spare; returns what was done, for the user, or None when they fit.
+
+    Files on a disk-backed filesystem are shared by the processes that map them just as a
+    tmpfs's are (the kernel's page cache holds one copy), so the server answers the same; but
+    the kernel also writes the rows out to the disk, and under memory pressure a lookup may
+    read them back from it."""
+    from .doctor_config import shared_room, size
+    from .estimate import estimate_config
+    from .vdb.shm import shm_dir
+
+    if cfg.volatile_db.type != "multi_process_hash_map":
+        return None
+    need = sum(e.vdb_bytes for e in estimate_config(cfg))
+    free, held = shared_room(cfg)
+    if free + held >= need + TRITON_SHM_BYTES:
+        return None
+    where = shm_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["HPS_SHM_DIR"] = str(directory)
+    return (
+        f"{where} has {size(free + held)} free, the shared VDB needs {size(need)} and Triton "
+        f"{size(TRITON_SHM_BYTES)}: this run keeps the VDB's files in {directory} instead (on "
+        f"disk, shared through the page cache). To serve from memory give {where} more room "
+        f"(docker run --shm-size=1g)"
+    )
+
+
 @contextmanager
 def serving(
     root: str | os.PathLike,
@@ -278,6 +314,7 @@ def serving(
     progress: bool = False,
     start_timeout: float = 300.0,
     ingest: bool = True,
+    spill: Callable[[str], None] | None = None,
 ):
     """Write the repository if needed, fill the shared tiers, run Triton; stops and cleans up.
 
@@ -285,7 +322,9 @@ def serving(
     ``update_source`` of type ``redis_stream`` in the config and ``ingest``, this process also
     applies the update stream to the shared VDB and RocksDB (the backend instances follow
     RocksDB as secondaries and keep their own L1 caches fresh); ``ingest=False`` leaves that to
-    a separate ``hps ingest CONFIG``.
+    a separate ``hps ingest CONFIG``. With ``spill``, a shared VDB too large for /dev/shm goes
+    to ``hps_data/shm`` under the repository (``spill_shared_tables``) and ``spill`` is told;
+    without it such a VDB is a ``SharedMemoryFullError``.
     """
     from .launcher import TritonServer
 
@@ -293,20 +332,30 @@ def serving(
         spec = read_spec(root)
     except ConfigError:
         spec = write_repository(root, rows=rows, dim=dim, instances=instances)
-    preload(spec.config, progress=progress)
-    server = TritonServer(spec.root, models=[spec.ensemble, HPS_MODEL])
     cfg = load_config(spec.config)
-    updates = None
-    if ingest and cfg.update_source.type == "redis_stream":
-        from .updates.ingestor import StoreIngestor
-
-        updates = StoreIngestor(cfg, scope="all")
-        updates.ingestor.start()
+    env = os.environ.get("HPS_SHM_DIR")
+    server = updates = None
     try:
+        if spill is not None:
+            note = spill_shared_tables(cfg, spec.root / DATA_DIR / "shm")
+            if note:
+                spill(note)
+        preload(spec.config, progress=progress)
+        server = TritonServer(spec.root, models=[spec.ensemble, HPS_MODEL])
+        if ingest and cfg.update_source.type == "redis_stream":
+            from .updates.ingestor import StoreIngestor
+
+            updates = StoreIngestor(cfg, scope="all")
+            updates.ingestor.start()
         server.start(timeout=start_timeout)
         yield spec, server
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         if updates is not None:
             updates.close()
-        release_shared(spec.config)
+        release_shared(spec.config)  # also the tables of a load that failed halfway
+        if env is None:
+            os.environ.pop("HPS_SHM_DIR", None)
+        else:
+            os.environ["HPS_SHM_DIR"] = env

@@ -409,12 +409,14 @@ def test_hps_client_errors_are_one_line_naming_the_server_or_the_line(tmp_path, 
     assert_error(*client(capsys, "predict", tmp_path / "none.tsv"), str(tmp_path / "none.tsv"))
 
 
-def test_make_demo_in_too_small_shared_memory_says_what_to_do(tmp_path):
-    """Docker gives a container 64 MiB of /dev/shm: the demo's tables must not end in SIGBUS
-    or a traceback, but in one line saying what to change."""
-    r = in_small_tmpfs(f"{sys.executable} -m hps_client.cli demo --repo {tmp_path / 'repo'} "
-                       "--rows 400000")  # fmt: skip
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+def test_hps_serve_in_too_small_shared_memory_says_what_to_do(tmp_path):
+    """Docker gives a container 64 MiB of /dev/shm: tables that do not fit must not end in
+    SIGBUS or a traceback but in one line saying what to change, and the tables that did fit
+    are removed again. (``hps serve`` keeps the VDB in memory or fails; the demo moves it to
+    disk, see tests/triton/test_serving.py.)"""
+    r = in_small_tmpfs(f"{sys.executable} -m hps_core.cli serve {tmp_path / 'repo'} "
+                       '--rows 400000; echo "rc=$? left:$(ls -A $HPS_SHM_DIR)"')  # fmt: skip
+    assert "rc=2 left:\n" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert "VDB table 'hps_et.dlrm." in line and "--shm-size" in line, line

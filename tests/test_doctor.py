@@ -155,6 +155,20 @@ def test_config_files_and_shared_memory_against_the_estimate(model, tmp_path):
     assert abs(disk["free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20
 
 
+def test_shared_memory_check_looks_where_the_vdb_puts_its_files(model, tmp_path):
+    """With HPS_SHM_DIR set the shared VDB's files go there, so that is the room checked."""
+    vdb = {"type": "multi_process_hash_map", "shared_memory_name": f"hps_doctor_{os.getpid()}"}
+    path = write_config(model, tmp_path, volatile_db=vdb)
+    r = in_small_tmpfs('mount -o remount,size=8k "$HPS_SHM_DIR" && echo "$HPS_SHM_DIR" && '
+                       f"{sys.executable} -m hps_core.cli doctor --json --config {path}")  # fmt: skip
+    where, out = r.stdout.split("\n", 1)
+    checks = by_name(json.loads(out))
+    assert r.returncode == 1 and "/dev/shm" not in checks, r.stderr
+    c = checks[where]
+    assert c["status"] == "FAIL" and where in c["fix"], c
+    assert c["data"]["free_bytes"] <= 8192 < c["data"]["estimate_bytes"], c
+
+
 DISK_SIZES = r"""
 import json, subprocess, sys
 cfg, sizes = sys.argv[1], sys.argv[2:]

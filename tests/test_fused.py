@@ -229,7 +229,7 @@ def test_a_reader_of_shared_memory_serves_fused_lookups(files):
     finally:
         reader.close()
         writer.unlink()
-        for p in shm.SHM_DIR.glob(f"{name}.*"):
+        for p in shm.shm_dir().glob(f"{name}.*"):
             p.unlink()
 
 

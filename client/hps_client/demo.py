@@ -28,7 +28,8 @@ console = Console()
 def run_demo(repo: str, *, rows: int, dim: int, batches: int, batch_size: int) -> int:
     console.rule(f"model repository {repo}: generate (once), fill the tiers, start Triton")
     t0 = time.perf_counter()
-    with serving(repo, rows=rows, dim=dim, progress=True) as (spec, server):
+    spill = lambda note: console.print(f"[yellow]note:[/] {note}")  # noqa: E731
+    with serving(repo, rows=rows, dim=dim, progress=True, spill=spill) as (spec, server):
         console.print(
             f"Triton ready in {time.perf_counter() - t0:.1f} s: HTTP {server.http_url}, "
             f"gRPC {server.grpc_url}; models {spec.ensemble} = {spec.embedding} -> {spec.dense}, "

@@ -291,10 +291,10 @@ def bench_shm_pages(rows: int, dim: int, batches, rng, rounds: int = 3) -> dict:
     import os
 
     from ..doctor_config import check_shm_pages
-    from ..vdb.shm import SHM_DIR
+    from ..vdb.shm import shm_dir
 
     keys, vecs = make_rows(rows, dim, seed=dim)
-    pages = check_shm_pages(SHM_DIR).data  # the tmpfs huge= option, or the filesystem type
+    pages = check_shm_pages(shm_dir()).data  # the tmpfs huge= option, or the filesystem type
     huge = pages.get("huge", pages.get("fstype", "unknown"))
     local = HashMapVDB(num_partitions=8)
     shared = HashMapVDB(num_partitions=8, shared_memory_name=f"hps_bench_{os.getpid()}")
@@ -319,7 +319,7 @@ def bench_shm_pages(rows: int, dim: int, batches, rng, rounds: int = 3) -> dict:
     finally:
         shared.unlink()  # (and closes it)
         local.close()
-    return {"shm_dir": str(SHM_DIR), "tmpfs_huge": huge, "rows": rows, "fetch": out}
+    return {"shm_dir": str(shm_dir()), "tmpfs_huge": huge, "rows": rows, "fetch": out}
 
 
 def main_shm_pages(args) -> int:

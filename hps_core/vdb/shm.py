@@ -43,7 +43,13 @@ from ..errors import InvalidInputError, StorageError
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path(os.environ.get("HPS_SHM_DIR", "/dev/shm"))
+
+def shm_dir() -> Path:
+    """Where shared tables keep their files: ``HPS_SHM_DIR`` (read at each call, so a process
+    may point itself and the servers it starts elsewhere), else /dev/shm."""
+    return Path(os.environ.get("HPS_SHM_DIR") or "/dev/shm")
+
+
 # Element type of the values array per storage dtype: fp16 and bf16 rows are kept as their
 # bits; an int8 row is its dim int8 values then its fp32 scale (4 little-endian bytes), padded
 # to a whole number of uint16s (``value_columns``), so kernels that only move rows can take
@@ -363,8 +369,8 @@ def create_table(
             raise
         remove_table(name, table)  # what was made of it, so the room it took is free again
         need = table_bytes(P, dim, dtype, pcap, meta) + sum(nbytes(*sd) for sd in shapes.values())
-        st = os.statvfs(SHM_DIR)
-        raise SharedMemoryFullError(SHM_DIR, table, need, st.f_bavail * st.f_frsize) from e
+        st = os.statvfs(shm_dir())
+        raise SharedMemoryFullError(shm_dir(), table, need, st.f_bavail * st.f_frsize) from e
     return Table(dim, dtype, P, policy, arr, **state)
 
 
@@ -438,7 +444,7 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
             raise StorageError(
                 f"shared VDB table '{table}': {path} {found}, its header "
                 f"({header_path(name)}) says {need}; the table is damaged or was written by "
-                f"another version: remove the files {SHM_DIR}/{name}.* and load it again"
+                f"another version: remove the files {shm_dir()}/{name}.* and load it again"
             )
         return np.memmap(path, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
 
@@ -463,11 +469,11 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
 
 
 def array_path(name: str, table: str, array: str) -> Path:
-    return SHM_DIR / f"{name}.{table}.{array}"
+    return shm_dir() / f"{name}.{table}.{array}"
 
 
 def header_path(name: str) -> Path:
-    return SHM_DIR / f"{name}.tables.json"
+    return shm_dir() / f"{name}.tables.json"
 
 
 def read_header(name: str) -> dict:

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from hps_client import HPSClient
 from hps_client.metrics import scrape, total
+from small_tmpfs import in_small_tmpfs
 
 from hps_core.bench.e2e import gpu_present
 from hps_core.config import load_config
@@ -566,3 +567,21 @@ def test_a_killed_server_leaves_no_shared_memory_behind(tmp_path):
         server.stop()
         release_shared(spec.config)
     assert not list(shm.glob(server.shm_prefix + "*"))
+
+
+def test_make_demo_in_the_64_mib_of_shared_memory_docker_gives(tmp_path):
+    """A container gets 64 MiB of /dev/shm unless told otherwise, less than the demo's tables:
+    the demo keeps them on disk for the run and says so. Its answers over both protocols
+    equal the in-process reference (it checks them, exit 1 otherwise), and afterwards nothing
+    is left in /dev/shm or in the directory that held the tables."""
+    repo = tmp_path / "repo"
+    r = in_small_tmpfs(f"COLUMNS=500 {sys.executable} -m hps_client.cli demo --repo {repo} "
+                       '--batches 5; echo "rc=$? left:$(ls -A /dev/shm)"', mib=64,
+                       over="/dev/shm")  # fmt: skip
+    out = " ".join(r.stdout.split())
+    assert "rc=0 left:" in r.stdout.splitlines(), (r.stdout[-3000:], r.stderr[-3000:])
+    spill = repo / "hps_data" / "shm"
+    assert f"this run keeps the VDB's files in {spill} instead" in out, out[:3000]
+    assert "/dev/shm has 64.0 MiB free" in out, out[:3000]
+    assert out.count("lookups equal the reference") == 2, out
+    assert spill.is_dir() and not list(spill.iterdir())

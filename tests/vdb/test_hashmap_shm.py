@@ -28,13 +28,13 @@ def name():
     """A unique shared-memory name; every file of it is gone afterwards, also on failure."""
     n = f"hps_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     yield n
-    leftovers = list(shm.SHM_DIR.glob(f"{n}.*"))
+    leftovers = list(shm.shm_dir().glob(f"{n}.*"))
     for p in leftovers:
         p.unlink()
 
 
 def files(name: str) -> list[str]:
-    return sorted(p.name for p in shm.SHM_DIR.glob(f"{name}.*"))
+    return sorted(p.name for p in shm.shm_dir().glob(f"{name}.*"))
 
 
 def test_a_reader_attaches_to_the_writers_tables_without_copying(name):
@@ -266,7 +266,7 @@ def test_a_shared_tables_pages_are_reserved_when_it_is_created(name):
     """A tmpfs gives a sparse file's pages on first write, where no room left is a SIGBUS."""
     writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
     writer.create_table("t", 32, capacity_hint=20_000)
-    for f in shm.SHM_DIR.glob(f"{name}.t.*"):
+    for f in shm.shm_dir().glob(f"{name}.t.*"):
         st = f.stat()
         assert st.st_blocks * 512 >= st.st_size > 0, f.name
     writer.unlink()
@@ -280,7 +280,7 @@ SMALL_TMPFS = textwrap.dedent(
     from hps_core.vdb.hashmap import HashMapVDB
 
     def free():
-        st = os.statvfs(shm.SHM_DIR)
+        st = os.statvfs(shm.shm_dir())
         return st.f_bavail * st.f_frsize
 
     out = {"free_at_start": free()}
@@ -296,7 +296,7 @@ SMALL_TMPFS = textwrap.dedent(
     except shm.SharedMemoryFullError as e:
         out.update(error=str(e), need=e.need, free=e.free, table=e.table)
     out["free_after_big"] = free()
-    out["files"] = sorted(os.listdir(shm.SHM_DIR))
+    out["files"] = sorted(os.listdir(shm.shm_dir()))
     out["tables"] = v.tables()
     got, found = v.fetch("small", keys)
     out["small_equal"] = bool(found.all() and np.array_equal(got, vecs))
