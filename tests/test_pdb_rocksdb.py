@@ -161,6 +161,26 @@ def test_read_only_reads_and_refuses_writes(tmp_path):
         RocksDBPDB(tmp_path / "elsewhere", read_only=True)
 
 
+def test_a_database_that_cannot_be_opened_is_a_storage_error_naming_it(tmp_path):
+    """A second writer of a live database (RocksDB's lock) and a damaged one (its CURRENT
+    file names a manifest that is gone): rocksdict's plain exceptions become StorageErrors
+    naming the database and what was being done, and the live database still answers."""
+    keys, vecs = rows(50, 4, seed=9)
+    live = RocksDBPDB(tmp_path / "db")
+    live.create_table(T, 4)
+    live.upsert(T, keys, vecs)
+    with pytest.raises(
+        StorageError, match=r"RocksDB at .*db: opening \(read-write\) failed:.*lock"
+    ):
+        RocksDBPDB(tmp_path / "db")
+    np.testing.assert_array_equal(live.fetch(T, keys)[0], vecs)
+    live.close()
+    (tmp_path / "db" / "CURRENT").write_text("MANIFEST-999999\n")
+    for mode in ({}, {"read_only": True}):
+        with pytest.raises(StorageError, match=r"RocksDB at .*db: (opening|listing).* failed"):
+            RocksDBPDB(tmp_path / "db", **mode)
+
+
 def test_secondary_follows_the_primary_after_catch_up(tmp_path):
     keys, vecs = rows(300, 4, seed=6)
     primary = RocksDBPDB(tmp_path / "db")

@@ -130,12 +130,8 @@ class RocksDBPDB(PersistentDB):
         exists = os.path.exists(os.path.join(self.path, "CURRENT"))
         if read_only and not exists:
             raise StorageError(f"RocksDB at {self.path}: no database to open read-only")
-        try:
+        with self._io("listing column families", write=False):
             names = Rdict.list_cf(self.path, Options(raw_mode=True)) if exists else ["default"]
-        except Exception as e:  # rocksdict raises plain Exception
-            raise StorageError(
-                f"RocksDB at {self.path}: cannot list column families ({e})"
-            ) from None
         opts = self._options()
         opts.create_if_missing(True)
         opts.increase_parallelism(self._num_threads)
@@ -148,16 +144,14 @@ class RocksDBPDB(PersistentDB):
         else:
             access = AccessType.read_write()
         families = {n: self._options() for n in names if n != "default"}
-        try:
+        mode = "secondary" if self.secondary_path else "read-only" if read_only else "read-write"
+        with self._io(f"opening ({mode})", write=False):
             self._db = Rdict(self.path, opts, column_families=families, access_type=access)
-        except Exception as e:
-            mode = "secondary" if self.secondary_path else "read-only" if read_only else "rw"
-            raise StorageError(f"RocksDB at {self.path}: cannot open ({mode}): {e}") from None
-        self._cfs = {n: self._db.get_column_family(n) for n in families}
-        self._handles = {n: self._db.get_column_family_handle(n) for n in families}
-        if META_CF not in self._cfs and not read_only:
-            self._create_cf(META_CF)
-        self._dims = self._read_dims()
+            self._cfs = {n: self._db.get_column_family(n) for n in families}
+            self._handles = {n: self._db.get_column_family_handle(n) for n in families}
+            if META_CF not in self._cfs and not read_only:
+                self._create_cf(META_CF)
+            self._dims = self._read_dims()
 
     def _read_dims(self) -> dict[str, int]:
         meta = self._cfs.get(META_CF)
@@ -440,13 +434,9 @@ class RocksDBPDB(PersistentDB):
         """Secondary instance: replay what the primary wrote since; reopen if it added tables."""
         if self.secondary_path is None:
             raise StorageError(f"RocksDB at {self.path}: catch_up needs a secondary instance")
-        try:
+        with self._io("catching up with the primary", write=False):
             self._db.try_catch_up_with_primary()
-        except Exception as e:
-            raise StorageError(
-                f"RocksDB at {self.path}: catch-up with primary failed: {e}"
-            ) from None
-        dims = self._read_dims()
+            dims = self._read_dims()
         if META_CF not in self._cfs or set(dims) - set(self._cfs):
             with self._lock:  # new column families are only visible to a fresh secondary
                 self._release()
