@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -461,13 +463,28 @@ def _fingerprint(f: SparseTable) -> str:
 
 
 def _progress(enabled: bool, what: str, total: int):
-    """A context manager yielding advance(n); a rich progress bar when enabled."""
+    """A context manager yielding advance(n); when enabled, a rich progress bar on a terminal,
+    else (a log, a pipe) one line per copy once it is done: a bar redrawn into a log leaves a
+    blank line where it stood and says nothing."""
     if not enabled:
         return nullcontext(lambda n: None)
     from contextlib import contextmanager
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)  # stdout stays the command's output (tables, JSON)
+
+    @contextmanager
+    def line():
+        done = [0]
+        start = time.perf_counter()
+        yield lambda n: done.__setitem__(0, done[0] + n)
+        took = time.perf_counter() - start
+        print(f"{what}: {done[0]:,} rows in {took:.1f} s", file=sys.stderr, flush=True)
+
+    if not console.is_terminal:
+        return line()
 
     @contextmanager
     def bar():
@@ -477,7 +494,7 @@ def _progress(enabled: bool, what: str, total: int):
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             transient=True,
-            console=Console(stderr=True),  # stdout stays the command's output (tables, JSON)
+            console=console,
         ) as p:
             task = p.add_task(what, total=total)
             yield lambda n: p.advance(task, n)

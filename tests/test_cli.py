@@ -39,7 +39,13 @@ def test_synth_estimate_load_inspect_lookup(model):
     assert [e["rows"] for e in est] == [f.rows for f in files]
     assert all(e["vdb_bytes"] >= f.nbytes for e, f in zip(est, files, strict=True))
 
-    hps("load", cfg)
+    load = hps("load", cfg)
+    # a pipe, not a terminal: one line per table and tier once it is copied, no redrawn bars
+    lines = load.stderr.splitlines()
+    want = [f"cli/table{t} -> {tier}: {f.rows:,} rows in " for t, f in enumerate(files)
+            for tier in ("RocksDB", "VDB")]  # fmt: skip
+    assert len(lines) == len(want), load.stderr
+    assert [x[: len(w)] for x, w in zip(lines, want, strict=True)] == want, load.stderr
     info = json.loads(hps("inspect", cfg, "--json", "--quiet").stdout)
     # with the load progress bar on, stdout still holds the JSON alone (the bar is on stderr)
     out = hps("inspect", cfg, "--json").stdout
