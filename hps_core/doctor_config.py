@@ -140,6 +140,8 @@ def shared_room(cfg) -> tuple[int, int]:
     """(free bytes, bytes of this config's own tables) where a ``multi_process_hash_map``
     VDB keeps its files (``shm_dir()``): a load replaces its own tables, so both are room."""
     d = shm_dir()
+    if not d.is_dir():  # some minimal containers have no /dev/shm at all
+        return 0, 0
     st = os.statvfs(d)
     prefix = cfg.volatile_db.shared_memory_name + "."
     held = sum(f.stat().st_size for f in d.glob(prefix + "*") if f.is_file())

@@ -167,6 +167,12 @@ def test_shared_memory_check_looks_where_the_vdb_puts_its_files(model, tmp_path)
     c = checks[where]
     assert c["status"] == "FAIL" and where in c["fix"], c
     assert c["data"]["free_bytes"] <= 8192 < c["data"]["estimate_bytes"], c
+    gone = str(tmp_path / "no-such-dir")  # a container without /dev/shm
+    r = subprocess.run([sys.executable, "-m", "hps_core.cli", "doctor", "--json", "--config",
+                        str(path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HPS_SHM_DIR": gone})  # fmt: skip
+    c = by_name(json.loads(r.stdout))[gone]
+    assert r.returncode == 1 and c["status"] == "FAIL" and c["data"]["free_bytes"] == 0, c
 
 
 DISK_SIZES = r"""
