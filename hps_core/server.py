@@ -319,7 +319,7 @@ class ParameterServer:
         """The lookup session of a deployed model."""
         try:
             return self.sessions[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list, an array)
             if self._stop.is_set():
                 raise StorageError("the parameter server is closed: no model is served") from None
             raise UnknownModelError(name, list(self.sessions)) from None

@@ -122,6 +122,20 @@ def as_keys(keys: object, name: str = "keys") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def as_columns(cat: object, tables: int, name: str = "cat") -> np.ndarray:
+    """Validate a [batch, tables] integer array of keys (one per table per sample) as int64,
+    as ``as_keys`` does for a flat list (uint64 reinterprets)."""
+    arr = np.asarray(cat) if isinstance(cat, np.ndarray) else None
+    if arr is None or arr.dtype.kind not in "iu":
+        what = f"dtype {arr.dtype}" if arr is not None else type(cat).__name__
+        raise InvalidInputError(name, what, "an integer array of keys (int64)")
+    if arr.ndim != 2 or arr.shape[1] != tables:
+        raise InvalidInputError(name, f"shape {list(arr.shape)}", f"[batch, {tables}]")
+    if arr.dtype == np.uint64:
+        arr = np.ascontiguousarray(arr).view(np.int64)
+    return arr.astype(np.int64, copy=False)
+
+
 class LookupSession:
     """Serves lookups for the tables of one model across the three storage levels."""
 
@@ -278,16 +292,19 @@ class LookupSession:
             raise InvalidInputError(
                 "NUMKEYS", f"{len(n)} counts", f"one count per table ({len(self.tables)})"
             )
-        if (n < 0).any():
-            raise InvalidInputError("NUMKEYS", n.tolist(), "non-negative counts")
-        if int(n.sum()) != len(k):
+        # as Python ints: a uint64 count of 2**64 - 1 is -1 as int64, and int64 sums wrap
+        exact = n.tolist()
+        if any(c < 0 for c in exact):
+            raise InvalidInputError("NUMKEYS", exact, "non-negative counts")
+        if sum(exact) != len(k):
             raise InvalidInputError(
-                "NUMKEYS", f"sum {int(n.sum())}", f"the number of KEYS ({len(k)})"
+                "NUMKEYS", f"sum {sum(exact)}", f"the number of KEYS ({len(k)})"
             )
+        n = np.array(exact, np.int64)  # each count <= len(k) now
         device = bool(len(k)) and self.device.eligible
         fused = not device and bool(len(k)) and self.fused.worth(n)
         if device or fused:  # table t's keys are k[starts[t]:][:counts[t]]
-            counts = n.astype(np.int64)
+            counts = n
             starts, ones = np.zeros(len(n), np.int64), np.ones(len(n), np.int64)
             np.cumsum(counts[:-1], out=starts[1:])
         if device:
@@ -312,6 +329,7 @@ class LookupSession:
     def lookup_columns(self, cat: np.ndarray, on_device: bool = False) -> np.ndarray:
         """int64 [B, tables] (one key per table per sample) -> float32 [B, sum(dims)].
         ``on_device``: as in ``lookup_concatenated``."""
+        cat = as_columns(cat, len(self.tables))
         B, T = cat.shape
         if B and self.device.eligible:
             flat = np.ascontiguousarray(cat, np.int64).reshape(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_tables_by_name_and_concatenated_hps_io(served):
         (np.arange(4), np.array([4]), "NUMKEYS"),  # one count for two tables
         (np.arange(4).astype(np.float32), np.array([2, 2]), "KEYS"),  # float keys
         (np.arange(4), np.array([2.0, 2.0]), "NUMKEYS"),
+        (np.arange(4), np.array([2**64 - 1, 5], np.uint64), "NUMKEYS"),  # a sum that wraps
     ],
 )
 def test_bad_concatenated_requests(served, keys, numkeys, field):
@@ -157,12 +159,30 @@ def test_bad_inputs_are_clear_errors_and_the_server_keeps_serving(served):
         hps.lookup([2**64], "m", 0)  # past 64 bits
     with pytest.raises(UnknownModelError, match="'nope'.*\\['m'\\]"):
         hps.lookup([1], "nope", 0)
+    with pytest.raises(UnknownModelError, match="model '\\['m'\\]' is not deployed"):
+        hps.lookup([1], ["m"], 0)  # an unhashable name
     with pytest.raises(UnknownTableError, match="table 2.*0=user, 1=item"):
         hps.lookup([1], "m", 2)
     with pytest.raises(UnknownTableError):
         hps.lookup([1], "m", -1)
     q = tables[1][0][:10]
     np.testing.assert_array_equal(hps.lookup(q, "m", 1), reference(tables, 1, q))
+
+
+def test_columns_of_keys_are_checked(served):
+    """lookup_columns (one key per table per sample) takes integer [batch, tables] arrays
+    only: a float array would lose the low bits of large keys and serve defaults silently."""
+    hps, tables, _ = served
+    s = hps.server.session("m")
+    cat = np.stack([tables[0][0][:6], tables[1][0][:6]], axis=1)
+    want = np.concatenate([reference(tables, t, cat[:, t]) for t in range(2)], axis=1)
+    np.testing.assert_array_equal(s.lookup_columns(cat), want)
+    np.testing.assert_array_equal(s.lookup_columns(cat.view(np.uint64)), want)
+    for bad, what in ((cat.astype(np.float64), "dtype float64"), (cat[:, 0], "shape [6]"),
+                      (cat[:, :1], "shape [6, 1]"), (cat.tolist(), "list")):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=f"'cat'.*{re.escape(what)}"):
+            s.lookup_columns(bad)
+    np.testing.assert_array_equal(s.lookup_columns(cat), want)
 
 
 def test_three_levels_and_vdb_newer_than_pdb(tmp_path):
