@@ -31,6 +31,23 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("lru", "lfu")
 CACHE_TYPES = ("dynamic", "static", "uvm")  # HugeCTR's embedding_cache_type
 MAX_SIZE_T = 2**63 - 1  # HPS used SIZE_MAX for "no limit"; int64 max keeps numpy happy
+# Other spellings HugeCTR's hps.json parser took for the same value (after lower-casing and
+# "-"/" " -> "_", as its Triton backend did).
+ALIASES = {
+    "disable": "disabled", "none": "disabled",
+    "hashmap": "hash_map", "hash": "hash_map", "map": "hash_map",
+    "parallel_hashmap": "parallel_hash_map", "parallel_hash": "parallel_hash_map",
+    "parallel_map": "parallel_hash_map",
+    "multi_process_hashmap": "multi_process_hash_map",
+    "multi_process_hash": "multi_process_hash_map", "multi_process_map": "multi_process_hash_map",
+    "redis": "redis_cluster",
+    "rocksdb": "rocks_db", "rocks": "rocks_db",
+}  # fmt: skip
+UPDATE_SOURCE_ALIASES = {"none": "null", "kafka": "kafka_message_queue",
+                         "kafka_mq": "kafka_message_queue"}  # fmt: skip
+POLICY_ALIASES = {"random": "evict_random", "least_used": "evict_least_used",
+                  "oldest": "evict_oldest"}  # fmt: skip
+REDIS_PORT = 6379  # an address without a port, as HugeCTR took it
 
 
 @dataclass
@@ -82,9 +99,11 @@ class VolatileDBConfig:
     storage_dtype: str = "float32"
 
     def validate(self, src: str | None) -> None:
-        _choice("volatile_db.type", self.type, VDB_TYPES, src)
-        _choice("volatile_db.overflow_policy", self.overflow_policy, OVERFLOW_POLICIES, src)
-        _choice("volatile_db.storage_dtype", self.storage_dtype, STORAGE_DTYPES, src)
+        self.type = _choice("volatile_db.type", self.type, VDB_TYPES, src, ALIASES)
+        self.overflow_policy = _choice("volatile_db.overflow_policy", self.overflow_policy,
+                                       OVERFLOW_POLICIES, src, POLICY_ALIASES)  # fmt: skip
+        self.storage_dtype = _choice("volatile_db.storage_dtype", self.storage_dtype,
+                                     STORAGE_DTYPES, src)  # fmt: skip
         _at_least("volatile_db.num_partitions", self.num_partitions, 1, src)
         _at_least("volatile_db.max_batch_size", self.max_batch_size, 1, src)
         _at_least("volatile_db.overflow_margin", self.overflow_margin, 1, src)
@@ -97,8 +116,8 @@ class VolatileDBConfig:
             raise ConfigError("volatile_db.address", self.address, "one or more 'host:port'", src)
 
     def addresses(self) -> list[str]:
-        """Redis endpoints as a list of "host:port"."""
-        return [a.strip() for a in self.address.split(",") if a.strip()]
+        """Redis endpoints as a list of "host:port" (``address`` was made so at load)."""
+        return [a for a in self.address.split(",") if a]
 
 
 @dataclass
@@ -117,7 +136,7 @@ class PersistentDBConfig:
     catch_up_interval_ms: int = 500
 
     def validate(self, src: str | None) -> None:
-        _choice("persistent_db.type", self.type, PDB_TYPES, src)
+        self.type = _choice("persistent_db.type", self.type, PDB_TYPES, src, ALIASES)
         _at_least("persistent_db.num_threads", self.num_threads, 1, src)
         _at_least("persistent_db.max_batch_size", self.max_batch_size, 1, src)
         if self.type == "rocks_db" and not self.path:
@@ -149,8 +168,10 @@ class UpdateSourceConfig:
     claim_idle_ms: int = 30_000
 
     def validate(self, src: str | None) -> None:
-        _choice("update_source.type", self.type, UPDATE_SOURCE_TYPES, src)
-        _choice("update_source.scope", self.scope, ("all", "shared", "local", "cache"), src)
+        self.type = _choice("update_source.type", self.type, UPDATE_SOURCE_TYPES, src,
+                            UPDATE_SOURCE_ALIASES)  # fmt: skip
+        self.scope = _choice("update_source.scope", self.scope, ("all", "shared", "local", "cache"),
+                             src)  # fmt: skip
         _at_least("update_source.max_batch_size", self.max_batch_size, 1, src)
         _at_least("update_source.poll_timeout_ms", self.poll_timeout_ms, 1, src)
         _at_least("update_source.claim_idle_ms", self.claim_idle_ms, 1, src)
@@ -171,7 +192,7 @@ class ModelConfig:
     deployed_device_list: list[int] = field(default_factory=lambda: [0])
     max_batch_size: int = 64
     gpucache: bool = True
-    gpucacheper: float = 0.5
+    gpucacheper: float = 0.2
     hit_rate_threshold: float = 0.9
     cache_refresh_percentage_per_iteration: float = 0.0
     use_static_table: bool = False
@@ -216,10 +237,17 @@ class ModelConfig:
             raise ConfigError(f"{p}.sparse_files", self.sparse_files, "at least one table", src)
         if not self.embedding_table_names:
             self.embedding_table_names = [f"sparse_embedding{t}" for t in range(n)]
-        if not self.default_value_for_each_table:
-            self.default_value_for_each_table = [0.0] * n
-        elif len(self.default_value_for_each_table) == 1 and n > 1:
-            self.default_value_for_each_table = self.default_value_for_each_table * n
+        given = self.default_value_for_each_table
+        # As HugeCTR's hps.json parser: the tables past the list get 0.0, extra values are
+        # dropped. Said where it matters: [0.0] for many tables is common and means all 0.0.
+        if given and (len(given) > n or (len(given) < n and any(given))):
+            log.warning(
+                "%s: %s.default_value_for_each_table gives %d value(s) for %d tables: %s",
+                src or "config", p, len(given), n,
+                f"tables {len(given)}..{n - 1} default to 0.0" if len(given) < n
+                else f"values past the first {n} are ignored",
+            )  # fmt: skip
+        self.default_value_for_each_table = (given + [0.0] * n)[:n]
         for name in (
             "embedding_table_names",
             "embedding_vecsize_per_table",
@@ -244,20 +272,26 @@ class ModelConfig:
             _at_least(f"{p}.maxnum_catfeature_query_per_table_per_sample[{t}]", q, 1, src)
         _at_least(f"{p}.max_batch_size", self.max_batch_size, 1, src)
         _fraction(f"{p}.gpucacheper", self.gpucacheper, src)
-        _fraction(f"{p}.hit_rate_threshold", self.hit_rate_threshold, src)
+        # above 1: the missed rows always enter L1 before the answer (HPS's way to turn the
+        # asynchronous insertion off)
+        _at_least(f"{p}.hit_rate_threshold", self.hit_rate_threshold, 0, src)
         _fraction(
             f"{p}.cache_refresh_percentage_per_iteration",
             self.cache_refresh_percentage_per_iteration,
             src,
         )
-        _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
-        _choice(f"{p}.embedding_cache_type", self.embedding_cache_type, CACHE_TYPES, src)
+        self.cache_policy = _choice(f"{p}.cache_policy", self.cache_policy, CACHE_POLICIES, src)
+        self.embedding_cache_type = _choice(
+            f"{p}.embedding_cache_type", self.embedding_cache_type, CACHE_TYPES, src
+        )
         if self.embedding_cache_type == "uvm":
             log.warning(
                 "%s: %s.embedding_cache_type = 'uvm' is not supported: the L1 cache is in "
                 "device memory ('dynamic')", src or "config", p,
             )  # fmt: skip
-        _choice(f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src)
+        self.cache_storage_dtype = _choice(
+            f"{p}.cache_storage_dtype", self.cache_storage_dtype, CACHE_DTYPES, src
+        )
         _at_least(f"{p}.cache_ways", self.cache_ways, 1, src)
         _at_least(f"{p}.cache_admission_min_count", self.cache_admission_min_count, 1, src)
         if self.cache_admission_min_count > 255:
@@ -299,6 +333,7 @@ class HPSConfig:
     volatile_db: VolatileDBConfig = field(default_factory=VolatileDBConfig)
     persistent_db: PersistentDBConfig = field(default_factory=PersistentDBConfig)
     update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
+    fuse_embedding_table: bool = False  # HugeCTR's table fusion (see _NO_EFFECT)
     source: str | None = None
 
     def model(self, name: str) -> ModelConfig:
@@ -320,6 +355,19 @@ _NO_EFFECT = {
     "use_cuda_graph": "no CUDA graphs are used",
     "use_algorithm_search": "no dense-layer algorithm search here",
     "allocation_rate": "hash-map rows are sized from the table, not a fixed allocation rate",
+    "fuse_embedding_table": "the tables of a request are looked up in one fused call already",
+}
+# Keys HugeCTR or its Triton backends read (or once read) that have no field here: accepted,
+# and said once, instead of the warning for an unknown key.
+_HUGECTR_KEYS = {
+    "shared_memory_auto_remove": "`hps serve` and `make demo` remove the shared tables they "
+    "filled when they stop; tables `hps load` filled stay for the next server",
+    "init_ec": "L1 is filled at load from the hottest keys (cache_prefill)",
+    "use_hctr_cache_implementation": "L1 is this project's own cache",
+    "enable_pagelock": "no page-locked host copy of the tables is kept",
+    "fp8_quant": "use storage_dtype / cache_storage_dtype (float16, bfloat16, int8)",
+    "algorithm": "the VDB is a numba hash map",
+    "max_receive_buffer_size": "updates arrive over Redis Streams (update_source)",
 }
 _UNSUPPORTED = {
     ("update_source.type", "kafka_message_queue"): (
@@ -432,6 +480,9 @@ def _build(cls: type, raw: Any, prefix: str, src: str | None) -> Any:
     aliases = {"max_get_batch_size": "max_batch_size", "max_set_batch_size": "max_batch_size"}
     for key, value in raw.items():
         name = aliases.get(key, key) if key not in known else key
+        if name not in known and key in _HUGECTR_KEYS:
+            log.info("config key '%s%s' has no effect: %s", prefix, key, _HUGECTR_KEYS[key])
+            continue
         if name not in known:
             log.warning("%s: unknown config key '%s%s' ignored", src or "config", prefix, key)
             continue
@@ -467,6 +518,8 @@ def _coerce(tp: Any, value: Any, name: str, src: str | None) -> Any:
         if tp is ModelConfig and isinstance(value, list):
             raise ConfigError(name, value, "an object", src)
         return _build(tp, value, f"{name}.", src)
+    if isinstance(value, str) and tp in (bool, int, float):
+        value = _from_string(tp, value)  # "6", "0.5", "true": HugeCTR's Triton backends took them
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -487,21 +540,57 @@ def _coerce(tp: Any, value: Any, name: str, src: str | None) -> Any:
             raise ConfigError(name, value, "a number", src)
         return float(value)
     if tp is str:
-        if name.endswith(_LIST_STRINGS) and isinstance(value, list):
-            if all(isinstance(v, str) for v in value):
-                return ",".join(value)  # a JSON list of Redis addresses
+        if name.endswith(_ADDRESSES):
+            return _addresses(name, value, src)
         if not isinstance(value, str):
             raise ConfigError(name, value, "a string", src)
         return value
     return value
 
 
-_LIST_STRINGS = (".address", ".brokers")  # string fields that also take a list of strings
+_ADDRESSES = (".address", ".brokers")  # Redis "host:port" lists
 
 
-def _choice(name: str, value: Any, allowed: tuple, src: str | None) -> None:
-    if value not in allowed:
-        raise ConfigError(name, value, "one of " + ", ".join(repr(a) for a in allowed), src)
+def _from_string(tp: type, value: str) -> Any:
+    """A number or boolean written as a string, or the string itself when it is not one."""
+    v = value.strip()
+    if tp is bool:
+        return {"true": True, "1": True, "false": False, "0": False}.get(v.lower(), value)
+    try:
+        return int(v) if tp is int else float(v)
+    except ValueError:
+        return value
+
+
+def _addresses(name: str, value: Any, src: str | None) -> str:
+    """Redis addresses as "host:port,host:port": a JSON list or a string separated by "," or
+    ";" (HugeCTR's form); an address without a port gets Redis's 6379."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in items):
+        raise ConfigError(name, value, "a string of 'host:port' entries, or a list of them", src)
+    out = []
+    for entry in ",".join(items).replace(";", ",").split(","):
+        a = entry.strip()
+        if not a:
+            continue
+        host, sep, port = a.rpartition(":")
+        if not sep or host.endswith(":") or port.endswith("]"):  # no port (IPv6 in brackets)
+            host, port = a, str(REDIS_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(name, value, "'host:port' entries (port 1-65535)", src)
+        out.append(f"{host}:{int(port)}")
+    return ",".join(out)
+
+
+def _choice(name: str, value: Any, allowed: tuple, src: str | None, aliases=None) -> Any:
+    """``value`` if allowed (another spelling HugeCTR took, as ``aliases`` maps it, becomes
+    the allowed one); a ConfigError naming the field otherwise."""
+    if isinstance(value, str):
+        v = value.strip().lower().replace("-", "_").replace(" ", "_")
+        v = (aliases or {}).get(v, v)
+        if v in allowed:
+            return v
+    raise ConfigError(name, value, "one of " + ", ".join(repr(a) for a in allowed), src)
 
 
 def _at_least(name: str, value: float, low: float, src: str | None) -> None:

@@ -123,6 +123,43 @@ def test_hps_defaults_are_kept(tmp_path):
     assert m.embedding_table_names == ["sparse_embedding0"]
     assert m.default_value_for_each_table == [0.0]
     assert m.deployed_device_list == [0] and m.hit_rate_threshold == 0.9
+    assert m.gpucacheper == 0.2 and m.gpucache is True  # HugeCTR's hps.json parser's defaults
+
+
+def test_what_hugectr_and_its_triton_backends_also_took(tmp_path, caplog):
+    """Spellings real hps.json files use: numbers and booleans as strings (the Triton
+    backends parsed them), HugeCTR's other names for types and policies, Redis addresses
+    separated by ';' or without a port, hit_rate_threshold above 1 (asynchronous L1
+    insertion off), a shorter default_value_for_each_table (the rest 0.0, as HugeCTR's
+    parser), and keys HugeCTR read that change nothing here (said, not warned about)."""
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    raw["supportlonglong"] = "true"
+    raw["fuse_embedding_table"] = True
+    raw["volatile_db"].update(type="Redis", address="10.0.0.1:7000;10.0.0.2 ; [::1]",
+                              overflow_policy="least-used", num_partitions=" 6",
+                              shared_memory_auto_remove=True)  # fmt: skip
+    raw["persistent_db"].update(type="rocksdb", read_only="0")
+    raw["update_source"] = {"type": "none"}
+    m = raw["models"][0]
+    m.update(max_batch_size="64", gpucacheper="0.25", hit_rate_threshold=1.1, init_ec=True,
+             default_value_for_each_table=["0.5"], deployed_device_list=["1"])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="hps_core.config"):
+        cfg = load_config(write(tmp_path, "hps.json", raw))
+    v, p, m = cfg.volatile_db, cfg.persistent_db, cfg.models[0]
+    assert cfg.supportlonglong is True and cfg.fuse_embedding_table is True
+    assert (v.type, v.overflow_policy, v.num_partitions) == ("redis_cluster", "evict_least_used", 6)
+    assert v.addresses() == ["10.0.0.1:7000", "10.0.0.2:6379", "[::1]:6379"]
+    assert (p.type, p.read_only, cfg.update_source.type) == ("rocks_db", False, "null")
+    assert (m.max_batch_size, m.gpucacheper, m.hit_rate_threshold) == (64, 0.25, 1.1)
+    assert m.default_value_for_each_table == [0.5, 0.0] and m.deployed_device_list == [1]
+    text = caplog.text
+    assert "unknown config key" not in text, text
+    for key in ("fuse_embedding_table", "volatile_db.shared_memory_auto_remove", "init_ec"):
+        assert f"config key '{key}' has no effect" in text or f"].{key}' has no effect" in text
+    assert "default_value_for_each_table gives 1 value(s) for 2 tables: tables 1..1 default" in text
+    raw["models"][0]["default_value_for_each_table"] = [1.0, 2.0, 3.0]  # one too many
+    cfg = load_config(write(tmp_path, "hps.json", raw))
+    assert cfg.models[0].default_value_for_each_table == [1.0, 2.0]
 
 
 def test_yaml_equals_json(tmp_path):
@@ -176,7 +213,9 @@ def mutate(path, value):
             "volatile_db.overflow_policy",
             "evict_least_used",
         ),
-        (("volatile_db", "num_partitions"), "8", "volatile_db.num_partitions", "an integer"),
+        (("volatile_db", "num_partitions"), "8 parts", "volatile_db.num_partitions", "integer"),
+        (("volatile_db", "address"), "h:70000", "volatile_db.address", "'host:port' entries"),
+        (("models", 0, "hit_rate_threshold"), -0.1, "models[0].hit_rate_threshold", ">= 0"),
         (
             ("volatile_db", "overflow_resolution_target"),
             1.5,
