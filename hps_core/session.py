@@ -102,6 +102,10 @@ class TableRuntime:
 
 def as_keys(keys: object, name: str = "keys") -> np.ndarray:
     """Validate request keys: a 1-D integer array; 32-bit keys widen to int64, uint64 reinterprets."""
+    if isinstance(keys, np.ma.MaskedArray):  # np.asarray would drop the mask: masked keys served
+        raise InvalidInputError(
+            name, "a masked array", "plain keys (keys.compressed() for the unmasked ones)"
+        )
     try:
         arr = np.asarray(keys)
     except (ValueError, TypeError, OverflowError) as e:  # ragged lists, ints past 64 bits
@@ -355,9 +359,10 @@ class LookupSession:
         Returns the number of rows inserted.
         """
         t = self.table(table)
+        k = as_keys(keys)
         if t.cache is None:
             return 0
-        k = np.unique(as_keys(keys)[: t.cache.capacity])
+        k = np.unique(k[: t.cache.capacity])
         vec = np.zeros((len(k), t.dim), np.float32)
         missing = np.ones(len(k), bool)
         for tier in (self.vdb, self.pdb):

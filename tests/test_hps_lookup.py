@@ -157,6 +157,8 @@ def test_bad_inputs_are_clear_errors_and_the_server_keeps_serving(served):
         hps.lookup([[1], [2, 3]], "m", 0)  # ragged
     with pytest.raises(InvalidInputError, match="'keys'"):
         hps.lookup([2**64], "m", 0)  # past 64 bits
+    with pytest.raises(InvalidInputError, match="'keys'.*masked.*compressed"):
+        hps.lookup(np.ma.masked_array(tables[0][0][:3], [0, 1, 0]), "m", 0)
     with pytest.raises(UnknownModelError, match="'nope'.*\\['m'\\]"):
         hps.lookup([1], "nope", 0)
     with pytest.raises(UnknownModelError, match="model '\\['m'\\]' is not deployed"):
