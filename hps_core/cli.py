@@ -184,26 +184,28 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Fill the shared tiers, start Triton on the repository and keep it running until Ctrl-C."""
-    from .launcher import supervise
+    from .launcher import stopped_by_signals, supervise
     from .repo import serving
 
-    with serving(
-        args.repo, rows=args.rows, dim=args.dim, instances=args.instances, progress=True
-    ) as (
-        spec,
-        server,
-    ):
-        console.print(
-            f"serving {spec.root}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-            f"metrics {server.metrics_url}; log {server.log_path}. Ctrl-C stops it.",
-            highlight=False, soft_wrap=True,
-        )  # fmt: skip
-        try:
-            supervise(server, args.restarts, say=lambda m: console.print(
-                m, highlight=False, markup=False, soft_wrap=True))  # fmt: skip
-        except KeyboardInterrupt:
-            console.print("stopping")
-            return 0
+    try:
+        with (
+            stopped_by_signals(),
+            serving(
+                args.repo, rows=args.rows, dim=args.dim, instances=args.instances, progress=True
+            ) as (spec, server),
+        ):
+            console.print(
+                f"serving {spec.root}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                f"metrics {server.metrics_url}; log {server.log_path}. Ctrl-C (or SIGTERM) "
+                "stops it.", highlight=False, soft_wrap=True,
+            )  # fmt: skip
+            try:
+                supervise(server, args.restarts, say=lambda m: console.print(
+                    m, highlight=False, markup=False, soft_wrap=True))  # fmt: skip
+            except KeyboardInterrupt:
+                console.print("stopping")
+    except KeyboardInterrupt:  # before the server was up: what was started is cleaned up
+        console.print("stopped")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,9 @@ def run_reporting_errors(run: Callable[[], int], also: tuple[type[BaseException]
     file that is not text, and the exception types in ``also``. No traceback (``-v`` logs it)."""
     try:
         return run()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where the command turned it into one
+        print("interrupted", file=sys.stderr)
+        return 130
     except HPSError as e:
         message = str(e)
     except OSError as e:  # a path the user gave: missing, a directory, not permitted...

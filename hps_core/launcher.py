@@ -309,6 +309,34 @@ class TritonServer:
         self.stop()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM (``kill``, ``docker stop``, systemd) and SIGHUP stop a command that runs a
+    server as Ctrl-C does: KeyboardInterrupt in the main thread, so the server, its stubs
+    and the shared memory are cleaned up. The server runs in a session of its own, so these
+    signals never reach it directly; without this the command died and left it running.
+    SIGINT is made to raise too: a shell starts a background job with it ignored."""
+    previous = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGINT)}
+    stopping = []
+
+    def stop(signum, frame):
+        if stopping:  # a second signal (docker stop, Ctrl-C twice) must not cut the clean-up
+            return
+        stopping.append(signum)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for s in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def supervise(
     server: TritonServer,
     restarts: int,

@@ -182,8 +182,8 @@ class TritonPythonModel:
         try:
             keys = to_numpy(pb_utils.get_input_tensor_by_name(request, "KEYS"))
             num_keys = to_numpy(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
-            out = self.service.run_hps(keys, num_keys)
-            return pb_utils.InferenceResponse([to_tensor(self.outputs[0], out)])
+            out = self.service.run_hps(keys, num_keys)  # flat: OUTPUT0 is [1, n x dim]
+            return pb_utils.InferenceResponse([to_tensor(self.outputs[0], out.reshape(1, -1))])
         except Exception as e:
             return error_response(e)
 

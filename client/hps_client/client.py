@@ -76,8 +76,9 @@ class HPSClient:
         return self.infer(model, _Requests.embed(cat), "EMB")
 
     def lookup(self, keys, num_keys, model: str = "hps_embedding") -> np.ndarray:
-        """OUTPUT0 float32 (flat) from KEYS (all tables concatenated) and NUMKEYS (per table)."""
-        return self.infer(model, _Requests.lookup(keys, num_keys), "OUTPUT0")
+        """OUTPUT0 float32 [1, n x dim] from KEYS (all tables concatenated) and NUMKEYS (per
+        table), flattened."""
+        return self.infer(model, _Requests.lookup(keys, num_keys), "OUTPUT0").reshape(-1)
 
     def load_model(self, name: str) -> None:
         self.client.load_model(name)
@@ -118,7 +119,8 @@ class AsyncHPSClient:
         return await self.infer(model, _Requests.embed(cat), "EMB")
 
     async def lookup(self, keys, num_keys, model: str = "hps_embedding") -> np.ndarray:
-        return await self.infer(model, _Requests.lookup(keys, num_keys), "OUTPUT0")
+        out = await self.infer(model, _Requests.lookup(keys, num_keys), "OUTPUT0")
+        return out.reshape(-1)  # [1, n x dim], flattened as HPSClient.lookup
 
     async def close(self) -> None:
         await self.client.close()

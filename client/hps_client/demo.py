@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from hps_core.launcher import stopped_by_signals
 from hps_core.repo import HPS_MODEL, serving
 from hps_core.session import LEVELS
 from hps_core.workload import zipf_batches
@@ -29,7 +30,10 @@ def run_demo(repo: str, *, rows: int, dim: int, batches: int, batch_size: int) -
     console.rule(f"model repository {repo}: generate (once), fill the tiers, start Triton")
     t0 = time.perf_counter()
     spill = lambda note: console.print(f"[yellow]note:[/] {note}")  # noqa: E731
-    with serving(repo, rows=rows, dim=dim, progress=True, spill=spill) as (spec, server):
+    with (
+        stopped_by_signals(),  # SIGTERM stops the demo as Ctrl-C does: nothing left running
+        serving(repo, rows=rows, dim=dim, progress=True, spill=spill) as (spec, server),
+    ):
         console.print(
             f"Triton ready in {time.perf_counter() - t0:.1f} s: HTTP {server.http_url}, "
             f"gRPC {server.grpc_url}; models {spec.ensemble} = {spec.embedding} -> {spec.dense}, "

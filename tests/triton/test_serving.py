@@ -151,6 +151,10 @@ def test_hps_io_equals_in_process_lookup(served, files, protocol):
     from_files = np.concatenate([files.lookup(t, k).ravel() for t, k in enumerate(per_table)])
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, from_files)
+    with client(server, protocol) as c:  # as HugeCTR's backend: [1, n x dim], not flat
+        raw = c.infer("hps_embedding", {"KEYS": keys[None], "NUMKEYS": counts[None]}, "OUTPUT0")
+    assert raw.shape == (1, len(from_files))
+    np.testing.assert_array_equal(raw[0], from_files)
     # a batch of two rows is not HugeCTR's layout: a clear error, not a wrong answer
     with client(server, protocol) as c:
         two = {"KEYS": np.stack([keys, keys]), "NUMKEYS": np.stack([counts, counts])}
@@ -585,3 +589,51 @@ def test_make_demo_in_the_64_mib_of_shared_memory_docker_gives(tmp_path):
     assert "/dev/shm has 64.0 MiB free" in out, out[:3000]
     assert out.count("lookups equal the reference") == 2, out
     assert spill.is_dir() and not list(spill.iterdir())
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to a background job"])
+def test_hps_serve_stops_cleanly_on_sigterm_and_background_sigint(tmp_path, how):
+    """`kill` / `docker stop` send SIGTERM, and a shell starts a background job with SIGINT
+    ignored: both stop `hps serve` as Ctrl-C does, exit 0, with tritonserver, its stubs and
+    every shared-memory file (the VDB's and the backend's regions) gone. (SIGTERM used to
+    kill `hps serve` alone and leave the server running in its own session.)"""
+    repo = tmp_path / "repo"
+    hps = Path(sys.executable).parent / "hps"
+    ignore_int = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if "SIGINT" in how else None
+    proc = subprocess.Popen(
+        [hps, "serve", repo, "--rows", "2000", "--dim", "4", "--restarts", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=ignore_int,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # bounded: stdout closes if hps serve ends
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        url = re.search(r"HTTP (\S+),", "".join(lines)).group(1)
+        spec = read_spec(repo)
+        (triton,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
+        stubs = triton.children(recursive=True)
+        assert stubs, "no backend stub processes"
+        mine = [load_config(spec.config).volatile_db.shared_memory_name + ".",
+                f"hps{proc.pid}x{url.rsplit(':', 1)[1]}_"]  # fmt: skip
+        held = [f for f in os.listdir("/dev/shm") if f.startswith(tuple(mine))]
+        assert any(f.startswith(mine[0]) for f in held) and any(f.startswith(mine[1]) for f in held)
+        keys = np.array([5, -1, 7], np.int64)
+        counts = np.zeros(spec.slots, np.int32)
+        counts[1] = len(keys)
+        with HPSClient(url, "http") as c:
+            np.testing.assert_array_equal(
+                c.lookup(keys, counts), FileTables(spec.config).lookup(1, keys).ravel()
+            )
+        proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "stopping" in out, out
+    gone, alive = psutil.wait_procs([triton, *stubs], timeout=30)
+    assert not alive, alive
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(tuple(mine))]
