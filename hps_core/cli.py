@@ -15,9 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli_input import (
+    MAX_DIM,
     check_dense_onnx,
     check_limits,
     limits,
+    model_name,
     os_error,
     read_keys_file,
     read_npz_rows,
@@ -395,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tables", type=int, default=26, help="write only the first N of them")
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--name", default="synthetic")
-    s.set_defaults(func=cmd_synth, limits=limits(rows=1, tables=(1, 26), dim=1, seed=0))
+    s.add_argument("--name", type=model_name, default="synthetic")
+    s.set_defaults(func=cmd_synth, limits=limits(rows=1, tables=(1, 26), dim=(1, MAX_DIM), seed=0))
 
     s = sub.add_parser("dense", help="write the DLRM dense network as an ONNX file")
     s.add_argument("--out", required=True, help="the .onnx file to write")
@@ -404,18 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the weights")
     s.add_argument("--slots", type=int, default=26, help="categorical slots (tables)")
     # --dim is checked by dense_arch (its error names 'dim')
-    s.set_defaults(func=cmd_dense, limits=limits(seed=0, slots=1))
+    s.set_defaults(func=cmd_dense, limits=limits(seed=0, slots=(1, 4096)))
 
     s = sub.add_parser("repo", help="write a Triton model repository for our backends")
     s.add_argument("out", help="the repository directory")
     s.add_argument("--config", help="an hps.json with sparse files (default: a synthetic model)")
     s.add_argument("--onnx", help="the dense model (default: DLRM with seeded weights)")
-    s.add_argument("--name", default="dlrm", help="name of the ensemble")
+    s.add_argument("--name", type=model_name, default="dlrm", help="name of the ensemble")
     s.add_argument("--rows", type=int, default=1_000_000, help="rows of a synthetic model")
     s.add_argument("--dim", type=int, default=16, help="dim of a synthetic model")
     s.add_argument("--instances", type=int, default=1, help="instances per model")
     s.add_argument("--max-batch-size", type=int, default=4096)
-    s.set_defaults(func=cmd_repo, limits=limits(rows=1, dim=1, instances=1, max_batch_size=1))
+    s.set_defaults(
+        func=cmd_repo, limits=limits(rows=1, dim=(1, MAX_DIM), instances=1, max_batch_size=1)
+    )
 
     s = sub.add_parser("serve", help="run Triton on a repository (written if missing) until Ctrl-C")
     s.add_argument("repo", nargs="?", default="model_repository")
@@ -427,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start tritonserver again when it dies, at most this often in 10 minutes (then "
         "exit 2); 0: exit at its first death",
     )  # fmt: skip
-    s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=1, instances=1, restarts=0))
+    s.set_defaults(func=cmd_serve, limits=limits(rows=1, dim=(1, MAX_DIM), instances=1, restarts=0))
 
     s = sub.add_parser(
         "watch",
@@ -472,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--user", default="")
     s.add_argument("--password", default="")
-    s.set_defaults(func=cmd_publish, limits=limits(random=1, dim=1, key_range=1, seed=0, maxlen=1))
+    s.set_defaults(
+        func=cmd_publish,
+        limits=limits(random=1, dim=(1, MAX_DIM), key_range=(1, 2**63 - 1), seed=0, maxlen=1),
+    )
 
     s = sub.add_parser("ingest", help="apply the update stream to the config's VDB/PDB")
     s.add_argument("config")
@@ -494,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--redis", help="host:port[,...]: Redis (Cluster) as the VDB, with online updates"
     )
-    s.set_defaults(func=cmd_demo, limits=limits(rows=1, dim=1, batches=1, batch_size=1))
+    s.set_defaults(func=cmd_demo, limits=limits(rows=1, dim=(1, MAX_DIM), batches=1, batch_size=1))
     return p
 
 

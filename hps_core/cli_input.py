@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import zipfile
 from collections.abc import Callable
@@ -29,6 +30,9 @@ def run_reporting_errors(run: Callable[[], int], also: tuple[type[BaseException]
         return 130
     except HPSError as e:
         message = str(e)
+    except MemoryError as e:  # sizes past this machine (numpy says how much it wanted)
+        log.info("the MemoryError's traceback", exc_info=True)
+        message = f"not enough memory: {e or 'an allocation failed'}"
     except OSError as e:  # a path the user gave: missing, a directory, not permitted...
         log.info("the OSError's traceback", exc_info=True)
         message = os_error(e)
@@ -57,6 +61,20 @@ def check_limits(args: argparse.Namespace) -> None:
             kind = "a number" if isinstance(value, float) else "an integer"
             bounds = f">= {least}" if most is None else f"in [{least}, {most}]"
             raise HPSError(f"--{dest.replace('_', '-')} {value}: expected {kind} {bounds}")
+
+
+def model_name(text: str) -> str:
+    """argparse type of a model name: it names a directory (a Triton model, a table's files)
+    and a part of the stored table names, so letters, digits, '_' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected letters, digits, '_' and '-' (a directory and model name)"
+        )
+    return text
+
+
+MAX_DIM = 1 << 20
+"""The widest row the commands that make tables accept (HugeCTR's largest are a few thousand)."""
 
 
 def limits(**ranges: int | tuple[int, int]) -> dict[str, tuple[int, int | None]]:

@@ -451,11 +451,13 @@ def _parse_text(text: str, path: Path) -> Any:
 
         try:
             return yaml.safe_load(text)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of 5000 digits
             raise ConfigError("<file>", str(path), f"valid YAML ({e})", str(path)) from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4300 digits
+        if not isinstance(e, json.JSONDecodeError):
+            raise ConfigError("<file>", str(path), f"valid JSON ({e})", str(path)) from None
         raise ConfigError(
             "<file>",
             str(path),

@@ -61,7 +61,7 @@ def read_key_text(path: str | os.PathLike) -> np.ndarray:
     if p.is_dir():
         raise ModelFileError(path, "is a directory, expected a file with one key per line")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a BOM (some editors write one) is not a key
     except UnicodeDecodeError as e:
         raise ModelFileError(path, f"not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except OSError as e:
@@ -250,13 +250,14 @@ def _read_meta(path: Path) -> dict:
         return {}
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSON, or a 5000-digit number
         raise ModelFileError(str(path), f"not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ModelFileError(str(path), "expected a JSON object")
     if meta.get("format", FORMAT) != FORMAT:
         raise ModelFileError(str(path), f"format {meta['format']!r}, expected '{FORMAT}'")
-    if meta.get("key_dtype", "int64") not in KEY_DTYPES:
+    kdt = meta.get("key_dtype", "int64")
+    if not isinstance(kdt, str) or kdt not in KEY_DTYPES:
         raise ModelFileError(
             str(path), f"key_dtype {meta['key_dtype']!r}, expected one of {sorted(KEY_DTYPES)}"
         )

@@ -74,6 +74,19 @@ def test_keys_file_gives_the_rows_of_the_sparse_files(model, tmp_path, capsys):
     np.testing.assert_array_equal(np.array(got["vectors"], np.float32), want)
 
 
+def test_a_keys_file_that_starts_with_a_byte_order_mark(model, tmp_path, capsys):
+    """Some editors (Notepad) start UTF-8 files with a BOM: it is not part of the first key."""
+    m, rows = model
+    keys, vecs = rows[0]
+    f = tmp_path / "keys.txt"
+    f.write_text(f"{keys[2]}\n{keys[0]}\n", encoding="utf-8-sig")
+    assert f.read_bytes().startswith(b"\xef\xbb\xbf")
+    rc, out = hps(capsys, "lookup", m.config_path, "--model", "e", "--table", "table0", "--json",
+                  "--keys-file", f)  # fmt: skip
+    assert rc == 0, out
+    np.testing.assert_array_equal(np.array(json.loads(out)["vectors"], np.float32), vecs[[2, 0]])
+
+
 @pytest.mark.parametrize(
     "text, line, bad",
     [
@@ -420,3 +433,68 @@ def test_hps_serve_in_too_small_shared_memory_says_what_to_do(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert "VDB table 'hps_et.dlrm." in line and "--shm-size" in line, line
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["synth", "OUT", "--rows", 100, "--dim", 10**8], ["--dim 100000000", "[1, 1048576]"]),
+        (["dense", "--out", "OUT/d.onnx", "--dim", 10**11], ["not enough memory", "TiB"]),
+        (
+            [
+                "publish",
+                "--table",
+                "t",
+                "--redis",
+                "127.0.0.1:1",
+                "--random",
+                5,
+                "--key-range",
+                10**20,
+            ],
+            ["--key-range", "9223372036854775807"],
+        ),  # fmt: skip
+    ],
+)
+def test_sizes_past_the_machine_are_one_error_line(tmp_path, capsys, args, names):
+    """Numbers that passed the lower bounds used to end in MemoryError or ValueError
+    tracebacks from numpy."""
+    args = [str(a).replace("OUT", str(tmp_path)) for a in args]
+    assert_error(*hps(capsys, *args), *names)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../escape", ".hidden"])
+def test_model_names_that_are_not_a_directory_name_are_refused(tmp_path, capsys, name):
+    """A name with '/' wrote tables outside OUT ('../escape') or nested Triton model
+    directories; an empty one a config `hps load` refused."""
+    for args in (["synth", tmp_path / "m", "--rows", 100], ["repo", tmp_path / "r", "--rows", 100]):
+        rc, out = hps(capsys, *args, "--name", name)
+        assert rc == 2 and "argument --name" in out and "letters, digits" in out, out
+    assert not list(tmp_path.iterdir())
+
+
+def test_hps_client_checks_its_numbers(capsys):
+    from hps_client.cli import main
+
+    for args, words in ((["demo", "--batches", "0"], "--batches 0: expected an integer >= 1"),
+                        (["perf-data", "--out", "x.json", "--entries", "0"], "--entries 0"),
+                        (["demo", "--dim", str(10**11)], "[1, 1048576]")):  # fmt: skip
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and words in err, err
+
+
+@pytest.mark.parametrize(
+    "bench, args, words",
+    [
+        ("cache", ["--dists", "bogus"], "uniform or zipf_<alpha>"),
+        ("cache", ["--reps", "0"], "--reps: 0: expected an integer >= 1"),
+        ("host-tier", ["--rows", "0"], "--rows: 0"),
+        ("memory", ["--only", "9"], "config number 1-4"),
+        ("e2e", ["--batches", "0"], "--batches: 0"),
+        ("redis", ["--seconds", "-1"], "expected a number > 0"),
+    ],
+)
+def test_bench_options_are_checked_before_anything_runs(capsys, bench, args, words):
+    rc, out = hps(capsys, "bench", bench, *args)
+    assert rc == 2 and words in out and "Traceback" not in out, out

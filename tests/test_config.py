@@ -281,6 +281,15 @@ def test_bad_fields_name_field_value_and_expectation(tmp_path, path, value, fiel
     assert e.value.field == field
 
 
+def test_a_number_past_pythons_digit_limit_is_a_config_error(tmp_path):
+    for name in ("hps.json", "hps.yaml"):
+        p = tmp_path / name
+        p.write_text('{"models": [], "supportlonglong": 1' + "0" * 5000 + "}")
+        with pytest.raises(ConfigError, match="valid (JSON|YAML)") as e:
+            load_config(p)
+        assert str(p) in str(e.value)
+
+
 def test_malformed_json_names_line(tmp_path):
     p = tmp_path / "hps.json"
     p.write_text('{\n  "models": [\n    {"model": "m",,}\n  ]\n}\n')

@@ -194,6 +194,18 @@ CASES = {
         "meta",
         ["hot_keys"],
     ),
+    "meta key_dtype a list": (  # was a TypeError (unhashable) from deep inside
+        lambda p: (p / "meta").write_text(json.dumps({"key_dtype": ["int64"]})),
+        8,
+        "meta",
+        ["key_dtype ['int64']"],
+    ),
+    "meta number of 5000 digits": (  # past Python's int-from-text limit: was a ValueError
+        lambda p: (p / "meta").write_text('{"rows": 1' + "0" * 5000 + "}"),
+        8,
+        "meta",
+        ["not valid JSON"],
+    ),
 }
 
 

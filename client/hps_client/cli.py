@@ -8,6 +8,8 @@ import sys
 import numpy as np
 from rich.console import Console
 
+from hps_core.cli_input import MAX_DIM, limits
+
 console = Console()
 
 
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=16)
     s.add_argument("--batches", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=256)
-    s.set_defaults(func=cmd_demo)
+    s.set_defaults(func=cmd_demo, limits=limits(rows=1, dim=(1, MAX_DIM), batches=1,
+                                                batch_size=(1, 1 << 20)))  # fmt: skip
 
     s = sub.add_parser("predict", help="predictions for Criteo TSV lines")
     s.add_argument("tsv", help="label, 13 integers, 26 hex categoricals per line")
@@ -82,24 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("perf-data", help="write perf_analyzer --input-data JSON")
     s.add_argument("--repo", default="model_repository")
     s.add_argument("--out", required=True)
-    s.add_argument("--entries", type=int, default=1024)
+    s.add_argument("--entries", type=int, default=1024, help="requests in the file (1..65536)")
     s.add_argument("--model", choices=["ensemble", "embedding", "hps"], default="ensemble")
-    s.set_defaults(func=cmd_perf_data)
+    s.set_defaults(func=cmd_perf_data, limits=limits(entries=(1, 65536)))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from tritonclient.utils import InferenceServerException
 
-    from hps_core.cli_input import run_reporting_errors
+    from hps_core.cli_input import check_limits, run_reporting_errors
 
     from .criteo import CriteoFormatError
 
     args = build_parser().parse_args(argv)
+
     # a server that is not there, a model it does not serve, a line of the TSV: one line each
-    return run_reporting_errors(
-        lambda: args.func(args), also=(InferenceServerException, CriteoFormatError)
-    )
+    def run() -> int:
+        check_limits(args)
+        return args.func(args)
+
+    return run_reporting_errors(run, also=(InferenceServerException, CriteoFormatError))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ..cache.admission import Admission
 from ..cache.reference import ReferenceCache
 from ..hash_kernels import dedupe
 from ..synth import oracle_top_c_hit_rate, zipf_ranks
-from .common import RESULTS, machine, save
+from .common import RESULTS, csv_of, machine, positive_int, save
 
 console = Console()
 
@@ -374,11 +374,20 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        return [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-    return parse
+def _dist(text: str) -> str:
+    """A key distribution: "uniform" or "zipf_<alpha>" (alpha > 0)."""
+    if text == "uniform":
+        return text
+    kind, _, alpha = text.partition("_")
+    try:
+        ok = kind == "zipf" and float(alpha) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected uniform or zipf_<alpha>, e.g. zipf_1.05"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,11 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cpu", action="store_true", help="measure the host cache even if a GPU is present"
     )
-    ap.add_argument("--dims", type=_csv(int), help="throughput dims, e.g. 16,64,128")
-    ap.add_argument("--dtypes", type=_csv(str), help="storage dtypes, e.g. float32,float16")
-    ap.add_argument("--dists", type=_csv(str), help="key distributions, e.g. uniform,zipf_1.05")
-    ap.add_argument("--batches", type=_csv(int), help="throughput batch sizes, e.g. 65536,1048576")
-    ap.add_argument("--reps", type=int, help="calls timed per throughput point")
+    ap.add_argument("--dims", type=csv_of(positive_int), help="throughput dims, e.g. 16,64,128")
+    ap.add_argument("--dtypes", type=csv_of(str), help="storage dtypes, e.g. float32,float16")
+    ap.add_argument("--dists", type=csv_of(_dist), help="key distributions, e.g. uniform,zipf_1.05")
+    ap.add_argument(
+        "--batches", type=csv_of(positive_int), help="throughput batch sizes, e.g. 65536,1048576"
+    )
+    ap.add_argument("--reps", type=positive_int, help="calls timed per throughput point")
     ap.add_argument("--no-hit-rate", action="store_true", help="skip the hit-rate section")
     ap.add_argument("--out", type=Path, help=f"folder for the .json and .png (default {RESULTS})")
     args = ap.parse_args(argv)

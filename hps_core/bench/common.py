@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -86,3 +87,38 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or size option: an integer >= 1 (argparse's error names the
+    option; a 0 or a negative size used to end in a traceback or an empty result)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v}: expected an integer >= 1")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{v}: expected a number > 0")
+    return v
+
+
+def csv_of(kind: Callable[[str], object]) -> Callable[[str], list]:
+    """argparse type of a comma-separated list, each item checked by ``kind``."""
+
+    def parse(text: str) -> list:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected one value or more, comma-separated")
+        return items
+
+    return parse

@@ -65,7 +65,7 @@ from ..synth import (
     zipf_ranks,
 )
 from . import e2e_report as report
-from .common import RESULTS, machine, save
+from .common import RESULTS, machine, positive_int, save
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -451,10 +451,10 @@ def load_average() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rows", type=int, default=10_000_000, help="rows of all 26 tables")
-    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--rows", type=positive_int, default=10_000_000, help="rows of all 26 tables")
+    ap.add_argument("--dim", type=positive_int, default=16)
     ap.add_argument(
-        "--batches", type=int, nargs="+", default=list(BATCHES), help="samples per request"
+        "--batches", type=positive_int, nargs="+", default=list(BATCHES), help="samples per request"
     )
     ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="0: uniform")
     ap.add_argument(
@@ -464,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         default=list(FRACTIONS),
         help="L1 sizes as shares of each table (gpucacheper)",
     )
-    ap.add_argument("--warmup", type=int, default=131072, help="warm-up samples per cell")
-    ap.add_argument("--triton-batches", type=int, nargs="*", default=list(TRITON_BATCHES))
+    ap.add_argument("--warmup", type=positive_int, default=131072, help="warm-up samples per cell")
+    ap.add_argument("--triton-batches", type=positive_int, nargs="*", default=list(TRITON_BATCHES))
     ap.add_argument(
         "--triton-seconds",
         type=float,

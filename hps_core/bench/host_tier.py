@@ -27,7 +27,7 @@ from .. import buffers
 from ..hash_kernels import prefetch_row
 from ..pdb.rocksdb import RocksDBPDB
 from ..vdb.hashmap import HashMapVDB
-from .common import RESULTS, machine, paired, rate, save
+from .common import RESULTS, machine, paired, positive_int, rate, save
 
 console = Console()
 
@@ -357,10 +357,10 @@ def main_shm_pages(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
-    ap.add_argument("--dims", type=int, nargs="+", default=[16, 64, 128])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    ap.add_argument("--load-rows", type=int, default=2_000_000)
+    ap.add_argument("--rows", type=positive_int, default=1_000_000, help="rows per table")
+    ap.add_argument("--dims", type=positive_int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--load-rows", type=positive_int, default=2_000_000)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--shm-pages", action="store_true",
                     help="only: fetch from a /dev/shm table vs a process one (dim 128)")  # fmt: skip

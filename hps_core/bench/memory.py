@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .common import RESULTS, machine, save
+from .common import RESULTS, csv_of, machine, positive_int, save
 
 console = Console(width=None if sys.stdout.isatty() else 170)
 WARM_ROWS = 50_000
@@ -209,12 +209,20 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _config_number(text: str) -> int:
+    n = positive_int(text)
+    if n > 4:
+        raise argparse.ArgumentTypeError(f"{n}: expected a config number 1-4")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a tenth of the rows: a smoke run")
     ap.add_argument("--dir", help="where the synthetic models go (default: a temporary dir)")
     ap.add_argument("--name", default="memory", help="results/<name>.json and .png")
-    ap.add_argument("--only", help="comma-separated config numbers (1-4) to run, e.g. 3")
+    ap.add_argument("--only", type=csv_of(_config_number),
+                    help="comma-separated config numbers (1-4) to run, e.g. 3")  # fmt: skip
     ap.add_argument("--measure", nargs=2, metavar=("CONFIG", "WARM"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
@@ -230,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         specs = configs(0.1 if args.quick else 1.0)
-        only = (
-            {int(x) for x in args.only.split(",")} if args.only else set(range(1, len(specs) + 1))
-        )
+        only = set(args.only) if args.only else set(range(1, len(specs) + 1))
         for i, spec in enumerate(specs):
             if i + 1 not in only:
                 continue

@@ -41,7 +41,7 @@ from ..updates import connect
 from ..updates.ingestor import Ingestor, TierSink
 from ..updates.versions import VersionStore
 from ..vdb.redis import RedisVDB
-from .common import RESULTS, machine, paired, rate, save
+from .common import RESULTS, machine, paired, positive_float, positive_int, rate, save
 
 console = Console()
 SCRIPT = Path("deploy") / "redis" / "redis-local.sh"
@@ -314,10 +314,12 @@ def plot(fetch: list[dict], rb: float, fresh: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rows", type=int, default=500_000, help="rows of the fetch table")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    ap.add_argument("--rate", type=float, default=100_000, help="update rows/s to publish")
-    ap.add_argument("--seconds", type=float, default=60, help="how long to publish updates")
+    ap.add_argument("--rows", type=positive_int, default=500_000, help="rows of the fetch table")
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--rate", type=positive_float, default=100_000, help="update rows/s to publish")
+    ap.add_argument(
+        "--seconds", type=positive_float, default=60, help="how long to publish updates"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, 5 s of updates")
     args = ap.parse_args(argv)
     if args.quick:

@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .common import RESULTS, machine, save
+from .common import RESULTS, machine, positive_int, save
 
 console = Console(width=None if sys.stdout.isatty() else 170)
 SMALL, LARGE, UPDATE, STEADY = 64, 4096, 64, 30
@@ -154,7 +154,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rows", type=int, default=500_000, help="rows of the model, all tables")
+    ap.add_argument(
+        "--rows", type=positive_int, default=500_000, help="rows of the model, all tables"
+    )
     ap.add_argument("--quick", action="store_true", help="a smaller model (the cold cases stay)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
