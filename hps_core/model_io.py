@@ -212,6 +212,45 @@ class SparseTable:
                 if f in self._open:
                     self._open.remove(f)
 
+    def iter_keys(
+        self, start: int = 0, max_bytes: int = CHUNK_BYTES
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (row number of the first, keys int64) chunk by chunk from row ``start``, read
+        from the key file alone."""
+        ks = self.key_dtype.itemsize
+        step = max(1, max_bytes // ks)
+        if start >= self.rows:
+            return
+        kf = self._file(self.path / "key", self.rows * ks)
+        try:
+            kf.seek(start * ks)
+            for s in range(start, self.rows, step):
+                n = min(step, self.rows - s)
+                yield s, _read(kf, self.key_dtype, n).astype(np.int64, copy=False)
+        finally:
+            kf.close()
+            if kf in self._open:
+                self._open.remove(kf)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors (float32 [len(rows), dim]) of the given row numbers, read one by one:
+        for a few rows out of a large file."""
+        row_bytes = 4 * self.dim
+        out = np.empty((len(rows), self.dim), np.float32)
+        path = self.path / "emb_vector"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, r in enumerate(np.asarray(rows, np.int64).tolist()):
+                if not 0 <= r < self.rows:
+                    raise InvalidInputError("rows", r, f"row numbers in [0, {self.rows})")
+                b = os.pread(fd, row_bytes, r * row_bytes)
+                if len(b) != row_bytes:
+                    raise ModelFileError(str(path), "shrank since the table was opened")
+                out[i] = np.frombuffer(b, "<f4")
+        finally:
+            os.close(fd)
+        return out
+
     def _file(self, path: Path, nbytes: int) -> io.BufferedReader:
         f = open(path, "rb")  # noqa: SIM115 - closed by iter_chunks or close()
         if os.fstat(f.fileno()).st_size < nbytes:

@@ -352,6 +352,26 @@ class ParameterServer:
             )
             if rows:
                 self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name)
+            if 0 < rows < f.rows:
+                self._later_rows_of_loaded_keys(f, rows, t.store_name)
+
+    def _later_rows_of_loaded_keys(self, f: SparseTable, start: int, table: str) -> None:
+        """The VDB took the file's first ``start`` rows (``initial_cache_rate``). A key that
+        appears again later in the file gets its last row there too, as in RocksDB and in a
+        whole-file load (a later duplicate wins everywhere): without this the VDB answered
+        with the first row and RocksDB held the last. Reads the rest's keys only, then the
+        rows of the keys found."""
+        again = 0
+        for first, keys in f.iter_keys(start):
+            found = self.vdb.contains(table, keys)
+            if found.any():
+                self.vdb.upsert(table, keys[found], f.read_rows(first + np.flatnonzero(found)))
+                again += int(found.sum())
+        if again:
+            log.warning(
+                "%s: %d keys of the first %d rows (the VDB's share) appear again later in the "
+                "file; the VDB holds their last rows, as RocksDB", f.path, again, start,
+            )  # fmt: skip
 
     def _copy_rows(self, f: SparseTable, rows: int, what: str, tier: object, table: str) -> None:
         done = bad = 0

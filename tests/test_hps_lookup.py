@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
@@ -437,3 +438,33 @@ def test_a_fill_racing_an_update_never_caches_the_old_row(tmp_path):
         assert t.cache.contains(updated).all()
         rows, hit = t.cache.find(updated)
         np.testing.assert_array_equal(rows, vecs0[:5] + 1)
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.0])
+def test_a_key_twice_in_a_file_is_served_its_last_row_from_every_level(tmp_path, rate, caplog):
+    """Later duplicates win, in the VDB as in RocksDB, also when the VDB takes only the
+    file's first half (initial_cache_rate 0.5): it used to keep the first row of a key whose
+    second copy lay past its share while RocksDB held the last."""
+    tables = make_files(tmp_path, seed=11)
+    keys, vecs = tables[0]
+    n = len(keys)
+    dup_keys = keys[[3, 10, n // 2 - 1]]  # in the first half; again at the end, other rows
+    dup_vecs = np.full((3, vecs.shape[1]), 7.5, np.float32) + np.arange(3)[:, None]
+    write_table(tmp_path / "t0_sparse_0.model", np.concatenate([keys, dup_keys]),
+                np.concatenate([vecs, dup_vecs]))  # fmt: skip
+    last = {int(k): v for k, v in zip(keys, vecs, strict=True)}
+    last.update({int(k): v for k, v in zip(dup_keys, dup_vecs, strict=True)})
+    want_keys = np.concatenate([dup_keys, keys[:50]])
+    want = np.stack([last[int(k)] for k in want_keys])
+    with caplog.at_level(logging.WARNING), ParameterServer(
+        config(tmp_path, initial_cache_rate=rate)
+    ) as ps:  # fmt: skip
+        store = ps.session("m").tables[0].store_name
+        got_vdb, found_vdb = ps.vdb.fetch(store, want_keys)
+        got_pdb, found_pdb = ps.pdb.fetch(store, want_keys)
+        assert found_pdb.all()
+        np.testing.assert_array_equal(got_pdb, want)
+        np.testing.assert_array_equal(got_vdb[found_vdb], want[found_vdb])
+        assert found_vdb[:3].all()  # the duplicated keys are in the VDB's share
+        np.testing.assert_array_equal(ps.lookup(want_keys, "m", 0), want)
+    assert ("appear again later in the file" in caplog.text) == (rate < 1), caplog.text
