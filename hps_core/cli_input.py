@@ -46,7 +46,7 @@ def run_reporting_errors(run: Callable[[], int], also: tuple[type[BaseException]
     from rich.markup import escape
 
     Console(stderr=True).print(
-        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, emoji=False
     )
     return 2
 
@@ -86,6 +86,8 @@ def read_keys_file(path: str) -> list[int]:
     """The keys of a text file, one per line (blank lines and ``#`` comments skipped)."""
     if not Path(path).exists():
         raise HPSError(f"--keys-file {path}: no such file")
+    if not Path(path).is_file() and not Path(path).is_dir():  # a FIFO or a device: it would hang
+        raise HPSError(f"--keys-file {path}: not a regular file")
     try:
         return read_key_text(path).tolist()
     except ModelFileError as e:

@@ -139,7 +139,8 @@ class SparseTable:
         kf, vf, mf = p / "key", p / "emb_vector", p / "meta"
         for f in (kf, vf):
             if not f.is_file():
-                raise ModelFileError(str(f), "missing file (expected 'key' and 'emb_vector')")
+                what = "not a regular file" if f.exists() or f.is_symlink() else "missing file"
+                raise ModelFileError(str(f), f"{what} (expected 'key' and 'emb_vector')")
         meta = _read_meta(mf)
         kdt = KEY_DTYPES[meta.get("key_dtype", "int64")]
         kbytes, vbytes = kf.stat().st_size, vf.stat().st_size
@@ -286,6 +287,8 @@ class SparseTable:
 def _read_meta(path: Path) -> dict:
     """The validated ``meta`` JSON, or {} when the file is absent."""
     if not path.is_file():
+        if path.exists():  # a directory, a FIFO: not silently without its hot keys
+            raise ModelFileError(str(path), "not a regular file")
         return {}
     try:
         meta = json.loads(path.read_text())

@@ -4,10 +4,12 @@ file, exit status 2 and no traceback; correct input still gives the right answer
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -498,3 +500,29 @@ def test_hps_client_checks_its_numbers(capsys):
 def test_bench_options_are_checked_before_anything_runs(capsys, bench, args, words):
     rc, out = hps(capsys, "bench", bench, *args)
     assert rc == 2 and words in out and "Traceback" not in out, out
+
+
+def test_special_files_and_addresses_are_errors_not_hangs(model, tmp_path, capsys):
+    """A FIFO as --keys-file used to block forever, `hps watch` with a bad --url to poll it
+    forever; ':abc:' in a message was printed as an emoji."""
+    m, _ = model
+    fifo = tmp_path / "keys.fifo"
+    os.mkfifo(fifo)
+    assert_error(*hps(capsys, "lookup", m.config_path, "--model", "e", "--keys-file", fifo),
+                 str(fifo), "not a regular file")  # fmt: skip
+    assert_error(*hps(capsys, "watch", "--pid", 1, "--url", "nohost:abc"),
+                 "--url nohost:abc: expected")  # fmt: skip
+
+
+def test_a_meta_or_key_that_is_a_directory_is_named_as_such(tmp_path):
+    m = make_model(tmp_path, [20], [4], seed=1, name="d")
+    table = Path(m.table_paths[0])
+    (table / "meta").unlink(missing_ok=True)
+    (table / "meta").mkdir()  # its hot keys would be lost without a word
+    with pytest.raises(HPSError, match="meta.*not a regular file"):
+        SparseTable.open(table, 4)
+    (table / "meta").rmdir()
+    (table / "key").unlink()
+    (table / "key").mkdir()
+    with pytest.raises(HPSError, match="key.*not a regular file"):
+        SparseTable.open(table, 4)
