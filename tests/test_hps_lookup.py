@@ -286,7 +286,7 @@ def test_a_closed_server_says_so(tmp_path):
         hps.lookup(q, "m", 0)
 
 
-def test_rows_a_table_cannot_store_name_the_file(tmp_path):
+def test_rows_a_table_cannot_store_name_the_file(tmp_path, caplog):
     """int8 rows are scaled by their largest value: a NaN row cannot be stored."""
     keys, vecs = make_files(tmp_path, seed=8)[1]
     vecs[7, 1] = np.nan
@@ -295,6 +295,11 @@ def test_rows_a_table_cannot_store_name_the_file(tmp_path):
     cfg["persistent_db"] = {"type": "disabled"}
     with pytest.raises(ModelFileError, match=r"t1_sparse_0\.model: rows 0\.\..*NaN"):
         ParameterServer(cfg)
+    cfg["persistent_db"] = config(tmp_path)["persistent_db"]  # RocksDB is loaded first
+    with caplog.at_level("WARNING", logger="hps_core.server"):
+        with pytest.raises(ModelFileError, match=r"t1_sparse_0\.model: rows 0\.\..*NaN"):
+            ParameterServer(cfg)
+    assert "served as they are" not in caplog.text  # not for an int8 VDB: they are refused
 
 
 def test_nan_and_infinite_rows_are_reported_once_and_served_as_stored(tmp_path, caplog):
