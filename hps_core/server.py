@@ -393,7 +393,8 @@ class ParameterServer:
                 advance(take)
         log.info("%s: %d rows", what, done)
         v = self.config.volatile_db
-        if self.vdb is not None and v.storage_dtype == "int8" and v.initial_cache_rate >= 1:
+        whole = v.initialize_after_startup and v.initial_cache_rate >= 1
+        if self.vdb is not None and v.storage_dtype == "int8" and whole:
             return  # the int8 VDB takes every row next and refuses these, naming the file
         if bad and str(f.path) not in self._nonfinite_reported:  # once, not once per tier
             self._nonfinite_reported.add(str(f.path))
