@@ -63,22 +63,25 @@ def encode(
     return [head + rec[s : s + per].tobytes() for s in range(0, len(k), per)]
 
 
-def decode(payload: bytes, dim: int) -> Rows:
-    """Rows of a payload for a table of width ``dim``; raises MalformedMessage with the reason."""
+def decode(payload: bytes, dim: int, dtype: str = "float32") -> Rows:
+    """Rows of a payload for a table of width ``dim``; raises MalformedMessage with the reason.
+    ``dtype``: what the entry says its rows are ("float16" only where it says so: fp32 rows of
+    half the table's width have the same value size as fp16 rows of its width)."""
     if len(payload) < HEADER:
         raise MalformedMessage(f"payload of {len(payload)} bytes is shorter than the 8-byte header")
     if payload[:4] != MAGIC:
         raise MalformedMessage(f"bad magic {payload[:4]!r} (expected {MAGIC!r})")
     size = int(np.frombuffer(payload, "<u4", 1, 4)[0])
-    if size == 4 * dim:
-        dt = np.dtype("<f4")
-    elif size == 2 * dim:
-        dt = np.dtype("<f2")
-    else:
+    if dtype not in ("float32", "float16"):
+        raise MalformedMessage(f"dtype {dtype!r}: expected 'float32' or 'float16'")
+    fp16 = dtype == "float16"
+    if size != (2 if fp16 else 4) * dim:
         raise MalformedMessage(
             f"value size {size} does not fit the table's dim {dim} "
-            f"(expected {4 * dim} for fp32 or {2 * dim} for fp16)"
+            f"(expected {(2 if fp16 else 4) * dim} for {dtype} rows"
+            + ("; fp16 rows need the entry field dtype=float16)" if size == 2 * dim else ")")
         )
+    dt = np.dtype("<f2" if fp16 else "<f4")
     body = len(payload) - HEADER
     if body % (8 + size):
         raise MalformedMessage(

@@ -34,7 +34,7 @@ from ..errors import HPSError
 from ..metrics import REGISTRY, Registry
 from . import codec
 from .stream import DEFAULT_STREAM, dead_letter_stream
-from .versions import VersionStore, version_of
+from .versions import SEQ_BITS, VersionStore, version_of
 
 log = logging.getLogger(__name__)
 
@@ -256,26 +256,34 @@ class Ingestor:
         batches: dict[str, _Batch] = {}
         stamps, dead = [], []
         for eid, f in entries:
-            table = _text(f.get(b"table", b""))
+            raw_table = f.get(b"table", b"")
+            table = raw_table.decode("utf-8", "replace") if isinstance(raw_table, bytes) else ""
             payload = f.get(b"payload")
+            # Everything read from the entry is checked here: an exception past this point
+            # would fail the round, and the entry, pending again, would hold up every later one.
             try:
+                table, version, stamp = _text(raw_table), _version(eid), _stamp(f.get(b"ts_ns"))
                 if payload is None:
                     raise codec.MalformedMessage("entry has no 'payload' field")
                 dim = self._dim(table) if table else None
                 if dim is None:
                     raise codec.MalformedMessage(f"unknown table '{table}'")
-                rows = codec.decode(payload, dim)
-            except codec.MalformedMessage as e:
-                dead.append((eid, table, e.reason, payload or b""))
+                rows = codec.decode(payload, dim, _text(f.get(b"dtype", b"float32")))
+            except (codec.MalformedMessage, UnicodeDecodeError) as e:
+                reason = (
+                    e.reason
+                    if isinstance(e, codec.MalformedMessage)
+                    else (f"the table name is not UTF-8 text ({e})")
+                )
+                dead.append((eid, table, reason, payload or b""))
                 continue
             if len(rows.keys):
                 b = batches.setdefault(table, _Batch())
                 b.keys.append(rows.keys)
                 b.vectors.append(rows.vectors)
-                b.versions.append(np.full(len(rows.keys), version_of(eid), np.int64))
-            ts = f.get(b"ts_ns")
-            if ts:
-                stamps.append(int(ts))
+                b.versions.append(np.full(len(rows.keys), version, np.int64))
+            if stamp is not None:
+                stamps.append(stamp)
         for table, b in batches.items():
             self._apply(table, b)
         now = time.time_ns()
@@ -373,6 +381,27 @@ def _entries(got: object) -> list:
 
 def _text(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _version(entry_id: object) -> int:
+    """The entry's row version; an ID whose milliseconds do not fit one (from 2039, or set by
+    hand) is malformed: its int64 version would wrap negative and its rows be dropped."""
+    ms = _text(entry_id).partition("-")[0]
+    if not ms.isdigit() or int(ms) >= 1 << (63 - SEQ_BITS):
+        raise codec.MalformedMessage(
+            f"entry ID {_text(entry_id)!r}: milliseconds past {(1 << (63 - SEQ_BITS)) - 1}"
+        )
+    return version_of(entry_id)
+
+
+def _stamp(ts: object) -> int | None:
+    """The publisher's ``ts_ns`` (for the freshness metric), None when absent."""
+    if not ts:
+        return None
+    try:
+        return int(ts)
+    except ValueError:
+        raise codec.MalformedMessage(f"ts_ns {_text(ts)!r} is not an integer") from None
 
 
 SCOPES = ("all", "shared", "local", "cache")

@@ -94,18 +94,22 @@ class Publisher:
         payloads = codec.encode(keys, vectors, dtype, self.max_message_bytes)
         pipe = self.client.pipeline(transaction=False)
         ts = str(time.time_ns())
+        fields = {"table": table, "ts_ns": ts}
+        if dtype == "float16":  # the payload alone cannot tell fp16 rows from fp32 rows of half
+            fields["dtype"] = "float16"  # the width: the entry says it
         for p in payloads:
             pipe.xadd(
                 self.stream,
-                {"table": table, "payload": p, "ts_ns": ts},
+                {**fields, "payload": p},
                 maxlen=self.maxlen,
                 approximate=True,
             )
         ids = pipe.execute()
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
-    def publish_raw(self, table: str, payload: bytes) -> str:
-        """Append one payload as it is (tools and tests of malformed messages)."""
-        fields = {"table": table, "payload": payload, "ts_ns": str(time.time_ns())}
+    def publish_raw(self, table: str, payload: bytes, **extra: str) -> str:
+        """Append one payload as it is (tools and tests of malformed messages); ``extra``
+        fields go into the entry as well (``dtype="float16"``)."""
+        fields = {"table": table, "payload": payload, "ts_ns": str(time.time_ns()), **extra}
         i = self.client.xadd(self.stream, fields)
         return i.decode() if isinstance(i, bytes) else i

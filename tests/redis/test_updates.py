@@ -46,7 +46,9 @@ def test_codec_is_hps_kafka_layout():
     x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
     parts = encode(np.arange(300), x, "float16", max_bytes=1000)
     assert len(parts) > 1 and all(len(q) <= 1000 for q in parts)
-    got = np.concatenate([decode(q, 8).vectors for q in parts])
+    got = np.concatenate([decode(q, 8, "float16").vectors for q in parts])
+    with pytest.raises(MalformedMessage, match="need the entry field dtype=float16"):
+        decode(parts[0], 8)  # fp16 rows of width 8 or fp32 rows of width 4: the entry says
     np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
     assert decode(encode([], np.zeros((0, 8)))[0], 8).keys.size == 0  # a beacon
     for bad, why in [
@@ -170,24 +172,38 @@ def test_dead_letters_retries_and_no_rollback(redis_any):
     pub.publish("hps_et.other", [1], good[:1])
     pub.publish_raw("hps_et.m.t", b"HCTR" + (12).to_bytes(4, "little"))  # wrong value size
     client.xadd("upd", {"table": "hps_et.m.t"})  # no payload
+    # each of these used to fail every round and hold up all later entries, or drop its rows
+    row = encode([9], good[:1])[0]
+    client.xadd("upd", {"table": "hps_et.m.t", "payload": row, "ts_ns": "abc"})
+    client.xadd("upd", {"table": b"\xff\xfe", "payload": row})
+    half = encode([9], good[:1, :2])[0]  # fp32 rows of width 2: fp16's value size for width 4
+    client.xadd("upd", {"table": "hps_et.m.t", "payload": half})
+    pub.publish("hps_et.m.t", [4], good[:1] + 20, dtype="float16")  # marked: applied
     ok2 = pub.publish("hps_et.m.t", [2, 3], good + 10)
+    # an ID from 2039 on (or set by hand) has no int64 version: it used to wrap negative and
+    # its rows were dropped in silence (as every later entry's: XADD IDs only grow)
+    client.xadd("upd", {"table": "hps_et.m.t", "payload": row}, id="2199023255552-0")
     for _ in range(20):
         ing.step(20)
         if ing.lag() == 0:
             break
     assert ing.lag() == 0 and sink.fail == 0  # two failed rounds were retried from pending
-    got, found = vdb.fetch("hps_et.m.t", [1, 2, 3])
-    assert found.all()
-    np.testing.assert_array_equal(got, [good[0], good[0] + 10, good[1] + 10])
+    got, found = vdb.fetch("hps_et.m.t", [1, 2, 3, 4, 9])
+    assert found[:4].all() and not found[4]
+    np.testing.assert_array_equal(got[:4], [good[0], good[0] + 10, good[1] + 10, good[0] + 20])
     dead = client.xrange("upd:dead")
     reasons = [e[1][b"reason"].decode() for e in dead]
-    assert len(reasons) == 6
+    assert len(reasons) == 10
     for why in [
         "bad magic",
         "whole number",
         "NaN",
         "unknown table 'hps_et.other'",
         "value size 12",
+        "ts_ns 'abc' is not an integer",
+        "not UTF-8",
+        "dtype=float16",
+        "entry ID '2199023255552-0': milliseconds past",
     ]:
         assert any(why in r for r in reasons), (why, reasons)
     assert any("no 'payload'" in r for r in reasons)
