@@ -345,17 +345,25 @@ class ParameterServer:
                     )
                     self.pdb.flush(t.store_name)  # on disk: no memtable memory left behind
                     self.pdb.set_meta(key, fingerprint)
+                    self.pdb.set_meta(updated_meta(t.store_name), "")  # the file's rows again
         if self.vdb is not None:
             rows = int(f.rows * v.initial_cache_rate) if v.initialize_after_startup else 0
             self.vdb.create_table(
                 t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
             )
+            # Online updates since the file was loaded live in RocksDB: the VDB takes those
+            # rows, not the file's, or it would answer with rows the updates replaced.
+            newer = self.pdb if self.pdb is not None and self.pdb.get_meta(
+                updated_meta(t.store_name)) else None  # fmt: skip
             if rows:
-                self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name)
+                self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name,
+                                newer)  # fmt: skip
             if 0 < rows < f.rows:
-                self._later_rows_of_loaded_keys(f, rows, t.store_name)
+                self._later_rows_of_loaded_keys(f, rows, t.store_name, newer)
 
-    def _later_rows_of_loaded_keys(self, f: SparseTable, start: int, table: str) -> None:
+    def _later_rows_of_loaded_keys(
+        self, f: SparseTable, start: int, table: str, newer: object = None
+    ) -> None:
         """The VDB took the file's first ``start`` rows (``initial_cache_rate``). A key that
         appears again later in the file gets its last row there too, as in RocksDB and in a
         whole-file load (a later duplicate wins everywhere): without this the VDB answered
@@ -365,7 +373,10 @@ class ParameterServer:
         for first, keys in f.iter_keys(start):
             found = self.vdb.contains(table, keys)
             if found.any():
-                self.vdb.upsert(table, keys[found], f.read_rows(first + np.flatnonzero(found)))
+                k = keys[found]
+                self.vdb.upsert(
+                    table, k, _newest(newer, table, k, f.read_rows(first + np.flatnonzero(found)))
+                )
                 again += int(found.sum())
         if again:
             log.warning(
@@ -373,7 +384,11 @@ class ParameterServer:
                 "file; the VDB holds their last rows, as RocksDB", f.path, again, start,
             )  # fmt: skip
 
-    def _copy_rows(self, f: SparseTable, rows: int, what: str, tier: object, table: str) -> None:
+    def _copy_rows(
+        self, f: SparseTable, rows: int, what: str, tier: object, table: str, newer: object = None
+    ) -> None:
+        """The file's first ``rows`` rows into ``tier``; where ``newer`` (the PDB, which took
+        online updates) holds a key, its row instead of the file's."""
         done = bad = 0
         first_bad = None
         with _progress(self.progress, what, rows) as advance:
@@ -386,7 +401,7 @@ class ParameterServer:
                     bad += int(nonfinite.sum())
                     first_bad = keys[:take][nonfinite][0] if first_bad is None else first_bad
                 try:
-                    tier.upsert(table, keys[:take], vecs[:take])
+                    tier.upsert(table, keys[:take], _newest(newer, table, keys[:take], vecs[:take]))
                 except InvalidInputError as e:  # e.g. NaN rows an int8 table cannot scale
                     raise ModelFileError(f.path, f"rows {done}..{done + take - 1}: {e}") from None
                 done += take
@@ -477,6 +492,22 @@ class ParameterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def updated_meta(table: str) -> str:
+    """The PDB metadata key set (non-empty) once online updates wrote to ``table``."""
+    return f"updated:{table}"
+
+
+def _newest(pdb: object, table: str, keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """``vecs`` with the rows ``pdb`` holds for ``keys`` in their place (``pdb`` None: as is)."""
+    if pdb is None or not len(keys):
+        return vecs
+    got, found = pdb.fetch(table, keys)
+    if found.any():
+        vecs = vecs.copy()
+        vecs[found] = got[found]
+    return vecs
 
 
 def _fingerprint(f: SparseTable) -> str:

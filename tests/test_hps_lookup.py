@@ -473,3 +473,32 @@ def test_a_key_twice_in_a_file_is_served_its_last_row_from_every_level(tmp_path,
         assert found_vdb[:3].all()  # the duplicated keys are in the VDB's share
         np.testing.assert_array_equal(ps.lookup(want_keys, "m", 0), want)
     assert ("appear again later in the file" in caplog.text) == (rate < 1), caplog.text
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_online_updates_survive_a_restart(tmp_path, rate):
+    """Updates reach the VDB and RocksDB; a restart loads the VDB again, and it used to take
+    the model file's rows, answering with rows the updates had replaced (RocksDB, which is not
+    reloaded while the file is unchanged, still held the new ones). A new model file brings
+    the file's rows back everywhere."""
+    from hps_core.updates.ingestor import TierSink
+
+    tables = make_files(tmp_path, seed=13)
+    keys, vecs = tables[0]
+    cfg = config(tmp_path, initial_cache_rate=rate)
+    upd_keys = keys[[0, 5, len(keys) - 1]]  # in the VDB's share and (rate 0.5) past it
+    upd = np.full((3, vecs.shape[1]), 42.0, np.float32) + np.arange(3)[:, None]
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[0].store_name
+        for name, tier in (("pdb", ps.pdb), ("vdb", ps.vdb)):  # as the ingestor's sinks do
+            TierSink(name, tier, {store: (vecs.shape[1], "float32")}).apply(store, upd_keys, upd)
+    with ParameterServer(cfg) as ps:  # a restart: same files
+        got, found = ps.vdb.fetch(store, upd_keys)
+        np.testing.assert_array_equal(got[found], upd[found])
+        assert found[:2].all()
+        np.testing.assert_array_equal(ps.lookup(upd_keys, "m", 0), upd)
+        np.testing.assert_array_equal(ps.lookup(keys[1:5], "m", 0), vecs[1:5])
+    time.sleep(0.01)
+    write_table(tmp_path / "t0_sparse_0.model", keys, vecs)  # a new model file (same rows)
+    with ParameterServer(cfg) as ps:
+        np.testing.assert_array_equal(ps.lookup(upd_keys, "m", 0), vecs[[0, 5, len(keys) - 1]])

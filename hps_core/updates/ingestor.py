@@ -63,6 +63,7 @@ class TierSink(Sink):
         self.tier = tier
         self.tables = tables or {}
         self._known: set[str] = set()
+        self._marked: set[str] = set()
 
     def holds(self, table: str) -> bool:
         if table not in self._known and table in self.tier.tables():
@@ -75,6 +76,12 @@ class TierSink(Sink):
         return self.tier.dim(table) if self.holds(table) else None
 
     def apply(self, table, keys, vectors):
+        if self.name == "pdb" and table not in self._marked:  # the next load's VDB reads these
+            from ..server import updated_meta  # rows from RocksDB, not from the model file
+
+            if table in self.tables or self.holds(table):
+                self.tier.set_meta(updated_meta(table), "1")
+                self._marked.add(table)
         if table in self.tables:
             try:
                 self.tier.upsert(table, keys, vectors)
