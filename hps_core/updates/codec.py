@@ -44,12 +44,23 @@ def encode(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> list[bytes]:
     """HCTR payloads for rows ``keys -> vectors`` (float32 [n, dim]), split to <= max_bytes each."""
-    k = np.ascontiguousarray(keys, dtype="<i8").ravel()
+    from ..errors import InvalidInputError
+    from ..session import as_keys  # integer keys only: float keys were truncated (3.7 -> 3)
+
+    k = np.ascontiguousarray(as_keys(keys), dtype="<i8")
     v = np.asarray(vectors)
     if v.ndim != 2 or len(v) != len(k):
-        raise ValueError(f"vectors of shape {v.shape}: expected [{len(k)}, dim]")
+        raise InvalidInputError("vectors", f"shape {v.shape}", f"[{len(k)}, dim]")
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype {dtype!r}: expected 'float32' or 'float16'")
+        raise InvalidInputError("dtype", dtype, "'float32' or 'float16'")
+    if dtype == "float16" and v.size and np.nanmax(np.abs(v)) > np.finfo(np.float16).max:
+        raise InvalidInputError("vectors", f"max |x| {np.nanmax(np.abs(v)):g}",
+                                "values within float16's range (65504) for dtype float16")  # fmt: skip
+    row = 8 + v.shape[1] * (4 if dtype == "float32" else 2)
+    if max_bytes < HEADER + row:
+        raise InvalidInputError(
+            "max_bytes", max_bytes, f"at least one row's message ({HEADER + row})"
+        )
     vb = np.ascontiguousarray(v, dtype="<f4" if dtype == "float32" else "<f2")
     vb = vb.view(np.uint8).reshape(len(k), v.shape[1] * vb.itemsize)
     size = vb.shape[1]

@@ -51,6 +51,18 @@ def test_codec_is_hps_kafka_layout():
         decode(parts[0], 8)  # fp16 rows of width 8 or fp32 rows of width 4: the entry says
     np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
     assert decode(encode([], np.zeros((0, 8)))[0], 8).keys.size == 0  # a beacon
+    # encode's input: float keys were truncated (3.7 -> 3), fp16 overflow became inf (then
+    # dead-lettered), and a max_bytes under one row was exceeded
+    from hps_core.errors import InvalidInputError
+
+    for args, kw, field in [
+        ((np.array([3.7]), np.ones((1, 2))), {}, "'keys'"),
+        (([1], np.full((1, 2), 1e6)), {"dtype": "float16"}, "65504"),
+        (([1, 2], np.ones((1, 2))), {}, "'vectors'"),
+        (([1], np.ones((1, 300))), {"max_bytes": 100}, "'max_bytes' = 100"),
+    ]:
+        with pytest.raises(InvalidInputError, match=field):
+            encode(*args, **kw)
     for bad, why in [
         (b"HCT", "shorter than"),
         (b"XXXX" + p[4:], "bad magic"),
