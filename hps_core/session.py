@@ -129,15 +129,14 @@ def as_keys(keys: object, name: str = "keys") -> np.ndarray:
 def as_columns(cat: object, tables: int, name: str = "cat") -> np.ndarray:
     """Validate a [batch, tables] integer array of keys (one per table per sample) as int64,
     as ``as_keys`` does for a flat list (uint64 reinterprets)."""
-    arr = np.asarray(cat) if isinstance(cat, np.ndarray) else None
-    if arr is None or arr.dtype.kind not in "iu":
-        what = f"dtype {arr.dtype}" if arr is not None else type(cat).__name__
+    if not isinstance(cat, np.ndarray) or cat.dtype.kind not in "iu":
+        what = f"dtype {cat.dtype}" if isinstance(cat, np.ndarray) else type(cat).__name__
         raise InvalidInputError(name, what, "an integer array of keys (int64)")
-    if arr.ndim != 2 or arr.shape[1] != tables:
-        raise InvalidInputError(name, f"shape {list(arr.shape)}", f"[batch, {tables}]")
-    if arr.dtype == np.uint64:
-        arr = np.ascontiguousarray(arr).view(np.int64)
-    return arr.astype(np.int64, copy=False)
+    if cat.ndim != 2 or cat.shape[1] != tables:
+        raise InvalidInputError(name, f"shape {list(cat.shape)}", f"[batch, {tables}]")
+    if cat.dtype == np.uint64:
+        cat = np.ascontiguousarray(cat).view(np.int64)
+    return cat.astype(np.int64, copy=False)
 
 
 class LookupSession:

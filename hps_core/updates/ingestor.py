@@ -280,7 +280,7 @@ class Ingestor:
                 reason = (
                     e.reason
                     if isinstance(e, codec.MalformedMessage)
-                    else (f"the table name is not UTF-8 text ({e})")
+                    else f"a field of the entry is not UTF-8 text ({e})"
                 )
                 dead.append((eid, table, reason, payload or b""))
                 continue
@@ -393,12 +393,15 @@ def _text(v: object) -> str:
 def _version(entry_id: object) -> int:
     """The entry's row version; an ID whose milliseconds do not fit one (from 2039, or set by
     hand) is malformed: its int64 version would wrap negative and its rows be dropped."""
-    ms = _text(entry_id).partition("-")[0]
-    if not ms.isdigit() or int(ms) >= 1 << (63 - SEQ_BITS):
+    try:
+        version = version_of(entry_id)  # a Python int: past int64 it grows instead of wrapping
+    except ValueError:
+        version = 1 << 63  # not <ms>-<seq> (Redis never makes one)
+    if version >= 1 << 63:
         raise codec.MalformedMessage(
             f"entry ID {_text(entry_id)!r}: milliseconds past {(1 << (63 - SEQ_BITS)) - 1}"
         )
-    return version_of(entry_id)
+    return version
 
 
 def _stamp(ts: object) -> int | None:
