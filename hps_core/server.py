@@ -355,11 +355,38 @@ class ParameterServer:
             # rows, not the file's, or it would answer with rows the updates replaced.
             newer = self.pdb if self.pdb is not None and self.pdb.get_meta(
                 updated_meta(t.store_name)) else None  # fmt: skip
+            if rows and self._vdb_holds(t.store_name, fingerprint, rows):
+                return
             if rows:
+                self.vdb.set_load_mark(t.store_name, None)  # a load cut short leaves no mark
                 self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name,
                                 newer)  # fmt: skip
             if 0 < rows < f.rows:
                 self._later_rows_of_loaded_keys(f, rows, t.store_name, newer)
+            if rows:
+                size = self.vdb.size(t.store_name)
+                self.vdb.set_load_mark(t.store_name, f"{fingerprint}|{rows}|{size}")
+
+    def _vdb_holds(self, table: str, fingerprint: str, rows: int) -> bool:
+        """Whether a VDB that outlives this process (Redis) holds ``table`` loaded in full from
+        this very file before, with every row it had then: it keeps it as it is, with the rows
+        online updates wrote since, which a second load of the file would roll back when no
+        RocksDB holds them. A table with fewer rows than then (a Redis node restarted empty,
+        evictions) is loaded again."""
+        mark = self.vdb.load_mark(table)
+        if mark is None:
+            return False
+        head, _, size = mark.rpartition("|")
+        if head != f"{fingerprint}|{rows}" or not size.isdigit():
+            return False
+        have = self.vdb.size(table)
+        if have < int(size):
+            log.warning("VDB table %s holds %d rows, %s when it was loaded: loading it again",
+                        table, have, size)  # fmt: skip
+            return False
+        log.info("VDB table %s holds the rows of %s already (with any online updates since): "
+                 "not loaded again", table, fingerprint.split("|")[0])  # fmt: skip
+        return True
 
     def _later_rows_of_loaded_keys(
         self, f: SparseTable, start: int, table: str, newer: object = None

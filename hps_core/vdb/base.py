@@ -67,5 +67,13 @@ class VolatileDB(ABC):
     def memory_bytes(self, table: str | None = None) -> int:
         """Bytes of host memory held (for one table, or all)."""
 
+    def load_mark(self, table: str) -> str | None:
+        """What a store that outlives this process (Redis) was last loaded from in full, as
+        ``set_load_mark`` recorded it; None here: an in-process table starts empty."""
+        return None
+
+    def set_load_mark(self, table: str, mark: str | None) -> None:
+        """Record (or with None clear) what ``table`` was loaded from; a no-op here."""
+
     def close(self) -> None:
         """Release resources."""

@@ -351,6 +351,24 @@ class RedisVDB(RedisReads, VolatileDB):
         replies = self._checked(self.nodes.run(cmds), "evict", table)
         return int(sum(r for r, row in zip(replies, is_row, strict=True) if row))
 
+    def load_mark(self, table):
+        """The table survives a restart of this process (and serves other processes), and with
+        it the rows online updates wrote: a load that finds the mark of the same file leaves
+        it as it is. The mark is a field of the table's metadata hash: dropping the table
+        drops it."""
+        got = self.nodes.run([Cmd(_meta_key(table), R.command("HGET", _meta_key(table), "loaded"))])
+        got = self._checked(got, "load_mark", table)[0]
+        return None if got is None else bytes(got).decode()
+
+    def set_load_mark(self, table, mark):
+        mk = _meta_key(table)
+        cmd = (
+            R.command("HDEL", mk, "loaded")
+            if mark is None
+            else R.command("HSET", mk, "loaded", mark)
+        )
+        self._checked(self.nodes.run([Cmd(mk, cmd)]), "set_load_mark", table)
+
     def close(self):
         self.nodes.close()
 

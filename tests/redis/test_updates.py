@@ -19,6 +19,7 @@ from small_tmpfs import in_small_tmpfs
 
 from hps_core import ParameterServer, StorageError
 from hps_core.metrics import REGISTRY, Registry
+from hps_core.model_io import write_table
 from hps_core.pdb.rocksdb import RocksDBPDB
 from hps_core.updates import MalformedMessage, Publisher, connect, decode, encode
 from hps_core.updates.ingestor import Ingestor, TierSink, _Batch
@@ -469,3 +470,35 @@ def test_updates_wait_while_the_redis_vdb_is_out_of_memory_and_land_after(
     assert found.all()
     np.testing.assert_array_equal(got, vecs)
     vdb.close()
+
+
+def test_a_restart_keeps_the_redis_vdb_and_its_updates_without_rocksdb(redis_standalone, tmp_path):
+    """Redis outlives a restart of the server. Every start loaded the model file into it again,
+    and without RocksDB (which hands a reload its updated rows) that rolled back every online
+    update. Now the VDB is loaded again only from another file, or when it lost rows."""
+    from hps_core.vdb._redis_reads import _part_key
+
+    redis_standalone.flush()
+    keys, vecs = make_model(tmp_path, rows=2000)
+    cfg = server_config(tmp_path, redis_standalone.address)
+    cfg["persistent_db"] = {"type": "disabled"}
+    upd_keys = np.concatenate([keys[[0, 7, 1999]], [123456789]])  # in the file, and new
+    upd = np.full((4, 8), 42.0, np.float32) + np.arange(4)[:, None]
+    want = reference(keys, vecs, keys)
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[0].store_name
+        TierSink("vdb", ps.vdb, {store: (8, "float32")}).apply(store, upd_keys, upd)
+    with ParameterServer(cfg) as ps:  # a restart: same file
+        np.testing.assert_array_equal(ps.lookup(upd_keys, "m", 0), upd)
+        np.testing.assert_array_equal(ps.lookup(keys[1:7], "m", 0), want[1:7])
+    client = connect(redis_standalone.address)
+    assert client.delete(_part_key(store, 0, "v")) == 1  # a partition's rows lost
+    with ParameterServer(cfg) as ps:  # loaded again: every row of the file is back
+        assert ps.vdb.size(store) == len(keys) + 1
+        np.testing.assert_array_equal(ps.lookup(keys, "m", 0), want)
+    time.sleep(0.01)
+    with ParameterServer(cfg) as ps:
+        TierSink("vdb", ps.vdb, {store: (8, "float32")}).apply(store, upd_keys, upd)
+    write_table(tmp_path / "t0_sparse.model", keys, vecs)  # a new model file (same rows)
+    with ParameterServer(cfg) as ps:
+        np.testing.assert_array_equal(ps.lookup(upd_keys[:3], "m", 0), want[[0, 7, 1999]])
