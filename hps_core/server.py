@@ -166,6 +166,10 @@ def hot_keys(m: ModelConfig, t: int, f: SparseTable) -> np.ndarray | None:
             raise ModelFileError(path, f"cannot read hot keys ({e})") from None
         if keys.dtype.kind not in "iu":
             raise ModelFileError(path, f"hot keys of dtype {keys.dtype}: expected integer keys")
+        if keys.ndim > 1 and sum(n > 1 for n in keys.shape) > 1:  # e.g. (key, count) pairs
+            raise ModelFileError(
+                path, f"hot keys of shape {keys.shape}: expected one key per element, [n]"
+            )
         return np.asarray(keys, dtype=np.int64).ravel()
     return f.hot_keys
 

@@ -409,6 +409,12 @@ def test_l1_is_prefilled_with_hot_keys_from_meta_or_a_file(tmp_path):
     cfg["models"][0].update(cache_prefill=True, hot_key_files=["", str(tmp_path / "hot1.npy")])
     with pytest.raises(ModelFileError, match="hot1.npy.*float64"):
         ParameterServer(cfg)
+    np.save(tmp_path / "hot1.npy", np.stack([hot1, np.arange(30)], axis=1))  # (key, count)
+    with pytest.raises(ModelFileError, match=r"hot1.npy.*shape \(30, 2\)"):
+        ParameterServer(cfg)  # not read as keys 0..29 among the hot ones
+    np.save(tmp_path / "hot1.npy", hot1[:, None])  # one column: the keys as they are
+    with ParameterServer(cfg) as ps:
+        assert ps.session("m").lookup_with_stats(hot1, 1)[1].hits["l1"] == 30
     (tmp_path / "hot1.txt").write_text(f"# hottest first\n{hot1[0]}\n\n{hot1[1]}\n1.7\n")
     cfg["models"][0]["hot_key_files"] = ["", str(tmp_path / "hot1.txt")]
     with pytest.raises(ModelFileError, match=r"hot1.txt, line 5: '1.7': expected a base-10"):
