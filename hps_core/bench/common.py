@@ -46,6 +46,9 @@ def machine() -> dict:
         "platform": platform.platform(),
         "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # the 1/5/15-minute run queue when the run began: other work on a small shared
+        # machine takes a core from a parallel contender (and not from a serial baseline)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
