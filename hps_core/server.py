@@ -197,7 +197,7 @@ class ParameterServer:
         ):
             from .pdb.promote import Promoter
 
-            self.promoter = Promoter(self.vdb)
+            self.promoter = Promoter(self.vdb, self.pdb)
         self.sessions: dict[str, LookupSession] = {}
         self._files: dict[str, list[SparseTable]] = {}
         self._nonfinite_reported: set[str] = set()  # files whose NaN/inf rows were reported

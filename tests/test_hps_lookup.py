@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 
 import numpy as np
@@ -230,6 +231,48 @@ def test_cache_missed_embeddings_promotes_pdb_rows_into_the_vdb(tmp_path):
         rows, found = ps.vdb.fetch(store, keys1[:50])
         assert found.all()
         np.testing.assert_array_equal(rows, vecs1[:50])
+
+
+class Gated:
+    """The VDB as the promoter sees it, holding promotions until ``gate`` is set."""
+
+    def __init__(self, vdb):
+        self.vdb, self.gate = vdb, threading.Event()
+
+    def insert_missing(self, *args):
+        self.gate.wait(10)
+        return self.vdb.insert_missing(*args)
+
+
+def test_a_promotion_queued_before_an_update_never_brings_the_old_row_back(tmp_path):
+    """A lookup read rows from RocksDB and queued them for the VDB; online updates of two of
+    the keys landed before the promotion (one then evicted from the VDB). The promotion used to
+    overwrite the VDB's new row, or put the old row back, served from the VDB for good."""
+    from hps_core.updates.ingestor import CacheSink, TierSink
+
+    tables = make_files(tmp_path, seed=6)
+    keys1, vecs1 = tables[1]
+    cfg = config(tmp_path, initial_cache_rate=0.0, cache_missed_embeddings=True)
+    cfg["models"][0]["gpucache"] = False
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[1].store_name
+        ps.promoter.vdb = gated = Gated(ps.vdb)
+        q = keys1[:6]
+        np.testing.assert_array_equal(ps.lookup(q, "m", 1), vecs1[:6])  # read from RocksDB
+        new = np.full((2, vecs1.shape[1]), 42.0, np.float32)
+        for sink in (TierSink("pdb", ps.pdb), TierSink("vdb", ps.vdb), CacheSink(ps)):
+            sink.apply(store, q[:2], new)  # as the ingestor applies an update
+        assert ps.vdb.evict(store, q[1:2]) == 1  # an overflow evicts one of them again
+        gated.gate.set()
+        ps.flush()
+        got, found = ps.vdb.fetch(store, q)
+        np.testing.assert_array_equal(found, [True, False, True, True, True, True])
+        np.testing.assert_array_equal(got[0], new[0])
+        np.testing.assert_array_equal(got[2:], vecs1[2:6])  # the rest promoted as before
+        want = vecs1[:6].copy()
+        want[:2] = new
+        np.testing.assert_array_equal(ps.lookup(q, "m", 1), want)
+        assert ps.promoter.promoted == 4
 
 
 def test_pdb_survives_restart_and_is_not_reloaded(tmp_path):

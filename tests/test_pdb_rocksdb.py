@@ -18,6 +18,7 @@ from hps_core.errors import InvalidInputError, StorageError
 from hps_core.pdb import rocksdb
 from hps_core.pdb.promote import Promoter
 from hps_core.pdb.rocksdb import RocksDBPDB
+from hps_core.vdb.hashmap import HashMapVDB
 
 I64 = np.iinfo(np.int64)
 T = "hps_et.model.table0"
@@ -242,33 +243,26 @@ def test_a_row_of_the_wrong_length_is_an_error_not_a_vector(tmp_path):
             db.dump(T)
 
 
-class DictVDB:
-    """Anything with upsert(table, keys, vectors) can receive promoted rows."""
-
-    def __init__(self):
-        self.rows: dict[tuple[str, int], np.ndarray] = {}
-
-    def upsert(self, table, keys, vectors):
-        for k, v in zip(keys.tolist(), vectors, strict=True):
-            self.rows[(table, k)] = v
-
-
-def test_promoter_delivers_rows_in_order():
-    vdb = DictVDB()
+def test_promoter_inserts_rows_the_vdb_lacks_and_keeps_those_it_holds():
+    vdb = HashMapVDB(num_partitions=2)
+    for t in ("a", "b"):
+        vdb.create_table(t, 4)
     keys = np.array([I64.min, -1, 0, I64.max], np.int64)
     vecs = np.arange(16, dtype=np.float32).reshape(4, 4)
+    want = vecs.copy()
     with Promoter(vdb, max_pending=8) as p:
         assert p.submit("a", keys, vecs)
-        assert p.submit("a", keys[:1], vecs[3:4])  # later submission wins
+        assert p.submit("a", keys[:1], vecs[3:4])  # held by then: an older read, not applied
         assert p.submit("b", keys[1:2], vecs[1:2])
         vecs[:] = -1  # submit copied the rows
         assert p.flush(timeout=10) and p.pending == 0
-    assert p.promoted == 6 and p.dropped == 0
-    want = np.arange(16, dtype=np.float32).reshape(4, 4)
-    np.testing.assert_array_equal(vdb.rows[("a", I64.min)], want[3])
-    np.testing.assert_array_equal(vdb.rows[("a", I64.max)], want[3])
-    np.testing.assert_array_equal(vdb.rows[("b", -1)], want[1])
-    assert len(vdb.rows) == 5
+    assert p.promoted == 5 and p.dropped == 0
+    got, found = vdb.fetch("a", keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, want)
+    got, found = vdb.fetch("b", keys)
+    np.testing.assert_array_equal(found, [False, True, False, False])
+    np.testing.assert_array_equal(got[1], want[1])
     assert not p.submit("a", keys, vecs) and p.dropped == 1  # closed
 
 
@@ -277,11 +271,12 @@ def test_promoter_drops_instead_of_blocking_and_survives_failures():
     seen = []
 
     class Slow:
-        def upsert(self, table, keys, vectors):
+        def insert_missing(self, table, keys, vectors, source=None):
             gate.wait(10)
             if table == "broken":
                 raise RuntimeError("VDB table dropped")
             seen.append(len(keys))
+            return len(keys)
 
     p = Promoter(Slow(), max_pending=2)
     keys, vecs = np.arange(3, dtype=np.int64), np.zeros((3, 2), np.float32)
@@ -376,6 +371,7 @@ faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the test, 
 from hps_core.errors import StorageError
 from hps_core.pdb import rocksdb
 from hps_core.pdb.rocksdb import RocksDBPDB
+from hps_core.vdb.hashmap import HashMapVDB
 
 rocksdb.REOPEN_INTERVAL_S = 0.0
 d = os.environ["HPS_SHM_DIR"]

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
@@ -17,18 +18,26 @@ _STOP = object()
 
 
 class Promoter:
-    """One daemon thread upserting submitted rows into a VDB; never blocks the lookup that submits.
+    """One daemon thread inserting submitted rows into a VDB; never blocks the lookup that submits.
 
-    ``vdb``: anything with ``upsert(table, keys, vectors)``. ``max_pending``: submissions the
+    Rows go in with the VDB's ``insert_missing``, which checks them against ``pdb``: a key the
+    VDB holds by then keeps its row, and a row the PDB no longer holds as read is dropped. A
+    lookup read the row from the PDB; an online update of that key written since (into the
+    PDB, then the VDB) is newer, and a promotion that replaced it (or put the old row back
+    after the VDB evicted the new one) would serve the old row from the VDB for good.
+
+    ``vdb``: anything with ``insert_missing(table, keys, vectors, source)``; ``pdb``: anything
+    with ``fetch(table, keys) -> (vectors, found)``, or None (no check against it). ``max_pending``: submissions the
     queue holds; beyond it a submission is dropped and counted (the rows stay in the PDB, so a
-    drop only costs a later PDB read). Counters: ``promoted`` (rows upserted), ``dropped``
+    drop only costs a later PDB read). Counters: ``promoted`` (rows inserted), ``dropped``
     (submissions dropped), ``dropped_rows``, ``failed`` (submissions whose upsert raised).
     """
 
-    def __init__(self, vdb: object, max_pending: int = 64):
+    def __init__(self, vdb: object, pdb: object = None, max_pending: int = 64):
         if max_pending < 1:
             raise InvalidInputError("max_pending", max_pending, "a positive integer")
         self.vdb = vdb
+        self.pdb = pdb
         self.promoted = 0
         self.dropped = 0
         self.dropped_rows = 0
@@ -63,8 +72,8 @@ class Promoter:
                 if item is _STOP:
                     return
                 table, keys, vectors = item
-                self.vdb.upsert(table, keys, vectors)
-                self.promoted += len(keys)
+                source = None if self.pdb is None else partial(self.pdb.fetch, table)
+                self.promoted += int(self.vdb.insert_missing(table, keys, vectors, source))
                 if failing:
                     log.warning("promoting rows into the VDB works again")
                     failing = False

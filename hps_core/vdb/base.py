@@ -52,6 +52,17 @@ class VolatileDB(ABC):
         """Insert or overwrite rows; may trigger overflow eviction. Later duplicates win."""
 
     @abstractmethod
+    def insert_missing(
+        self, table: str, keys: np.ndarray, vectors: np.ndarray, source: object = None
+    ) -> int:
+        """Insert the rows of keys the table does not hold, leaving held rows as they are, in
+        one step no other writer of the table interleaves with; returns the rows inserted.
+        ``source(keys) -> (vectors, found)``, if given, is where the rows were read (the PDB):
+        a row it no longer holds as given is not inserted. This is how rows read from the PDB
+        are promoted: an online update writes the PDB, then the VDB, and its row is newer than
+        the one the lookup read."""
+
+    @abstractmethod
     def evict(self, table: str, keys: np.ndarray) -> int:
         """Remove the given keys; returns how many were present."""
 

@@ -342,21 +342,38 @@ class HashMapVDB(VolatileDB):
     def upsert(self, table, keys, vectors):
         self._write(table, keys, vectors, sized=False)
 
+    def insert_missing(self, table, keys, vectors, source=None):
+        """Under the writer lock, ``source`` read too: an update that wrote the source after
+        that read writes this table after the insert (it waits for the lock)."""
+        return self._write(table, keys, vectors, sized=False, missing_only=True, source=source)
+
     def load(self, table, keys, vectors):
         """Bulk upsert; a table that must grow is sized for exactly the rows it will hold."""
         self._write(table, keys, vectors, sized=True)
 
-    def _write(self, table: str, keys, vectors, sized: bool) -> None:
+    def _write(
+        self, table: str, keys, vectors, sized: bool, missing_only: bool = False, source=None
+    ) -> int:
+        """Upsert (or with ``missing_only`` insert only the keys not held and, with ``source``,
+        still held there as given); rows written."""
         self._writable("upsert")
         t = self._table(table)
         k = _keys(keys)
         v = _vectors(vectors, len(k), t.dim, table)
         if len(k) == 0:
-            return
-        v = encode(v, t.dtype)
+            return 0
         P, margin = t.P, self.overflow_margin
         with t.lock:
             a = t.arr
+            if missing_only:  # the writer: no seqlock needed to read its own table
+                held = np.zeros(len(k), np.bool_)
+                K.contains(k, _positions(len(k)), a.index, a.keys, a.icap, a.pcap, a.rbits, P,
+                           held)  # fmt: skip
+                keep = ~held & still_held(source, k, v)
+                if not keep.any():
+                    return 0
+                k, v = k[keep], v[keep]
+            v = encode(v, t.dtype)
             order, starts = K.group_by_partition(k, P)
             keep = np.empty(len(k), np.bool_)
             rows = np.empty(len(k), np.int64)
@@ -384,6 +401,7 @@ class HashMapVDB(VolatileDB):
             if evicted.any():
                 t.evicted += int(evicted.sum())
                 log.debug("VDB table %s: evicted %d rows (%s)", table, evicted.sum(), t.policy)
+        return len(k)
 
     def _grow(self, table: str, t: Table, pcap: int) -> None:
         """Re-allocate every partition with ``pcap`` pool rows and rebuild the index.
@@ -444,6 +462,17 @@ def _writing(t: Table, starts: np.ndarray):
 
 _IOTA_MAX = 1 << 16
 _iota = np.arange(_IOTA_MAX, dtype=np.int64)  # never written: kernels only read positions
+
+
+def still_held(source, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """bool [n]: whether ``source(keys)`` holds each row bit for bit as ``vectors`` has it
+    (all True without a source)."""
+    if source is None:
+        return np.ones(len(keys), bool)
+    now, found = source(keys)
+    bits = [np.ascontiguousarray(x, np.float32).view(np.uint32) for x in (now, vectors)]
+    same = bits[0] == bits[1]
+    return found & same.all(axis=1)
 
 
 def _positions(n: int) -> np.ndarray:

@@ -39,7 +39,7 @@ from . import _resp as R
 from ._redis_nodes import NODE_ERRORS, Cmd, RedisNodes, host_port
 from ._redis_reads import RedisReads, _Meta, _part_key, decode_rows, encode_rows
 from .base import VolatileDB
-from .hashmap import _keys, _vectors
+from .hashmap import _keys, _vectors, still_held
 from .shm import DTYPES
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,21 @@ if ARGV[3] ~= 'evict_random' then
 end
 if n > target then drop(redis.call('HRANDFIELD', KEYS[1], n - target)) end
 return removed
+"""
+# HSETNX per row, and the row's eviction score where one was set (ARGV[1]: the score, '' for
+# evict_random; ARGV[2]: 'NX' for evict_least_used, as upsert), in one step on the node.
+_INSERT_MISSING = """
+local n = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    n = n + 1
+    if ARGV[1] ~= '' then
+      if ARGV[2] == 'NX' then redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[i])
+      else redis.call('ZADD', KEYS[2], ARGV[1], ARGV[i]) end
+    end
+  end
+end
+return n
 """
 _COUNT_USE = "for i = 1, #ARGV do redis.call('ZINCRBY', KEYS[1], 1, ARGV[i]) end return 0"
 
@@ -294,34 +309,55 @@ class RedisVDB(RedisReads, VolatileDB):
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, table, keys, vectors):
+        self._write(table, keys, vectors, missing_only=False)
+
+    def insert_missing(self, table, keys, vectors, source=None):
+        """A script per partition sets each row only where its key is not held: Redis runs a
+        script whole, so no other client's write lands between the check and the insert.
+        ``source`` is read just before: an update that writes it and this table, and whose
+        row is then evicted, all between that read and the script, is the one race left."""
+        if source is not None:
+            k = _keys(keys)
+            v = _vectors(vectors, len(k), self._table(table).dim, table)
+            keep = still_held(source, k, v)
+            keys, vectors = k[keep], v[keep]
+        return self._write(table, keys, vectors, missing_only=True)
+
+    def _write(self, table, keys, vectors, missing_only: bool) -> int:
         m = self._table(table)
         k = _keys(keys)
         v = _vectors(vectors, len(k), m.dim, table)
         if len(k) == 0:
-            return
+            return 0
         if len(np.unique(k)) != len(k):  # later duplicates win: keep each key's last row
             last = len(k) - 1 - np.unique(k[::-1], return_index=True)[1]
             k, v = k[last], v[last]
         vb = encode_rows(v, m.dtype)
         kb = R.key_bytes(k)
         cmds, touched = [], set()
-        score = {
-            "evict_oldest": R.bulk(int(time.time() * 1000)),
-            "evict_least_used": R.bulk(0),
-        }.get(self.policy)
+        now = {"evict_oldest": int(time.time() * 1000), "evict_least_used": 0}.get(self.policy, "")
+        score = None if now == "" else R.bulk(now)
+        flag = "NX" if self.policy == "evict_least_used" else ""
         for p, sel in self._groups(m, k):
             hk = _part_key(table, p, "v")
+            if missing_only:
+                tk = _part_key(table, p, "t")
+                wire = R.head(7 + 2 * len(sel), "EVAL", _INSERT_MISSING, 2, hk, tk, now, flag)
+                cmds.append(Cmd(hk, wire + R.pairs(kb[sel], vb[sel])))
+                touched.add(p)
+                continue
             wire = R.head(2 + 2 * len(sel), "HSET", hk) + R.pairs(kb[sel], vb[sel])
             cmds.append(Cmd(hk, wire))
             if score is not None:
                 tk = _part_key(table, p, "t")
-                flag = ("NX",) if self.policy == "evict_least_used" else ()
-                wire = R.head(2 + len(flag) + 2 * len(sel), "ZADD", tk, *flag)
+                nx = (flag,) if flag else ()
+                wire = R.head(2 + len(nx) + 2 * len(sel), "ZADD", tk, *nx)
                 cmds.append(Cmd(tk, wire + R.fields(kb[sel], score)))
             touched.add(p)
-        self._checked(self.nodes.run(cmds), "upsert", table)
+        replies = self._checked(self.nodes.run(cmds), "upsert", table)
         if self.overflow_margin < 2**62:
             self._resolve_overflow(table, sorted(touched))
+        return int(sum(replies)) if missing_only else len(k)
 
     def _resolve_overflow(self, table: str, parts: list[int]) -> None:
         keep = int(self.target * self.overflow_margin)

@@ -43,10 +43,25 @@ def test_random_operations_match_a_dict(redis_any, dim, dtype, parts):
     vdb.create_table("hps_et.m.t", dim, dtype=dtype)
     ref: dict[int, np.ndarray] = {}
     universe = np.concatenate([EXTREMES, rng.integers(I64.min, I64.max, 2000)])
-    for _ in range(25):
-        op = rng.integers(0, 3)
+    for _ in range(30):
+        op = rng.integers(0, 4)
         keys = rng.choice(universe, rng.integers(0, 400))  # duplicates: the later row wins
-        if op == 0:
+        if op == 3:  # insert where absent, checked against a source (a PDB) for some rows
+            vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+            moved = rng.random(len(keys)) < 0.2  # rows the source holds no longer as read
+
+            def source(k, keys=keys, vecs=vecs, moved=moved):
+                assert np.array_equal(k, keys)
+                return np.where(moved[:, None], vecs + 1, vecs), np.ones(len(k), bool)
+
+            want = {}
+            for k, v, m in zip(keys.tolist(), stored(vecs, dtype), moved, strict=True):
+                if k not in ref and not m:  # of the rows kept, a key's last wins
+                    want[k] = v
+            n = vdb.insert_missing("hps_et.m.t", keys, vecs, source)
+            assert n == len(want)
+            ref.update(want)
+        elif op == 0:
             vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
             vdb.upsert("hps_et.m.t", keys, vecs)
             ref.update(zip(keys.tolist(), stored(vecs, dtype), strict=True))
