@@ -324,17 +324,26 @@ def _kth_smallest(a, k):
 
 
 @njit(nogil=True, cache=True)
-def _evict(p, n, protect, policy, salt, index, tkeys, values, meta, count, icap, pcap, rbits):
+def _evict(p, n, protect, policy, salt, tick, index, tkeys, values, meta, count, icap, pcap,
+           rbits):  # fmt: skip
     """Evict the n unprotected rows of partition p with the lowest policy scores (ties: lowest
-    rows first); returns how many went."""
+    rows first); returns how many went.
+
+    A row's tick is the batch clock's low 32 bits, which wrap (after 2^32 batches, or fetches
+    with refresh_time_after_fetch: days at 10K a second), so evict_oldest scores a row by its
+    age modulo 2^32 counted back from ``tick``, not by the stored tick itself (a row untouched
+    for 2^32 batches would look new again)."""
     c = count[p]
     score = np.empty(c, np.uint64)
+    now = np.uint32(tick)
     nc = 0
     for r in range(c):
         if not protect[r]:
             row = p * pcap + r
             if policy == EVICT_RANDOM or len(meta) == 0:
                 score[nc] = mix(tkeys[row] ^ salt)
+            elif policy == EVICT_OLDEST:  # the oldest (largest age) scores lowest
+                score[nc] = np.uint64(U32_MAX - np.uint32(now - meta[row]))
             else:
                 score[nc] = np.uint64(meta[row])
             nc += 1
@@ -434,7 +443,7 @@ def apply_upsert(
                 if keep[i] and rows[i] >= 0:
                     protect[rows[i]] = True
             salt = mix(np.int64(seed) ^ np.int64(mix(np.int64(tick) * P + p)))
-            evicted[p] = _evict(p, min(c - m, c + n - target), protect, policy, salt,
+            evicted[p] = _evict(p, min(c - m, c + n - target), protect, policy, salt, tick,
                                 index, tkeys, values, meta, count, icap, pcap, rbits)  # fmt: skip
         for jj in range(lo, hi):
             i = order[jj]

@@ -124,9 +124,9 @@ class HashMapVDB(VolatileDB):
     def create_table(self, table, dim, dtype="float32", capacity_hint=0):
         if dtype not in DTYPES:
             raise InvalidInputError("dtype", dtype, f"one of {list(DTYPES)}")
-        if int(dim) < 1:
-            raise InvalidInputError("dim", dim, "an integer >= 1")
-        if not table or "/" in table or "\0" in table:
+        dim = _whole("dim", dim, 1)
+        capacity_hint = _whole("capacity_hint", capacity_hint, 0)
+        if not isinstance(table, str) or not table or "/" in table or "\0" in table:
             raise InvalidInputError("table", repr(table), "a non-empty name without '/'")
         with self._lock:
             try:
@@ -154,7 +154,7 @@ class HashMapVDB(VolatileDB):
             self.generation += 1
 
     def _attach(self, table: str) -> Table | None:
-        t = shm.attach(self.shm_name, table, self.readonly, K.rehash) if self.shm_name else None
+        t = shm.attach(self.shm_name, table, self.readonly) if self.shm_name else None
         if t is not None:
             self._tables[table] = t
             self.generation += 1
@@ -243,8 +243,15 @@ class HashMapVDB(VolatileDB):
         fresh = out is None
         if fresh:  # not zeroed: the kernel zeroes the rows of misses
             out = buffers.empty((n, t.dim), np.float32)
-        elif out.shape != (n, t.dim) or out.dtype != np.float32 or not out.flags.writeable:
-            raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {t.dim}]")
+        elif (
+            not isinstance(out, np.ndarray)
+            or out.shape != (n, t.dim)
+            or out.dtype != np.float32
+            or not out.flags.writeable
+        ):
+            got = (f"{'read-only ' if not out.flags.writeable else ''}{out.dtype} {out.shape}"
+                   if isinstance(out, np.ndarray) else type(out).__name__)  # fmt: skip
+            raise InvalidInputError("out", got, f"a writable float32 array [{n}, {t.dim}]")
         found = np.zeros(n, bool)
         if n == 0:
             return out, found
@@ -473,6 +480,14 @@ def still_held(source, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     bits = [np.ascontiguousarray(x, np.float32).view(np.uint32) for x in (now, vectors)]
     same = bits[0] == bits[1]
     return found & same.all(axis=1)
+
+
+def _whole(field: str, value: object, least: int) -> int:
+    """``value`` as an int when it is a whole number >= least (not a float, bool or string:
+    a dim of 2.5 made a table of dim 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise InvalidInputError(field, repr(value), f"an integer >= {least}")
+    return int(value)
 
 
 def _positions(n: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,11 +364,21 @@ def create_table(
         state = {a: _new(name, table, a, *sd) for a, sd in shapes.items()}
         if name:
             layout = {"dim": dim, "dtype": dtype, "P": P, "pcap": pcap, "icap": arr.icap}
-            publish(name, table, {**layout, "meta": meta, "policy": policy})
+            publish(
+                name, table, {**layout, "meta": meta, "policy": policy, "created": time.time_ns()}
+            )
     except OSError as e:
-        if name is None or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if name is None:
             raise
         remove_table(name, table)  # what was made of it, so the room it took is free again
+        if e.errno == errno.ENAMETOOLONG:
+            longest = max(len(array_path(name, table, a).name.encode()) for a in ARRAY_NAMES)
+            raise InvalidInputError(
+                "table", repr(table), f"a shorter name: its files' names ({name}.{table}.*, "
+                f"up to {longest} bytes) exceed what {shm_dir()} allows",
+            ) from None  # fmt: skip
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
         need = table_bytes(P, dim, dtype, pcap, meta) + sum(nbytes(*sd) for sd in shapes.values())
         st = os.statvfs(shm_dir())
         raise SharedMemoryFullError(shm_dir(), table, need, st.f_bavail * st.f_frsize) from e
@@ -418,17 +429,46 @@ class SharedMemoryFullError(StorageError):
         )
 
 
-def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
+ATTACH_TRIES = 20
+
+
+def attach(name: str, table: str, readonly: bool) -> Table | None:
     """Map a table another process (or an earlier writer) published; None if there is none.
 
     A read-only attachment maps everything read-only except the per-row access counts / ticks
     and the clock, which readers update (approximately) for the overflow policy. A writer that
-    finds a partition's seqlock odd (its predecessor died inside a batch) rebuilds the index
-    with ``rehash`` so that readers are not locked out; that batch's rows may be half written.
+    finds a partition's seqlock odd (its predecessor died inside a batch) empties it: a row
+    half written, a key half deleted (stored twice), a row half moved are all possible there.
+
+    The writer may drop the table and create it again while this maps its arrays one by one.
+    The clock is mapped first: a drop sets its flag before the files go, so a flag still clear
+    after the last map, with the header unchanged, means every array is of one table. Else
+    (or when a file vanished or shrank meanwhile) it maps them again.
     """
-    h = read_header(name).get(table)
-    if h is None:
-        return None
+    error = None
+    for _ in range(ATTACH_TRIES):
+        h = read_header(name).get(table)
+        if h is None:
+            return None
+        try:
+            t = _map(name, table, readonly, h)
+        except (StorageError, OSError) as e:  # damaged, or dropped while it was mapped
+            replaced = read_header(name).get(table) != h
+            error = None if replaced else e if isinstance(e, StorageError) else StorageError(
+                f"shared VDB table '{table}': {e}")  # fmt: skip
+            time.sleep(0.001)
+            continue
+        if not t.clock[1] and read_header(name).get(table) == h:
+            if not readonly:
+                _recover(table, t, h["icap"])
+            return t
+    raise error or StorageError(
+        f"shared VDB table '{table}' was dropped and created again {ATTACH_TRIES} times while "
+        f"this process mapped it ({shm_dir()}/{name}.*): is more than one writer using it?"
+    )
+
+
+def _map(name: str, table: str, readonly: bool, h: dict) -> Table:
     P, pcap, icap, dim = h["P"], h["pcap"], h["icap"], h["dim"]
 
     def m(array, shape, dtype, writable=not readonly):
@@ -448,6 +488,7 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
             )
         return np.memmap(path, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
 
+    clock = m("clock", (2,), np.uint64, True)  # first: see attach
     arrays = TableArrays(
         m("index", (P * icap,), np.uint32),
         m("keys", (P * pcap,), np.int64),
@@ -457,15 +498,25 @@ def attach(name: str, table: str, readonly: bool, rehash) -> Table | None:
         pcap,
     )
     count, seq = m("count", (P,), np.int64), m("seq", (P,), np.uint64)
-    t = Table(
-        dim, h["dtype"], P, h["policy"], arrays, count, seq, m("clock", (2,), np.uint64, True)
-    )
-    if not readonly and (seq & np.uint64(1)).any():
-        log.warning("VDB table %s: recovering from an interrupted write", table)
-        arrays.index[:] = 0
-        rehash(arrays.index, arrays.keys, count, icap, pcap, arrays.rbits, P)
-        seq += seq & np.uint64(1)
-    return t
+    return Table(dim, h["dtype"], P, h["policy"], arrays, count, seq, clock)
+
+
+def _recover(table: str, t: Table, icap: int) -> None:
+    """Empty the partitions whose seqlock a writer left odd (it died inside a batch). Each
+    counter stays odd, so readers do not trust the partition, until it is empty."""
+    dirty = np.flatnonzero(t.seq & np.uint64(1))
+    if not len(dirty):
+        return
+    lost = int(t.count[dirty].sum())
+    for p in dirty:
+        t.count[p] = 0
+        t.arr.index[p * icap : (p + 1) * icap] = 0
+        t.seq[p] += np.uint64(1)
+    log.warning(
+        "VDB table %s: a writer died inside a batch; the %d rows of the %d partitions it was "
+        "writing are dropped, as any of them may be half written (lookups read them from "
+        "RocksDB, and a load fills them again)", table, lost, len(dirty),
+    )  # fmt: skip
 
 
 def array_path(name: str, table: str, array: str) -> Path:
@@ -507,7 +558,11 @@ def remove_table(name: str, table: str) -> None:
     if header.pop(table, None) is not None:
         write_header(name, header)
     for a in ARRAY_NAMES:
-        array_path(name, table, a).unlink(missing_ok=True)
+        try:
+            array_path(name, table, a).unlink(missing_ok=True)
+        except OSError as e:  # a name too long for the filesystem was never made
+            if e.errno != errno.ENAMETOOLONG:
+                raise
 
 
 def remove_all(name: str) -> None:

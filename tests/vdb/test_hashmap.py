@@ -278,6 +278,21 @@ def test_overflow_oldest_evicts_the_rows_touched_longest_ago(refresh):
     assert vdb.contains("t", np.arange(100, 110)).all()
 
 
+def test_overflow_oldest_keeps_the_newest_rows_when_the_batch_clock_wraps():
+    """A row keeps the low 32 bits of the batch clock, which wrap after 2^32 batches (days of
+    fetches with refresh_time_after_fetch); rows written after the wrap looked oldest and were
+    the ones evicted."""
+    vdb = HashMapVDB(num_partitions=1, overflow_margin=10, overflow_policy="evict_oldest",
+                     overflow_resolution_target=0.5)  # fmt: skip
+    vdb.create_table("t", 1)
+    vdb._tables["t"].clock[0] = np.uint64(2**32 - 12)  # a long-running server
+    for k in range(17):  # one row a batch: ticks 2^32 - 11 .. 2^32 - 1, then 0, 1, ...
+        vdb.upsert("t", [k], [[k]])
+    keys, rows = vdb.dump("t")
+    assert sorted(keys.tolist()) == [12, 13, 14, 15, 16]
+    np.testing.assert_array_equal(rows[:, 0], keys)
+
+
 def test_evict_random_is_seeded():
     def survivors(seed):
         vdb = HashMapVDB(num_partitions=2, overflow_margin=50, seed=seed)
@@ -352,11 +367,21 @@ def test_bad_inputs_name_the_field_and_the_map_keeps_working():
         (lambda: vdb.upsert("t", np.array([3]), np.ones(4)), "vectors"),
         (lambda: vdb.fetch("t", np.array([1]), out=np.zeros((1, 3), np.float32)), "out"),
         (lambda: vdb.create_table("u", 4, dtype="int4"), "dtype"),
+        (lambda: vdb.create_table("u", 2.5), "dim"),  # was a table of dim 2
+        (lambda: vdb.create_table("u", "3"), "dim"),
+        (lambda: vdb.create_table("u", 4, capacity_hint=-1), "capacity_hint"),
+        (lambda: vdb.create_table(5, 4), "table"),
+        (lambda: vdb.fetch("t", np.array([1]), out=[[0.0] * 4]), "out"),
     ]
     for call, field in bad:
         with pytest.raises(InvalidInputError, match=f"'{field}'") as e:
             call()
         assert e.value.field == field
+    ro = np.zeros((1, 4), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(InvalidInputError, match="read-only float32 .*: expected a writable"):
+        vdb.fetch("t", np.array([1]), out=ro)
+    assert vdb.tables() == ["t"]
     for call in (
         lambda: vdb.fetch("nope", np.array([1])),
         lambda: vdb.upsert("nope", np.array([1]), np.ones((1, 4))),

@@ -16,7 +16,8 @@ import pytest
 from file_reference import stored
 from small_tmpfs import in_small_tmpfs
 
-from hps_core.errors import HPSError, StorageError
+from hps_core.errors import HPSError, InvalidInputError, StorageError
+from hps_core.vdb import _kernels as K
 from hps_core.vdb import hashmap, shm
 from hps_core.vdb.hashmap import HashMapVDB
 
@@ -249,17 +250,76 @@ def test_a_new_writer_repairs_a_table_its_predecessor_left_mid_write(name, monke
     writer.create_table("t", 4)
     keys = np.arange(-50, 50)
     writer.upsert("t", keys, np.repeat(keys[:, None], 4, axis=1))
-    writer._tables["t"].seq[:] += np.uint64(1)  # as if the writer died inside a batch
+    t = writer._tables["t"]
+    # As if the writer died inside a batch that touched partition 0, half way through moving
+    # its last row into the slot of a deleted one: the key is stored twice, the count not yet
+    # lowered. (It used to be indexed twice by the repair, and an evict left it found.)
+    part = K.partitions(keys, 2)
+    t.arr.keys[0] = t.arr.keys[int(t.count[0]) - 1]
+    t.seq[0] += np.uint64(1)
     writer.close()
     reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
     monkeypatch.setattr(hashmap, "READ_TIMEOUT_S", 0.2)
     with pytest.raises(StorageError, match="writer process die"):
         reader.fetch("t", keys)
     again = HashMapVDB(num_partitions=2, shared_memory_name=name)
-    again.create_table("t", 4)  # attaches to the table and rebuilds its index
+    again.create_table("t", 4)  # attaches to the table and empties partition 0
     got, found = reader.fetch("t", keys)
-    assert found.all() and (got == keys[:, None]).all()
+    np.testing.assert_array_equal(found, part != 0)  # partition 1's rows untouched
+    np.testing.assert_array_equal(got[found], np.repeat(keys[found][:, None], 4, axis=1))
+    assert again.size("t") == int((part != 0).sum())
+    again.upsert("t", keys, np.repeat(keys[:, None], 4, axis=1))  # a load fills it again
+    assert again.evict("t", keys[:10]) == 10 and not reader.contains("t", keys[:10]).any()
+    got, found = reader.fetch("t", keys[10:])
+    assert found.all() and (got == keys[10:, None]).all()
+    assert again.size("t") == len(keys) - 10
     again.unlink()
+
+
+def test_a_reader_attaching_while_the_writer_drops_and_creates_the_table_maps_one_table(
+    name, monkeypatch
+):
+    """A reader maps a table's arrays one by one; the writer dropped the table and created it
+    again between two of them. The reader used to hold the old index and rows with the new
+    counters, and served the old table's rows for good."""
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    writer.create_table("t", 4)
+    writer.upsert("t", np.arange(10), np.full((10, 4), 1.0))
+    reader = HashMapVDB(shared_memory_name=name, shared_memory_readonly=True)
+    real, raced = np.memmap, []
+
+    def racing_memmap(path, *args, **kwargs):
+        m = real(path, *args, **kwargs)
+        if str(path).endswith(".t.values") and not raced:
+            raced.append(path)
+            writer.drop_table("t")
+            writer.create_table("t", 4)
+            writer.upsert("t", np.arange(10), np.full((10, 4), 2.0))
+        return m
+
+    monkeypatch.setattr(shm.np, "memmap", racing_memmap)
+    assert reader.dim("t") == 4  # attaches, interleaved with the drop and the new table
+    monkeypatch.undo()
+    assert raced
+    writer.upsert("t", np.arange(10), np.full((10, 4), 3.0))
+    writer.upsert("t", np.arange(100, 110), np.full((10, 4), 3.0))
+    got, found = reader.fetch("t", np.array([0, 100]))
+    assert found.all() and (got == 3.0).all()
+    assert reader.size("t") == writer.size("t") == 20
+    writer.unlink()
+
+
+def test_a_table_name_too_long_for_its_files_is_refused_and_leaves_no_file(name):
+    writer = HashMapVDB(num_partitions=2, shared_memory_name=name)
+    table = "t" * (255 - len(name) - len("..index"))  # name.table.index fits, .values not
+    with pytest.raises(InvalidInputError, match="'table'.*a shorter name"):
+        writer.create_table(table, 4)
+    assert list(shm.shm_dir().glob(f"{name}.*")) == []  # the arrays made before it went too
+    writer.create_table("t", 4)
+    writer.upsert("t", np.array([7]), np.full((1, 4), 7.0))
+    assert (writer.fetch("t", np.array([7]))[0] == 7.0).all()
+    writer.unlink()
+    assert list(shm.shm_dir().glob(f"{name}.*")) == []
 
 
 def test_a_shared_tables_pages_are_reserved_when_it_is_created(name):
