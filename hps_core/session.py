@@ -389,7 +389,10 @@ class LookupSession:
             self._insert_locked(t, keys, rows, since)
             return
         self._pending = [f for f in self._pending if not f.done()]
-        fut = self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy(), since)
+        try:
+            fut = self._inserter.submit(self._insert_locked, t, keys.copy(), rows.copy(), since)
+        except RuntimeError:  # closed (a reload replaced this session): the answer stands
+            return
         fut.add_done_callback(_log_failure)
         self._pending.append(fut)
 

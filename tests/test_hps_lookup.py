@@ -275,6 +275,22 @@ def test_a_promotion_queued_before_an_update_never_brings_the_old_row_back(tmp_p
         assert ps.promoter.promoted == 4
 
 
+def test_a_request_in_flight_across_a_reload_of_its_model_gets_its_answer(tmp_path):
+    """The request holds the old session when the model is added again (a hot reload); its
+    background L1 fill then met a closed filler: a bare RuntimeError instead of the answer."""
+    tables = make_files(tmp_path, seed=8)
+    keys0 = tables[0][0]
+    cfg = config(tmp_path)
+    cfg["models"][0]["hit_rate_threshold"] = 0.0  # every fill in the background
+    with ParameterServer(cfg) as ps:
+        old = ps.session("m")
+        ps.add_model(ps.config.models[0])
+        np.testing.assert_array_equal(old.lookup(keys0[:10], 0), reference(tables, 0, keys0[:10]))
+        np.testing.assert_array_equal(
+            ps.lookup(keys0[:10], "m", 0), reference(tables, 0, keys0[:10])
+        )
+
+
 def test_pdb_survives_restart_and_is_not_reloaded(tmp_path):
     tables = make_files(tmp_path, seed=5)
     cfg = config(tmp_path)

@@ -313,13 +313,17 @@ class RocksDBPDB(PersistentDB):
         if parts <= 1:
             self._lookup(table, keys, out, found, 0, n)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="hps-rocksdb")
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="hps-rocksdb")
         bounds = np.linspace(0, n, parts + 1).astype(int)
-        futures = [
-            self._pool.submit(self._lookup, table, keys, out, found, a, b)
-            for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
-        ]
+        try:
+            futures = [
+                pool.submit(self._lookup, table, keys, out, found, a, b)
+                for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
+            ]
+        except RuntimeError:  # the pool was shut down: close() ran meanwhile
+            raise StorageError(f"RocksDB at {self.path} was closed during a read") from None
         self._lookup(table, keys, out, found, bounds[0], bounds[1])
         for f in futures:
             f.result()
