@@ -35,42 +35,65 @@ class RecentUpdates:
     restarted Redis node, an ingestor catching up). Cache fills therefore skip keys updated
     after the lookup began or within ``grace`` seconds before it: those keys are read from the
     tiers again next time. Guarded by the table's ``cache_lock``.
+
+    ``progress``, when set, says through which update (entry version) the shared stores'
+    consumer group has applied the stream (``updates.ingestor.StoreProgress``; None: not
+    known). An update it has not reached still counts after ``grace``, up to ``hold``
+    seconds: the stores may stall far longer than ``grace`` (Redis full, a disk full), and a
+    fill then would cache the old row, which no later update of L1 replaces (L1 took this one
+    already).
     """
 
-    def __init__(self, grace: float = 30.0):
+    def __init__(self, grace: float = 30.0, hold: float = 3600.0):
         self.grace = grace
+        self.hold = hold
+        self.progress: Callable[[], int | None] | None = None
         self.epoch = 0
-        self._log: list[tuple[float, int, np.ndarray]] = []  # (time, epoch, unique keys)
+        self._log: list[tuple[float, int, np.ndarray, int | None]] = []  # time, epoch, keys, ver
         self._merged: tuple[int, float, np.ndarray] | None = None  # (epoch, built, sorted keys)
 
-    def add(self, keys: np.ndarray) -> None:
+    def _unapplied(self, now: float) -> Callable[[float, int | None], bool]:
+        """(time, version) -> whether the stores still lack that update (within ``hold``)."""
+        through = self.progress() if self.progress is not None else None
+        if through is None:
+            return lambda tm, ver: False
+        return lambda tm, ver: ver is not None and ver > through and tm > now - self.hold
+
+    def add(self, keys: np.ndarray, version: int | None = None) -> None:
         now = time.monotonic()
         self.epoch += 1
-        self._log = [e for e in self._log if e[0] > now - self.grace - 1.0]
-        self._log.append((now, self.epoch, np.unique(keys)))
+        unapplied = self._unapplied(now)
+        self._log = [e for e in self._log if e[0] > now - self.grace - 1.0 or unapplied(e[0], e[3])]
+        self._log.append((now, self.epoch, np.unique(keys), version))
+
+    def _counting(self, since_epoch: int, since_time: float) -> list:
+        unapplied = self._unapplied(time.monotonic())
+        return [
+            e
+            for e in self._log
+            if e[1] > since_epoch or e[0] > since_time - self.grace or unapplied(e[0], e[3])
+        ]
 
     def quiet(self, since_epoch: int, since_time: float) -> bool:
         """True when no update counts for a lookup that began at (since_epoch, since_time):
         ``fresh`` would pass every key."""
-        return not any(ep > since_epoch or tm > since_time - self.grace for tm, ep, _ in self._log)
+        return not self._counting(since_epoch, since_time)
 
     def fresh(self, keys: np.ndarray, since_epoch: int, since_time: float) -> np.ndarray:
-        """bool [n]: keys no update touched after since_epoch or since_time - grace."""
-        recent = [
-            (ep, k) for tm, ep, k in self._log if ep > since_epoch or tm > since_time - self.grace
-        ]
-        if not recent or not len(keys):
+        """bool [n]: keys no update that counts (after since_epoch, after since_time - grace,
+        or not yet applied by the stores) touched."""
+        if not len(keys) or not self._counting(since_epoch, since_time):
             return np.ones(len(keys), bool)
         now = time.monotonic()
         m = self._merged
         if m is None or m[1] < now - 1.0:
             # one sorted array of the window's keys, rebuilt at most once a second; a superset
             # is safe (it only skips more fills). Updates newer than it are checked one by one.
-            merged = np.unique(np.concatenate([k for _, _, k in self._log]))
+            merged = np.unique(np.concatenate([e[2] for e in self._log]))
             self._merged = m = (self.epoch, now, merged)
         pos = np.clip(np.searchsorted(m[2], keys), 0, len(m[2]) - 1)
         updated = m[2][pos] == keys
-        newer = [k for _, ep, k in self._log if ep > m[0]]
+        newer = [e[2] for e in self._log if e[1] > m[0]]
         if newer:
             updated |= np.isin(keys, np.concatenate(newer))
         return ~updated

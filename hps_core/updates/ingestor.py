@@ -45,6 +45,7 @@ class Sink:
     """Somewhere updates are applied: a tier (``upsert``) or the L1 caches (``assign``)."""
 
     name = "sink"
+    takes_version = False  # apply(..., version=) gets the batch's newest entry version
 
     def apply(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         raise NotImplementedError
@@ -102,17 +103,23 @@ class CacheSink(Sink):
     """The L1 caches of a server's sessions: cached rows are overwritten, others left alone."""
 
     name = "l1"
+    takes_version = True
 
-    def __init__(self, server: object):
+    def __init__(self, server: object, progress: StoreProgress | None = None):
         self.server = server
+        self.progress = progress  # how far the shared stores are (see RecentUpdates)
 
-    def apply(self, table, keys, vectors):
+    def apply(self, table, keys, vectors, version=None):
         for s in list(self.server.sessions.values()):
             for t in s.tables:
                 if t.store_name == table and t.cache is not None:
                     with t.cache_lock:
+                        if self.progress is not None:
+                            t.recent.progress = self.progress.through
                         t.cache.assign(keys, vectors)
-                        t.recent.add(keys)  # fills racing this update must not cache old rows
+                        # fills racing this update, or reading stores that lack it, must not
+                        # cache old rows
+                        t.recent.add(keys, version)
 
     def dim(self, table: str) -> int | None:
         for s in list(self.server.sessions.values()):
@@ -334,7 +341,10 @@ class Ingestor:
                 return
             self.versions.put(table, keys, vers)  # first: a re-delivered older row is refused
         for s in self.sinks:
-            s.apply(table, keys, vecs)
+            if s.takes_version:
+                s.apply(table, keys, vecs, version=int(vers.max()))
+            else:
+                s.apply(table, keys, vecs)
         self.rows_applied.inc(len(keys), group=self.label)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -376,6 +386,66 @@ class Ingestor:
             last = _text(info[0]["last-delivered-id"])
             lag = len(self.client.xrange(self.stream, f"({last}", "+", count=100_000))
         return pending + int(lag)
+
+
+class StoreProgress:
+    """Through which update the consumer groups that write the shared stores have applied the
+    stream: the lowest over the groups present of (the oldest pending entry - 1, else the last
+    delivered one), as an entry version; None while no such group exists.
+
+    ``through`` never waits on Redis: it answers the last value read and, when that is over
+    ``interval`` seconds old, reads the groups again on a thread of its own. It is asked under
+    the L1 caches' locks, on the lookup path.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str, groups: list[str], interval: float = 0.5):
+        self.client, self.stream, self.groups, self.interval = client, stream, groups, interval
+        self._value: int | None = None
+        self._read_at = float("-inf")
+        self._reading = threading.Lock()
+
+    def through(self) -> int | None:
+        if time.monotonic() - self._read_at > self.interval and self._reading.acquire(False):
+            threading.Thread(target=self._refresh, name="hps-store-progress", daemon=True).start()
+        return self._value
+
+    def refresh(self) -> int | None:
+        """Read the groups now (``through`` does it in the background)."""
+        with self._reading:
+            return self._read()
+
+    def _refresh(self) -> None:
+        try:
+            self._read()
+        finally:
+            self._reading.release()
+
+    def _read(self) -> int | None:
+        try:
+            info = {_text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
+            done = []
+            for name in self.groups:
+                g = info.get(name)
+                if g is None:
+                    continue
+                last = version_of(_text(g["last-delivered-id"]))
+                if int(g.get("pending", 0)):
+                    oldest = self.client.xpending(self.stream, name)["min"]
+                    last = min(last, version_of(_text(oldest)) - 1)
+                done.append(last)
+            self._value = min(done) if done else None
+        except (redis.RedisError, OSError) as e:  # keep the last value: expiry only waits
+            log.debug("reading the stores' progress on %s failed: %s", self.stream, e)
+        self._read_at = time.monotonic()
+        return self._value
+
+
+def store_groups(update_source: object) -> list[str]:
+    """The consumer groups that write the shared stores: the configured one, else the default
+    group of each scope that writes a store (``ingestor_for``)."""
+    if update_source.group:
+        return [update_source.group]
+    return ["hps:all", "hps:shared", "hps:local"]
 
 
 def _entries(got: object) -> list:
@@ -444,15 +514,16 @@ def server_ingestors(server: object) -> list[Ingestor]:
         log.info("update stream: no shared store to update in scope '%s'", u.scope)
     if u.scope == "shared":
         return out
+    from .stream import connect
+
+    client = connect(u.brokers, u.user_name, u.password)
     sinks: list[Sink] = [TierSink("vdb", vdb)] if own_vdb else []
     if any(t.cache is not None for s in server.sessions.values() for t in s.tables):
-        sinks.append(CacheSink(server))
+        sinks.append(CacheSink(server, StoreProgress(client, u.stream, store_groups(u))))
     if sinks:
-        from .stream import connect
-
         out.append(
             Ingestor(
-                connect(u.brokers, u.user_name, u.password),
+                client,
                 sinks,
                 None,
                 stream=u.stream,
@@ -469,6 +540,8 @@ def server_ingestors(server: object) -> list[Ingestor]:
                 transient=True,
             )
         )
+    else:
+        client.close()
     return out
 
 

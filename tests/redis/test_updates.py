@@ -502,3 +502,72 @@ def test_a_restart_keeps_the_redis_vdb_and_its_updates_without_rocksdb(redis_sta
     write_table(tmp_path / "t0_sparse.model", keys, vecs)  # a new model file (same rows)
     with ParameterServer(cfg) as ps:
         np.testing.assert_array_equal(ps.lookup(upd_keys[:3], "m", 0), want[[0, 7, 1999]])
+
+
+def test_l1_caches_no_old_row_while_the_stores_lag_past_the_grace(redis_standalone, tmp_path):
+    """This process's L1 takes updates in a group of its own; the shared stores (here a Redis
+    VDB and RocksDB) in another, which can stall far longer than the 30 s grace (Redis full, a
+    disk full). A lookup after the grace read the stores' old row and cached it; the update
+    then reached the stores, but L1 had taken it already, so the old row was served for good.
+    Now a fill waits until the stores' group has applied the update."""
+    from hps_core.updates.ingestor import ingestor_for
+
+    redis_standalone.flush()
+    keys, vecs = make_model(tmp_path, rows=1000)
+    cfg = server_config(tmp_path, redis_standalone.address)
+    cfg["models"][0].update(gpucacheper=0.5, hit_rate_threshold=0.0, cache_prefill=False)
+    cfg["update_source"] = {
+        "type": "redis_stream",
+        "brokers": redis_standalone.address,
+        "poll_timeout_ms": 50,
+        "scope": "cache",  # the stores are another process's (hps ingest)
+    }
+    k = keys[:5]
+    upd = np.full((5, 8), 42.0, np.float32)
+    with ParameterServer(cfg) as ps:
+        t = ps.session("m").tables[0]
+        t.recent.grace = 0.2
+        stores = ingestor_for(ps.config, vdb=ps.vdb, pdb=ps.pdb, scope="all")  # not running
+        try:
+            assert [i.group.split(":")[1] for i in ps.ingestors] == ["proc"]
+            Publisher(connect(redis_standalone.address)).publish("hps_et.m.t0", k, upd)
+            wait_for(lambda: ps.ingestors[0].lag() == 0)  # L1 has it; the stores do not
+            time.sleep(0.5)  # past the grace
+            np.testing.assert_array_equal(ps.lookup(k, "m", 0), vecs[:5])  # the stores' row
+            ps.flush()
+            assert not t.cache.contains(k).any()  # not cached: it is older than the update
+            while stores.lag():
+                stores.step(50)
+            np.testing.assert_array_equal(ps.lookup(k, "m", 0), upd)
+
+            def cached():
+                ps.lookup(k, "m", 0)
+                ps.flush()
+                return t.cache.contains(k).all()
+
+            wait_for(cached)  # once the stores have it, L1 takes it again
+            np.testing.assert_array_equal(t.cache.find(k)[0], upd)
+        finally:
+            stores.stop()
+
+
+def test_store_progress_is_the_slowest_groups_oldest_unapplied_entry(redis_standalone):
+    from hps_core.updates.ingestor import StoreProgress
+
+    redis_standalone.flush()
+    client = connect(redis_standalone.address)
+    ids = [client.xadd("s", {"n": i}) for i in range(4)]
+    progress = StoreProgress(client, "s", ["a", "b"])
+    assert progress.refresh() is None  # no store group yet: not known
+    client.xgroup_create("s", "a", id="0")
+    client.xgroup_create("s", "b", id="0")
+    client.xgroup_create("s", "other", id="$")  # not a store group: not counted
+    assert progress.refresh() == 0  # nothing delivered
+    client.xreadgroup("a", "c", {"s": ">"}, count=4)
+    client.xack("s", "a", ids[0], ids[1])  # a: 2 and 3 delivered, not applied
+    client.xreadgroup("b", "c", {"s": ">"}, count=4)
+    client.xack("s", "b", *ids)
+    assert progress.refresh() == version_of(ids[2]) - 1
+    client.xack("s", "a", ids[2], ids[3])
+    assert progress.refresh() == version_of(ids[3])
+    assert progress.through() == version_of(ids[3])  # the last value read, at once
