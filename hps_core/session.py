@@ -26,6 +26,11 @@ from .vdb.base import VolatileDB
 log = logging.getLogger(__name__)
 
 
+MAX_HELD_KEYS = 4_000_000
+"""Keys of updates the shared stores have not applied that RecentUpdates keeps past its grace
+(32 MiB of keys; beyond, the oldest go)."""
+
+
 class RecentUpdates:
     """Keys an online update changed lately, so a lookup never caches a row older than them.
 
@@ -51,6 +56,7 @@ class RecentUpdates:
         self.epoch = 0
         self._log: list[tuple[float, int, np.ndarray, int | None]] = []  # time, epoch, keys, ver
         self._merged: tuple[int, float, np.ndarray] | None = None  # (epoch, built, sorted keys)
+        self._over = False  # the warning that MAX_HELD_KEYS was passed, given
 
     def _unapplied(self, now: float) -> Callable[[float, int | None], bool]:
         """(time, version) -> whether the stores still lack that update (within ``hold``)."""
@@ -65,6 +71,13 @@ class RecentUpdates:
         unapplied = self._unapplied(now)
         self._log = [e for e in self._log if e[0] > now - self.grace - 1.0 or unapplied(e[0], e[3])]
         self._log.append((now, self.epoch, np.unique(keys), version))
+        held = sum(len(e[2]) for e in self._log)
+        while held > MAX_HELD_KEYS and self._log[0][0] <= now - self.grace - 1.0:
+            held -= len(self._log.pop(0)[2])  # the stores stalled this long: bound the memory
+            if not self._over:
+                self._over = True
+                log.warning("the shared stores have not applied online updates of over %d "
+                            "keys; L1 may cache rows older than the oldest of them", MAX_HELD_KEYS)  # fmt: skip
 
     def _counting(self, since_epoch: int, since_time: float) -> list:
         unapplied = self._unapplied(time.monotonic())

@@ -567,3 +567,31 @@ def test_online_updates_survive_a_restart(tmp_path, rate):
     write_table(tmp_path / "t0_sparse_0.model", keys, vecs)  # a new model file (same rows)
     with ParameterServer(cfg) as ps:
         np.testing.assert_array_equal(ps.lookup(upd_keys, "m", 0), vecs[[0, 5, len(keys) - 1]])
+
+
+def test_recent_updates_count_until_the_stores_apply_them_within_bounds(monkeypatch):
+    """Past the grace an update counts while the stores' progress is below its version, up to
+    ``hold`` seconds and MAX_HELD_KEYS keys (the oldest go first)."""
+    from hps_core import session
+
+    through = [0]
+    r = session.RecentUpdates(grace=0.0, hold=60.0)
+    r.progress = lambda: through[0]
+    keys = np.arange(10, dtype=np.int64)
+    r.add(keys[:5], version=7)
+    time.sleep(0.01)
+    since = (r.epoch, time.monotonic())  # a lookup that began after the update
+    np.testing.assert_array_equal(r.fresh(keys, *since), np.arange(10) >= 5)
+    assert not r.quiet(*since)
+    through[0] = 7  # the stores applied it
+    np.testing.assert_array_equal(r.fresh(keys, *since), np.ones(10, bool))
+    assert r.quiet(*since)
+    through[0] = 0
+    r.hold = 0.0  # held too long: counts no more
+    assert r.quiet(*since)
+    r.hold = 60.0
+    monkeypatch.setattr(session, "MAX_HELD_KEYS", 8)
+    time.sleep(1.05)  # the first entry is past grace + 1 s, so it may go
+    r.add(keys[5:10], version=8)  # 10 keys held > 8: the oldest update goes
+    since = (r.epoch, time.monotonic() + 0.01)
+    np.testing.assert_array_equal(r.fresh(keys, *since), np.arange(10) < 5)
