@@ -337,13 +337,17 @@ class ParameterServer:
         v = self.config.volatile_db
         fingerprint = _fingerprint(f)
         if self.pdb is not None:
-            if self.config.persistent_db.read_only:
+            if self.pdb.read_only:  # read_only, or a secondary of another process's RocksDB
                 if t.store_name not in self.pdb.tables():
                     log.warning("read-only PDB has no table %s; lookups fall through", t.store_name)
             else:
                 self.pdb.create_table(t.store_name, t.dim)
                 key = f"loaded:{t.store_name}"
-                if self.pdb.get_meta(key) != fingerprint:
+                before = self.pdb.get_meta(key)
+                if before != fingerprint:
+                    if before:  # another file's rows: a key it had and this one lacks must go
+                        self.pdb.set_meta(key, "")
+                        self.pdb.clear_table(t.store_name)
                     self._copy_rows(
                         f, f.rows, f"{m.model}/{t.name} -> RocksDB", self.pdb, t.store_name
                     )
@@ -361,6 +365,12 @@ class ParameterServer:
                 updated_meta(t.store_name)) else None  # fmt: skip
             if rows and self._vdb_holds(t.store_name, fingerprint, rows):
                 return
+            mark = self.vdb.load_mark(t.store_name)
+            if mark and not mark.startswith(f"{fingerprint}|"):  # loaded from another file
+                self.vdb.drop_table(t.store_name)  # whose keys this one may lack
+                self.vdb.create_table(
+                    t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
+                )
             if rows:
                 self.vdb.set_load_mark(t.store_name, None)  # a load cut short leaves no mark
                 self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name,
@@ -388,8 +398,8 @@ class ParameterServer:
             log.warning("VDB table %s holds %d rows, %s when it was loaded: loading it again",
                         table, have, size)  # fmt: skip
             return False
-        log.info("VDB table %s holds the rows of %s already (with any online updates since): "
-                 "not loaded again", table, fingerprint.split("|")[0])  # fmt: skip
+        log.info("VDB table %s holds the rows of its model file already (with any online "
+                 "updates since): not loaded again", table)  # fmt: skip
         return True
 
     def _later_rows_of_loaded_keys(
@@ -542,10 +552,13 @@ def _newest(pdb: object, table: str, keys: np.ndarray, vecs: np.ndarray) -> np.n
 
 
 def _fingerprint(f: SparseTable) -> str:
+    """Which file a table was loaded from: path, shape, and per file size, mtime, ctime and
+    inode (a copy that keeps the mtime, cp -p or rsync -a, still changes the other two)."""
     st = [os.stat(os.path.join(f.path, n)) for n in ("key", "emb_vector")]
-    return "|".join(
-        [str(f.path), str(f.rows), str(f.dim)] + [f"{s.st_size}:{s.st_mtime_ns}" for s in st]
-    )
+    return ":".join(
+        [str(f.path), str(f.rows), str(f.dim)]
+        + [f"{s.st_size}.{s.st_mtime_ns}.{s.st_ctime_ns}.{s.st_ino}" for s in st]
+    ).replace("|", "/")  # the VDB's mark puts '|' after it
 
 
 def _progress(enabled: bool, what: str, total: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -304,6 +305,74 @@ def test_pdb_survives_restart_and_is_not_reloaded(tmp_path):
         np.testing.assert_array_equal(
             ps.lookup(tables[0][0][:1], "m", 0), np.full((1, DIMS[0]), 3.0)
         )
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_new_model_file_replaces_the_old_ones_rows_on_every_level(tmp_path, rate):
+    """A new file without some of the old file's keys: RocksDB and the VDB kept those keys' old
+    rows (the load only wrote the new file over them), so they were served instead of the
+    default. Also a copy that keeps the old file's size and mtime (cp -p, rsync -a): it was
+    taken for the old file and not loaded at all."""
+    from hps_core.config import load_config
+    from hps_core.updates.ingestor import TierSink
+
+    tables = make_files(tmp_path, seed=9)
+    keys, vecs = tables[0]
+    path = tmp_path / "t0_sparse_0.model"
+    cfg = config(tmp_path, initial_cache_rate=rate)
+    with ParameterServer(cfg) as ps:
+        store = ps.session("m").tables[0].store_name
+        np.testing.assert_array_equal(ps.lookup(keys, "m", 0), vecs)
+    half = len(keys) // 2
+    write_table(path, keys[:half], vecs[:half] + 1)  # a retrained, smaller table
+    want = reference(tables, 0, keys)
+    want[:half] = vecs[:half] + 1
+    want[half:] = DEFAULTS[0]
+    upd = np.full((1, vecs.shape[1]), 9.0, np.float32)
+    with ParameterServer(cfg) as ps:
+        np.testing.assert_array_equal(ps.lookup(keys, "m", 0), want)
+        assert ps.pdb.size(store) == half
+        sinks = [TierSink(n, t, {store: (vecs.shape[1], "float32")})
+                 for n, t in (("pdb", ps.pdb), ("vdb", ps.vdb))]  # fmt: skip
+        for sink in sinks:  # an update before the reload: the new file's row replaces it
+            sink.apply(store, keys[1:2], upd)
+        # a run-time reload of yet another file: the in-process VDB is cleared too
+        stat = [os.stat(path / n) for n in ("key", "emb_vector")]
+        write_table(path, keys[:half], vecs[:half] + 2)  # same size; mtime kept as cp -p does
+        for n, st in zip(("key", "emb_vector"), stat, strict=True):
+            os.utime(path / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+        ps.add_model(load_config(cfg).models[0])
+        want[:half] = vecs[:half] + 2
+        np.testing.assert_array_equal(ps.lookup(keys, "m", 0), want)
+        # an update after that reload, by the same sinks, reaches the VDB of the next start
+        for sink in sinks:
+            sink.apply(store, keys[:1], upd)
+    with ParameterServer(cfg) as ps:
+        want[:1] = upd
+        np.testing.assert_array_equal(ps.lookup(keys, "m", 0), want)
+        got, found = ps.vdb.fetch(store, keys[:1])
+        assert found.all() and (got == 9.0).all()
+
+
+def test_a_secondary_pdb_without_read_only_serves_a_copy_of_the_primarys_file(tmp_path):
+    """secondary_path implies read-only: a server given a copy of the model file at another
+    path (a fingerprint the primary did not record) tried to write RocksDB and failed."""
+    import shutil
+
+    tables = make_files(tmp_path, seed=10)
+    with ParameterServer(config(tmp_path)) as primary:
+        for t in range(len(DIMS)):
+            src = tmp_path / f"t{t}_sparse_0.model"
+            shutil.copytree(src, tmp_path / f"copy{t}")
+        cfg = config(tmp_path, initial_cache_rate=0.0)
+        cfg["persistent_db"]["secondary_path"] = str(tmp_path / "secondary")
+        cfg["models"][0]["sparse_files"] = [str(tmp_path / f"copy{t}") for t in range(len(DIMS))]
+        with ParameterServer(cfg) as ps:
+            assert ps.pdb.read_only
+            for t in range(len(DIMS)):
+                q = tables[t][0][:50]
+                np.testing.assert_array_equal(ps.lookup(q, "m", t), reference(tables, t, q))
+        assert primary.pdb.size(primary.session("m").tables[0].store_name) == len(tables[0][0])
 
 
 def test_add_and_remove_models_at_run_time(tmp_path):

@@ -205,6 +205,66 @@ def test_secondary_follows_the_primary_after_catch_up(tmp_path):
     primary.close()
 
 
+def test_a_secondary_keeps_up_when_the_primary_adds_and_flushes_tables_under_reads(tmp_path):
+    """The primary adds a table and flushes it (as every model load does): the secondary's
+    catch-up then failed for good ("MANIFEST record referencing unknown column family"), and
+    the reopen that catches up with new tables closed the database under concurrent reads,
+    which failed (the server then served defaults)."""
+    keys, vecs = rows(20_000, 8, seed=7)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 8)
+    primary.upsert(T, keys, vecs)
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                got, found = sec.fetch(T, keys[::7])
+                assert found.all() and np.array_equal(got[10:], vecs[::7][10:])
+                reads[0] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is counted
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(8):
+            name = f"hps_et.m{i}.t"
+            primary.create_table(name, 2)
+            primary.upsert(name, keys[:3], vecs[:3, :2] + i)
+            primary.flush(name)
+            primary.upsert(T, keys[:70], vecs[:70])  # rows the readers check stay the same
+            sec.catch_up()
+            assert name in sec.tables()
+            np.testing.assert_array_equal(sec.fetch(name, keys[:3])[0], vecs[:3, :2] + i)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == [] and reads[0] > 0
+    sec.close()
+    primary.close()
+
+
+def test_clear_table_removes_every_row_and_keeps_the_table(tmp_path):
+    keys, vecs = rows(500, 4, seed=8)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 4)
+    primary.upsert(T, keys, vecs)
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    primary.clear_table(T)
+    assert primary.size(T) == 0 and not primary.contains(T, keys).any()
+    primary.upsert(T, keys[:10], vecs[:10])
+    sec.catch_up()
+    got, found = sec.fetch(T, keys)
+    np.testing.assert_array_equal(found, np.arange(len(keys)) < 10)  # extremes included
+    np.testing.assert_array_equal(got[:10], vecs[:10])
+    sec.close()
+    primary.close()
+
+
 def test_bad_requests_and_unknown_tables(db):
     db.create_table(T, 4)
     with pytest.raises(StorageError, match="dim 4, not 8"):

@@ -63,6 +63,45 @@ def _row_bytes(vectors: np.ndarray) -> list[bytes]:
     return vectors.view(np.dtype((np.void, vectors.shape[1] * 4))).ravel().tolist()
 
 
+class _Gate:
+    """Many readers at once, or one thread that opens the database again (readers wait for it
+    to finish; it waits for the readers inside): a read never meets a closed database."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._reopening = False
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            while self._reopening:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._reopening:
+                self._cond.wait()
+            self._reopening = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._reopening = False
+                self._cond.notify_all()
+
+
 class RocksDBPDB(PersistentDB):
     """The full tables on local disk; never evicts on its own.
 
@@ -109,6 +148,7 @@ class RocksDBPDB(PersistentDB):
         # table creation and drop, and reopening; rows need no lock. Reentrant: a write under it
         # (create_table) may have to reopen the database first.
         self._lock = threading.RLock()
+        self._gate = _Gate()  # reads vs reopening (catch_up, a reopen after a failed write)
         self._db: Rdict | None = None
         self._failed: str | None = None  # the write that failed, until a reopen succeeds
         self._reopened_at = -REOPEN_INTERVAL_S
@@ -190,13 +230,14 @@ class RocksDBPDB(PersistentDB):
             if time.monotonic() - self._reopened_at < REOPEN_INTERVAL_S:
                 raise StorageError(f"{self._failed} (writes stopped; reopening soon)")
             self._reopened_at = time.monotonic()
-            self._release_quietly()
-            try:
-                self._open()
-            except StorageError as e:
+            with self._gate.exclusive():
                 self._release_quietly()
-                self._open(read_only=True)
-                raise StorageError(f"{e} (writes stopped after: {self._failed})") from e
+                try:
+                    self._open()
+                except StorageError as e:
+                    self._release_quietly()
+                    self._open(read_only=True)
+                    raise StorageError(f"{e} (writes stopped after: {self._failed})") from e
             log.warning("RocksDB at %s reopened after a failed write: %s", self.path, self._failed)
             self._failed = None
 
@@ -262,6 +303,14 @@ class RocksDBPDB(PersistentDB):
             del self._cfs[table], self._handles[table]
             self._db.drop_column_family(table)
 
+    def clear_table(self, table: str) -> None:
+        """Delete every row of a table, keeping the table (one range deletion: secondaries
+        following this database keep their column family)."""
+        self._writable("clear", table)
+        cf = self._cf(table)
+        with self._io(f"clearing table '{table}'"):
+            cf.delete_range(b"", b"\xff" * 9)  # every 8-byte key sorts below 9 bytes of 0xff
+
     def tables(self) -> list[str]:
         """Names of the tables present."""
         return sorted(t for t in self._dims if t in self._cfs)
@@ -284,26 +333,28 @@ class RocksDBPDB(PersistentDB):
         self, table: str, keys: np.ndarray, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Look up keys: (vectors float32 [n, dim], found bool [n]); missing rows are zeros."""
-        self._cf(table)
-        dim = self._dims[table]
         keys = _as_keys(keys)
         n = len(keys)
-        if out is None:
-            out = np.zeros((n, dim), np.float32)
-        elif out.shape != (n, dim) or out.dtype != np.float32:
-            raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {dim}]")
-        else:
-            out[:] = 0
-        found = np.zeros(n, bool)
-        self._parallel(table, keys, out, found)
+        with self._gate.read():
+            self._cf(table)
+            dim = self._dims[table]
+            if out is None:
+                out = np.zeros((n, dim), np.float32)
+            elif out.shape != (n, dim) or out.dtype != np.float32:
+                raise InvalidInputError("out", f"{out.dtype} {out.shape}", f"float32 [{n}, {dim}]")
+            else:
+                out[:] = 0
+            found = np.zeros(n, bool)
+            self._parallel(table, keys, out, found)
         return out, found
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
         """bool [n]: whether each key is stored."""
-        self._cf(table)
         keys = _as_keys(keys)
         found = np.zeros(len(keys), bool)
-        self._parallel(table, keys, None, found)
+        with self._gate.read():
+            self._cf(table)
+            self._parallel(table, keys, None, found)
         return found
 
     def _parallel(self, table: str, keys: np.ndarray, out: np.ndarray | None, found) -> None:
@@ -393,9 +444,9 @@ class RocksDBPDB(PersistentDB):
 
     def dump(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         """All rows as (keys int64 [n], vectors float32 [n, dim]), in RocksDB key order."""
-        cf, dim = self._cf(table), self._dims[table]
         ks, vs = [], []
-        with self._io(f"reading table '{table}'", write=False):
+        with self._gate.read(), self._io(f"reading table '{table}'", write=False):
+            cf, dim = self._cf(table), self._dims[table]
             for k, v in cf.items():
                 ks.append(k)
                 vs.append(v)
@@ -438,11 +489,19 @@ class RocksDBPDB(PersistentDB):
         """Secondary instance: replay what the primary wrote since; reopen if it added tables."""
         if self.secondary_path is None:
             raise StorageError(f"RocksDB at {self.path}: catch_up needs a secondary instance")
-        with self._io("catching up with the primary", write=False):
-            self._db.try_catch_up_with_primary()
-            dims = self._read_dims()
-        if META_CF not in self._cfs or set(dims) - set(self._cfs):
-            with self._lock:  # new column families are only visible to a fresh secondary
+        try:
+            with self._io("catching up with the primary", write=False):
+                self._db.try_catch_up_with_primary()
+                dims = self._read_dims()
+        except StorageError as e:
+            # A table the primary created (or dropped) since this instance opened: its log
+            # names a column family this instance does not know, and every later catch-up
+            # fails alike. A fresh instance reads them all.
+            log.info("%s; opening the secondary again", e)
+            dims = None
+        if dims is None or META_CF not in self._cfs or set(dims) - set(self._cfs):
+            # new column families are only visible to a fresh secondary
+            with self._lock, self._gate.exclusive():
                 self._release()
                 self._open()
         else:

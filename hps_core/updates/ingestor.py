@@ -64,7 +64,6 @@ class TierSink(Sink):
         self.tier = tier
         self.tables = tables or {}
         self._known: set[str] = set()
-        self._marked: set[str] = set()
 
     def holds(self, table: str) -> bool:
         if table not in self._known and table in self.tier.tables():
@@ -77,12 +76,14 @@ class TierSink(Sink):
         return self.tier.dim(table) if self.holds(table) else None
 
     def apply(self, table, keys, vectors):
-        if self.name == "pdb" and table not in self._marked:  # the next load's VDB reads these
-            from ..server import updated_meta  # rows from RocksDB, not from the model file
+        if self.name == "pdb":  # the next load's VDB reads these rows from RocksDB, not from
+            from ..server import updated_meta  # the model file. Read each time: a load of a
 
-            if table in self.tables or self.holds(table):
+            # new file clears the mark meanwhile (a run-time reload in another thread)
+            if (table in self.tables or self.holds(table)) and not self.tier.get_meta(
+                updated_meta(table)
+            ):
                 self.tier.set_meta(updated_meta(table), "1")
-                self._marked.add(table)
         if table in self.tables:
             try:
                 self.tier.upsert(table, keys, vectors)

@@ -116,6 +116,7 @@ class HashMapVDB(VolatileDB):
         self.seed = int(seed)
         self._tables: dict[str, Table] = {}
         self._lock = threading.RLock()  # guards the table dict; attaching re-enters it
+        self._marks: dict[str, str] = {}  # in process: what each table was loaded from
         # Counts changes to which arrays serve a table (created, attached, dropped, grown):
         # the fused lookup keeps views of them while this number stays the same.
         self.generation = 0
@@ -184,10 +185,28 @@ class HashMapVDB(VolatileDB):
         with self._lock:
             t = self._table(table)
             del self._tables[table]
+            self._marks.pop(table, None)
             self.generation += 1
             if self.shm_name:
                 t.clock[1] = 1  # readers in other processes let go of their mappings
                 shm.remove_table(self.shm_name, table)
+
+    def load_mark(self, table):
+        """A shared table outlives its writer: the mark is in its header; an in-process table
+        keeps it for a reload at run time."""
+        if self.shm_name:
+            return shm.read_header(self.shm_name).get(table, {}).get("loaded")
+        return self._marks.get(table)
+
+    def set_load_mark(self, table, mark):
+        self._writable("mark a table")
+        if self.shm_name:
+            with self._lock:
+                shm.set_layout_field(self.shm_name, table, "loaded", mark)
+        elif mark is None:
+            self._marks.pop(table, None)
+        else:
+            self._marks[table] = mark
 
     def tables(self):
         names = set(self._tables)

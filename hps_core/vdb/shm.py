@@ -545,6 +545,17 @@ def write_header(name: str, tables: dict) -> None:
         tmp.unlink(missing_ok=True)  # written and renamed, or failed (a full tmpfs)
 
 
+def set_layout_field(name: str, table: str, field: str, value: object) -> None:
+    """Set (value None: remove) one field of a published table's layout."""
+    header = read_header(name)
+    if table in header:
+        if value is None:
+            header[table].pop(field, None)
+        else:
+            header[table][field] = value
+        write_header(name, header)
+
+
 def publish(name: str, table: str, layout: dict) -> None:
     """Announce a table created in shared memory to other processes."""
     header = read_header(name)
