@@ -165,12 +165,19 @@ def cmd_repo(args: argparse.Namespace) -> int:
     from .repo import write_repository
 
     writable_dir(args.out, "the repository directory")
+    slots, dim = 26, args.dim  # the synthetic model's tables
     if args.config:  # read it before anything is written (write_repository reads it again)
         from .config import load_config_dict
 
-        load_config_dict(args.config)
+        models = load_config_dict(args.config).get("models")
+        first = models[0] if isinstance(models, list) and models else {}
+        files = first.get("sparse_files") if isinstance(first, dict) else None
+        dims = first.get("embedding_vecsize_per_table") if isinstance(first, dict) else None
+        slots = len(files) if isinstance(files, list) else None
+        dim = dims[0] if isinstance(dims, list) and dims and len(set(map(str, dims))) == 1 else None
+        dim = int(dim) if isinstance(dim, (int, str)) and str(dim).isdigit() else None
     if args.onnx:
-        check_dense_onnx(args.onnx)
+        check_dense_onnx(args.onnx, slots, dim)
     spec = write_repository(
         args.out, config=args.config, onnx=args.onnx, name=args.name, rows=args.rows,
         dim=args.dim, instances=args.instances, max_batch_size=args.max_batch_size,

@@ -148,9 +148,10 @@ def writable_dir(path: str, what: str) -> None:
         raise HPSError(f"{path}: exists and is not a directory; expected {what}")
 
 
-def check_dense_onnx(path: str) -> None:
-    """``--onnx`` must be an ONNX model with the dense inputs the ensemble feeds."""
-    from .dense import DENSE_INPUT, EMB_INPUT, describe_onnx
+def check_dense_onnx(path: str, slots: int | None = None, dim: int | None = None) -> None:
+    """``--onnx`` must be an ONNX model with the dense inputs the ensemble feeds, and, given
+    the config's tables (``slots`` of ``dim``), an EMB input as wide and a PROB output."""
+    from .dense import DENSE_INPUT, EMB_INPUT, check_ensemble_io, describe_onnx
     from .errors import ModelFileError
 
     try:
@@ -164,3 +165,8 @@ def check_dense_onnx(path: str) -> None:
             f"--onnx {path}: no input {', '.join(map(repr, missing))}; its inputs are {names}, "
             f"expected {DENSE_INPUT!r} [B, 13] and {EMB_INPUT!r} [B, slots * dim] (`hps dense`)"
         )
+    if slots is not None and dim is not None:
+        try:
+            check_ensemble_io(io, path, slots, dim)
+        except ModelFileError as e:
+            raise HPSError(f"--onnx {e}") from None

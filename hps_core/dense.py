@@ -206,7 +206,7 @@ def dense_forward(
     for k in range(len(arch.bottom)):
         h = np.maximum(h @ w[f"bot_w{k}"] + w[f"bot_b{k}"], 0.0)
     t = np.concatenate([h[:, None, :], e.reshape(-1, S, D).astype(np.float64)], axis=1)
-    z = np.einsum("bid,bjd->bij", t, t).reshape(len(t), -1)[:, _pair_indices(S + 1)]
+    z = np.einsum("bid,bjd->bij", t, t).reshape(len(t), (S + 1) ** 2)[:, _pair_indices(S + 1)]
     h = np.concatenate([h, z], axis=1)
     for k in range(len(arch.top)):
         h = h @ w[f"top_w{k}"] + w[f"top_b{k}"]
@@ -241,7 +241,7 @@ class DeviceDense:
         for k in range(len(arch.bottom)):
             h = xp.maximum(h @ w[f"bot_w{k}"] + w[f"bot_b{k}"], 0.0)
         t = xp.concatenate([h[:, None, :], emb.reshape(-1, S, D)], axis=1)
-        z = xp.matmul(t, t.transpose(0, 2, 1)).reshape(len(t), -1)[:, self.pairs]
+        z = xp.matmul(t, t.transpose(0, 2, 1)).reshape(len(t), (S + 1) ** 2)[:, self.pairs]
         h = xp.concatenate([h, z], axis=1)
         for k in range(len(arch.top)):
             h = h @ w[f"top_w{k}"] + w[f"top_b{k}"]
@@ -437,6 +437,35 @@ def _tensor_info(vi) -> TensorInfo:
     dims = tt.shape.dim if tt.HasField("shape") else []
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
     return TensorInfo(vi.name, dtype, datatype, shape)
+
+
+def check_ensemble_io(io: OnnxIO, path: str | os.PathLike, slots: int, dim: int) -> None:
+    """An ONNX model fits the ensemble: inputs DENSE [B, n] and EMB [B, slots * dim] (the
+    embedding model's output for this config), output PROB; a ModelFileError naming the tensor
+    otherwise (a model made for other tables failed every request at the dense step)."""
+    names = {t.name: t for t in io.inputs}
+    for name in (DENSE_INPUT, EMB_INPUT):
+        if name not in names:
+            raise ModelFileError(
+                str(path), f"no input '{name}'; its inputs are {sorted(names)}, expected "
+                f"'{DENSE_INPUT}' [B, n] and '{EMB_INPUT}' [B, {slots * dim}]",
+            )  # fmt: skip
+    emb = names[EMB_INPUT].shape
+    if len(emb) != 2 or emb[-1] not in (-1, slots * dim):
+        raise ModelFileError(
+            str(path), f"input '{EMB_INPUT}' has shape {list(emb)}, expected [B, {slots * dim}]: "
+            f"{slots} tables of dim {dim}, as the config has them",
+        )  # fmt: skip
+    if len(names[DENSE_INPUT].shape) != 2:
+        raise ModelFileError(
+            str(path), f"input '{DENSE_INPUT}' has shape {list(names[DENSE_INPUT].shape)}, "
+            "expected [B, n]",
+        )  # fmt: skip
+    if PROB_OUTPUT not in {t.name for t in io.outputs}:
+        raise ModelFileError(
+            str(path), f"no output '{PROB_OUTPUT}'; its outputs are "
+            f"{[t.name for t in io.outputs]}, expected '{PROB_OUTPUT}' [B, 1]",
+        )  # fmt: skip
 
 
 def describe_onnx(path: str | os.PathLike) -> OnnxIO:

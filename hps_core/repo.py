@@ -159,7 +159,7 @@ def write_repository(
     max_batch_size: int = 4096,
 ) -> RepoSpec:
     """Write (or refresh) a model repository; generates a synthetic model when none is given."""
-    from .dense import DENSE_INPUT, describe_onnx, save_dense_model
+    from .dense import DENSE_INPUT, check_ensemble_io, describe_onnx, save_dense_model
     from .synth import criteo_vocab_sizes, make_model, model_spec
 
     root = Path(root).resolve()
@@ -198,11 +198,13 @@ def write_repository(
     dense_dir = root / f"{name}_dense" / "1"
     dense_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = dense_dir / "model.onnx"
+    if onnx is None and not onnx_path.is_file():
+        save_dense_model(onnx_path, dim=dim, seed=seed, num_slots=slots)
+    source = onnx_path if onnx is None else onnx
+    io = describe_onnx(source)
+    check_ensemble_io(io, source, slots, dim)  # before it is copied into the repository
     if onnx is not None:
         shutil.copy2(onnx, onnx_path)
-    elif not onnx_path.is_file():
-        save_dense_model(onnx_path, dim=dim, seed=seed, num_slots=slots)
-    io = describe_onnx(onnx_path)
     num_dense = int(next(i for i in io.inputs if i.name == DENSE_INPUT).shape[-1])
 
     spec = RepoSpec(

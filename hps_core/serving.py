@@ -157,7 +157,9 @@ class EmbeddingService:
         self.session: LookupSession = self.server.session(model)
         self.model = model
         m = next(x for x in self.server.config.models if x.model == model)
-        self.max_keys = int(max_keys) if max_keys else m.max_keys_per_request()
+        if max_keys is not None and (isinstance(max_keys, bool) or int(max_keys) < 1):
+            raise ConfigError("parameters.max_keys", max_keys, "an integer >= 1")
+        self.max_keys = int(max_keys) if max_keys is not None else m.max_keys_per_request()
         self.dims = [t.dim for t in self.session.tables]
         self.on_device = bool(output_on_device) and self.session.device.eligible
         self.warm_up_seconds: float | None = None
@@ -208,9 +210,11 @@ class EmbeddingService:
         )
         max_keys = params.get("max_keys")
         try:
-            max_keys_n = int(max_keys) if max_keys else None
+            max_keys_n = int(max_keys) if max_keys not in (None, "") else None
         except ValueError:
-            raise ConfigError("parameters.max_keys", max_keys, "an integer") from None
+            max_keys_n = 0
+        if max_keys_n is not None and max_keys_n < 1:  # 0 meant the default; -5 refused all
+            raise ConfigError("parameters.max_keys", max_keys, "an integer >= 1") from None
         return cls(
             cfg,
             model,

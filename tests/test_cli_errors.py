@@ -247,16 +247,40 @@ def test_repo_config_that_is_not_one_names_it(tmp_path, capsys, kind):
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "not onnx", "no DENSE input"])
+def _onnx_without_prob(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("DENSE", TensorProto.FLOAT, [None, 13])
+    e = helper.make_tensor_value_info("EMB", TensorProto.FLOAT, [None, 12])  # 3 tables x dim 4
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 13])
+    graph = helper.make_graph([helper.make_node("Identity", ["DENSE"], ["Y"])], "g", [x, e], [y])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+ONNX_MISFITS = {"no DENSE input": ["'DENSE'"], "EMB of other tables": ["'EMB'", "[B, 12]"],
+                "no PROB output": ["'PROB'"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["missing", "not onnx", *ONNX_MISFITS])
 def test_repo_onnx_that_does_not_fit_names_it(model, tmp_path, capsys, kind):
+    """A model made for other tables (EMB [B, 97 * 5], the config has 3 x 4) used to be taken: every request then
+    failed at the dense step."""
+    from hps_core.dense import save_dense_model
+
     onnx_file = tmp_path / "m.onnx"
     if kind == "not onnx":
         onnx_file.write_text("hello")
     elif kind == "no DENSE input":
         _onnx_without_dense(onnx_file)
+    elif kind == "no PROB output":
+        _onnx_without_prob(onnx_file)
+    elif kind == "EMB of other tables":
+        save_dense_model(onnx_file, dim=97, seed=0, num_slots=5)
     repo = tmp_path / "repo"
     rc, out = hps(capsys, "repo", repo, "--config", model[0].config_path, "--onnx", onnx_file)
-    assert_error(rc, out, "--onnx", onnx_file, *(["'DENSE'"] if kind == "no DENSE input" else []))
+    assert_error(rc, out, "--onnx" if kind in ("missing", "not onnx") else "", onnx_file,
+                 *ONNX_MISFITS.get(kind, []))  # fmt: skip
     assert not repo.exists()
 
 

@@ -182,6 +182,9 @@ def test_warm_up_parameter_and_a_failing_warm_up(files, monkeypatch, caplog):
     assert svc.warm_up_seconds is None
     with pytest.raises(ConfigError, match="parameters.warm_up"):
         EmbeddingService.from_parameters({**params, "warm_up": "maybe"})
+    for bad in ("-5", "0", "many"):  # -5 refused every request, 0 meant the default
+        with pytest.raises(ConfigError, match="parameters.max_keys"):
+            EmbeddingService.from_parameters({**params, "max_keys": bad})
 
     def broken(session, io, max_keys):
         raise RuntimeError("scratch cache allocation failed")
