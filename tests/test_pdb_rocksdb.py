@@ -483,3 +483,32 @@ def test_a_full_disk_fails_writes_clearly_keeps_reads_and_recovers_when_room_ret
     assert 0 < out["written_before"] < 60_000 and out["read_while_full"]
     assert out["all_equal"] and out["reopened_equal"]
     assert out["tables"] == [T, "hps_et.model.table1"]
+
+
+def test_damaged_metadata_is_named_and_leaves_the_database_unlocked(tmp_path):
+    """A non-number dim in the metadata raised a bare ValueError, and the failed open kept the
+    database and its LOCK while the error lived: a repair from the except block failed."""
+    with RocksDBPDB(tmp_path / "db") as db:
+        db.create_table(T, 4)
+        db.set_meta("note", "kept")
+    opts = lambda: Options(raw_mode=True)  # noqa: E731
+    raw = Rdict(str(tmp_path / "db"), opts(), column_families={"hps_meta": opts(), T: opts()})
+    meta = raw.get_column_family("hps_meta")
+    meta.put(b"dim:" + T.encode(), b"abc")
+    meta.put(b"meta:bytes", b"\xff\xfe")
+    del meta
+    raw.close()
+    try:
+        RocksDBPDB(tmp_path / "db")
+        raise AssertionError("opened a database with damaged metadata")
+    except StorageError as e:
+        assert "hps_meta" in str(e) and f"dim:{T}" in str(e) and "b'abc'" in str(e)
+        fix = Rdict(str(tmp_path / "db"), opts(), column_families={"hps_meta": opts(), T: opts()})
+        cf = fix.get_column_family("hps_meta")
+        cf.put(b"dim:" + T.encode(), b"4")
+        del cf
+        fix.close()
+    with RocksDBPDB(tmp_path / "db") as db:
+        assert db.dim(T) == 4 and db.get_meta("note") == "kept"
+        with pytest.raises(StorageError, match="metadata 'bytes' holds .*not UTF-8"):
+            db.get_meta("bytes")

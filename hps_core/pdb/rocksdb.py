@@ -187,21 +187,43 @@ class RocksDBPDB(PersistentDB):
         mode = "secondary" if self.secondary_path else "read-only" if read_only else "read-write"
         with self._io(f"opening ({mode})", write=False):
             self._db = Rdict(self.path, opts, column_families=families, access_type=access)
-            self._cfs = {n: self._db.get_column_family(n) for n in families}
-            self._handles = {n: self._db.get_column_family_handle(n) for n in families}
-            if META_CF not in self._cfs and not read_only:
-                self._create_cf(META_CF)
-            self._dims = self._read_dims()
+        try:
+            with self._io(f"opening ({mode})", write=False):
+                self._cfs = {n: self._db.get_column_family(n) for n in families}
+                self._handles = {n: self._db.get_column_family_handle(n) for n in families}
+                if META_CF not in self._cfs and not read_only:
+                    self._create_cf(META_CF)
+                self._dims = self._read_dims()
+        except BaseException:  # e.g. damaged metadata: the database (and its lock) goes too
+            self._cfs, self._handles = {}, {}
+            self._release_quietly()
+            raise
 
     def _read_dims(self) -> dict[str, int]:
         meta = self._cfs.get(META_CF)
         if meta is None:
             return {}
-        dims = {}
+        raw = []
         for k, v in meta.items(from_key=_DIM):
             if not k.startswith(_DIM):
                 break
-            dims[k[len(_DIM) :].decode()] = int(v)
+            raw.append((k, v))
+        # No column family object may outlive a failed open in this frame (a traceback keeps
+        # it): rocksdict keeps the database, and its lock, open while one lives.
+        del meta
+        dims = {}
+        for k, v in raw:
+            try:
+                table, dim = k[len(_DIM) :].decode(), int(v)
+            except ValueError:  # UnicodeDecodeError included
+                dim = 0
+            if not 1 <= dim <= 1 << 20:
+                raise StorageError(
+                    f"RocksDB at {self.path}: metadata '{META_CF}' key {k!r} holds {v[:40]!r}, "
+                    "expected a table's dim (1 to 1048576): the database is damaged or not "
+                    "written by hps"
+                )
+            dims[table] = dim
         return dims
 
     def _create_cf(self, name: str) -> None:
@@ -469,7 +491,12 @@ class RocksDBPDB(PersistentDB):
         if meta is None:
             return None
         v = meta.get(_META + key.encode())
-        return v.decode() if v is not None else None
+        try:
+            return v.decode() if v is not None else None
+        except UnicodeDecodeError:
+            raise StorageError(
+                f"RocksDB at {self.path}: metadata '{key}' holds {v[:40]!r}, not UTF-8 text"
+            ) from None
 
     def flush(self, table: str) -> None:
         """Write a table's memtables to disk and wait: after a bulk load the rows are in SST
