@@ -17,6 +17,9 @@ import numpy as np
 RESULTS = Path("benchmarks") / "results"  # relative to where the benchmark is run
 
 
+_LOAD_AT_START = [round(x, 2) for x in os.getloadavg()]
+
+
 def machine() -> dict:
     """What ran the benchmark: CPU, cores, memory, GPU (if any) and package versions."""
     import psutil
@@ -46,9 +49,9 @@ def machine() -> dict:
         "platform": platform.platform(),
         "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        # the 1/5/15-minute run queue when the run began: other work on a small shared
-        # machine takes a core from a parallel contender (and not from a serial baseline)
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        # the 1/5/15-minute run queue when the benchmark's process started: other work on a
+        # small shared machine takes a core from a parallel contender (not from a serial one)
+        "load_average_at_start": _LOAD_AT_START,
     }
 
 
