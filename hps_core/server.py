@@ -345,12 +345,18 @@ class ParameterServer:
                 key = f"loaded:{t.store_name}"
                 before = self.pdb.get_meta(key)
                 if before != fingerprint:
-                    if before:  # another file's rows: a key it had and this one lacks must go
-                        self.pdb.set_meta(key, "")
-                        self.pdb.clear_table(t.store_name)
+                    if before:  # until the rows of that file are gone, whatever happens
+                        self.pdb.set_meta(key, STALE)
                     self._copy_rows(
                         f, f.rows, f"{m.model}/{t.name} -> RocksDB", self.pdb, t.store_name
                     )
+                    if before:  # another file's rows: a key it had and this one lacks goes
+                        # (after the copy: other processes reading meanwhile get the old row
+                        # or the new one, never a default)
+                        keys = np.unique(np.concatenate([k for _, k in f.iter_keys()]))
+                        gone = self.pdb.delete_except(t.store_name, keys)
+                        log.info("%s: %d rows of keys not in %s removed", t.store_name, gone,
+                                 f.path)  # fmt: skip
                     self.pdb.flush(t.store_name)  # on disk: no memtable memory left behind
                     self.pdb.set_meta(key, fingerprint)
                     self.pdb.set_meta(updated_meta(t.store_name), "")  # the file's rows again
@@ -367,7 +373,9 @@ class ParameterServer:
                 return
             mark = self.vdb.load_mark(t.store_name)
             if mark and not mark.startswith(f"{fingerprint}|"):  # loaded from another file
-                self.vdb.drop_table(t.store_name)  # whose keys this one may lack
+                log.info("VDB table %s was loaded from another file: made anew", t.store_name)
+                self.vdb.drop_table(t.store_name)  # whose keys this one may lack (meanwhile
+                # lookups read RocksDB, which holds the new file's rows by now)
                 self.vdb.create_table(
                     t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
                 )
@@ -533,6 +541,11 @@ class ParameterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+STALE = "stale: another file's rows to remove"
+"""The PDB's loaded-mark while a new file replaces another's rows (a load cut short by a
+crash then still removes the old file's keys the next time)."""
 
 
 def updated_meta(table: str) -> str:

@@ -248,19 +248,23 @@ def test_a_secondary_keeps_up_when_the_primary_adds_and_flushes_tables_under_rea
     primary.close()
 
 
-def test_clear_table_removes_every_row_and_keeps_the_table(tmp_path):
-    keys, vecs = rows(500, 4, seed=8)
+def test_delete_except_keeps_only_the_given_keys_and_secondaries_follow(tmp_path):
+    keys, vecs = rows(3000, 4, seed=8)
     primary = RocksDBPDB(tmp_path / "db")
     primary.create_table(T, 4)
     primary.upsert(T, keys, vecs)
     sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
-    primary.clear_table(T)
-    assert primary.size(T) == 0 and not primary.contains(T, keys).any()
-    primary.upsert(T, keys[:10], vecs[:10])
-    sec.catch_up()
-    got, found = sec.fetch(T, keys)
-    np.testing.assert_array_equal(found, np.arange(len(keys)) < 10)  # extremes included
-    np.testing.assert_array_equal(got[:10], vecs[:10])
+    keep = np.sort(np.concatenate([keys[::3], absent_keys(keys, 5)]))  # absent ones: no-ops
+    assert primary.delete_except(T, keep, chunk=500) == len(keys) - len(keys[::3])
+    want = np.isin(keys, keep)
+    for db in (primary, sec):
+        if db is sec:
+            sec.catch_up()
+        got, found = db.fetch(T, keys)
+        np.testing.assert_array_equal(found, want)
+        np.testing.assert_array_equal(got[found], vecs[want])
+    assert primary.delete_except(T, np.zeros(0, np.int64)) == len(keys[::3])
+    assert primary.size(T) == 0
     sec.close()
     primary.close()
 

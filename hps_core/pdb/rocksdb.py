@@ -325,13 +325,41 @@ class RocksDBPDB(PersistentDB):
             del self._cfs[table], self._handles[table]
             self._db.drop_column_family(table)
 
-    def clear_table(self, table: str) -> None:
-        """Delete every row of a table, keeping the table (one range deletion: secondaries
-        following this database keep their column family)."""
-        self._writable("clear", table)
-        cf = self._cf(table)
-        with self._io(f"clearing table '{table}'"):
-            cf.delete_range(b"", b"\xff" * 9)  # every 8-byte key sorts below 9 bytes of 0xff
+    def delete_except(self, table: str, keep: np.ndarray, chunk: int = 1 << 16) -> int:
+        """Delete every row whose key is not in ``keep`` (sorted unique int64 keys); returns how
+        many went. Reads the table's keys in chunks (the iterator's snapshot: the deletes do
+        not disturb it), so a table of any size needs only ``keep`` in memory."""
+        self._writable("delete from", table)
+        self._cf(table)
+        handle = self._handles[table]
+        gone = 0
+
+        def drop(batch: list[bytes]) -> int:
+            short = [k for k in batch if len(k) != 8]  # not a key of ours: it goes too
+            ks = np.frombuffer(b"".join(k for k in batch if len(k) == 8), "<i8")
+            pos = np.minimum(np.searchsorted(keep, ks), max(len(keep) - 1, 0))
+            absent = ks[keep[pos] != ks] if len(keep) else ks
+            if not len(absent) and not short:
+                return 0
+            wb = WriteBatch(raw_mode=True)
+            wb.set_default_column_family(handle)
+            for k in [*_key_bytes(absent), *short]:
+                wb.delete(k)
+            with self._io(f"deleting rows of '{table}'"):
+                self._db.write(wb)
+            return len(absent) + len(short)
+
+        with self._gate.read():
+            cf = self._cf(table)
+            batch: list[bytes] = []
+            with self._io(f"reading table '{table}'", write=False):
+                for k in cf.keys():
+                    batch.append(k)
+                    if len(batch) == chunk:
+                        gone += drop(batch)
+                        batch = []
+            gone += drop(batch) if batch else 0
+        return gone
 
     def tables(self) -> list[str]:
         """Names of the tables present."""
