@@ -26,9 +26,9 @@ from .vdb.base import VolatileDB
 log = logging.getLogger(__name__)
 
 
-MAX_HELD_KEYS = 4_000_000
-"""Keys of updates the shared stores have not applied that RecentUpdates keeps past its grace
-(32 MiB of keys; beyond, the oldest go)."""
+MAX_HELD_KEYS = 1_000_000
+"""Keys of updates the shared stores have not applied that RecentUpdates keeps past its grace,
+per table (8 MiB of keys; beyond, the oldest go)."""
 
 
 class RecentUpdates:

@@ -394,34 +394,38 @@ class StoreProgress:
     stream: the lowest over the groups present of (the oldest pending entry - 1, else the last
     delivered one), as an entry version; None while no such group exists.
 
-    ``through`` never waits on Redis: it answers the last value read and, when that is over
-    ``interval`` seconds old, reads the groups again on a thread of its own. It is asked under
-    the L1 caches' locks, on the lookup path.
+    ``through`` never waits on Redis: it answers the last value read. One thread of its own
+    reads the groups every ``interval`` seconds while ``through`` was asked lately (it is
+    asked under the L1 caches' locks, on the lookup path) and rests otherwise.
     """
 
     def __init__(self, client: redis.Redis, stream: str, groups: list[str], interval: float = 0.5):
         self.client, self.stream, self.groups, self.interval = client, stream, groups, interval
         self._value: int | None = None
-        self._read_at = float("-inf")
-        self._reading = threading.Lock()
+        self._asked = float("-inf")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
 
     def through(self) -> int | None:
-        if time.monotonic() - self._read_at > self.interval and self._reading.acquire(False):
-            threading.Thread(target=self._refresh, name="hps-store-progress", daemon=True).start()
+        self._asked = time.monotonic()
+        if self._thread is None and not self._stop.is_set():
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="hps-store-progress", daemon=True
+                    )
+                    self._thread.start()
         return self._value
 
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self.interval):
+            if time.monotonic() - self._asked < 20 * self.interval:
+                self.refresh()
+
     def refresh(self) -> int | None:
-        """Read the groups now (``through`` does it in the background)."""
-        with self._reading:
-            return self._read()
-
-    def _refresh(self) -> None:
-        try:
-            self._read()
-        finally:
-            self._reading.release()
-
-    def _read(self) -> int | None:
+        """Read the groups now."""
         try:
             info = {_text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
             done = []
@@ -437,8 +441,12 @@ class StoreProgress:
             self._value = min(done) if done else None
         except (redis.RedisError, OSError) as e:  # keep the last value: expiry only waits
             log.debug("reading the stores' progress on %s failed: %s", self.stream, e)
-        self._read_at = time.monotonic()
         return self._value
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 def store_groups(update_source: object) -> list[str]:
@@ -519,8 +527,10 @@ def server_ingestors(server: object) -> list[Ingestor]:
 
     client = connect(u.brokers, u.user_name, u.password)
     sinks: list[Sink] = [TierSink("vdb", vdb)] if own_vdb else []
+    progress = None
     if any(t.cache is not None for s in server.sessions.values() for t in s.tables):
-        sinks.append(CacheSink(server, StoreProgress(client, u.stream, store_groups(u))))
+        progress = StoreProgress(client, u.stream, store_groups(u))
+        sinks.append(CacheSink(server, progress))
     if sinks:
         out.append(
             Ingestor(
@@ -541,6 +551,8 @@ def server_ingestors(server: object) -> list[Ingestor]:
                 transient=True,
             )
         )
+        if progress is not None:
+            out[-1].owned.append(progress)  # stopped with the ingestor
     else:
         client.close()
     return out

@@ -571,3 +571,10 @@ def test_store_progress_is_the_slowest_groups_oldest_unapplied_entry(redis_stand
     client.xack("s", "a", ids[2], ids[3])
     assert progress.refresh() == version_of(ids[3])
     assert progress.through() == version_of(ids[3])  # the last value read, at once
+    last = client.xadd("s", {"n": 4})
+    for g in ("a", "b"):
+        client.xreadgroup(g, "c", {"s": ">"}, count=1)
+        client.xack("s", g, last)
+    wait_for(lambda: progress.through() == version_of(last))  # read again by its own thread
+    progress.close()
+    assert not progress._thread.is_alive()
