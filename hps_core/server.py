@@ -362,23 +362,21 @@ class ParameterServer:
                     self.pdb.set_meta(updated_meta(t.store_name), "")  # the file's rows again
         if self.vdb is not None:
             rows = int(f.rows * v.initial_cache_rate) if v.initialize_after_startup else 0
-            self.vdb.create_table(
-                t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
-            )
-            # Online updates since the file was loaded live in RocksDB: the VDB takes those
-            # rows, not the file's, or it would answer with rows the updates replaced.
-            newer = self.pdb if self.pdb is not None and self.pdb.get_meta(
-                updated_meta(t.store_name)) else None  # fmt: skip
-            if rows and self._vdb_holds(t.store_name, fingerprint, rows):
-                return
-            mark = self.vdb.load_mark(t.store_name)
+            mark = self.vdb.load_mark(t.store_name)  # None: no such table, or not loaded whole
             if mark and not mark.startswith(f"{fingerprint}|"):  # loaded from another file
                 log.info("VDB table %s was loaded from another file: made anew", t.store_name)
                 self.vdb.drop_table(t.store_name)  # whose keys this one may lack (meanwhile
                 # lookups read RocksDB, which holds the new file's rows by now)
-                self.vdb.create_table(
-                    t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
-                )
+                mark = None
+            self.vdb.create_table(
+                t.store_name, t.dim, dtype=v.storage_dtype, capacity_hint=max(rows, 1)
+            )
+            if rows and self._vdb_holds(t.store_name, mark, fingerprint, rows):
+                return
+            # Online updates since the file was loaded live in RocksDB: the VDB takes those
+            # rows, not the file's, or it would answer with rows the updates replaced.
+            newer = self.pdb if self.pdb is not None and self.pdb.get_meta(
+                updated_meta(t.store_name)) else None  # fmt: skip
             if rows:
                 self.vdb.set_load_mark(t.store_name, None)  # a load cut short leaves no mark
                 self._copy_rows(f, rows, f"{m.model}/{t.name} -> VDB", self.vdb, t.store_name,
@@ -389,13 +387,12 @@ class ParameterServer:
                 size = self.vdb.size(t.store_name)
                 self.vdb.set_load_mark(t.store_name, f"{fingerprint}|{rows}|{size}")
 
-    def _vdb_holds(self, table: str, fingerprint: str, rows: int) -> bool:
+    def _vdb_holds(self, table: str, mark: str | None, fingerprint: str, rows: int) -> bool:
         """Whether a VDB that outlives this process (Redis) holds ``table`` loaded in full from
-        this very file before, with every row it had then: it keeps it as it is, with the rows
-        online updates wrote since, which a second load of the file would roll back when no
-        RocksDB holds them. A table with fewer rows than then (a Redis node restarted empty,
-        evictions) is loaded again."""
-        mark = self.vdb.load_mark(table)
+        this very file before (its load ``mark``), with every row it had then: it keeps it as
+        it is, with the rows online updates wrote since, which a second load of the file would
+        roll back when no RocksDB holds them. A table with fewer rows than then (a Redis node
+        restarted empty, evictions) is loaded again."""
         if mark is None:
             return False
         head, _, size = mark.rpartition("|")

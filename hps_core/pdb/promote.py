@@ -27,10 +27,11 @@ class Promoter:
     after the VDB evicted the new one) would serve the old row from the VDB for good.
 
     ``vdb``: anything with ``insert_missing(table, keys, vectors, source)``; ``pdb``: anything
-    with ``fetch(table, keys) -> (vectors, found)``, or None (no check against it). ``max_pending``: submissions the
-    queue holds; beyond it a submission is dropped and counted (the rows stay in the PDB, so a
-    drop only costs a later PDB read). Counters: ``promoted`` (rows inserted), ``dropped``
-    (submissions dropped), ``dropped_rows``, ``failed`` (submissions whose upsert raised).
+    with ``fetch(table, keys) -> (vectors, found)``, or None (no check against it).
+    ``max_pending``: submissions the queue holds; beyond it a submission is dropped and counted
+    (the rows stay in the PDB, so a drop only costs a later PDB read). Counters: ``promoted``
+    (rows inserted), ``dropped`` (submissions dropped), ``dropped_rows``, ``failed``
+    (submissions whose insert raised).
     """
 
     def __init__(self, vdb: object, pdb: object = None, max_pending: int = 64):

@@ -330,8 +330,6 @@ class RocksDBPDB(PersistentDB):
         many went. Reads the table's keys in chunks (the iterator's snapshot: the deletes do
         not disturb it), so a table of any size needs only ``keep`` in memory."""
         self._writable("delete from", table)
-        self._cf(table)
-        handle = self._handles[table]
         gone = 0
 
         def drop(batch: list[bytes]) -> int:
@@ -349,8 +347,8 @@ class RocksDBPDB(PersistentDB):
                 self._db.write(wb)
             return len(absent) + len(short)
 
-        with self._gate.read():
-            cf = self._cf(table)
+        with self._gate.read():  # the handles of this opening of the database
+            cf, handle = self._cf(table), self._handles[table]
             batch: list[bytes] = []
             with self._io(f"reading table '{table}'", write=False):
                 for k in cf.keys():

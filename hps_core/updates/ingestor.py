@@ -449,12 +449,17 @@ class StoreProgress:
             self._thread.join(5)
 
 
+def default_group(scope: str) -> str:
+    """The consumer group of a scope's store ingestor when the config names none."""
+    return f"hps:{scope}"
+
+
 def store_groups(update_source: object) -> list[str]:
     """The consumer groups that write the shared stores: the configured one, else the default
     group of each scope that writes a store (``ingestor_for``)."""
     if update_source.group:
         return [update_source.group]
-    return ["hps:all", "hps:shared", "hps:local"]
+    return [default_group(s) for s in ("all", "shared", "local")]
 
 
 def _entries(got: object) -> list:
@@ -607,7 +612,7 @@ def ingestor_for(
     if vs_redis is None:
         vs_redis = RedisVDB(u.brokers, user_name=u.user_name, password=u.password)
         owned.append(vs_redis)
-    g = group or u.group or f"hps:{scope}"
+    g = group or u.group or default_group(scope)
     ing = Ingestor(
         client,
         sinks,

@@ -316,17 +316,15 @@ class RedisVDB(RedisReads, VolatileDB):
         script whole, so no other client's write lands between the check and the insert.
         ``source`` is read just before: an update that writes it and this table, and whose
         row is then evicted, all between that read and the script, is the one race left."""
-        if source is not None:
-            k = _keys(keys)
-            v = _vectors(vectors, len(k), self._table(table).dim, table)
-            keep = still_held(source, k, v)
-            keys, vectors = k[keep], v[keep]
-        return self._write(table, keys, vectors, missing_only=True)
+        return self._write(table, keys, vectors, missing_only=True, source=source)
 
-    def _write(self, table, keys, vectors, missing_only: bool) -> int:
+    def _write(self, table, keys, vectors, missing_only: bool, source=None) -> int:
         m = self._table(table)
         k = _keys(keys)
         v = _vectors(vectors, len(k), m.dim, table)
+        if source is not None:
+            keep = still_held(source, k, v)
+            k, v = k[keep], v[keep]
         if len(k) == 0:
             return 0
         if len(np.unique(k)) != len(k):  # later duplicates win: keep each key's last row

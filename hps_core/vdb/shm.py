@@ -460,7 +460,7 @@ def attach(name: str, table: str, readonly: bool) -> Table | None:
             continue
         if not t.clock[1] and read_header(name).get(table) == h:
             if not readonly:
-                _recover(table, t, h["icap"])
+                _recover(table, t)
             return t
     raise error or StorageError(
         f"shared VDB table '{table}' was dropped and created again {ATTACH_TRIES} times while "
@@ -501,13 +501,14 @@ def _map(name: str, table: str, readonly: bool, h: dict) -> Table:
     return Table(dim, h["dtype"], P, h["policy"], arrays, count, seq, clock)
 
 
-def _recover(table: str, t: Table, icap: int) -> None:
+def _recover(table: str, t: Table) -> None:
     """Empty the partitions whose seqlock a writer left odd (it died inside a batch). Each
     counter stays odd, so readers do not trust the partition, until it is empty."""
     dirty = np.flatnonzero(t.seq & np.uint64(1))
     if not len(dirty):
         return
     lost = int(t.count[dirty].sum())
+    icap = t.arr.icap
     for p in dirty:
         t.count[p] = 0
         t.arr.index[p * icap : (p + 1) * icap] = 0
