@@ -4,6 +4,7 @@ corrupted rows; and the background promoter into a VDB."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -248,6 +249,151 @@ def test_a_secondary_keeps_up_when_the_primary_adds_and_flushes_tables_under_rea
     primary.close()
 
 
+def _secondary_reads(sec: RocksDBPDB, keys: np.ndarray, want: np.ndarray, tries: int = 20) -> bool:
+    """Whether the secondary serves ``want`` for ``keys`` within a few catch-ups."""
+    for _ in range(tries):
+        sec.catch_up()
+        got, found = sec.fetch(T, keys)
+        if found.all() and np.array_equal(got, want):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_secondary_reads_the_rows_a_flush_wrote(tmp_path, wait):
+    """A secondary that replayed v1 from the log before the primary wrote v2 and flushed kept
+    serving v1: its memtable was never dropped (the rest of the flushed log is not replayed),
+    for as long as the table got no further write."""
+    keys, vecs = rows(50, 4, seed=11)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 4)
+    primary.upsert(T, keys, vecs)
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    primary.upsert(T, keys, vecs + 1)
+    sec.catch_up()  # the secondary replayed v2; the primary writes v3 of some keys, flushes
+    np.testing.assert_array_equal(sec.fetch(T, keys)[0], vecs + 1)
+    primary.upsert(T, keys[:10], vecs[:10] + 2)
+    if wait:
+        primary.flush(T)  # as after a load
+    else:
+        primary.flush(T, wait=False)  # as the online updates flush
+    assert _secondary_reads(sec, keys[:10], vecs[:10] + 2)
+    # the flushed rows stay as written: what the SEAL_KEY record adds is invisible
+    dump_keys, dump_vecs = primary.dump(T)
+    assert np.array_equal(np.sort(dump_keys), np.sort(keys)) and primary.size(T) == len(keys)
+    got, _ = sec.fetch(T, keys)
+    np.testing.assert_array_equal(got[10:], vecs[10:] + 1)
+    sec.close()
+    primary.close()
+
+
+def test_a_secondary_reads_the_last_rows_of_a_primary_that_closed_or_was_killed(tmp_path):
+    """A secondary that replayed part of a primary's log went on serving those rows, not the
+    later ones, once another primary opened the database (an ingestor restarted, or killed and
+    started again) and until that one flushed the table."""
+    keys, vecs = rows(20, 4, seed=12)
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, 4)
+    primary.upsert(T, keys, vecs)
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    primary.upsert(T, keys, vecs + 1)
+    sec.catch_up()
+    primary.upsert(T, keys, vecs + 2)
+    primary.close()
+    primary = RocksDBPDB(tmp_path / "db")
+    assert _secondary_reads(sec, keys, vecs + 2)
+    primary.close()
+
+    writer = f"""
+import os, sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from hps_core.pdb.rocksdb import RocksDBPDB
+keys = np.array({keys.tolist()}, np.int64)
+db = RocksDBPDB({str(tmp_path / "db")!r})
+db.upsert({T!r}, keys, np.full((len(keys), 4), 3, np.float32))
+print("written", flush=True)
+sys.stdin.readline()
+db.upsert({T!r}, keys, np.full((len(keys), 4), 4, np.float32))
+os.kill(os.getpid(), 9)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "written"
+    assert _secondary_reads(sec, keys, np.full((len(keys), 4), 3, np.float32))
+    proc.communicate("\n", timeout=60)
+    assert proc.returncode == -9
+    primary = RocksDBPDB(tmp_path / "db")  # the killed writer's successor
+    assert _secondary_reads(sec, keys, np.full((len(keys), 4), 4, np.float32))
+    sec.close()
+    primary.close()
+
+
+def _online_updates(tmp_path, name: str, **flush) -> tuple[list[int], bool]:
+    """Rows written through the ingestor's PDB sink in 4000-row batches, a secondary catching
+    up after each: the secondary's memtable bytes after each batch, and whether its rows equal
+    the reference (the last row written per key) at the end."""
+    from hps_core.updates.ingestor import TierSink
+
+    primary = RocksDBPDB(tmp_path / name)
+    primary.create_table(T, 8)
+    sec = RocksDBPDB(tmp_path / name, secondary_path=tmp_path / f"{name}_sec")
+    sink = TierSink("pdb", primary, {T: (8, "float32")}, **flush)
+    rng = np.random.default_rng(3)
+    want: dict[int, np.ndarray] = {}
+    held = []
+    for _ in range(100):
+        keys = rng.integers(-(2**62), 2**62, 4000)
+        vecs = rng.standard_normal((4000, 8)).astype(np.float32)
+        sink.apply(T, keys, vecs)
+        want.update(zip(keys.tolist(), vecs, strict=True))
+        sec.catch_up()
+        held.append(sec.memtable_bytes(T))
+    time.sleep(0.5)  # the last background flush
+    sec.catch_up()
+    keys = np.array(list(want), np.int64)
+    got, found = sec.fetch(T, keys)
+    same = bool(found.all()) and np.array_equal(got, np.stack(list(want.values())))
+    sec.close()
+    primary.close()
+    return held, same
+
+
+def test_online_updates_flush_so_a_secondary_holds_few_memtables(tmp_path):
+    """A serving process following RocksDB replays the primary's log into memtables of its own
+    and drops them only once the primary flushed them. Left to RocksDB's thresholds (32 MiB a
+    table) a secondary's memory grew with every update; the sink flushes after ``flush_bytes``
+    of rows or ``flush_seconds``."""
+    unflushed, same = _online_updates(tmp_path, "none", flush_bytes=1 << 40, flush_seconds=1e9)
+    assert same
+    by_bytes, same = _online_updates(tmp_path, "bytes", flush_bytes=1 << 20, flush_seconds=1e9)
+    assert same
+    by_time, same = _online_updates(tmp_path, "time", flush_bytes=1 << 40, flush_seconds=0.0)
+    assert same
+    # 400K rows of dim 8: ~29 MB of memtables unflushed; the 1 MiB bound is ~22 batches (~6 MB)
+    assert unflushed[-1] > 20 << 20, unflushed[-1]
+    assert max(by_bytes[10:]) < 0.5 * unflushed[-1], (max(by_bytes), unflushed[-1])
+    assert max(by_time[10:]) < 0.25 * unflushed[-1], (max(by_time), unflushed[-1])
+
+
+def test_the_online_flush_skips_a_table_dropped_since(tmp_path, caplog):
+    from hps_core.updates.ingestor import TierSink
+
+    primary = RocksDBPDB(tmp_path / "db")
+    for t in (T, "hps_et.model.other"):
+        primary.create_table(t, 2)
+    sink = TierSink("pdb", primary, flush_bytes=1 << 40, flush_seconds=1e9)
+    keys, vecs = rows(10, 2, seed=4)
+    sink.apply("hps_et.model.other", keys, vecs)
+    primary.drop_table("hps_et.model.other")
+    sink.flush_seconds = 0.0
+    sink.apply(T, keys, vecs)  # flushes both: the dropped table's flush is only logged
+    assert "cannot flush the PDB's table 'hps_et.model.other'" in caplog.text
+    np.testing.assert_array_equal(primary.fetch(T, keys)[0], vecs)
+    primary.close()
+
+
 def test_delete_except_keeps_only_the_given_keys_and_secondaries_follow(tmp_path):
     keys, vecs = rows(3000, 4, seed=8)
     primary = RocksDBPDB(tmp_path / "db")
@@ -413,7 +559,9 @@ def test_a_load_leaves_the_rows_on_disk_and_no_memtable_behind(tmp_path):
     with ParameterServer(cfg) as ps:
         for i, t in enumerate(ps.session("flush").tables):
             cf = ps.pdb._cfs[t.store_name]
-            assert cf.property_int_value("rocksdb.num-entries-active-mem-table") == 0
+            # one entry only: the delete of SEAL_KEY that lets secondaries drop their memtable
+            assert cf.property_int_value("rocksdb.num-entries-active-mem-table") == 1
+            assert cf.property_int_value("rocksdb.num-deletes-active-mem-table") == 1
             assert cf.property_int_value("rocksdb.total-sst-files-size") > 0
             with SparseTable.open(model.table_paths[i], t.dim) as f:
                 keys, vecs = f.read_all()

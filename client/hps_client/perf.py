@@ -57,17 +57,27 @@ def in_process_keys_s(spec, batch: int, requests: int = 40) -> float:
 
 
 def serving_memory(server: TritonServer) -> dict:
-    """RSS and PSS (MiB) of tritonserver and its backend stubs."""
+    """RSS and PSS (MiB) of tritonserver and its backend stubs, in all and per process
+    (``by_process``: "pid name model" -> RSS MiB; a stub's model is its model.py's folder)."""
     procs = [psutil.Process(server.proc.pid)]
     procs += procs[0].children(recursive=True)
     rss = pss = 0
+    by_process = {}
     for p in procs:
         try:
             m = p.memory_full_info()
-            rss, pss = rss + m.rss, pss + m.pss
+            args = p.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return {"processes": len(procs), "rss_mib": rss / 2**20, "pss_mib": pss / 2**20}
+            continue
+        rss, pss = rss + m.rss, pss + m.pss
+        model = Path(args[1]).parent.parent.name if len(args) > 1 and "stub" in p.name() else ""
+        by_process[f"{p.pid} {p.name()} {model}".strip()] = round(m.rss / 2**20, 1)
+    return {
+        "processes": len(procs),
+        "rss_mib": rss / 2**20,
+        "pss_mib": pss / 2**20,
+        "by_process": by_process,
+    }
 
 
 def memory_by_instances(root: Path, rows: int, dim: int, counts=(1, 4)) -> list[dict]:

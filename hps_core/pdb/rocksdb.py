@@ -39,6 +39,18 @@ PARALLEL_MIN_KEYS = 4096
 # oldest memtable), so a model of many tables does not keep two full memtables per table.
 WRITE_BUFFER_BYTES = 32 << 20
 TOTAL_WRITE_BUFFER_BYTES = 256 << 20
+# A secondary replays the primary's log into a memtable of its own, and RocksDB drops that
+# memtable only once it has been sealed, which happens when a record of a newer log arrives for
+# its column family, and once the primary's flush of those rows is installed. Until then reads
+# find the memtable first, and with it the rows it replayed before the flush, not the newer
+# ones the flush wrote (the rest of the old log is never replayed): a row updated shortly
+# before a flush was served old for good if its table got no later write. So every flush here
+# is followed by a record that seals: a delete of SEAL_KEY, which no table key can equal
+# (those are 8 bytes), so no read or iteration sees it. A primary that opens an existing
+# database also writes one, flushes and writes another: its predecessor's last rows (it may
+# have been killed) are replayed by secondaries into memtables that only a flush by the new
+# primary lets them drop.
+SEAL_KEY = b"\xffhps-seal"
 
 
 def _as_keys(keys: object) -> np.ndarray:
@@ -198,6 +210,8 @@ class RocksDBPDB(PersistentDB):
             self._cfs, self._handles = {}, {}
             self._release_quietly()
             raise
+        if exists and not read_only:
+            self._seal_after_open()
 
     def _read_dims(self) -> dict[str, int]:
         meta = self._cfs.get(META_CF)
@@ -524,13 +538,37 @@ class RocksDBPDB(PersistentDB):
                 f"RocksDB at {self.path}: metadata '{key}' holds {v[:40]!r}, not UTF-8 text"
             ) from None
 
-    def flush(self, table: str) -> None:
-        """Write a table's memtables to disk and wait: after a bulk load the rows are in SST
-        files and the table holds no memtable memory (``ParameterServer`` calls it per table)."""
+    def flush(self, table: str, wait: bool = True) -> None:
+        """Write a table's memtables to disk: after a bulk load the rows are in SST files and
+        the table holds no memtable memory (``ParameterServer`` calls it per table). ``wait``
+        False: start the flush in the background and return (the online updates' flushes).
+        Secondaries read the flushed rows from their next catch-up after it (``SEAL_KEY``)."""
         self._writable("flush")
         cf = self._cf(table)
         with self._io(f"flush of '{table}'"):
-            cf.flush(True)
+            cf.flush(wait)  # switches to a new memtable and log before it returns
+            cf.delete(SEAL_KEY)
+
+    def _seal_after_open(self) -> None:
+        """A primary that opened an existing database: secondaries drop what they replayed of
+        the previous primary's log (``SEAL_KEY``). Not fatal: a full disk fails it, and reads
+        and writes go on; secondaries may then serve a row written last by the previous
+        primary old until that table is flushed again."""
+        try:
+            with self._io("flushing after opening"):
+                for cf in self._cfs.values():
+                    cf.delete(SEAL_KEY)  # a flush of an empty memtable would not count
+                    cf.flush(True)
+                    cf.delete(SEAL_KEY)
+        except StorageError as e:
+            log.warning("%s; secondaries may serve rows from before this opening", e)
+
+    def memtable_bytes(self, table: str) -> int:
+        """Memory the table's memtables hold (arena blocks, so at least one block once written);
+        a secondary's are the rows it replayed from the primary's log and has not seen flushed."""
+        with self._gate.read(), self._io(f"memtable size of '{table}'", write=False):
+            cf = self._cf(table)
+            return int(cf.property_int_value("rocksdb.cur-size-all-mem-tables") or 0)
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a string beside the tables."""

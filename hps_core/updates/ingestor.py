@@ -51,19 +51,42 @@ class Sink:
         raise NotImplementedError
 
 
+# The PDB's memtables under online updates are flushed after this many bytes of rows or this
+# many seconds, whichever comes first. Every serving process that follows RocksDB as a secondary
+# replays the primary's log into memtables of its own and drops them only once the primary has
+# flushed them: left to RocksDB (a flush at 32 MiB a table, 256 MiB in all) each of them would
+# grow by up to that much, slowly, at a trickle of updates.
+ONLINE_FLUSH_BYTES = 8 << 20
+ONLINE_FLUSH_S = 10.0
+
+
 class TierSink(Sink):
     """A VDB or PDB: rows are upserted into tables it holds (others are skipped).
 
     ``tables`` (store name -> (dim, dtype)), the config's tables: these are always written, and
     created first if the tier lost them (a Redis node restarted empty took a table's metadata
     with it); skipping them would leave the tier's old rows in place, silently stale.
+    A PDB's written tables are flushed in the background after ``flush_bytes`` of rows or
+    ``flush_seconds`` (checked as rows arrive).
     """
 
-    def __init__(self, name: str, tier: object, tables: dict[str, tuple[int, str]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        tier: object,
+        tables: dict[str, tuple[int, str]] | None = None,
+        flush_bytes: int = ONLINE_FLUSH_BYTES,
+        flush_seconds: float = ONLINE_FLUSH_S,
+    ):
         self.name = name
         self.tier = tier
         self.tables = tables or {}
         self._known: set[str] = set()
+        self.flush_bytes = int(flush_bytes)
+        self.flush_seconds = float(flush_seconds)
+        self._unflushed: set[str] = set()
+        self._unflushed_bytes = 0
+        self._flushed_at = time.monotonic()
 
     def holds(self, table: str) -> bool:
         if table not in self._known and table in self.tier.tables():
@@ -76,6 +99,29 @@ class TierSink(Sink):
         return self.tier.dim(table) if self.holds(table) else None
 
     def apply(self, table, keys, vectors):
+        if (
+            self._upsert(table, keys, vectors)
+            and self.name == "pdb"
+            and hasattr(self.tier, "flush")
+        ):
+            self._unflushed.add(table)
+            self._unflushed_bytes += keys.nbytes + vectors.nbytes
+            self._flush_due()
+
+    def _flush_due(self) -> None:
+        now = time.monotonic()
+        if self._unflushed_bytes < self.flush_bytes and now - self._flushed_at < self.flush_seconds:
+            return
+        tables, self._unflushed = sorted(self._unflushed), set()
+        self._unflushed_bytes, self._flushed_at = 0, now
+        for t in tables:
+            try:
+                self.tier.flush(t, wait=False)
+            except HPSError as e:  # the rows are in the log; a table dropped since is no loss
+                log.warning("cannot flush the PDB's table '%s' after updates: %s", t, e)
+
+    def _upsert(self, table, keys, vectors) -> bool:
+        """Write the rows where the tier holds (or must hold) the table; True if written."""
         if self.name == "pdb":  # the next load's VDB reads these rows from RocksDB, not from
             from ..server import updated_meta  # the model file. Read each time: a load of a
 
@@ -87,7 +133,7 @@ class TierSink(Sink):
         if table in self.tables:
             try:
                 self.tier.upsert(table, keys, vectors)
-                return
+                return True
             except KeyError:  # the tier lost the table: create it again, then write
                 dim, dtype = self.tables[table]
                 if self.name == "vdb":
@@ -96,8 +142,11 @@ class TierSink(Sink):
                     self.tier.create_table(table, dim)
                 self._known.discard(table)
             self.tier.upsert(table, keys, vectors)
-        elif self.holds(table):
+            return True
+        if self.holds(table):
             self.tier.upsert(table, keys, vectors)
+            return True
+        return False
 
 
 class CacheSink(Sink):

@@ -273,6 +273,7 @@ def test_soak_with_updates_node_and_ingestor_failures_and_model_reload(tmp_path)
                 for th in threads:
                     th.join(60)
 
+            print(f"serving memory after the warm-up {warm}, at the end {end}")
             assert not errors, errors[:5]
             assert served[0] > 0 and published[0] > 0
 
