@@ -15,8 +15,8 @@ PDB_ENTRY_OVERHEAD = 24
 
 # Host memory of RocksDB after a load: the server flushes each table's memtable to disk once
 # its rows are written, so a table holds its column family's ~80 KiB. (The block cache fills
-# with lookups later, up to its size; online updates refill the memtables, up to the PDB's
-# write buffer sizes.)
+# with lookups later, up to twice the live SST bytes or its size, whichever is smaller; online
+# updates refill the memtables, up to 8 MiB of rows before the ingestor flushes them.)
 COLUMN_FAMILY_BYTES = 80 << 10
 
 

@@ -330,6 +330,48 @@ os.kill(os.getpid(), 9)
     primary.close()
 
 
+def _cache_under_updates(tmp_path, name: str) -> tuple[int, int, bool]:
+    """A secondary reading a table while the primary updates and flushes it 60 times: its
+    block cache's peak usage, the table's live SST bytes at the end, and whether the rows read
+    at the end equal the reference."""
+    keys, vecs = rows(3000, 32, seed=13)
+    primary = RocksDBPDB(tmp_path / name)
+    primary.create_table(T, 32)
+    primary.upsert(T, keys, vecs)
+    primary.flush(T)
+    sec = RocksDBPDB(tmp_path / name, secondary_path=tmp_path / f"{name}_sec")
+    rng = np.random.default_rng(1)
+    peak = 0
+    for _ in range(60):
+        i = rng.integers(0, len(keys), 300)
+        vecs[i] = rng.standard_normal((len(i), 32)).astype(np.float32)
+        primary.upsert(T, keys[i], vecs[i])
+        primary.flush(T)
+        sec.catch_up()
+        sec.fetch(T, keys)  # every block of the new files
+        peak = max(peak, sec._cache.get_usage())
+    live = int(sec._cfs[T].property_int_value("rocksdb.live-sst-files-size"))
+    got, found = sec.fetch(T, keys)
+    same = bool(found.all()) and np.array_equal(got, vecs)
+    sec.close()
+    primary.close()
+    return peak, live, same
+
+
+def test_the_block_cache_holds_little_more_than_the_live_data(tmp_path, monkeypatch):
+    """Blocks of SST files compactions deleted stay in RocksDB's cache until the LRU needs room:
+    under updates a serving process's cache grew towards its full capacity (256 MiB) while the
+    live data was a few MiB. The capacity follows the live data now."""
+    monkeypatch.setattr(rocksdb, "CACHE_MIN_BYTES", 1 << 20)
+    peak, live, same = _cache_under_updates(tmp_path, "fitted")
+    assert same
+    monkeypatch.setattr(RocksDBPDB, "_fit_cache", lambda self: None)  # the cache as it was
+    peak_before, live_before, same = _cache_under_updates(tmp_path, "unfitted")
+    assert same
+    assert peak_before > 4 * max(live_before, 1 << 20), (peak_before, live_before)
+    assert peak <= rocksdb.CACHE_LIVE_FACTOR * max(live, 1 << 20) * 1.5, (peak, live)
+
+
 def _online_updates(tmp_path, name: str, **flush) -> tuple[list[int], bool]:
     """Rows written through the ingestor's PDB sink in 4000-row batches, a secondary catching
     up after each: the secondary's memtable bytes after each batch, and whether its rows equal

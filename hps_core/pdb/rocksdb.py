@@ -51,6 +51,14 @@ TOTAL_WRITE_BUFFER_BYTES = 256 << 20
 # have been killed) are replayed by secondaries into memtables that only a flush by the new
 # primary lets them drop.
 SEAL_KEY = b"\xffhps-seal"
+# The block cache holds at most CACHE_LIVE_FACTOR times the tables' live SST bytes, at least
+# CACHE_MIN_BYTES, at most block_cache_bytes (refitted at open, flush and catch-up). RocksDB
+# does not drop a deleted file's blocks from the cache; they go only when the LRU needs room.
+# Under online updates (a flush every few seconds, compactions after) each serving process's
+# cache thus filled with dead blocks up to its full capacity, though the live data was a
+# fraction of it: the process grew for as long as it ran.
+CACHE_LIVE_FACTOR = 2
+CACHE_MIN_BYTES = 4 << 20
 
 
 def _as_keys(keys: object) -> np.ndarray:
@@ -156,7 +164,9 @@ class RocksDBPDB(PersistentDB):
         # More lookup threads than cores only adds switching: the work is CPU-bound.
         self._workers = max(1, min(self._num_threads, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
-        self._cache = Cache(block_cache_bytes)
+        self._cache_bytes = int(block_cache_bytes)
+        self._cache = Cache(self._cache_bytes)
+        self._cache_capacity = self._cache_bytes
         # table creation and drop, and reopening; rows need no lock. Reentrant: a write under it
         # (create_table) may have to reopen the database first.
         self._lock = threading.RLock()
@@ -212,6 +222,19 @@ class RocksDBPDB(PersistentDB):
             raise
         if exists and not read_only:
             self._seal_after_open()
+        self._fit_cache()
+
+    def _fit_cache(self) -> None:
+        """Set the block cache's capacity from the live SST bytes (``CACHE_LIVE_FACTOR``)."""
+        with self._io("reading the tables' sizes", write=False):
+            live = sum(
+                int(cf.property_int_value("rocksdb.live-sst-files-size") or 0)
+                for cf in list(self._cfs.values())  # a reopen may replace them meanwhile
+            )
+        cap = min(self._cache_bytes, max(CACHE_MIN_BYTES, CACHE_LIVE_FACTOR * live))
+        if cap != self._cache_capacity:
+            self._cache.set_capacity(cap)
+            self._cache_capacity = cap
 
     def _read_dims(self) -> dict[str, int]:
         meta = self._cfs.get(META_CF)
@@ -548,6 +571,7 @@ class RocksDBPDB(PersistentDB):
         with self._io(f"flush of '{table}'"):
             cf.flush(wait)  # switches to a new memtable and log before it returns
             cf.delete(SEAL_KEY)
+        self._fit_cache()
 
     def _seal_after_open(self) -> None:
         """A primary that opened an existing database: secondaries drop what they replayed of
@@ -584,6 +608,7 @@ class RocksDBPDB(PersistentDB):
             with self._io("catching up with the primary", write=False):
                 self._db.try_catch_up_with_primary()
                 dims = self._read_dims()
+            self._fit_cache()
         except StorageError as e:
             # A table the primary created (or dropped) since this instance opened: its log
             # names a column family this instance does not know, and every later catch-up
