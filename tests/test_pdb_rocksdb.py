@@ -372,6 +372,43 @@ def test_the_block_cache_holds_little_more_than_the_live_data(tmp_path, monkeypa
     assert peak <= rocksdb.CACHE_LIVE_FACTOR * max(live, 1 << 20) * 1.5, (peak, live)
 
 
+def _log_bytes_under_flushes(path: Path) -> tuple[int, bool]:
+    """One table written and flushed 120 times while two others (the metadata, a table written
+    once) hold rows of the first log: the bytes of live log files then, and whether the rows
+    read back equal the reference."""
+    db = RocksDBPDB(path)
+    db.create_table(T, 8)
+    db.create_table("hps_et.model.once", 8)
+    db.upsert("hps_et.model.once", np.arange(10), np.ones((10, 8), np.float32))
+    db.set_meta("loaded", "x")
+    rng = np.random.default_rng(2)
+    want: dict[int, np.ndarray] = {}
+    for _ in range(120):
+        keys = rng.integers(0, 5000, 2000)
+        vecs = rng.standard_normal((2000, 8)).astype(np.float32)
+        db.upsert(T, keys, vecs)
+        want.update(zip(keys.tolist(), vecs, strict=True))
+        db.flush(T)
+    got, found = db.fetch(T, np.array(list(want), np.int64))
+    same = bool(found.all()) and np.array_equal(got, np.stack(list(want.values())))
+    same &= db.get_meta("loaded") == "x"
+    same &= np.array_equal(db.fetch("hps_et.model.once", np.arange(10))[0], np.ones((10, 8)))
+    logs = sum(f.stat().st_size for f in path.glob("*.log"))
+    db.close()
+    return logs, same
+
+
+def test_log_files_do_not_pile_up_behind_a_table_written_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(rocksdb, "MAX_TOTAL_WAL_BYTES", 0)  # RocksDB's own bound (GiBs here)
+    unbounded, same = _log_bytes_under_flushes(tmp_path / "a")
+    assert same
+    monkeypatch.setattr(rocksdb, "MAX_TOTAL_WAL_BYTES", 2 << 20)
+    bounded, same = _log_bytes_under_flushes(tmp_path / "b")
+    assert same
+    assert unbounded > 8 << 20, unbounded  # every row written, in logs kept alive
+    assert bounded <= 4 << 20, bounded
+
+
 def _online_updates(tmp_path, name: str, **flush) -> tuple[list[int], bool]:
     """Rows written through the ingestor's PDB sink in 4000-row batches, a secondary catching
     up after each: the secondary's memtable bytes after each batch, and whether its rows equal

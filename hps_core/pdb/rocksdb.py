@@ -39,6 +39,11 @@ PARALLEL_MIN_KEYS = 4096
 # oldest memtable), so a model of many tables does not keep two full memtables per table.
 WRITE_BUFFER_BYTES = 32 << 20
 TOTAL_WRITE_BUFFER_BYTES = 256 << 20
+# A log file is deleted once every table with rows in it has flushed them; a table written once
+# (the metadata, a SEAL_KEY record) kept every later log alive, and a primary under online
+# updates kept all it ever wrote twice on disk. Past MAX_TOTAL_WAL_BYTES of logs RocksDB
+# flushes the tables that hold the oldest one.
+MAX_TOTAL_WAL_BYTES = 64 << 20
 # A secondary replays the primary's log into a memtable of its own, and RocksDB drops that
 # memtable only once it has been sealed, which happens when a record of a newer log arrives for
 # its column family, and once the primary's flush of those rows is installed. Until then reads
@@ -198,6 +203,7 @@ class RocksDBPDB(PersistentDB):
         opts.create_if_missing(True)
         opts.increase_parallelism(self._num_threads)
         opts.set_db_write_buffer_size(self._total_write_buffer)
+        opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES)
         if self.secondary_path is not None:
             opts.set_max_open_files(-1)  # required by secondary instances
             access = AccessType.secondary(self.secondary_path)

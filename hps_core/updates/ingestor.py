@@ -474,7 +474,9 @@ class StoreProgress:
                 self.refresh()
 
     def refresh(self) -> int | None:
-        """Read the groups now."""
+        """Read the groups now. A failure keeps the last value (held keys only wait longer)
+        and never ends the thread: a value that stopped moving held every later update's keys
+        for an hour (memory, and L1 fills skipped for them)."""
         try:
             info = {_text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
             done = []
@@ -484,12 +486,16 @@ class StoreProgress:
                     continue
                 last = version_of(_text(g["last-delivered-id"]))
                 if int(g.get("pending", 0)):
+                    # None when the entries were acknowledged since XINFO counted them
                     oldest = self.client.xpending(self.stream, name)["min"]
-                    last = min(last, version_of(_text(oldest)) - 1)
+                    if oldest is not None:
+                        last = min(last, version_of(_text(oldest)) - 1)
                 done.append(last)
             self._value = min(done) if done else None
-        except (redis.RedisError, OSError) as e:  # keep the last value: expiry only waits
+        except (redis.RedisError, OSError) as e:
             log.debug("reading the stores' progress on %s failed: %s", self.stream, e)
+        except Exception:  # noqa: BLE001 - the thread must go on; say what it could not read
+            log.warning("reading the stores' progress on %s failed", self.stream, exc_info=True)
         return self._value
 
     def close(self) -> None:

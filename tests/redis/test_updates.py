@@ -578,3 +578,48 @@ def test_store_progress_is_the_slowest_groups_oldest_unapplied_entry(redis_stand
     wait_for(lambda: progress.through() == version_of(last))  # read again by its own thread
     progress.close()
     assert not progress._thread.is_alive()
+
+
+def test_store_progress_survives_entries_acknowledged_while_it_reads(redis_standalone, caplog):
+    """XINFO counted pending entries that the ingestor acknowledged before XPENDING ran (its
+    "min" is then None): the progress thread died on it, the value stopped moving, and every
+    later update's keys were held for an hour (the soak's serving process grew with them)."""
+    from hps_core.updates.ingestor import StoreProgress
+
+    redis_standalone.flush()
+    client = connect(redis_standalone.address)
+    client.xgroup_create("s", "a", id="0", mkstream=True)
+
+    class AcksInBetween:
+        """The stream's client, with the ingestor acknowledging right after XINFO GROUPS."""
+
+        def __init__(self):
+            self.fail_once = False
+
+        def xinfo_groups(self, stream):
+            info = client.xinfo_groups(stream)
+            pending = client.xpending_range(stream, "a", "-", "+", 100)
+            if pending:
+                client.xack(stream, "a", *[p["message_id"] for p in pending])
+            if self.fail_once:
+                self.fail_once = False
+                raise ValueError("an answer it cannot read")
+            return info
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+    racing = AcksInBetween()
+    progress = StoreProgress(racing, "s", ["a"], interval=0.05)
+    first = client.xadd("s", {"n": 1})
+    client.xreadgroup("a", "c", {"s": ">"}, count=1)  # delivered, pending
+    assert progress.refresh() == version_of(first)  # acknowledged meanwhile: applied
+    racing.fail_once = True
+    assert progress.through() == version_of(first)  # starts the thread, which fails once
+    wait_for(lambda: "reading the stores' progress on s failed" in caplog.text)
+    for i in range(3):  # the thread goes on reading
+        last = client.xadd("s", {"n": 2 + i})
+        client.xreadgroup("a", "c", {"s": ">"}, count=1)
+        wait_for(lambda last=last: progress.through() == version_of(last))
+    assert progress._thread.is_alive()
+    progress.close()
