@@ -260,18 +260,24 @@ def _secondary_reads(sec: RocksDBPDB, keys: np.ndarray, want: np.ndarray, tries:
     return False
 
 
+def _secondary_that_replayed(tmp_path, keys, vecs) -> tuple[RocksDBPDB, RocksDBPDB]:
+    """A primary that wrote ``vecs`` then ``vecs + 1``, and a secondary that replayed both."""
+    primary = RocksDBPDB(tmp_path / "db")
+    primary.create_table(T, vecs.shape[1])
+    primary.upsert(T, keys, vecs)
+    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
+    primary.upsert(T, keys, vecs + 1)
+    sec.catch_up()
+    return primary, sec
+
+
 @pytest.mark.parametrize("wait", [True, False])
 def test_a_secondary_reads_the_rows_a_flush_wrote(tmp_path, wait):
     """A secondary that replayed v1 from the log before the primary wrote v2 and flushed kept
     serving v1: its memtable was never dropped (the rest of the flushed log is not replayed),
     for as long as the table got no further write."""
     keys, vecs = rows(50, 4, seed=11)
-    primary = RocksDBPDB(tmp_path / "db")
-    primary.create_table(T, 4)
-    primary.upsert(T, keys, vecs)
-    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
-    primary.upsert(T, keys, vecs + 1)
-    sec.catch_up()  # the secondary replayed v2; the primary writes v3 of some keys, flushes
+    primary, sec = _secondary_that_replayed(tmp_path, keys, vecs)
     np.testing.assert_array_equal(sec.fetch(T, keys)[0], vecs + 1)
     primary.upsert(T, keys[:10], vecs[:10] + 2)
     if wait:
@@ -280,7 +286,7 @@ def test_a_secondary_reads_the_rows_a_flush_wrote(tmp_path, wait):
         primary.flush(T, wait=False)  # as the online updates flush
     assert _secondary_reads(sec, keys[:10], vecs[:10] + 2)
     # the flushed rows stay as written: what the SEAL_KEY record adds is invisible
-    dump_keys, dump_vecs = primary.dump(T)
+    dump_keys, _ = primary.dump(T)
     assert np.array_equal(np.sort(dump_keys), np.sort(keys)) and primary.size(T) == len(keys)
     got, _ = sec.fetch(T, keys)
     np.testing.assert_array_equal(got[10:], vecs[10:] + 1)
@@ -293,12 +299,7 @@ def test_a_secondary_reads_the_last_rows_of_a_primary_that_closed_or_was_killed(
     later ones, once another primary opened the database (an ingestor restarted, or killed and
     started again) and until that one flushed the table."""
     keys, vecs = rows(20, 4, seed=12)
-    primary = RocksDBPDB(tmp_path / "db")
-    primary.create_table(T, 4)
-    primary.upsert(T, keys, vecs)
-    sec = RocksDBPDB(tmp_path / "db", secondary_path=tmp_path / "sec")
-    primary.upsert(T, keys, vecs + 1)
-    sec.catch_up()
+    primary, sec = _secondary_that_replayed(tmp_path, keys, vecs)
     primary.upsert(T, keys, vecs + 2)
     primary.close()
     primary = RocksDBPDB(tmp_path / "db")
