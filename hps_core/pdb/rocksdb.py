@@ -66,6 +66,13 @@ CACHE_LIVE_FACTOR = 2
 CACHE_MIN_BYTES = 4 << 20
 
 
+def _flush_and_seal(cf: Rdict, wait: bool) -> None:
+    """Flush a column family, then write the record that lets secondaries drop what they
+    replayed before the flush (``SEAL_KEY``)."""
+    cf.flush(wait)  # switches to a new memtable and log before it returns
+    cf.delete(SEAL_KEY)
+
+
 def _as_keys(keys: object) -> np.ndarray:
     """Request keys as contiguous little-endian int64 (uint64 reinterpreted, 32-bit widened)."""
     k = np.asarray(keys)
@@ -575,8 +582,7 @@ class RocksDBPDB(PersistentDB):
         self._writable("flush")
         cf = self._cf(table)
         with self._io(f"flush of '{table}'"):
-            cf.flush(wait)  # switches to a new memtable and log before it returns
-            cf.delete(SEAL_KEY)
+            _flush_and_seal(cf, wait)
         self._fit_cache()
 
     def _seal_after_open(self) -> None:
@@ -588,8 +594,7 @@ class RocksDBPDB(PersistentDB):
             with self._io("flushing after opening"):
                 for cf in self._cfs.values():
                     cf.delete(SEAL_KEY)  # a flush of an empty memtable would not count
-                    cf.flush(True)
-                    cf.delete(SEAL_KEY)
+                    _flush_and_seal(cf, True)
         except StorageError as e:
             log.warning("%s; secondaries may serve rows from before this opening", e)
 
