@@ -530,7 +530,7 @@ def _text(v: object) -> str:
 
 
 def _version(entry_id: object) -> int:
-    """The entry's row version; an ID whose milliseconds do not fit one (from 2039, or set by
+    """The entry's row version; an ID whose milliseconds do not fit one (from 2248, or set by
     hand) is malformed: its int64 version would wrap negative and its rows be dropped."""
     try:
         version = version_of(entry_id)  # a Python int: past int64 it grows instead of wrapping

@@ -3,8 +3,8 @@
 The ingestor records a batch's versions before applying it and applies a row only when its
 version is at least the recorded one, so a re-delivered older entry (after a crash, or from a
 claimed consumer) never rolls a row back. Versions live in Redis hashes
-``hps_ver{<group>/<table>/p<N>}`` (field: 8-byte key, value: 8-byte version), partitioned like
-the VDB, written with the VDB's numpy-encoded pipelines.
+``hps_rowver{<group>/<table>/p<N>}`` (field: 8-byte key, value: 8-byte version), partitioned
+like the VDB, written with the VDB's numpy-encoded pipelines.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from ..vdb._redis_nodes import Cmd
 from ..vdb.redis import RedisVDB
 
 PARTITIONS = 16
-SEQ_BITS = 22  # entry IDs are <ms>-<seq>; seq stays far below 2**22 per millisecond
+# Entry IDs are <ms>-<seq>; a version is ms << SEQ_BITS | seq, an int64 up to ms 2**43 - 1
+# (the year 2248). Redis counts seq up within one millisecond, and past it only while the
+# clock stands behind the last ID (then an hour at 290 entries/s still stays under 2**20);
+# a larger seq is clamped, giving entries of that millisecond one version.
+SEQ_BITS = 20
+# Hashes of versions in the earlier encoding (ms << 22, which ran out of int64 in 2039) were
+# named hps_ver{...}: their values would outrank every new version, so they are deleted once
+# per table and group, at the first read of its versions.
+HASH_PREFIX = "hps_rowver"
+OLD_HASH_PREFIX = "hps_ver"
 
 
 def version_of(entry_id: str | bytes) -> int:
@@ -33,9 +42,20 @@ class VersionStore:
     def __init__(self, redis_vdb: RedisVDB, group: str):
         self.r = redis_vdb
         self.group = group
+        self._old_dropped: set[str] = set()
 
-    def _hkey(self, table: str, p: int) -> str:
-        return f"hps_ver{{{self.group}/{table}/p{p}}}"
+    def _hkey(self, table: str, p: int, prefix: str = HASH_PREFIX) -> str:
+        return f"{prefix}{{{self.group}/{table}/p{p}}}"
+
+    def _drop_old(self, table: str) -> None:
+        """Delete the table's hashes of the earlier encoding (``OLD_HASH_PREFIX``), once."""
+        if table in self._old_dropped:
+            return
+        hks = [self._hkey(table, p, OLD_HASH_PREFIX) for p in range(PARTITIONS)]
+        for r in self.r.nodes.run([Cmd(hk, R.command("DEL", hk)) for hk in hks]):
+            if isinstance(r, Exception):
+                raise r
+        self._old_dropped.add(table)
 
     def _parts(self, keys: np.ndarray):
         parts = (splitmix64(keys) % np.uint64(PARTITIONS)).astype(np.int64)
@@ -46,6 +66,7 @@ class VersionStore:
 
     def get(self, table: str, keys: np.ndarray) -> np.ndarray:
         """Recorded versions of keys (int64 [n]; 0 where none)."""
+        self._drop_old(table)
         out = np.zeros(len(keys), np.int64)
         kb = R.key_bytes(keys)
         groups = list(self._parts(keys))

@@ -193,17 +193,22 @@ def test_dead_letters_retries_and_no_rollback(redis_any):
     client.xadd("upd", {"table": "hps_et.m.t", "payload": half})
     pub.publish("hps_et.m.t", [4], good[:1] + 20, dtype="float16")  # marked: applied
     ok2 = pub.publish("hps_et.m.t", [2, 3], good + 10)
-    # an ID from 2039 on (or set by hand) has no int64 version: it used to wrap negative and
-    # its rows were dropped in silence (as every later entry's: XADD IDs only grow)
+    # an ID from 2039 on was dead-lettered (versions were ms << 22), and from 2248 on (or set by
+    # hand) an ID has no int64 version: it used to wrap negative and its rows were dropped in
+    # silence (as every later entry's: XADD IDs only grow)
     client.xadd("upd", {"table": "hps_et.m.t", "payload": row}, id="2199023255552-0")
+    late = encode([10], good[1:])[0]
+    client.xadd("upd", {"table": "hps_et.m.t", "payload": late}, id=f"{1 << 43}-0")
     for _ in range(20):
         ing.step(20)
         if ing.lag() == 0:
             break
     assert ing.lag() == 0 and sink.fail == 0  # two failed rounds were retried from pending
-    got, found = vdb.fetch("hps_et.m.t", [1, 2, 3, 4, 9])
-    assert found[:4].all() and not found[4]
-    np.testing.assert_array_equal(got[:4], [good[0], good[0] + 10, good[1] + 10, good[0] + 20])
+    got, found = vdb.fetch("hps_et.m.t", [1, 2, 3, 4, 9, 10])
+    assert found[:5].all() and not found[5]
+    np.testing.assert_array_equal(
+        got[:5], [good[0], good[0] + 10, good[1] + 10, good[0] + 20, good[0]]
+    )
     dead = client.xrange("upd:dead")
     reasons = [e[1][b"reason"].decode() for e in dead]
     assert len(reasons) == 10
@@ -216,7 +221,7 @@ def test_dead_letters_retries_and_no_rollback(redis_any):
         "ts_ns 'abc' is not an integer",
         "not UTF-8",
         "dtype=float16",
-        "entry ID '2199023255552-0': milliseconds past",
+        f"entry ID '{1 << 43}-0': milliseconds past {(1 << 43) - 1}",
     ]:
         assert any(why in r for r in reasons), (why, reasons)
     assert any("no 'payload'" in r for r in reasons)
@@ -226,6 +231,45 @@ def test_dead_letters_retries_and_no_rollback(redis_any):
     ing._apply("hps_et.m.t", old)
     np.testing.assert_array_equal(vdb.fetch("hps_et.m.t", [2])[0], good[:1] + 10)
     assert version_of(ok2[0]) > version_of(ok1[0])
+    # versions keep the IDs' order up to the last millisecond that has one
+    ids = [ok1[0], ok2[0], "2199023255552-0", "4102444800000-4", "4102444800000-5"]
+    ids += [f"{(1 << 43) - 1}-0", f"{(1 << 43) - 1}-{(1 << 20) - 1}"]
+    vers = [version_of(i) for i in ids]
+    assert vers == sorted(set(vers)) and 0 < vers[0] and vers[-1] == (1 << 63) - 1
+    vdb.close()
+
+
+def test_versions_of_the_earlier_encoding_are_dropped(redis_any):
+    """Hashes of the earlier encoding (ms << 22) outrank every version of today's: a store
+    upgraded in place must delete them, or hold them for good."""
+    addr = redis_any.address
+    client = connect(addr)
+    vdb = RedisVDB(addr, num_partitions=4)
+    vdb.create_table("hps_et.m.v", 4)
+    old = [f"hps_ver{{g/hps_et.m.v/p{p}}}" for p in range(16)]
+    later = (int(time.time() * 1000) + 60_000) << 22  # a row written "later" than now
+    for hk in old:
+        client.hset(hk, np.int64(3).tobytes(), np.int64(later).tobytes())
+    ing = Ingestor(
+        client,
+        [TierSink("vdb", vdb, {"hps_et.m.v": (4, "float32")})],
+        VersionStore(vdb, "g"),
+        stream="vupd",
+        group="g",
+        block_ms=20,
+    )
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    Publisher(client, "vupd").publish("hps_et.m.v", [3, 4], rows)
+    for _ in range(20):
+        ing.step(20)
+        if ing.lag() == 0:
+            break
+    assert ing.lag() == 0
+    got, found = vdb.fetch("hps_et.m.v", [3, 4])
+    assert found.all()
+    np.testing.assert_array_equal(got, rows)
+    assert client.exists(*old) == 0
+    assert client.exists(*[hk.replace("hps_ver", "hps_rowver") for hk in old]) > 0
     vdb.close()
 
 
