@@ -50,6 +50,9 @@ class Sink:
     def apply(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         raise NotImplementedError
 
+    def idle(self) -> None:
+        """Called when a read found no entries (timed work that must not wait for rows)."""
+
 
 # The PDB's memtables under online updates are flushed after this many bytes of rows or this
 # many seconds, whichever comes first. Every serving process that follows RocksDB as a secondary
@@ -67,7 +70,7 @@ class TierSink(Sink):
     created first if the tier lost them (a Redis node restarted empty took a table's metadata
     with it); skipping them would leave the tier's old rows in place, silently stale.
     A PDB's written tables are flushed in the background after ``flush_bytes`` of rows or
-    ``flush_seconds`` (checked as rows arrive).
+    ``flush_seconds`` (checked as rows arrive, and when a read finds none).
     """
 
     def __init__(
@@ -106,6 +109,10 @@ class TierSink(Sink):
         ):
             self._unflushed.add(table)
             self._unflushed_bytes += keys.nbytes + vectors.nbytes
+            self._flush_due()
+
+    def idle(self) -> None:
+        if self._unflushed:  # the updates stopped: secondaries drop their copy of the rows
             self._flush_due()
 
     def _flush_due(self) -> None:
@@ -267,6 +274,8 @@ class Ingestor:
         try:
             entries = self._read(self.block_ms if block_ms is None else block_ms)
             if not entries:
+                for s in self.sinks:
+                    s.idle()
                 return 0
             self._handle(entries)
         except Exception as e:  # noqa: BLE001 - a round that fails must not end the updates

@@ -273,6 +273,43 @@ def test_versions_of_the_earlier_encoding_are_dropped(redis_any):
     vdb.close()
 
 
+def test_the_pdb_is_flushed_when_updates_stop(redis_any, tmp_path):
+    """The PDB's timed flush ran only as rows arrived: after the last update each serving
+    process (a RocksDB secondary) held its replay of up to ``flush_bytes`` of rows for good."""
+    addr = redis_any.address
+    client = connect(addr)
+    table, dim = "hps_et.m.f", 8
+    pdb = RocksDBPDB(str(tmp_path / "rocks"))
+    pdb.create_table(table, dim)
+    sec = RocksDBPDB(str(tmp_path / "rocks"), secondary_path=str(tmp_path / "sec"))
+    sink = TierSink("pdb", pdb, {table: (dim, "float32")}, flush_bytes=1 << 40, flush_seconds=0.5)
+    ing = Ingestor(client, [sink], None, stream="fupd", group="g", block_ms=20)
+    rng = np.random.default_rng(5)
+    keys = rng.integers(-(2**62), 2**62, 100_000)
+    vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+    pub = Publisher(client, "fupd")
+    for s in range(0, len(keys), 10_000):
+        pub.publish(table, keys[s : s + 10_000], vecs[s : s + 10_000])
+    while ing.step(20):
+        pass
+    assert ing.lag() == 0
+    sec.catch_up()
+    held = sec.memtable_bytes(table)
+    assert held > 4 << 20, held  # the rows, replayed
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert ing.step(20) == 0  # no entries: the sink's timer still runs
+        sec.catch_up()
+        if sec.memtable_bytes(table) < held / 4:
+            break
+    assert sec.memtable_bytes(table) < held / 4, (sec.memtable_bytes(table), held)
+    got, found = sec.fetch(table, keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, vecs)
+    sec.close()
+    pdb.close()
+
+
 INGEST = r"""
 import sys
 from hps_core.cli import main
