@@ -143,8 +143,9 @@ class DeviceLookup:
         import cupyx  # ships with CuPy
 
         # Page-locked staging for the keys: the copy runs at the bus's speed (pageable memory
-        # goes through a driver bounce buffer). The pinned pool recycles the buffers; one is
-        # reused only after its request synchronised (the hit flags' copy back).
+        # goes through a driver bounce buffer). The pinned pool recycles the buffers: CuPy
+        # records an event after each asynchronous copy from one and hands it out again only
+        # once that event passed (each request also synchronises at the hit flags' copy back).
         self._host_empty = cupyx.empty_pinned
         return gpu[0]._cp
 
