@@ -11,10 +11,11 @@ The watchdog finds such deaths from the server's side: Triton does not wait for 
 exits on its own, so a dead stub stays a zombie child of the server (a stub Triton stops on
 unload or reload is reaped). It remembers which model and instance each live stub runs (from
 the stub's command line: ``<stub> <repo>/<model>/<version>/model.py ... <instance> <runtime>``)
-and, when one turns zombie, reloads that model through the load API with the model's current
-configuration as an override, which Triton always treats as a new version of the model: new
-instances start (seconds, for a model whose tables are in a preloaded shared-memory VDB or in
-RocksDB) and replace the old ones, whose live instances keep serving until then.
+and, when one stays a zombie (``ZOMBIE_CONFIRM_S``), reloads that model through the load API
+with the model's current configuration as an override, which Triton always treats as a new
+version of the model: new instances start (seconds, for a model whose tables are in a
+preloaded shared-memory VDB or in RocksDB) and replace the old ones, whose live instances keep
+serving until then.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 SERVER = "tritonserver"
 STUB = "triton_python_backend_stub"
 INSTANCE_ARG = 8  # argv[8] of a 2.51 stub is its instance name (argv[1] its model.py)
+# A stub that Triton stops (an unload, a reload, the server's shutdown) is a zombie for a moment
+# too, until Triton reaps it; one that died on its own stays one. A death counts once the stub
+# is still a zombie this long after it was first seen as one: a scan that caught the moment
+# reloaded a model that was being unloaded, or one of a server that was stopping.
+ZOMBIE_CONFIRM_S = 1.0
+# A reload that failed while the server was going away (its endpoint closed) is no failure:
+# the server is given this long to exit.
+SHUTDOWN_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class StubWatchdog:
         self.interval = interval
         self.reloads: list[Reload] = []
         self._stubs: dict[int, tuple[str, str]] = {}  # live stub pid -> (model, instance)
+        self._zombies: dict[int, float] = {}  # stub pid -> when it was first seen a zombie
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,12 +110,15 @@ class StubWatchdog:
         server = psutil.Process(self.server_pid)
         if server.status() == psutil.STATUS_ZOMBIE:  # exited; its parent has not waited yet
             raise psutil.NoSuchProcess(self.server_pid)
+        now = time.monotonic()
         for child in server.children():
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     if child.pid in self._stubs:
-                        model, instance = self._stubs.pop(child.pid)
-                        dead.setdefault(model, (instance, child.pid))
+                        first = self._zombies.setdefault(child.pid, now)
+                        if now - first >= ZOMBIE_CONFIRM_S:
+                            model, instance = self._stubs.pop(child.pid)
+                            dead.setdefault(model, (instance, child.pid))
                     continue
                 if child.pid not in self._stubs:
                     argv = child.cmdline()
@@ -117,11 +130,15 @@ class StubWatchdog:
         live = {p.pid for p in server.children()}
         for pid in [p for p in self._stubs if p not in live]:  # stopped and reaped by Triton
             del self._stubs[pid]
+        for pid in [p for p in self._zombies if p not in self._stubs]:
+            del self._zombies[pid]
         done = [self._reload(model, instance, pid) for model, (instance, pid) in dead.items()]
+        done = [r for r in done if r is not None]
         self.reloads += done
         return done
 
-    def _reload(self, model: str, instance: str, pid: int) -> Reload:
+    def _reload(self, model: str, instance: str, pid: int) -> Reload | None:
+        """Reload ``model``; None when the server went away instead (a stopping server)."""
         log.error(
             "model %s: the process of instance %s (pid %d) died; Triton does not restart it, "
             "so the model is reloaded", model, instance, pid,
@@ -131,10 +148,26 @@ class StubWatchdog:
             body = {"parameters": {"config": json.dumps(config)}}
             self._request(f"/v2/repository/models/{model}/load", body, timeout=600)
         except (OSError, ValueError) as e:
+            if self._server_exits(SHUTDOWN_WAIT_S):
+                log.warning("model %s: not reloaded: the server is stopping", model)
+                return None
             log.error("model %s: reload after the death of %s failed: %s", model, instance, e)
             return Reload(model, instance, pid, False, str(e))
         log.warning("model %s: reloaded after the death of instance %s", model, instance)
         return Reload(model, instance, pid, True)
+
+    def _server_exits(self, timeout: float) -> bool:
+        """Whether the server exits within ``timeout`` seconds (or already has)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if psutil.Process(self.server_pid).status() == psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
     def _request(self, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
         data = None if body is None else json.dumps(body).encode()
