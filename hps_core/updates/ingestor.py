@@ -10,7 +10,8 @@ a process's L1 caches). Per round the ingestor
 2. decodes them; a malformed entry (bad magic, wrong size, NaN rows, unknown table) goes to the
    dead-letter stream ``<stream>:dead`` with the reason and is acknowledged;
 3. keeps each key's newest row, records the batch's row versions (stream entry IDs) and drops
-   rows older than the recorded version, so a re-delivered entry never rolls a row back;
+   rows older than the recorded version, so a re-delivered entry never rolls a row back
+   (versions no entry can undercut any more are pruned: ``STALE_BATCH_S``);
 4. applies the rows to every sink (PDB, then VDB, then L1: ``assign`` where cached) and only
    then acknowledges the entries. A failing sink leaves them pending; they are retried after
    ``failure_backoff_ms``.
@@ -24,6 +25,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +39,29 @@ from .stream import DEFAULT_STREAM, dead_letter_stream
 from .versions import SEQ_BITS, VersionStore, version_of
 
 log = logging.getLogger(__name__)
+
+# Every PRUNE_EVERY_S the ingestor prunes its group's row versions through the group's progress
+# (``StoreProgress``) as it stood 2 * STALE_BATCH_S before. A batch read since holds entries
+# newer than that, so no version pruned could have refused one of its rows, as long as it is
+# applied within STALE_BATCH_S of its read. A batch held longer (a slow store, or a process
+# paused in between: stopped, swapped out, a frozen VM) goes on only if its entries are still
+# pending in the group (claimed again for this consumer, which starts the time anew); else
+# another consumer claimed and applied them, maybe newer rows after them, and the batch is
+# dropped (this consumer's pending entries are read again).
+STALE_BATCH_S = 60.0
+PRUNE_EVERY_S = 60.0
+# Elapsed time for that: CLOCK_BOOTTIME counts a suspended machine's sleep, CLOCK_MONOTONIC not.
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _now() -> float:
+    return time.clock_gettime(_CLOCK)
+
+
+class _StaleBatch(Exception):
+    """The batch at hand was read more than ``stale_batch_s`` ago and another consumer has
+    acknowledged some of its entries since."""
+
 
 FRESHNESS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -214,11 +239,14 @@ class Ingestor:
         label: str | None = None,
         dead_letters: bool = True,
         transient: bool = False,
+        stale_batch_s: float = STALE_BATCH_S,
+        prune_every_s: float = PRUNE_EVERY_S,
     ):
         """``versions`` None: apply in stream order without a version check (one consumer that
         only overwrites L1 rows). ``label``: the metrics' group label (default ``group``).
         ``dead_letters`` False: malformed entries are only skipped (another group reports them).
-        ``transient``: the group is this process's own and is deleted by ``stop()``."""
+        ``transient``: the group is this process's own and is deleted by ``stop()``.
+        ``stale_batch_s``, ``prune_every_s``: see ``STALE_BATCH_S``."""
         self.client = client
         self.sinks = sinks
         self.versions = versions
@@ -234,6 +262,12 @@ class Ingestor:
         self.claim_idle_ms = int(claim_idle_ms)
         self.backoff_s = failure_backoff_ms / 1e3
         self._own_pending = True  # read our own un-acknowledged entries first
+        self.stale_batch_s = float(stale_batch_s)
+        self.prune_every_s = float(prune_every_s)
+        self._read_at = _now()
+        self._batch_ids: list = []  # the entry IDs of the batch being applied
+        self._next_prune = 0.0
+        self._progress: deque[tuple[float, int]] = deque()  # (when, the group's progress)
         self._next_claim = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -271,13 +305,20 @@ class Ingestor:
     # -- one round ----------------------------------------------------------------------------
     def step(self, block_ms: int | None = None) -> int:
         """Read, apply and acknowledge one batch; returns the number of entries handled."""
+        self._prune_versions()
         try:
+            self._read_at = _now()  # before the read: its entries are newer than progress now
             entries = self._read(self.block_ms if block_ms is None else block_ms)
             if not entries:
                 for s in self.sinks:
                     s.idle()
                 return 0
             self._handle(entries)
+        except _StaleBatch as e:
+            log.warning("ingestor %s: a batch read %.1f s ago was applied by another consumer "
+                        "meanwhile: dropped", self.group, e.args[0])  # fmt: skip
+            self._own_pending = True
+            return 0
         except Exception as e:  # noqa: BLE001 - a round that fails must not end the updates
             self.failures.inc(group=self.label)
             if not self._failing:
@@ -326,6 +367,7 @@ class Ingestor:
         return d
 
     def _handle(self, entries: list) -> None:
+        self._batch_ids = [eid for eid, _ in entries]
         batches: dict[str, _Batch] = {}
         stamps, dead = [], []
         for eid, f in entries:
@@ -392,7 +434,8 @@ class Ingestor:
         pick = pick[last]  # each key's newest row
         keys, vecs, vers = keys[pick], vecs[pick], vers[pick]
         if self.versions is not None:
-            fresh = vers >= self.versions.get(table, keys)
+            self._check_held()
+            fresh = vers >= self.versions.get(table, keys, since=int(vers.min()))
             if not fresh.all():
                 self.rows_skipped.inc(int((~fresh).sum()), group=self.label)
                 keys, vecs, vers = keys[fresh], vecs[fresh], vers[fresh]
@@ -405,6 +448,40 @@ class Ingestor:
             else:
                 s.apply(table, keys, vecs)
         self.rows_applied.inc(len(keys), group=self.label)
+
+    def _check_held(self) -> None:
+        """A batch held past ``stale_batch_s`` goes on only while its entries are still
+        pending in the group: claimed again for this consumer, held from now (``STALE_BATCH_S``)."""
+        now = _now()
+        held = now - self._read_at
+        if held <= self.stale_batch_s:
+            return
+        ids = self._batch_ids
+        got = self.client.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
+        if {_text(i) for i in got} != {_text(i) for i in ids}:
+            raise _StaleBatch(held)
+        self._read_at = now
+
+    def _prune_versions(self) -> None:
+        """Every ``prune_every_s``: note the group's progress, and prune the row versions
+        through where it stood ``2 * stale_batch_s`` ago (``STALE_BATCH_S``)."""
+        if self.versions is None or _now() < self._next_prune:
+            return
+        now = _now()
+        self._next_prune = now + self.prune_every_s
+        try:
+            through = StoreProgress(self.client, self.stream, [self.group]).refresh()
+            if through is not None:
+                self._progress.append((now, through))
+            cut = now - 2 * self.stale_batch_s
+            while len(self._progress) > 1 and self._progress[1][0] <= cut:
+                self._progress.popleft()  # the newest reading from before the cut stays first
+            if self._progress and self._progress[0][0] <= cut:
+                gone = self.versions.prune(self._progress[0][1])
+                if gone:
+                    log.info("ingestor %s: %d epochs of row versions pruned", self.group, gone)
+        except (HPSError, redis.RedisError, OSError) as e:
+            log.warning("ingestor %s: cannot prune row versions: %s", self.group, e)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:

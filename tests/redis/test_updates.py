@@ -269,7 +269,7 @@ def test_versions_of_the_earlier_encoding_are_dropped(redis_any):
     assert found.all()
     np.testing.assert_array_equal(got, rows)
     assert client.exists(*old) == 0
-    assert client.exists(*[hk.replace("hps_ver", "hps_rowver") for hk in old]) > 0
+    assert len(VersionStore(vdb, "g").epochs("hps_et.m.v")) == 1  # the new versions
     vdb.close()
 
 
@@ -308,6 +308,145 @@ def test_the_pdb_is_flushed_when_updates_stop(redis_any, tmp_path):
     np.testing.assert_array_equal(got, vecs)
     sec.close()
     pdb.close()
+
+
+def test_row_versions_by_epoch_and_pruned_through_a_version(redis_any):
+    """Versions are kept per epoch of entry time; ``prune`` removes whole epochs whose versions
+    are all at most the given one, and reads see the newest version over the epochs left."""
+    vdb = RedisVDB(redis_any.address, num_partitions=4)
+    vs = VersionStore(vdb, "g", epoch_ms=1000)
+    table, keys = "hps_et.m.e", np.arange(-500, 500, dtype=np.int64)
+    v1, v2, v3 = version_of("10000-0"), version_of("12500-3"), version_of("12600-0")
+    vs.put(table, keys[:500], np.full(500, v1))
+    vs.put(table, keys[500:], np.full(500, v2))
+    vs.put(table, keys[:1], np.array([v3]))  # key -500 in epochs 10 and 12
+    assert vs.epochs(table) == [10, 12]
+    want = np.r_[v3, np.full(499, v1), np.full(500, v2)]
+    np.testing.assert_array_equal(vs.get(table, keys), want)
+    np.testing.assert_array_equal(vs.get(table, keys, since=v2), np.where(want == v1, 0, want))
+    assert vs.prune(version_of("10999-0")) == 0  # epoch 10 may still get 10999-1
+    assert vs.prune((11_000 << 20) - 1) == 1
+    assert vs.epochs(table) == [12]
+    np.testing.assert_array_equal(vs.get(table, keys), np.where(want == v1, 0, want))
+    client = connect(redis_any.address)
+    assert client.exists(*[vs._hkey(table, p, 10) for p in range(16)]) == 0
+    assert client.exists(*[vs._hkey(table, p, 12) for p in range(16)]) > 0
+    assert vs.prune(version_of("99999-0")) == 1 and vs.epochs(table) == []
+    np.testing.assert_array_equal(vs.get(table, keys), np.zeros(len(keys), np.int64))
+    vdb.close()
+
+
+def test_the_ingestor_prunes_versions_no_entry_can_undercut(redis_standalone):
+    """Versions were kept for every key ever updated (72 B each in Redis). The ingestor prunes
+    those older than its group's progress of ``2 * stale_batch_s`` ago; the rows stay equal
+    to the last ones published, and the latest epoch is kept."""
+    redis_standalone.flush()
+    client = connect(redis_standalone.address)
+    vdb = RedisVDB(redis_standalone.address, num_partitions=2)
+    table = "hps_et.m.p"
+    vdb.create_table(table, 4)
+    vs = VersionStore(vdb, "g", epoch_ms=200)
+    ing = Ingestor(client, [TierSink("vdb", vdb)], vs, stream="pupd", group="g", block_ms=20,
+                   stale_batch_s=0.1, prune_every_s=0.05, registry=Registry())  # fmt: skip
+    pub, keys = Publisher(client, "pupd"), np.arange(100)
+    ids = []
+    for r in range(6):
+        ids += pub.publish(table, keys, np.full((100, 4), r, np.float32))
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            ing.step(20)
+    deadline = time.monotonic() + 10
+    while len(vs.epochs(table)) > 1 and time.monotonic() < deadline:
+        ing.step(20)
+    assert vs.epochs(table) == [vs.epoch(version_of(ids[-1]))]
+    first = vs.epoch(version_of(ids[0]))
+    assert client.exists(*[vs._hkey(table, p, first) for p in range(16)]) == 0
+    got, found = vdb.fetch(table, keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, np.full((100, 4), 5, np.float32))
+    np.testing.assert_array_equal(vs.get(table, keys), np.full(100, version_of(ids[-1])))
+    vdb.close()
+
+
+class SlowSink(TierSink):
+    """A real VDB sink that stalls ``pause`` seconds after its first write of table ``table``
+    (a slow store, or a process paused between the tables of a batch)."""
+
+    def __init__(self, tier, table, pause):
+        super().__init__("vdb", tier)
+        self.table, self.pause = table, pause
+
+    def apply(self, table, keys, vectors):
+        super().apply(table, keys, vectors)
+        if table == self.table:
+            time.sleep(self.pause)
+            self.pause = 0
+
+
+def _two_tables(redis_standalone, stream):
+    redis_standalone.flush()
+    client = connect(redis_standalone.address)
+    vdb = RedisVDB(redis_standalone.address, num_partitions=2)
+    for t in ("hps_et.m.a", "hps_et.m.b"):
+        vdb.create_table(t, 4)
+    return client, vdb, Publisher(client, stream), np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def test_a_slow_batch_whose_entries_are_still_pending_goes_on(redis_standalone, caplog):
+    """A batch held past ``stale_batch_s`` whose entries no other consumer took is claimed
+    again and applied in the same round: a slow store never makes it start over for good."""
+    client, vdb, pub, rows = _two_tables(redis_standalone, "supd")
+    ing = Ingestor(client, [SlowSink(vdb, "hps_et.m.a", 0.5)], VersionStore(vdb, "g"),
+                   stream="supd", group="g", block_ms=20, stale_batch_s=0.3,
+                   registry=Registry())  # fmt: skip
+    pub.publish("hps_et.m.a", [1, 2], rows)
+    pub.publish("hps_et.m.b", [1, 2], rows + 1)
+    assert ing.step(20) == 2 and ing.lag() == 0
+    assert "dropped" not in caplog.text
+    for t, want in (("hps_et.m.a", rows), ("hps_et.m.b", rows + 1)):
+        got, found = vdb.fetch(t, [1, 2])
+        assert found.all()
+        np.testing.assert_array_equal(got, want)
+    vdb.close()
+
+
+def test_a_paused_consumer_whose_batch_another_applied_does_not_roll_rows_back(
+    redis_standalone, caplog
+):
+    """Consumer A reads two entries and stalls in the middle of them. B claims both, applies
+    them and a newer row for table b, acknowledges, and prunes the versions (epochs of 1 ms,
+    pruned through where the group stood 0.4 s before). A, resumed, must not write its older
+    rows of table b: the version that refused them is gone, so it drops the batch."""
+    client, vdb, pub, rows = _two_tables(redis_standalone, "cupd")
+
+    def ingestor(sinks, name, **kw):
+        return Ingestor(client, sinks, VersionStore(vdb, "g", epoch_ms=1), stream="cupd",
+                        group="g", consumer=name, block_ms=20, stale_batch_s=0.2,
+                        registry=Registry(), **kw)  # fmt: skip
+
+    a = ingestor([SlowSink(vdb, "hps_et.m.a", 2.0)], "a")
+    b = ingestor([TierSink("vdb", vdb)], "b", claim_idle_ms=100, prune_every_s=0.05)
+    pub.publish("hps_et.m.a", [1, 2], rows)
+    pub.publish("hps_et.m.b", [1, 2], rows + 1)
+    stalled = threading.Thread(target=a.step, args=(20,))
+    stalled.start()  # A writes table a, then stalls 2 s before table b's version check
+    time.sleep(0.3)
+    assert b.step(20) == 2  # claimed from A
+    pub.publish("hps_et.m.b", [1, 2], rows + 10)
+    time.sleep(0.01)
+    pub.publish("hps_et.m.a", [1, 2], rows + 20)  # the group's progress moves past table b's
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        b.step(20)
+    assert b.versions.epochs("hps_et.m.b") == []  # pruned
+    stalled.join()
+    for t, want in (("hps_et.m.a", rows + 20), ("hps_et.m.b", rows + 10)):
+        got, found = vdb.fetch(t, [1, 2])
+        assert found.all()
+        np.testing.assert_array_equal(got, want)
+    assert "applied by another consumer meanwhile: dropped" in caplog.text
+    assert a.lag() == 0
+    vdb.close()
 
 
 INGEST = r"""
