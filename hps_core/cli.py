@@ -220,10 +220,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Watch a tritonserver started elsewhere and reload a model whose stub process died."""
+    from .config import split_address
     from .watchdog import watch_server
 
-    host, sep, port = args.url.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if split_address(args.url) is None:
         raise HPSError(f"--url {args.url}: expected the server's HTTP address as host:port")
     watch_server(args.pid, args.url, args.interval, say=lambda m: console.print(m, highlight=False))
     return 0

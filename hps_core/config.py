@@ -564,6 +564,14 @@ def _from_string(tp: type, value: str) -> Any:
         return value
 
 
+def split_address(address: str) -> tuple[str, int] | None:
+    """``"host:port"`` (port 1-65535) as (host, port); None for anything else."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def _addresses(name: str, value: Any, src: str | None) -> str:
     """Redis addresses as "host:port,host:port": a JSON list or a string separated by "," or
     ";" (HugeCTR's form); an address without a port gets Redis's 6379."""
@@ -577,10 +585,11 @@ def _addresses(name: str, value: Any, src: str | None) -> str:
             continue
         host, sep, port = a.rpartition(":")
         if not sep or host.endswith(":") or port.endswith("]"):  # no port (IPv6 in brackets)
-            host, port = a, str(REDIS_PORT)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            a = f"{a}:{REDIS_PORT}"
+        hp = split_address(a)
+        if hp is None:
             raise ConfigError(name, value, "'host:port' entries (port 1-65535)", src)
-        out.append(f"{host}:{int(port)}")
+        out.append(f"{hp[0]}:{hp[1]}")
     return ",".join(out)
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+from .config import split_address
 from .doctor import FAIL, OK, WARN, Check
 from .vdb.shm import shm_dir
 
@@ -37,10 +38,11 @@ def redis_ping(host: str, port: int, password: str = "", user: str = "default",
 
 def check_redis_address(address: str, password: str = "", user: str = "default") -> Check:
     """One Redis endpoint answers PING within REDIS_TIMEOUT_S."""
-    host, _, port = address.rpartition(":")
     name = f"redis {address}"
-    if not host or not port.isdigit():
+    hp = split_address(address)
+    if hp is None:
         return Check(name, FAIL, "not host:port", "set volatile_db.address to host:port[,...]")
+    host, port = hp
     try:
         reply = redis_ping(host, int(port), password, user)
     except OSError as e:

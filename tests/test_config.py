@@ -368,3 +368,26 @@ def test_get_and_set_batch_sizes_that_differ_take_the_smaller(caplog):
             cfg = load_config({**raw, "models": [model]})
         assert cfg.volatile_db.max_batch_size == min(get, put)
         assert ("differ" in caplog.text) == (get != put)
+
+
+def test_one_reading_of_host_port_for_every_address():
+    """Redis addresses (VDB, update stream), the doctor and ``hps watch --url`` read
+    "host:port" one way: a port outside 1-65535 or a missing host is refused everywhere (the
+    stream and the VDB took port 0 or 70000 and failed later, at the connection)."""
+    from hps_core.config import split_address
+    from hps_core.doctor import FAIL
+    from hps_core.doctor_config import check_redis_address
+    from hps_core.updates.stream import connect
+    from hps_core.vdb._redis_nodes import host_port
+
+    good = {"h:1": ("h", 1), " 127.0.0.1:6379 ": ("127.0.0.1", 6379), "[::1]:7000": ("[::1]", 7000)}
+    for text, want in good.items():
+        assert split_address(text) == want
+        assert host_port(text) == want
+    for bad in ["h", "h:", ":6379", "h:0", "h:65536", "h:70000", "h:-1", "h:6379x", ""]:
+        assert split_address(bad) is None, bad
+        with pytest.raises(ConfigError, match="volatile_db.address"):
+            host_port(bad)
+        with pytest.raises(ConfigError, match="update_source.brokers"):
+            connect(f"127.0.0.1:6379,{bad}" if bad else ",")
+        assert check_redis_address(bad).status == FAIL

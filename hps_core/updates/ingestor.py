@@ -772,12 +772,9 @@ def ingestor_for(
 
 
 def _addr(brokers: str) -> list[tuple[str, int]]:
-    out = []
-    for a in brokers.split(","):
-        h, _, p = a.strip().rpartition(":")
-        if p.isdigit():
-            out.append((h, int(p)))
-    return out
+    from ..config import split_address
+
+    return [hp for a in brokers.split(",") if (hp := split_address(a)) is not None]
 
 
 class StoreIngestor:

@@ -15,6 +15,7 @@ import numpy as np
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
+from ..config import split_address
 from ..errors import ConfigError, StorageError
 from . import codec
 
@@ -41,10 +42,10 @@ def connect(
     addrs = [a for a in addrs if a]
     hosts = []
     for a in addrs:
-        h, sep, p = a.rpartition(":")
-        if not sep or not p.isdigit():
-            raise ConfigError("update_source.brokers", a, "'host:port' entries")
-        hosts.append((h, int(p)))
+        hp = split_address(a)
+        if hp is None:
+            raise ConfigError("update_source.brokers", a, "'host:port' entries (port 1-65535)")
+        hosts.append(hp)
     if not hosts:
         raise ConfigError("update_source.brokers", address, "one or more 'host:port'")
     kw = dict(

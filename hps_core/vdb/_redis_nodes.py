@@ -34,6 +34,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
+from ..config import split_address
 from ..errors import ConfigError, StorageError
 from ..metrics import REGISTRY
 from . import _resp as R
@@ -502,10 +503,10 @@ def _connection(pool: redis.ConnectionPool):
 
 
 def host_port(a: str) -> tuple[str, int]:
-    host, sep, port = a.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError("volatile_db.address", a, "'host:port' entries")
-    return host, int(port)
+    hp = split_address(a)
+    if hp is None:
+        raise ConfigError("volatile_db.address", a, "'host:port' entries (port 1-65535)")
+    return hp
 
 
 def _names(addresses: list[tuple[str, int]]) -> str:
