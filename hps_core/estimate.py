@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .cache.admission import sketch_bytes
 from .config import HPSConfig
 from .model_io import SparseTable
+from .vdb.shm import MAX_ROWS
 
 # RocksDB per-entry overhead beyond key + value: internal key (sequence/type, 8 B), varint
 # lengths, and index/filter blocks. Measured ~20-30 B/row on tables of 1M rows.
@@ -54,9 +55,11 @@ def estimate_config(cfg: HPSConfig) -> list[TableEstimate]:
             vdb_rows = min(vdb_rows, v.overflow_margin * v.num_partitions)
             vdb_bytes = 0
             if v.type in ("hash_map", "parallel_hash_map", "multi_process_hash_map"):
-                parts = 1 if v.type == "hash_map" else v.num_partitions
+                parts = 1 if v.type == "hash_map" else v.num_partitions  # as build_vdb makes it
+                max_pcap = min(v.overflow_margin, MAX_ROWS)
+                vdb_rows = min(vdb_rows, parts * max_pcap)
                 vdb_bytes = estimate_table_bytes(
-                    vdb_rows, dim, v.storage_dtype, parts, v.overflow_policy
+                    vdb_rows, dim, v.storage_dtype, parts, v.overflow_policy, max_pcap
                 )
             item = 4 if m.cache_storage_dtype == "float32" else 2
             on_gpu = gpu_device(m) is not None

@@ -499,10 +499,18 @@ def test_single_tier_configs(tmp_path, vdb, pdb):
         np.testing.assert_array_equal(hps.lookup(q, "m", 1), reference(tables, 1, q))
 
 
-def test_estimate_matches_what_loading_takes(tmp_path):
+@pytest.mark.parametrize("max_rows", [None, 500])
+def test_estimate_matches_what_loading_takes(tmp_path, monkeypatch, max_rows):
+    """``max_rows``: the partitions' row limit (shm.MAX_ROWS, 2^31 - 2) made smaller than the
+    tables (3000 rows over 4 partitions): the estimate counted rows the VDB cannot hold."""
+    from hps_core import estimate
     from hps_core.config import load_config
     from hps_core.estimate import estimate_config
+    from hps_core.vdb import hashmap
 
+    if max_rows:
+        monkeypatch.setattr(hashmap, "MAX_ROWS", max_rows)
+        monkeypatch.setattr(estimate, "MAX_ROWS", max_rows)
     make_files(tmp_path, seed=10)
     cfg = config(tmp_path)
     est = estimate_config(load_config(cfg))

@@ -146,6 +146,13 @@ class HashMapVDB(VolatileDB):
                 return
             self._writable("create a table")
             P = self.num_partitions
+            if capacity_hint > P * MAX_ROWS:  # the 32-bit index entries' limit, not a choice
+                log.warning(
+                    "VDB table '%s': %d rows to hold, but %d partition(s) of at most %d rows "
+                    "each hold %d: the rest is evicted (overflow_policy) and served from below; "
+                    "use parallel_hash_map with num_partitions >= %d",
+                    table, capacity_hint, P, MAX_ROWS, P * MAX_ROWS, -(-capacity_hint // MAX_ROWS),
+                )  # fmt: skip
             least = MIN_SHARED_ROWS if self.shm_name else MIN_ROWS
             pcap = max(partition_rows(int(capacity_hint), P), least)
             pcap = max(1, min(pcap, self.overflow_margin, MAX_ROWS))

@@ -83,9 +83,12 @@ def row_bytes(dim: int, dtype: str) -> int:
     return value_columns(dim, dtype) * np.dtype(DTYPES[dtype]).itemsize
 
 
-def estimate_table_bytes(rows: int, dim: int, dtype: str, partitions: int, policy: str) -> int:
-    """Bytes a hash-map table of ``rows`` rows takes (for ``hps estimate``)."""
-    pcap = partition_rows(rows, partitions)
+def estimate_table_bytes(
+    rows: int, dim: int, dtype: str, partitions: int, policy: str, max_pcap: int = MAX_ROWS
+) -> int:
+    """Bytes a hash-map table of ``rows`` rows takes (for ``hps estimate``); a partition holds
+    at most ``max_pcap`` rows (the overflow margin, and MAX_ROWS)."""
+    pcap = max(1, min(partition_rows(rows, partitions), max_pcap))
     meta = 4 if policy != "evict_random" else 0
     row = 8 + row_bytes(dim, dtype) + meta
     return partitions * (index_slots(pcap) * 4 + pcap * row + 16) + 16

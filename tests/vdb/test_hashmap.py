@@ -319,6 +319,29 @@ def test_a_batch_larger_than_the_margin_keeps_its_newest_keys():
     np.testing.assert_array_equal(got[:, 0], [100, 101, 99])
 
 
+def test_a_table_past_the_partitions_row_limit_is_named_not_evicted_in_silence(monkeypatch, caplog):
+    """A partition holds at most shm.MAX_ROWS rows (2^31 - 2: 32-bit index entries), and
+    ``hash_map`` has one partition: a bigger table lost its other rows to eviction with only a
+    debug line. Now a warning names the rows, the limit and the partitions it would take; the
+    rows held are exact. (MAX_ROWS made 1000 here; the logic is the same.)"""
+    from hps_core.vdb import hashmap
+
+    monkeypatch.setattr(hashmap, "MAX_ROWS", 1000)
+    vdb = HashMapVDB(num_partitions=1, overflow_policy="evict_random")
+    vdb.create_table("t", 4, capacity_hint=5000)
+    assert "5000 rows to hold, but 1 partition(s) of at most 1000 rows" in caplog.text
+    assert "num_partitions >= 5" in caplog.text
+    keys = np.arange(5000, dtype=np.int64)
+    vecs = np.repeat(keys[:, None].astype(np.float32), 4, axis=1)
+    vdb.upsert("t", keys, vecs)
+    held, rows = vdb.dump("t")
+    assert 0 < len(held) <= 1000
+    np.testing.assert_array_equal(rows, vecs[held])
+    caplog.clear()
+    HashMapVDB(num_partitions=5).create_table("t", 4, capacity_hint=5000)
+    assert "rows to hold" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "dim,dtype,policy,sized_by",
     [
