@@ -347,6 +347,8 @@ class HPSConfig:
 
 
 # Fields HPS defined that change nothing here; mentioned once per load so nobody is surprised.
+_KAFKA = "a Kafka setting; updates arrive over Redis Streams (update_source)"
+_DENSE = "the dense network runs as an ONNX model in its own Triton model"
 _NO_EFFECT = {
     "dense_file": "the dense network runs as an ONNX model in its own Triton model",
     "network_file": "the dense network runs as an ONNX model in its own Triton model",
@@ -356,6 +358,22 @@ _NO_EFFECT = {
     "use_algorithm_search": "no dense-layer algorithm search here",
     "allocation_rate": "hash-map rows are sized from the table, not a fixed allocation rate",
     "fuse_embedding_table": "the tables of a request are looked up in one fused call already",
+    "shared_memory_size": "shared tables are sized from their rows (see hps estimate)",
+    "update_filters": "every table of the update stream goes to the stores that hold it",
+    "metadata_refresh_interval_ms": _KAFKA,
+    "receive_buffer_size": _KAFKA,
+    "max_commit_interval": _KAFKA,
+    "cache_refresh_percentage_per_iteration": "L1 is pre-filled at load (cache_prefill) and "
+    "online updates reach it directly",
+    "refresh_delay": "online updates reach L1 directly; there is no timed refresh",
+    "refresh_interval": "online updates reach L1 directly; there is no timed refresh",
+    "maxnum_des_feature_per_sample": _DENSE,
+    "label_dim": _DENSE,
+    "slot_num": "the slots are the model's tables (embedding_table_names)",
+    "use_mixed_precision": _DENSE,
+    "scaler": _DENSE,
+    "thread_pool_size": "lookups run on numba's threads (NUMBA_NUM_THREADS)",
+    "use_context_stream": "GPU work runs on CuPy's current stream",
 }
 # Keys HugeCTR or its Triton backends read (or once read) that have no field here: accepted,
 # and said once, instead of the warning for an unknown key.

@@ -137,12 +137,14 @@ def test_what_hugectr_and_its_triton_backends_also_took(tmp_path, caplog):
     raw["fuse_embedding_table"] = True
     raw["volatile_db"].update(type="Redis", address="10.0.0.1:7000;10.0.0.2 ; [::1]",
                               overflow_policy="least-used", num_partitions=" 6",
-                              shared_memory_auto_remove=True)  # fmt: skip
+                              shared_memory_auto_remove=True, shared_memory_size=1 << 30,
+                              update_filters=["^hps_et.m.t0$"])  # fmt: skip
     raw["persistent_db"].update(type="rocksdb", read_only="0")
-    raw["update_source"] = {"type": "none"}
+    raw["update_source"] = {"type": "none", "receive_buffer_size": 1024}
     m = raw["models"][0]
     m.update(max_batch_size="64", gpucacheper="0.25", hit_rate_threshold=1.1, init_ec=True,
-             default_value_for_each_table=["0.5"], deployed_device_list=["1"])  # fmt: skip
+             default_value_for_each_table=["0.5"], deployed_device_list=["1"],
+             refresh_interval=10.0, thread_pool_size=4, label_dim=2)  # fmt: skip
     with caplog.at_level(logging.INFO, logger="hps_core.config"):
         cfg = load_config(write(tmp_path, "hps.json", raw))
     v, p, m = cfg.volatile_db, cfg.persistent_db, cfg.models[0]
@@ -154,8 +156,11 @@ def test_what_hugectr_and_its_triton_backends_also_took(tmp_path, caplog):
     assert m.default_value_for_each_table == [0.5, 0.0] and m.deployed_device_list == [1]
     text = caplog.text
     assert "unknown config key" not in text, text
-    for key in ("fuse_embedding_table", "volatile_db.shared_memory_auto_remove", "init_ec"):
-        assert f"config key '{key}' has no effect" in text or f"].{key}' has no effect" in text
+    for key in ("fuse_embedding_table", "volatile_db.shared_memory_auto_remove", "init_ec",
+                "volatile_db.shared_memory_size", "volatile_db.update_filters",
+                "update_source.receive_buffer_size", "refresh_interval", "thread_pool_size",
+                "label_dim"):  # fmt: skip
+        assert f"config key '{key}' has no effect" in text or f"].{key}' has no effect" in text, key
     assert "default_value_for_each_table gives 1 value(s) for 2 tables: tables 1..1 default" in text
     raw["models"][0]["default_value_for_each_table"] = [1.0, 2.0, 3.0]  # one too many
     cfg = load_config(write(tmp_path, "hps.json", raw))
