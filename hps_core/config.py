@@ -148,7 +148,9 @@ class UpdateSourceConfig:
     """``update_source``: where online row updates come from."""
 
     type: str = "null"
-    brokers: str = "127.0.0.1:9092"
+    # "" = the default of the type: Redis's 127.0.0.1:6379 for redis_stream (it was Kafka's
+    # 127.0.0.1:9092, HPS's, for every type), Kafka's otherwise
+    brokers: str = ""
     metadata_refresh_interval_ms: int = 30_000
     receive_buffer_size: int = 256 * 1024
     poll_timeout_ms: int = 500
@@ -172,6 +174,8 @@ class UpdateSourceConfig:
                             UPDATE_SOURCE_ALIASES)  # fmt: skip
         self.scope = _choice("update_source.scope", self.scope, ("all", "shared", "local", "cache"),
                              src)  # fmt: skip
+        if not self.brokers:
+            self.brokers = "127.0.0.1:6379" if self.type == "redis_stream" else "127.0.0.1:9092"
         _at_least("update_source.max_batch_size", self.max_batch_size, 1, src)
         _at_least("update_source.poll_timeout_ms", self.poll_timeout_ms, 1, src)
         _at_least("update_source.claim_idle_ms", self.claim_idle_ms, 1, src)

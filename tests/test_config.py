@@ -196,6 +196,22 @@ def test_unknown_keys_warn_and_kafka_says_unsupported(tmp_path, caplog):
     assert "Kafka is not supported" in text
 
 
+@pytest.mark.parametrize(
+    "source,brokers",
+    [
+        ({"type": "redis_stream"}, "127.0.0.1:6379"),  # was Kafka's 127.0.0.1:9092
+        ({"type": "redis_stream", "brokers": ""}, "127.0.0.1:6379"),
+        ({"type": "redis_stream", "brokers": "10.0.0.5"}, "10.0.0.5:6379"),
+        ({"type": "kafka_message_queue"}, "127.0.0.1:9092"),  # HPS's default
+        ({"type": "redis_stream", "brokers": "h:7001,h:7002"}, "h:7001,h:7002"),
+    ],
+)
+def test_the_update_stream_address_defaults_to_the_types_port(tmp_path, source, brokers):
+    raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
+    raw["update_source"] = source
+    assert load_config(write(tmp_path, "hps.json", raw)).update_source.brokers == brokers
+
+
 def mutate(path, value):
     raw = json.loads(json.dumps(HUGECTR_HPS_JSON))
     obj = raw
