@@ -44,7 +44,7 @@ def check_redis_address(address: str, password: str = "", user: str = "default")
         return Check(name, FAIL, "not host:port", "set volatile_db.address to host:port[,...]")
     host, port = hp
     try:
-        reply = redis_ping(host, int(port), password, user)
+        reply = redis_ping(host, port, password, user)
     except OSError as e:
         return Check(name, FAIL, f"unreachable within {REDIS_TIMEOUT_S:.0f} s ({e})",
                      f"start it (redis-server --port {port}) or fix volatile_db.address")  # fmt: skip

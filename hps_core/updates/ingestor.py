@@ -465,9 +465,9 @@ class Ingestor:
     def _prune_versions(self) -> None:
         """Every ``prune_every_s``: note the group's progress, and prune the row versions
         through where it stood ``2 * stale_batch_s`` ago (``STALE_BATCH_S``)."""
-        if self.versions is None or _now() < self._next_prune:
-            return
         now = _now()
+        if self.versions is None or now < self._next_prune:
+            return
         self._next_prune = now + self.prune_every_s
         try:
             through = StoreProgress(self.client, self.stream, [self.group]).refresh()

@@ -130,9 +130,10 @@ class VersionStore:
         cmds = [Cmd(ek, R.command("SADD", ek, *epochs)), Cmd(tk, R.command("SADD", tk, table))]
         kb = R.key_bytes(keys)
         vb = versions.view(np.uint8).reshape(-1, 8)
+        parts = list(self._parts(keys))
         for e in epochs:
             in_e = ep == e
-            for p, sel in self._parts(keys):
+            for p, sel in parts:
                 sel = sel[in_e[sel]]
                 if len(sel):
                     hk = self._hkey(table, p, e)
